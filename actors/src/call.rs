@@ -1,0 +1,861 @@
+//! One actor per call: its state machine, its media stream's single writer, its deadline.
+//!
+//! Layout:
+//! - [`CallCore`]: the pure state machine (queued/ringing → in-progress → a terminal status),
+//!   fed [`CallInput`]s with their event time, answering [`Effect`]s. No runtime needed to test it.
+//! - [`StreamQueue`]: the bounded hand-off between the WebSocket and the actor. It holds about two
+//!   seconds of audio; when the writer falls behind, the oldest audio is shed and counted, so
+//!   latency never snowballs, and control items (start, stop, faults) are never shed.
+//! - [`CallActor`]: the ractor shell. It applies inputs, appends the resulting events, pumps the
+//!   stream queue into the media log in order, and stops at a terminal status or the deadline.
+//! - [`CallSupervisor`]: spawns call actors linked to itself, keeps the active-call gauge, and
+//!   survives their failures (ractor's default would stop the supervisor).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::Notify;
+use voxgate_protocol::event::{
+    AudioShed, CallStatus, CallStatusChanged, CallTimedOut, Event, HangupRequested, MediaBatch, StatusSource,
+    StopReason, StreamStopped,
+};
+use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId, StreamSid, Timestamp};
+use voxgate_storage::{topics, Log};
+
+/// Event-id kinds for events derived from a call's inputs (see [`EventId::derive`]).
+pub mod id_kind {
+    pub const CALL_RECEIVED: u64 = 1;
+    pub const CALL_REJECTED: u64 = 2;
+    pub const STATUS_CALLBACK: u64 = 3;
+    pub const STATUS_INFERRED: u64 = 4;
+    pub const STREAM_STARTED: u64 = 5;
+    pub const MEDIA_BATCH: u64 = 6;
+    pub const DTMF: u64 = 7;
+    pub const MARK: u64 = 8;
+    pub const STREAM_STOPPED: u64 = 9;
+    pub const STREAM_FAULT: u64 = 10;
+    pub const AUDIO_SHED: u64 = 11;
+    pub const TIMED_OUT: u64 = 12;
+    pub const SPEECH_SEGMENT: u64 = 13;
+    pub const TRANSCRIPT: u64 = 14;
+    pub const QUOTA_WARNING: u64 = 15;
+    pub const FRAUD_VERDICT: u64 = 16;
+    pub const FRAUD_ALERT: u64 = 17;
+    pub const FRAUD_HANGUP: u64 = 18;
+    pub const CALL_HANGUP: u64 = 19;
+}
+
+/// Per-call limits.
+#[derive(Debug, Clone)]
+pub struct CallConfig {
+    /// voxgate ends a call that lasts longer than this (default 5 minutes).
+    pub max_duration: Duration,
+    /// Frames (20 ms each) per media-log record: 5 ⇒ about 100 ms.
+    pub batch_frames: u32,
+    /// Audio the stream queue holds before shedding the oldest.
+    pub queue_audio: Duration,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        Self { max_duration: Duration::from_secs(300), batch_frames: 5, queue_audio: Duration::from_secs(2) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pure core
+
+/// What happens to a call, in event time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallInput {
+    /// A Twilio status callback.
+    Status { status: CallStatus, sequence: Option<u32>, duration_secs: Option<u32> },
+    /// The media stream delivered its first audio: the call is answered.
+    MediaFlowing,
+    /// The media stream ended.
+    StreamEnded,
+    /// Time passed (the actor's deadline timer).
+    Tick,
+    /// A stage asked for the call to end (fraud, budget).
+    Hangup { source: String, reason: String },
+}
+
+/// What the core asks its shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Append to the calls log.
+    Record(Event),
+    /// Close the media stream (its WebSocket) for this reason.
+    CloseStream(StopReason),
+    /// The call is over: stop the actor.
+    Finish,
+}
+
+/// The call's state machine. Decisions depend only on inputs and the times passed in.
+#[derive(Debug, Clone)]
+pub struct CallCore {
+    status: CallStatus,
+    received_at: Timestamp,
+    max_duration: Duration,
+    seen_sequences: Vec<u32>,
+    finished: bool,
+}
+
+impl CallCore {
+    pub fn new(initial: CallStatus, received_at: Timestamp, max_duration: Duration) -> Self {
+        Self { status: initial, received_at, max_duration, seen_sequences: Vec::new(), finished: initial.is_terminal() }
+    }
+
+    pub fn status(&self) -> CallStatus {
+        self.status
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// When the call must end at the latest.
+    pub fn deadline(&self) -> Timestamp {
+        self.received_at.add_millis(self.max_duration.as_millis() as i64)
+    }
+
+    /// Applies one input observed at `now`.
+    pub fn apply(&mut self, input: CallInput, now: Timestamp) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.finished {
+            // A late callback after the end is still recorded, never acted on.
+            if let CallInput::Status { status, sequence, duration_secs } = input {
+                if self.first_time(sequence) {
+                    fx.push(Effect::Record(status_event(status, StatusSource::Callback, sequence, duration_secs)));
+                }
+            }
+            return fx;
+        }
+        match input {
+            CallInput::Status { status, sequence, duration_secs } => {
+                if !self.first_time(sequence) {
+                    return fx;
+                }
+                fx.push(Effect::Record(status_event(status, StatusSource::Callback, sequence, duration_secs)));
+                if status.is_terminal() {
+                    self.status = status;
+                    self.end(StopReason::CallEnded, &mut fx);
+                } else if rank(status) > rank(self.status) {
+                    // Callbacks can arrive out of order: never step back.
+                    self.status = status;
+                }
+            }
+            CallInput::MediaFlowing => {
+                if rank(self.status) < rank(CallStatus::InProgress) {
+                    self.status = CallStatus::InProgress;
+                    fx.push(Effect::Record(status_event(CallStatus::InProgress, StatusSource::Stream, None, None)));
+                }
+            }
+            CallInput::StreamEnded => {
+                // The stream can end before Twilio's completed callback; the call lives on until
+                // the callback or the deadline.
+            }
+            CallInput::Hangup { source, reason } => {
+                fx.push(Effect::Record(Event::HangupRequested(HangupRequested { source, reason })));
+                let secs = (now.micros_since(self.received_at) / 1_000_000).max(0) as u32;
+                self.status = CallStatus::Completed;
+                fx.push(Effect::Record(status_event(CallStatus::Completed, StatusSource::Voxgate, None, Some(secs))));
+                self.end(StopReason::CallEnded, &mut fx);
+            }
+            CallInput::Tick => {
+                if now >= self.deadline() {
+                    fx.push(Effect::Record(Event::CallTimedOut(CallTimedOut {
+                        max_duration_secs: self.max_duration.as_secs() as u32,
+                    })));
+                    let secs = (now.micros_since(self.received_at) / 1_000_000).max(0) as u32;
+                    self.status = CallStatus::Completed;
+                    fx.push(Effect::Record(status_event(
+                        CallStatus::Completed,
+                        StatusSource::Voxgate,
+                        None,
+                        Some(secs),
+                    )));
+                    self.end(StopReason::CallEnded, &mut fx);
+                }
+            }
+        }
+        fx
+    }
+
+    fn first_time(&mut self, sequence: Option<u32>) -> bool {
+        match sequence {
+            Some(s) if self.seen_sequences.contains(&s) => false,
+            Some(s) => {
+                self.seen_sequences.push(s);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn end(&mut self, reason: StopReason, fx: &mut Vec<Effect>) {
+        self.finished = true;
+        fx.push(Effect::CloseStream(reason));
+        fx.push(Effect::Finish);
+    }
+}
+
+fn rank(s: CallStatus) -> u8 {
+    match s {
+        CallStatus::Queued => 0,
+        CallStatus::Initiated => 1,
+        CallStatus::Ringing => 2,
+        CallStatus::InProgress => 3,
+        _ => 4,
+    }
+}
+
+fn status_event(status: CallStatus, source: StatusSource, sequence: Option<u32>, duration_secs: Option<u32>) -> Event {
+    Event::CallStatusChanged(CallStatusChanged { status, source, sequence, duration_secs })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream queue
+
+/// One item for the media log, in stream order.
+#[derive(Debug, Clone)]
+pub enum StreamItem {
+    /// Audio; may be shed when the writer falls behind.
+    Audio(MediaBatch),
+    /// Anything else on the stream (start, dtmf, mark, fault, stop); never shed.
+    Control(Event),
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<(Timestamp, StreamItem)>,
+    audio_frames: u32,
+    shed_frames: u32,
+    closed: Option<StopReason>,
+}
+
+/// The bounded queue between a call's WebSocket and its actor.
+pub struct StreamQueue {
+    state: Mutex<QueueState>,
+    max_audio_frames: u32,
+    ready: Notify,
+    close: Notify,
+}
+
+impl StreamQueue {
+    pub fn new(max_audio: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(QueueState::default()),
+            max_audio_frames: (max_audio.as_millis() / 20).max(1) as u32,
+            ready: Notify::new(),
+            close: Notify::new(),
+        })
+    }
+
+    /// Queues an item observed at `at`. Audio beyond the bound pushes out the oldest audio.
+    /// Returns the frames shed by this push.
+    pub fn push(&self, at: Timestamp, item: StreamItem) -> u32 {
+        let mut shed = 0;
+        {
+            let Ok(mut s) = self.state.lock() else {
+                return 0;
+            };
+            if let StreamItem::Audio(b) = &item {
+                s.audio_frames += b.frames;
+            }
+            s.items.push_back((at, item));
+            while s.audio_frames > self.max_audio_frames {
+                let Some(i) = s.items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))) else {
+                    break;
+                };
+                if let Some((_, StreamItem::Audio(b))) = s.items.remove(i) {
+                    s.audio_frames -= b.frames;
+                    shed += b.frames;
+                }
+            }
+            s.shed_frames += shed;
+        }
+        self.ready.notify_one();
+        shed
+    }
+
+    /// Takes everything queued, and the frames shed since the last take.
+    pub fn take(&self, into: &mut Vec<(Timestamp, StreamItem)>) -> u32 {
+        let Ok(mut s) = self.state.lock() else {
+            return 0;
+        };
+        into.extend(s.items.drain(..));
+        s.audio_frames = 0;
+        std::mem::take(&mut s.shed_frames)
+    }
+
+    /// Waits until something is queued.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Asks the WebSocket side to close the stream.
+    pub fn close(&self, reason: StopReason) {
+        if let Ok(mut s) = self.state.lock() {
+            s.closed.get_or_insert(reason);
+        }
+        self.close.notify_waiters();
+        self.close.notify_one();
+    }
+
+    /// Why the actor closed the stream, if it did.
+    pub fn closed(&self) -> Option<StopReason> {
+        self.state.lock().ok().and_then(|s| s.closed.clone())
+    }
+
+    /// Resolves when the actor closes the stream.
+    pub async fn wait_closed(&self) -> StopReason {
+        loop {
+            let n = self.close.notified();
+            if let Some(r) = self.closed() {
+                return r;
+            }
+            n.await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Actor
+
+/// Messages a call actor takes.
+pub enum CallMsg {
+    /// A status callback; replies once its event is durable.
+    Status {
+        status: CallStatus,
+        sequence: Option<u32>,
+        duration_secs: Option<u32>,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// Which tenant the call belongs to (for checking the stream's signature).
+    Tenant(RpcReplyPort<AccountSid>),
+    /// The WebSocket for this call opened; the actor hands back the queue to feed.
+    AttachStream { reply: RpcReplyPort<Option<Arc<StreamQueue>>> },
+    /// Audio is flowing (first media frame).
+    MediaFlowing,
+    /// The WebSocket side is gone; everything it queued is in the queue.
+    StreamEnded,
+    /// Work is waiting in the stream queue.
+    Pump,
+    /// The deadline timer.
+    Tick,
+    /// End the call now (a stage asked: fraud, budget); replies once it is recorded.
+    Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), String>> },
+}
+
+/// Everything a call actor needs.
+pub struct CallArgs {
+    pub tenant: AccountSid,
+    pub call: CallSid,
+    pub status: CallStatus,
+    pub received_at: Timestamp,
+    pub config: CallConfig,
+    pub log: Log,
+    pub clock: Arc<dyn Clock>,
+    /// Held for the actor's life and dropped when it ends (the tenant's quota place of the call).
+    pub quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// A call actor's state.
+pub struct CallActorState {
+    tenant: AccountSid,
+    call: CallSid,
+    core: CallCore,
+    log: Log,
+    clock: Arc<dyn Clock>,
+    queue: Option<Arc<StreamQueue>>,
+    queue_audio: Duration,
+    stream_sid: Option<StreamSid>,
+    frames: u64,
+    pump_task: Option<tokio::task::JoinHandle<()>>,
+    drained: Vec<(Timestamp, StreamItem)>,
+    encode_buf: Vec<u8>,
+    stream_stopped_recorded: bool,
+    _quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// The actor shell around [`CallCore`].
+pub struct CallActor;
+
+impl CallActor {
+    /// The registry name of a call's actor.
+    pub fn name(call: CallSid) -> String {
+        format!("call:{call}")
+    }
+
+    /// Finds a running call's actor.
+    pub fn find(call: CallSid) -> Option<ActorRef<CallMsg>> {
+        ractor::registry::where_is(Self::name(call)).map(ActorRef::from)
+    }
+}
+
+impl Actor for CallActor {
+    type Msg = CallMsg;
+    type State = CallActorState;
+    type Arguments = CallArgs;
+
+    async fn pre_start(&self, myself: ActorRef<CallMsg>, a: CallArgs) -> Result<CallActorState, ActorProcessingErr> {
+        let core = CallCore::new(a.status, a.received_at, a.config.max_duration);
+        // The deadline runs on the runtime's timer; the decision is the core's, in event time.
+        let remaining = core.deadline().micros_since(a.clock.now()).max(0) as u64;
+        myself.send_after(Duration::from_micros(remaining) + Duration::from_millis(5), || CallMsg::Tick);
+        metrics::gauge!("twilio_active_calls").increment(1.0);
+        Ok(CallActorState {
+            tenant: a.tenant,
+            call: a.call,
+            core,
+            log: a.log,
+            clock: a.clock,
+            queue: None,
+            queue_audio: a.config.queue_audio,
+            stream_sid: None,
+            frames: 0,
+            pump_task: None,
+            drained: Vec::new(),
+            encode_buf: Vec::with_capacity(1024),
+            stream_stopped_recorded: false,
+            _quota_slot: a.quota_slot,
+        })
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<CallMsg>, s: &mut CallActorState) -> Result<(), ActorProcessingErr> {
+        // Whatever the WebSocket queued still reaches the log.
+        if let Err(e) = pump(s).await {
+            tracing::error!(stage = "call", call_sid = %s.call, tenant = %s.tenant, error = %e, "media lost at call end");
+        }
+        if let Some(q) = &s.queue {
+            q.close(StopReason::CallEnded);
+        }
+        if let Some(t) = s.pump_task.take() {
+            t.abort();
+        }
+        metrics::gauge!("twilio_active_calls").decrement(1.0);
+        tracing::info!(stage = "call", call_sid = %s.call, tenant = %s.tenant, status = %s.core.status(), "call actor stopped");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<CallMsg>,
+        msg: CallMsg,
+        s: &mut CallActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = s.clock.now();
+        match msg {
+            CallMsg::Status { status, sequence, duration_secs, reply } => {
+                let fx = s.core.apply(CallInput::Status { status, sequence, duration_secs }, now);
+                let r = run_effects(&myself, s, fx, now, Some(sequence)).await;
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+            }
+            CallMsg::Tenant(reply) => {
+                let _ = reply.send(s.tenant);
+            }
+            CallMsg::AttachStream { reply } => {
+                if s.queue.is_some() || s.core.is_finished() {
+                    let _ = reply.send(None);
+                    return Ok(());
+                }
+                let q = StreamQueue::new(s.queue_audio);
+                let q2 = q.clone();
+                let me = myself.clone();
+                s.pump_task = Some(tokio::spawn(async move {
+                    loop {
+                        q2.ready().await;
+                        if me.cast(CallMsg::Pump).is_err() {
+                            return;
+                        }
+                    }
+                }));
+                s.queue = Some(q.clone());
+                let _ = reply.send(Some(q));
+            }
+            CallMsg::MediaFlowing => {
+                let fx = s.core.apply(CallInput::MediaFlowing, now);
+                run_effects(&myself, s, fx, now, None).await?;
+            }
+            CallMsg::Pump => pump(s).await?,
+            CallMsg::StreamEnded => {
+                pump(s).await?;
+                let fx = s.core.apply(CallInput::StreamEnded, now);
+                run_effects(&myself, s, fx, now, None).await?;
+            }
+            CallMsg::Hangup { source, reason, reply } => {
+                tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, %source, %reason, "ending the call");
+                let fx = s.core.apply(CallInput::Hangup { source, reason }, now);
+                let r = run_effects(&myself, s, fx, now, None).await;
+                let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                r?;
+            }
+            CallMsg::Tick => {
+                let fx = s.core.apply(CallInput::Tick, now);
+                if fx.is_empty() {
+                    let remaining = s.core.deadline().micros_since(now).max(0) as u64;
+                    myself.send_after(Duration::from_micros(remaining) + Duration::from_millis(5), || CallMsg::Tick);
+                } else {
+                    tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, "call reached its maximum duration");
+                    run_effects(&myself, s, fx, now, None).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn run_effects(
+    myself: &ActorRef<CallMsg>,
+    s: &mut CallActorState,
+    fx: Vec<Effect>,
+    now: Timestamp,
+    callback_sequence: Option<Option<u32>>,
+) -> Result<(), voxgate_storage::StorageError> {
+    let mut n = 0u128;
+    for e in fx {
+        match e {
+            Effect::Record(ev) => {
+                let id = match (&ev, callback_sequence) {
+                    (Event::CallStatusChanged(c), Some(Some(seq))) if c.source == StatusSource::Callback => {
+                        EventId::derive(id_kind::STATUS_CALLBACK, &[s.call.as_u128(), u128::from(seq)])
+                    }
+                    (Event::CallTimedOut(_), _) => EventId::derive(id_kind::TIMED_OUT, &[s.call.as_u128()]),
+                    (Event::HangupRequested(_), _) => EventId::derive(id_kind::CALL_HANGUP, &[s.call.as_u128()]),
+                    (Event::CallStatusChanged(c), _) => EventId::derive(
+                        id_kind::STATUS_INFERRED,
+                        &[s.call.as_u128(), c.status as u128, now.as_micros() as u128, n],
+                    ),
+                    _ => EventId::derive(id_kind::STATUS_INFERRED, &[s.call.as_u128(), now.as_micros() as u128, n]),
+                };
+                n += 1;
+                let env =
+                    Envelope { event_id: id, tenant: s.tenant, call: Some(s.call), occurred_at: now, payload: ev };
+                s.encode_buf.clear();
+                voxgate_protocol::encode_into(&env, &mut s.encode_buf)
+                    .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
+                s.log.append(topics::CALLS, s.call.partition_key(), &s.encode_buf).await?;
+            }
+            Effect::CloseStream(reason) => {
+                pump(s).await?;
+                if let Some(q) = &s.queue {
+                    q.close(reason.clone());
+                }
+                if s.queue.is_none() || s.stream_sid.is_some() {
+                    record_stream_stopped(s, reason, now).await?;
+                }
+            }
+            Effect::Finish => myself.stop(Some("call ended".into())),
+        }
+    }
+    Ok(())
+}
+
+async fn record_stream_stopped(
+    s: &mut CallActorState,
+    reason: StopReason,
+    now: Timestamp,
+) -> Result<(), voxgate_storage::StorageError> {
+    if s.stream_stopped_recorded || s.stream_sid.is_none() {
+        return Ok(());
+    }
+    let ev = Event::StreamStopped(StreamStopped { stream_sid: s.stream_sid, reason, frames: s.frames });
+    append_media_events(s, vec![(now, StreamItem::Control(ev))]).await
+}
+
+/// Moves everything the WebSocket queued into the media log, in order.
+async fn pump(s: &mut CallActorState) -> Result<(), voxgate_storage::StorageError> {
+    let Some(q) = s.queue.clone() else {
+        return Ok(());
+    };
+    let mut items = std::mem::take(&mut s.drained);
+    let shed = q.take(&mut items);
+    if shed > 0 {
+        let sid = s.stream_sid.or_else(|| {
+            items.iter().find_map(|(_, it)| match it {
+                StreamItem::Audio(b) => Some(b.stream_sid),
+                StreamItem::Control(Event::StreamStarted(st)) => Some(st.stream_sid),
+                _ => None,
+            })
+        });
+        if let Some(sid) = sid {
+            // Just before the audio that survived, so the timeline reads in order.
+            let pos = items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))).unwrap_or(items.len());
+            let at = items.get(pos).or(items.last()).map(|(t, _)| *t).unwrap_or_else(|| s.clock.now());
+            metrics::counter!("voxgate_audio_shed_frames_total").increment(u64::from(shed));
+            tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, frames = shed, "stream fell behind; shed stale audio");
+            let ev = Event::AudioShed(AudioShed { stream_sid: sid, frames: shed, audio_ms: shed * 20 });
+            items.insert(pos, (at, StreamItem::Control(ev)));
+        }
+    }
+    if items.is_empty() {
+        s.drained = items;
+        return Ok(());
+    }
+    let r = append_media_events(s, std::mem::take(&mut items)).await;
+    s.drained = items;
+    r
+}
+
+async fn append_media_events(
+    s: &mut CallActorState,
+    items: Vec<(Timestamp, StreamItem)>,
+) -> Result<(), voxgate_storage::StorageError> {
+    let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(items.len());
+    for (at, item) in items {
+        let (id, ev) = match item {
+            StreamItem::Audio(b) => {
+                s.frames += u64::from(b.frames);
+                (
+                    EventId::derive(id_kind::MEDIA_BATCH, &[b.stream_sid.as_u128(), u128::from(b.first_sequence)]),
+                    Event::MediaBatch(b),
+                )
+            }
+            StreamItem::Control(mut ev) => {
+                match &mut ev {
+                    Event::StreamStarted(st) => s.stream_sid = Some(st.stream_sid),
+                    Event::StreamStopped(st) => {
+                        if s.stream_stopped_recorded {
+                            continue;
+                        }
+                        s.stream_stopped_recorded = true;
+                        st.frames = s.frames;
+                    }
+                    _ => {}
+                }
+                (control_id(s.call, &ev, at), ev)
+            }
+        };
+        let env = Envelope { event_id: id, tenant: s.tenant, call: Some(s.call), occurred_at: at, payload: ev };
+        let mut buf = Vec::with_capacity(64);
+        voxgate_protocol::encode_into(&env, &mut buf)
+            .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
+        encoded.push(buf);
+    }
+    let key = s.call.partition_key();
+    s.log.append_many(topics::MEDIA, encoded.iter().map(|b| (key, b.as_slice()))).await?;
+    Ok(())
+}
+
+/// Deterministic ids for stream control events.
+pub fn control_id(call: CallSid, ev: &Event, at: Timestamp) -> EventId {
+    let c = call.as_u128();
+    match ev {
+        Event::StreamStarted(s) => EventId::derive(id_kind::STREAM_STARTED, &[c, s.stream_sid.as_u128()]),
+        Event::Dtmf(d) => EventId::derive(id_kind::DTMF, &[c, u128::from(d.sequence)]),
+        Event::StreamMark(m) => EventId::derive(id_kind::MARK, &[c, u128::from(m.sequence)]),
+        Event::StreamStopped(_) => EventId::derive(id_kind::STREAM_STOPPED, &[c]),
+        Event::StreamFault(_) => EventId::derive(id_kind::STREAM_FAULT, &[c]),
+        Event::AudioShed(a) => EventId::derive(id_kind::AUDIO_SHED, &[c, u128::from(a.frames), at.as_micros() as u128]),
+        _ => EventId::derive(0, &[c]),
+    }
+}
+
+/// Builds a media batch from raw µ-law frames.
+pub fn media_batch(
+    stream_sid: StreamSid,
+    first_sequence: u64,
+    start_ms: u64,
+    frames: u32,
+    gap_frames: u32,
+    payload: Bytes,
+) -> MediaBatch {
+    MediaBatch { stream_sid, first_sequence, start_ms, frames, gap_frames, payload }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervisor
+
+/// Messages the call supervisor takes.
+pub enum SupervisorMsg {
+    /// Start a call actor (or find the running one for a retried webhook).
+    Start(Box<CallArgs>, RpcReplyPort<Result<ActorRef<CallMsg>, String>>),
+    /// How many calls are running.
+    Active(RpcReplyPort<usize>),
+}
+
+/// Supervises every call actor of a node.
+pub struct CallSupervisor;
+
+impl Actor for CallSupervisor {
+    type Msg = SupervisorMsg;
+    type State = usize;
+    type Arguments = ();
+
+    async fn pre_start(&self, _: ActorRef<SupervisorMsg>, _: ()) -> Result<usize, ActorProcessingErr> {
+        Ok(0)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        active: &mut usize,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Start(args, reply) => {
+                if let Some(existing) = CallActor::find(args.call) {
+                    let _ = reply.send(Ok(existing));
+                    return Ok(());
+                }
+                let name = CallActor::name(args.call);
+                let r = Actor::spawn_linked(Some(name), CallActor, *args, myself.get_cell()).await;
+                let r = match r {
+                    Ok((a, _)) => {
+                        *active += 1;
+                        Ok(a)
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            SupervisorMsg::Active(reply) => {
+                let _ = reply.send(*active);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<SupervisorMsg>,
+        evt: SupervisionEvent,
+        active: &mut usize,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                *active = active.saturating_sub(1);
+                tracing::debug!(actor = ?cell.get_name(), ?reason, "call actor ended");
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                *active = active.saturating_sub(1);
+                metrics::counter!("voxgate_call_actor_failures_total").increment(1);
+                tracing::error!(actor = ?cell.get_name(), error = %err, "call actor failed");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp(s * 1_000_000)
+    }
+
+    fn statuses(fx: &[Effect]) -> Vec<CallStatus> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Record(Event::CallStatusChanged(c)) => Some(c.status),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ringing_media_completed() {
+        let mut c = CallCore::new(CallStatus::Ringing, t(0), Duration::from_secs(300));
+        let fx = c.apply(CallInput::MediaFlowing, t(1));
+        assert_eq!(statuses(&fx), vec![CallStatus::InProgress]);
+        assert!(c.apply(CallInput::MediaFlowing, t(2)).is_empty());
+        let fx = c.apply(
+            CallInput::Status { status: CallStatus::Completed, sequence: Some(3), duration_secs: Some(30) },
+            t(31),
+        );
+        assert_eq!(statuses(&fx), vec![CallStatus::Completed]);
+        assert!(fx.contains(&Effect::Finish));
+        assert!(fx.contains(&Effect::CloseStream(StopReason::CallEnded)));
+        assert!(c.is_finished());
+    }
+
+    #[test]
+    fn terminal_statuses_end_the_call() {
+        for st in [CallStatus::Busy, CallStatus::Failed, CallStatus::NoAnswer, CallStatus::Canceled] {
+            let mut c = CallCore::new(CallStatus::Ringing, t(0), Duration::from_secs(300));
+            let fx = c.apply(CallInput::Status { status: st, sequence: Some(1), duration_secs: None }, t(1));
+            assert!(fx.contains(&Effect::Finish), "{st}");
+            assert_eq!(c.status(), st);
+        }
+    }
+
+    #[test]
+    fn duplicates_and_out_of_order_callbacks() {
+        let mut c = CallCore::new(CallStatus::Ringing, t(0), Duration::from_secs(300));
+        let ans = CallInput::Status { status: CallStatus::InProgress, sequence: Some(1), duration_secs: None };
+        assert_eq!(c.apply(ans.clone(), t(1)).len(), 1);
+        assert!(c.apply(ans, t(1)).is_empty(), "same SequenceNumber is applied once");
+        // ringing arriving late does not step back
+        c.apply(CallInput::Status { status: CallStatus::Ringing, sequence: Some(0), duration_secs: None }, t(2));
+        assert_eq!(c.status(), CallStatus::InProgress);
+        c.apply(CallInput::Status { status: CallStatus::Completed, sequence: Some(2), duration_secs: Some(3) }, t(3));
+        // a late callback after the end is recorded but changes nothing
+        let fx =
+            c.apply(CallInput::Status { status: CallStatus::InProgress, sequence: Some(9), duration_secs: None }, t(4));
+        assert_eq!(fx.len(), 1);
+        assert_eq!(c.status(), CallStatus::Completed);
+    }
+
+    #[test]
+    fn a_hangup_request_ends_the_call_once() {
+        let mut c = CallCore::new(CallStatus::InProgress, t(10), Duration::from_secs(60));
+        let fx = c.apply(CallInput::Hangup { source: "fraud".into(), reason: "premium destination".into() }, t(20));
+        assert!(matches!(&fx[0], Effect::Record(Event::HangupRequested(h)) if h.source == "fraud"));
+        assert!(matches!(&fx[1], Effect::Record(Event::CallStatusChanged(s))
+            if s.status == CallStatus::Completed && s.source == StatusSource::Voxgate));
+        assert_eq!(&fx[2..], &[Effect::CloseStream(StopReason::CallEnded), Effect::Finish]);
+        assert!(c.is_finished());
+        assert!(c.apply(CallInput::Hangup { source: "fraud".into(), reason: "again".into() }, t(21)).is_empty());
+    }
+
+    #[test]
+    fn maximum_duration_ends_the_call() {
+        let mut c = CallCore::new(CallStatus::Ringing, t(10), Duration::from_secs(60));
+        assert!(c.apply(CallInput::Tick, t(69)).is_empty());
+        let fx = c.apply(CallInput::Tick, t(70));
+        assert!(matches!(fx[0], Effect::Record(Event::CallTimedOut(CallTimedOut { max_duration_secs: 60 }))));
+        assert_eq!(statuses(&fx), vec![CallStatus::Completed]);
+        assert!(fx.contains(&Effect::Finish));
+        assert!(c.apply(CallInput::Tick, t(80)).is_empty());
+    }
+
+    fn batch(seq: u64, frames: u32) -> StreamItem {
+        StreamItem::Audio(media_batch(
+            StreamSid::from_u128(1),
+            seq,
+            seq * 20,
+            frames,
+            0,
+            Bytes::from(vec![0xff; frames as usize * 160]),
+        ))
+    }
+
+    #[test]
+    fn queue_sheds_oldest_audio_never_control() {
+        let q = StreamQueue::new(Duration::from_millis(400)); // 20 frames
+        q.push(t(0), StreamItem::Control(Event::CallTimedOut(CallTimedOut { max_duration_secs: 1 })));
+        let mut shed = 0;
+        for i in 0..6 {
+            shed += q.push(t(0), batch(i * 5, 5));
+        }
+        assert_eq!(shed, 10);
+        let mut out = Vec::new();
+        assert_eq!(q.take(&mut out), 10);
+        assert!(matches!(out[0].1, StreamItem::Control(_)));
+        let seqs: Vec<u64> = out
+            .iter()
+            .filter_map(|(_, i)| match i {
+                StreamItem::Audio(b) => Some(b.first_sequence),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![10, 15, 20, 25], "the two oldest batches were shed");
+        assert_eq!(q.take(&mut out), 0);
+    }
+}

@@ -1,0 +1,247 @@
+//! The transcode stage: reads the media log from its durable cursor, runs a [`StreamTranscoder`]
+//! per stream, and appends the speech segments it cuts to the speech log.
+//!
+//! Restart and replay: the cursor of a partition is committed no further than the first record of
+//! the oldest stream still open there, so after a crash the open streams are rebuilt from their
+//! start. Segments already appended are not appended again: the stage keeps, per open stream, the
+//! number of segments it has emitted (`__state`, written after the segments are durable). A crash
+//! between those two writes can repeat at most the last batch of segments, with identical event
+//! ids, which consumers de-duplicate on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use voxgate_protocol::event::{Event, SpeechSegment};
+use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, StreamSid, Timestamp};
+use voxgate_storage::{topics, Log, Record, StorageError};
+
+use super::{Segment, StreamTranscoder, TranscodeConfig};
+use crate::call::id_kind;
+use crate::progress::Progress;
+
+/// The stage's cursor name on the media log.
+pub const CURSOR: &str = "transcode";
+const STATE: &str = "transcode";
+const READ_BATCH: usize = 256;
+
+/// Messages the stage takes.
+pub enum StageMsg {
+    /// New media may be durable: read and process it.
+    Poll,
+}
+
+/// What the stage needs.
+pub struct TranscodeStageArgs {
+    pub log: Log,
+    pub config: TranscodeConfig,
+    /// Where the stage reports how far it has read (health, lag metrics).
+    pub progress: Arc<Progress>,
+}
+
+struct OpenStream {
+    tenant: AccountSid,
+    call: CallSid,
+    transcoder: StreamTranscoder,
+    /// Offset of the stream's first record: the cursor may not pass it while the stream is open.
+    first_offset: u64,
+    /// Segments already in the speech log (from before a restart).
+    emitted: u32,
+}
+
+struct PartitionState {
+    next: u64,
+    streams: HashMap<StreamSid, OpenStream>,
+}
+
+/// The stage's state.
+pub struct TranscodeState {
+    log: Log,
+    config: TranscodeConfig,
+    progress: Arc<Progress>,
+    partitions: Vec<PartitionState>,
+    watcher: tokio::task::JoinHandle<()>,
+    records: Vec<Record>,
+    segments: Vec<Segment>,
+}
+
+/// The transcode stage actor.
+pub struct TranscodeStage;
+
+impl Actor for TranscodeStage {
+    type Msg = StageMsg;
+    type State = TranscodeState;
+    type Arguments = TranscodeStageArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<StageMsg>,
+        args: TranscodeStageArgs,
+    ) -> Result<TranscodeState, ActorProcessingErr> {
+        let cursor = args.log.cursor(CURSOR, topics::MEDIA)?;
+        for (p, next) in cursor.iter().enumerate() {
+            args.progress.set(p as u32, *next);
+        }
+        let partitions = cursor.into_iter().map(|next| PartitionState { next, streams: HashMap::new() }).collect();
+        let watcher = crate::progress::wake_on_append(&args.log, topics::MEDIA, myself.clone(), || StageMsg::Poll)?;
+        myself.cast(StageMsg::Poll)?;
+        Ok(TranscodeState {
+            log: args.log,
+            config: args.config,
+            progress: args.progress,
+            partitions,
+            watcher,
+            records: Vec::new(),
+            segments: Vec::new(),
+        })
+    }
+
+    async fn post_stop(&self, _: ActorRef<StageMsg>, s: &mut TranscodeState) -> Result<(), ActorProcessingErr> {
+        s.watcher.abort();
+        let _ = s.log.sync().await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<StageMsg>,
+        msg: StageMsg,
+        s: &mut TranscodeState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            StageMsg::Poll => {
+                let mut more = false;
+                for p in 0..s.partitions.len() {
+                    more |= poll_partition(s, p as u32).await?;
+                }
+                let next: Vec<u64> = s.partitions.iter().map(|p| p.next).collect();
+                crate::progress::report_lag(&s.log, "transcode", topics::MEDIA, &next);
+                if more {
+                    myself.cast(StageMsg::Poll)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Processes one read batch of a partition; true when more may be waiting.
+async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageError> {
+    s.records.clear();
+    let from = s.partitions[p as usize].next;
+    let next = s.log.read(topics::MEDIA, p, from, READ_BATCH, &mut s.records)?;
+    if s.records.is_empty() {
+        return Ok(false);
+    }
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut out_keys: Vec<u64> = Vec::new();
+    let mut finished: Vec<StreamSid> = Vec::new();
+    let records = std::mem::take(&mut s.records);
+    for r in &records {
+        let env = match voxgate_protocol::decode(r.payload()) {
+            Ok(e) => e,
+            Err(e) => {
+                metrics::counter!("twilio_transcoding_errors_total", "error_type" => "undecodable_record").increment(1);
+                tracing::error!(stage = "transcode", partition = p, offset = r.offset, error = %e, "media record cannot be decoded; skipped");
+                continue;
+            }
+        };
+        let part = &mut s.partitions[p as usize];
+        let Some(call) = env.call else { continue };
+        match &env.payload {
+            Event::StreamStarted(st) => {
+                let emitted = match s.log.get_state(STATE, &st.stream_sid.as_u128().to_be_bytes())? {
+                    Some(v) => v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0),
+                    None => 0,
+                };
+                part.streams.insert(
+                    st.stream_sid,
+                    OpenStream {
+                        tenant: env.tenant,
+                        call,
+                        transcoder: StreamTranscoder::new(&s.config),
+                        first_offset: r.offset,
+                        emitted,
+                    },
+                );
+            }
+            Event::MediaBatch(b) => {
+                let Some(open) = part.streams.get_mut(&b.stream_sid) else {
+                    continue;
+                };
+                s.segments.clear();
+                open.transcoder.push(b.start_ms, &b.payload, &mut s.segments);
+                emit(open, b.stream_sid, env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
+            }
+            Event::StreamStopped(st) => {
+                let Some(sid) = st.stream_sid else { continue };
+                let Some(mut open) = part.streams.remove(&sid) else {
+                    continue;
+                };
+                s.segments.clear();
+                open.transcoder.finish(&mut s.segments);
+                emit(&mut open, sid, env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
+                finished.push(sid);
+            }
+            _ => {}
+        }
+    }
+    s.records = records;
+    if !out.is_empty() {
+        s.log.append_many(topics::SPEECH, out_keys.iter().copied().zip(out.iter().map(|b| b.as_slice()))).await?;
+        metrics::counter!("voxgate_speech_segments_total").increment(out.len() as u64);
+    }
+    let part = &mut s.partitions[p as usize];
+    for (sid, open) in &part.streams {
+        if open.emitted > 0 {
+            s.log.put_state(STATE, &sid.as_u128().to_be_bytes(), &open.emitted.to_be_bytes())?;
+        }
+    }
+    for sid in &finished {
+        s.log.delete_state(STATE, &sid.as_u128().to_be_bytes())?;
+    }
+    part.next = next;
+    s.progress.set(p, next);
+    let commit = part.streams.values().map(|o| o.first_offset).min().unwrap_or(next).min(next);
+    s.log.store_cursor(CURSOR, topics::MEDIA, p, commit)?;
+    s.log.sync().await?;
+    Ok(s.records.len() == READ_BATCH)
+}
+
+fn emit(
+    open: &mut OpenStream,
+    stream_sid: StreamSid,
+    at: Timestamp,
+    segments: &mut Vec<Segment>,
+    out: &mut Vec<Vec<u8>>,
+    keys: &mut Vec<u64>,
+) {
+    for seg in segments.drain(..) {
+        if seg.index < open.emitted {
+            continue; // already in the speech log before a restart
+        }
+        open.emitted = seg.index + 1;
+        let mut pcm = Vec::with_capacity(seg.pcm16.len() * 2);
+        for x in &seg.pcm16 {
+            pcm.extend_from_slice(&x.to_le_bytes());
+        }
+        metrics::histogram!("voxgate_speech_segment_seconds").record((seg.end_ms - seg.start_ms) as f64 / 1000.0);
+        let env = Envelope {
+            event_id: EventId::derive(id_kind::SPEECH_SEGMENT, &[stream_sid.as_u128(), u128::from(seg.index)]),
+            tenant: open.tenant,
+            call: Some(open.call),
+            occurred_at: at,
+            payload: Event::SpeechSegment(SpeechSegment {
+                stream_sid,
+                index: seg.index,
+                start_ms: seg.start_ms,
+                end_ms: seg.end_ms,
+                sample_rate: 16_000,
+                pcm16le: Bytes::from(pcm),
+            }),
+        };
+        out.push(voxgate_protocol::encode(&env));
+        keys.push(open.call.partition_key());
+    }
+}

@@ -1,0 +1,545 @@
+//! Configuration: one TOML file, every key overridable by a `VOXGATE_*` environment variable,
+//! then by command-line flags. The file form ([`ConfigFile`]) is checked into a validated
+//! [`Config`]; unknown keys are rejected with their names.
+//!
+//! Environment mapping: `VOXGATE_PUBLIC_URL` sets `public_url`; a double underscore nests, so
+//! `VOXGATE_CALLS__MAX_DURATION_SECS=60` sets `[calls] max_duration_secs`. Values are read as TOML
+//! when they parse as TOML (numbers, booleans, arrays, inline tables) and as strings otherwise, so
+//! `VOXGATE_TENANTS='[{account_sid="AC…", auth_token="…", numbers=["+1…"]}]'` works too.
+//! `VOXGATE_CONFIG` (the file's path) and `VOXGATE_LOG` (the log filter) are not config keys.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use voxgate_actors::billing::BillingConfig;
+use voxgate_actors::call::CallConfig;
+use voxgate_actors::fraud::FraudConfig;
+use voxgate_actors::tenancy::callers::CallerConfig;
+use voxgate_actors::tenancy::throttle::ThrottleConfig;
+use voxgate_actors::tenancy::{limits, Quota};
+use voxgate_actors::transcode::TranscodeConfig;
+use voxgate_protocol::AccountSid;
+use voxgate_storage::{topics, Retention, TopicSpec};
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+pub use voxgate_actors::tenancy::Secret;
+
+/// A tenant as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantFile {
+    pub account_sid: String,
+    pub auth_token: Secret,
+    #[serde(default)]
+    pub numbers: Vec<String>,
+    #[serde(default)]
+    pub friendly_name: Option<String>,
+    /// Call quotas for this tenant (default: `[quotas]`).
+    #[serde(default)]
+    pub quota: Option<Quota>,
+}
+
+/// `[calls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallsFile {
+    pub max_duration_secs: u64,
+    pub batch_ms: u32,
+    pub queue_ms: u32,
+}
+
+impl Default for CallsFile {
+    fn default() -> Self {
+        Self { max_duration_secs: 300, batch_ms: 100, queue_ms: 2000 }
+    }
+}
+
+/// `[stt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SttFile {
+    /// Run the STT stage on this node.
+    pub enabled: bool,
+    /// Directory with model.bin, config.json and tokenizer.json (nodes/deploy/fetch-model.sh).
+    pub model_dir: PathBuf,
+    /// Whisper worker threads (each holds the model).
+    pub workers: usize,
+    /// Most segments transcribed in one batch (across calls).
+    pub max_batch: usize,
+}
+
+impl Default for SttFile {
+    fn default() -> Self {
+        Self { enabled: true, model_dir: PathBuf::from("./models/whisper-tiny.en"), workers: 1, max_batch: 4 }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogFile {
+    pub partitions: u32,
+    /// Per topic: `[log.retention.media] max_age_secs = 604800`.
+    pub retention: BTreeMap<String, Retention>,
+    pub retention_interval_secs: u64,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self { partitions: topics::DEFAULT_PARTITIONS, retention: BTreeMap::new(), retention_interval_secs: 60 }
+    }
+}
+
+/// The file form of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    pub public_url: String,
+    pub listen: String,
+    pub metrics_listen: String,
+    pub data_dir: PathBuf,
+    /// Validate `X-Twilio-Signature` on the Media Streams WebSocket upgrade (turn off for local tools).
+    pub validate_stream_signature: bool,
+    pub log_format: String,
+    pub calls: CallsFile,
+    pub transcode: TranscodeConfig,
+    pub stt: SttFile,
+    pub log: LogFile,
+    pub tenants: Vec<TenantFile>,
+    /// Operator token for the REST API: `admin-` and at least 20 more characters.
+    pub admin_token: Option<Secret>,
+    /// 64 hex digits sealing auth tokens at rest (default: `secrets.key` in the data directory).
+    pub secrets_key: Option<Secret>,
+    /// Default call quotas of every tenant.
+    pub quotas: Quota,
+    /// REST throttle per tenant and endpoint.
+    pub throttle: ThrottleConfig,
+    /// Caller protection at webhook time.
+    pub callers: CallerConfig,
+    /// Networks allowed to reach the Twilio-facing endpoints (webhooks, Media Streams); empty =
+    /// anyone. CIDR notation, e.g. `["54.172.60.0/23", "127.0.0.1/32"]`.
+    pub twilio_allow_cidrs: Vec<String>,
+    /// Take the client address from the first `X-Forwarded-For` entry (behind a trusted proxy).
+    pub trust_forwarded_for: bool,
+    /// TLS for the main listener: `[tls] cert_file = …, key_file = …` (PEM).
+    pub tls: Option<TlsFile>,
+    /// Fraud rules and thresholds (`[fraud]`, per tenant `[fraud.tenants.AC…]`); reloaded on SIGHUP.
+    pub fraud: FraudConfig,
+    /// Twilio's REST API base URL (ending calls); a fake Twilio in tests.
+    pub twilio_api_url: String,
+    /// Tenants with their own `tenant` label on metrics; the rest are labelled `other`.
+    pub metrics_tenant_labels: usize,
+    /// Prices, volume tiers and budgets (`[billing.prices]`, `[billing.budgets]`).
+    pub billing: BillingConfig,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        Self {
+            public_url: "http://127.0.0.1:8080".into(),
+            listen: "127.0.0.1:8080".into(),
+            metrics_listen: "127.0.0.1:9090".into(),
+            data_dir: PathBuf::from("./voxgate-data"),
+            validate_stream_signature: true,
+            log_format: "text".into(),
+            calls: CallsFile::default(),
+            transcode: TranscodeConfig::default(),
+            stt: SttFile::default(),
+            log: LogFile::default(),
+            tenants: Vec::new(),
+            admin_token: None,
+            secrets_key: None,
+            quotas: Quota::default(),
+            throttle: ThrottleConfig::default(),
+            callers: CallerConfig::default(),
+            twilio_allow_cidrs: Vec::new(),
+            trust_forwarded_for: false,
+            tls: None,
+            fraud: FraudConfig::default(),
+            twilio_api_url: "https://api.twilio.com".into(),
+            metrics_tenant_labels: 100,
+            billing: BillingConfig::default(),
+        }
+    }
+}
+
+/// A validated tenant.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub account_sid: AccountSid,
+    pub auth_token: Secret,
+    pub numbers: Vec<String>,
+    pub friendly_name: Option<String>,
+    pub quota: Option<Quota>,
+}
+
+/// Text or JSON log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Base URL Twilio uses to reach us, without a trailing slash.
+    pub public_url: String,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub validate_stream_signature: bool,
+    pub log_format: LogFormat,
+    pub calls: CallConfig,
+    pub transcode: TranscodeConfig,
+    pub stt: SttFile,
+    pub topics: Vec<TopicSpec>,
+    pub retention_interval: Duration,
+    pub tenants: Vec<Tenant>,
+    pub admin_token: Option<Secret>,
+    pub secrets_key: Option<Secret>,
+    pub default_quota: Quota,
+    pub throttle: ThrottleConfig,
+    pub callers: CallerConfig,
+    pub twilio_allow: Vec<ipnet::IpNet>,
+    pub trust_forwarded_for: bool,
+    pub tls: Option<TlsFile>,
+    pub fraud: FraudConfig,
+    pub twilio_api_url: String,
+    pub metrics_tenant_labels: usize,
+    pub billing: BillingConfig,
+}
+
+/// Overrides from command-line flags (applied last).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub log_format: Option<String>,
+}
+
+const NOT_KEYS: &[&str] = &["CONFIG", "LOG"];
+
+impl Config {
+    /// Loads `path` (if any), applies `VOXGATE_*` variables from `env`, then the flags.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("VOXGATE_") else {
+                continue;
+            };
+            if NOT_KEYS.contains(&rest) || rest.starts_with("TEST_") {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            set_path(&mut table, &path, env_value(&v))
+                .map_err(|reason| ConfigError::Invalid { key: k.clone(), reason })?;
+        }
+        let file: ConfigFile = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_owned()))?;
+        Self::from_file(file, flags)
+    }
+
+    /// Validates the file form with flag overrides.
+    pub fn from_file(mut f: ConfigFile, flags: &Overrides) -> Result<Self, ConfigError> {
+        if let Some(d) = &flags.data_dir {
+            f.data_dir = d.clone();
+        }
+        if let Some(l) = &flags.listen {
+            f.listen = l.clone();
+        }
+        if let Some(l) = &flags.metrics_listen {
+            f.metrics_listen = l.clone();
+        }
+        if let Some(l) = &flags.log_format {
+            f.log_format = l.clone();
+        }
+        let invalid = |key: &str, reason: String| ConfigError::Invalid { key: key.into(), reason };
+        let public_url = f.public_url.trim_end_matches('/').to_owned();
+        if !(public_url.starts_with("http://") || public_url.starts_with("https://")) || public_url.len() < 10 {
+            return Err(invalid("public_url", format!("must be an http:// or https:// URL, got {:?}", f.public_url)));
+        }
+        if public_url.contains('?') || public_url.contains('#') {
+            return Err(invalid("public_url", "must not have a query or fragment".into()));
+        }
+        let listen = f.listen.parse().map_err(|e| invalid("listen", format!("{:?}: {e}", f.listen)))?;
+        let metrics_listen =
+            f.metrics_listen.parse().map_err(|e| invalid("metrics_listen", format!("{:?}: {e}", f.metrics_listen)))?;
+        let log_format = match f.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log_format", format!("must be text or json, got {other:?}"))),
+        };
+        if f.calls.max_duration_secs == 0 || f.calls.max_duration_secs > 4 * 3600 {
+            return Err(invalid("calls.max_duration_secs", "must be between 1 and 14400".into()));
+        }
+        if !(20..=1000).contains(&f.calls.batch_ms) || f.calls.batch_ms % 20 != 0 {
+            return Err(invalid("calls.batch_ms", "must be a multiple of 20 between 20 and 1000".into()));
+        }
+        if f.calls.queue_ms < f.calls.batch_ms {
+            return Err(invalid("calls.queue_ms", "must be at least calls.batch_ms".into()));
+        }
+        f.transcode.vad.validate().map_err(|e| invalid("transcode.vad", e.to_string()))?;
+        if f.stt.workers == 0 || f.stt.workers > 64 {
+            return Err(invalid("stt.workers", "must be between 1 and 64".into()));
+        }
+        if f.stt.max_batch == 0 || f.stt.max_batch > 64 {
+            return Err(invalid("stt.max_batch", "must be between 1 and 64".into()));
+        }
+        if f.log.partitions == 0 || f.log.partitions > 1024 {
+            return Err(invalid("log.partitions", "must be between 1 and 1024".into()));
+        }
+        let mut topics = topics::default_specs();
+        for (name, r) in &f.log.retention {
+            let spec = topics
+                .iter_mut()
+                .find(|t| &t.name == name)
+                .ok_or_else(|| invalid(&format!("log.retention.{name}"), "no such topic".into()))?;
+            spec.retention = *r;
+        }
+        for t in topics.iter_mut().filter(|t| t.name != topics::TENANTS) {
+            t.partitions = f.log.partitions;
+        }
+        let mut tenants = Vec::with_capacity(f.tenants.len());
+        for (i, t) in f.tenants.into_iter().enumerate() {
+            let key = |k: &str| format!("tenants[{i}].{k}");
+            let account_sid =
+                AccountSid::parse(&t.account_sid).map_err(|e| invalid(&key("account_sid"), e.to_string()))?;
+            if t.auth_token.expose().len() < 8 || t.auth_token.expose().len() > 256 {
+                return Err(invalid(&key("auth_token"), "must be 8 to 256 characters".into()));
+            }
+            for n in &t.numbers {
+                if !is_e164(n) {
+                    return Err(invalid(
+                        &key("numbers"),
+                        format!("{n:?} is not an E.164 number (+ and 2 to 15 digits)"),
+                    ));
+                }
+            }
+            if tenants.iter().any(|o: &Tenant| o.account_sid == account_sid) {
+                return Err(invalid(&key("account_sid"), format!("{account_sid} is listed twice")));
+            }
+            for n in &t.numbers {
+                if let Some(o) = tenants.iter().find(|o: &&Tenant| o.numbers.contains(n)) {
+                    return Err(invalid(&key("numbers"), format!("{n} already belongs to {}", o.account_sid)));
+                }
+            }
+            if let Some(name) = &t.friendly_name {
+                if name.chars().count() > limits::FRIENDLY_NAME {
+                    return Err(invalid(
+                        &key("friendly_name"),
+                        format!("at most {} characters", limits::FRIENDLY_NAME),
+                    ));
+                }
+            }
+            if let Some(q) = &t.quota {
+                q.validate().map_err(|e| invalid(&key("quota"), e.to_string()))?;
+            }
+            tenants.push(Tenant {
+                account_sid,
+                auth_token: t.auth_token,
+                numbers: t.numbers,
+                friendly_name: t.friendly_name,
+                quota: t.quota,
+            });
+        }
+        if let Some(a) = &f.admin_token {
+            let rest = a.expose().strip_prefix("admin-").unwrap_or_default();
+            if rest.chars().count() < 20 || !rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid(
+                    "admin_token",
+                    "must be admin- followed by at least 20 random letters, digits, - or _".into(),
+                ));
+            }
+        }
+        f.quotas.validate().map_err(|e| invalid("quotas", e.to_string()))?;
+        f.throttle.validate().map_err(|e| invalid("throttle", e))?;
+        f.callers.validate().map_err(|e| invalid("callers", e))?;
+        f.billing.validate().map_err(|e| invalid("billing", e.to_string()))?;
+        f.fraud.validate().map_err(|e| invalid("fraud", e.to_string()))?;
+        if !(f.twilio_api_url.starts_with("http://") || f.twilio_api_url.starts_with("https://")) {
+            return Err(invalid("twilio_api_url", format!("must be an http(s) URL, got {:?}", f.twilio_api_url)));
+        }
+        let mut twilio_allow = Vec::with_capacity(f.twilio_allow_cidrs.len());
+        for c in &f.twilio_allow_cidrs {
+            let net = c
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| invalid("twilio_allow_cidrs", format!("{c:?} is not an address or CIDR network")))?;
+            twilio_allow.push(net);
+        }
+        Ok(Self {
+            public_url,
+            listen,
+            metrics_listen,
+            data_dir: f.data_dir,
+            validate_stream_signature: f.validate_stream_signature,
+            log_format,
+            calls: CallConfig {
+                max_duration: Duration::from_secs(f.calls.max_duration_secs),
+                batch_frames: f.calls.batch_ms / 20,
+                queue_audio: Duration::from_millis(u64::from(f.calls.queue_ms)),
+            },
+            transcode: f.transcode,
+            stt: f.stt,
+            topics,
+            retention_interval: Duration::from_secs(f.log.retention_interval_secs.max(1)),
+            tenants,
+            admin_token: f.admin_token,
+            secrets_key: f.secrets_key,
+            default_quota: f.quotas,
+            throttle: f.throttle,
+            callers: f.callers,
+            twilio_allow,
+            trust_forwarded_for: f.trust_forwarded_for,
+            tls: f.tls,
+            fraud: f.fraud,
+            twilio_api_url: f.twilio_api_url,
+            metrics_tenant_labels: f.metrics_tenant_labels.min(10_000),
+            billing: f.billing,
+        })
+    }
+
+    /// The tenant with this AccountSid.
+    pub fn tenant(&self, sid: AccountSid) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.account_sid == sid)
+    }
+}
+
+pub use voxgate_actors::tenancy::is_e164;
+
+fn env_value(v: &str) -> toml::Value {
+    match format!("v = {v}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.to_owned())),
+        Err(_) => toml::Value::String(v.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let entry = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => set_path(t, rest, value),
+                _ => Err(format!("{first} is not a table")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "9f3c1b2a7d4e5f60718293a4b5c6d7e8";
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn issue_example_loads() {
+        let f = write(&format!(
+            "public_url = \"http://127.0.0.1:8080\"\n[[tenants]]\naccount_sid = \"AC0123456789abcdef0123456789abcdef\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"+14155550100\"]\n"
+        ));
+        let c = Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.tenants.len(), 1);
+        assert_eq!(c.calls.max_duration, Duration::from_secs(300));
+        assert!(!format!("{c:?}").contains(TOKEN), "tokens never appear in Debug output");
+    }
+
+    #[test]
+    fn env_overrides_and_nesting() {
+        let env = vec![
+            ("VOXGATE_PUBLIC_URL".to_owned(), "https://voice.example.com/".to_owned()),
+            ("VOXGATE_CALLS__MAX_DURATION_SECS".to_owned(), "60".to_owned()),
+            ("VOXGATE_VALIDATE_STREAM_SIGNATURE".to_owned(), "false".to_owned()),
+            ("VOXGATE_CONFIG".to_owned(), "/ignored".to_owned()),
+            (
+                "VOXGATE_TENANTS".to_owned(),
+                format!("[{{account_sid=\"AC0123456789abcdef0123456789abcdef\", auth_token=\"{TOKEN}\", numbers=[\"+14155550100\"]}}]"),
+            ),
+        ];
+        let c =
+            Config::load(None, env, &Overrides { listen: Some("127.0.0.1:0".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.public_url, "https://voice.example.com");
+        assert_eq!(c.calls.max_duration, Duration::from_secs(60));
+        assert!(!c.validate_stream_signature);
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.tenants[0].numbers, vec!["+14155550100"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = Config::load(None, vec![("VOXGATE_PUBLIK_URL".into(), "x".into())], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("publik_url"), "{e}");
+        let f = write("[[tenants]]\naccount_sid = \"AC12\"\nauth_token = \"abcdefghij\"\n");
+        let e = Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("tenants[0].account_sid"), "{e}");
+        let f = write(&format!(
+            "[[tenants]]\naccount_sid = \"AC0123456789abcdef0123456789abcdef\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"4155550100\"]\n"
+        ));
+        let e = Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("E.164"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/voxgate.example.toml");
+        let c = Config::load(Some(&path), vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.tenants.len(), 1);
+        assert_eq!(c.calls.batch_frames, 5);
+        let media = c.topics.iter().find(|t| t.name == "media").unwrap();
+        assert_eq!(media.retention.max_age, Some(Duration::from_secs(604_800)));
+    }
+
+    #[test]
+    fn e164() {
+        assert!(is_e164("+14155550100"));
+        assert!(!is_e164("+0123"));
+        assert!(!is_e164("14155550100"));
+        assert!(!is_e164("+1415555010012345"));
+        assert!(!is_e164("+1 415"));
+    }
+}

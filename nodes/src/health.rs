@@ -1,0 +1,87 @@
+//! `GET /api/voice/health`: each stage's state and lag, the log backend, active calls.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use std::sync::Arc;
+
+use ractor::{ActorCell, ActorStatus};
+use serde_json::json;
+use voxgate_actors::progress::Progress;
+use voxgate_storage::Log;
+
+use crate::ingress::AppState;
+
+/// A stage as health sees it: its actor and the cursor/topic it consumes.
+pub struct StageEntry {
+    pub name: &'static str,
+    pub input: &'static str,
+    pub actor: ActorCell,
+    pub progress: Arc<Progress>,
+}
+
+/// What the health endpoint reports on.
+#[derive(Default)]
+pub struct Health {
+    pub stages: Vec<StageEntry>,
+    /// The Whisper model directory, when this node runs STT.
+    pub stt_model: Option<String>,
+}
+
+/// Durable events in `topic` that a stage has not processed yet.
+pub fn lag(log: &Log, progress: &Progress, topic: &str) -> Option<u64> {
+    let pos = progress.snapshot();
+    let mut total = 0;
+    for (p, c) in pos.iter().enumerate() {
+        let head = log.durable_head(topic, p as u32).ok()?;
+        total += head.saturating_sub(*c);
+    }
+    Some(total)
+}
+
+pub async fn health(State(state): State<AppState>) -> Response {
+    let mut ok = true;
+    let mut stages = serde_json::Map::new();
+    for s in &state.health.stages {
+        let running = matches!(s.actor.get_status(), ActorStatus::Running | ActorStatus::Upgrading);
+        ok &= running;
+        let lag = lag(&state.log, &s.progress, s.input);
+        stages.insert(
+            s.name.to_owned(),
+            json!({ "state": if running { "running" } else { "stopped" }, "input": s.input, "lag_events": lag }),
+        );
+    }
+    let active = ractor::call!(state.supervisor, voxgate_actors::call::SupervisorMsg::Active).ok();
+    ok &= active.is_some();
+    let body = json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "log": {
+            "backend": "sled",
+            "data_dir": state.cfg.data_dir.display().to_string(),
+            "size_bytes": state.log.size_on_disk().ok(),
+            "free_bytes": free_disk(&state.cfg.data_dir),
+        },
+        "stages": stages,
+        "stt_model": state.health.stt_model,
+        "active_calls": active,
+    });
+    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+/// Bytes available to this process on the file system holding `path` (statvfs).
+pub fn free_disk(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is a properly sized out-parameter that
+    // statvfs fills completely when it returns 0.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}

@@ -1,0 +1,386 @@
+//! The Twilio-facing HTTP side: voice webhook, status callback, health.
+//!
+//! The webhook is the one synchronous path in voxgate, because Twilio waits for it: parse, find
+//! the tenant, check the signature against the URL Twilio signed (rebuilt from `public_url`), check
+//! the number, append the call durably, start its actor, answer TwiML.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ractor::{ActorRef, RpcReplyPort};
+use serde_json::json;
+use voxgate_actors::call::{id_kind, CallActor, CallArgs, CallMsg, SupervisorMsg};
+use voxgate_protocol::event::{CallReceived, CallRejected, CallStatusChanged, Event, RejectReason, StatusSource};
+use voxgate_protocol::twilio::{signature, twiml, SignedBody, StatusCallback, StreamTwiml, VoiceWebhook};
+use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId};
+use voxgate_storage::{topics, Log};
+
+use crate::config::{Config, Secret};
+use crate::health::Health;
+use crate::tenancy::Tenancy;
+use voxgate_actors::tenancy::gate::{CallAttempt, Decision};
+use voxgate_protocol::event::QuotaWarning;
+
+/// Largest webhook body accepted (Twilio's are a few KB).
+pub const MAX_WEBHOOK_BODY: usize = 64 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub cfg: Arc<Config>,
+    pub log: Log,
+    pub clock: Arc<dyn Clock>,
+    pub supervisor: ActorRef<SupervisorMsg>,
+    pub health: Arc<Health>,
+    pub tenancy: Arc<Tenancy>,
+    pub billing: Arc<crate::billing::Billing>,
+}
+
+/// The routes Twilio and operators reach on the main listener.
+pub fn router(state: AppState) -> Router {
+    let twilio = Router::new()
+        .route("/api/voice/twilio/inbound", post(inbound))
+        .route("/api/voice/twilio/status", post(status))
+        .route("/api/voice/twilio/stream/{session}", get(crate::stream::upgrade))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::perimeter::twilio_allowlist));
+    Router::new()
+        .merge(twilio)
+        .route("/api/voice/health", get(crate::health::health))
+        .route("/2010-04-01/{*path}", axum::routing::any(crate::accounts::api))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_WEBHOOK_BODY))
+        .layer(axum::middleware::from_fn(observe))
+        .with_state(state)
+}
+
+/// Records `http_request_duration_seconds{endpoint}` for every request.
+async fn observe(req: Request, next: axum::middleware::Next) -> Response {
+    let endpoint = endpoint_label(req.uri().path());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics::histogram!("http_request_duration_seconds", "endpoint" => endpoint, "status" => resp.status().as_str().to_owned())
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/api/voice/twilio/inbound" => "inbound",
+        "/api/voice/twilio/status" => "status",
+        "/api/voice/health" => "health",
+        p if p.starts_with("/api/voice/twilio/stream/") => "stream",
+        p if p.starts_with("/2010-04-01/") => crate::accounts::endpoint_of(p),
+        _ => "other",
+    }
+}
+
+/// A Twilio-shaped JSON error: `{code, message, more_info, status}`.
+pub fn twilio_error(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
+    let body = json!({
+        "code": code,
+        "message": message.into(),
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": status.as_u16(),
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    twilio_error(StatusCode::NOT_FOUND, 20404, format!("the requested resource {} was not found", uri.path()))
+}
+
+fn twiml_response(xml: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], xml).into_response()
+}
+
+fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+}
+
+fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_start().to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"))
+        .unwrap_or(false)
+}
+
+/// Checks a form webhook's signature with the tenant's token. On failure the response says which
+/// URL was checked: a public_url mismatch is the most common production mistake.
+fn check_signature(
+    state: &AppState,
+    tenant: AccountSid,
+    token: &Secret,
+    uri: &Uri,
+    headers: &HeaderMap,
+    pairs: &[(String, String)],
+    endpoint: &'static str,
+) -> Result<(), Response> {
+    let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = signature::public_url(&state.cfg.public_url, path_and_query);
+    let presented = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok());
+    let ok = match presented {
+        Some(sig) => signature::validate(token.expose().as_bytes(), &url, SignedBody::Form(pairs), sig),
+        None => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let why = if presented.is_some() { "invalid" } else { "missing" };
+    metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => endpoint, "reason" => "signature").increment(1);
+    tracing::warn!(tenant = %tenant, endpoint, url = %url, "{why} X-Twilio-Signature (checked against this URL; is public_url right?)");
+    Err(twilio_error(
+        StatusCode::FORBIDDEN,
+        20003,
+        format!("{why} X-Twilio-Signature for {url} (the URL voxgate checked; set public_url to the URL Twilio calls)"),
+    ))
+}
+
+fn bad_request(endpoint: &'static str, reason: &'static str, message: String) -> Response {
+    metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => endpoint, "reason" => reason).increment(1);
+    twilio_error(StatusCode::BAD_REQUEST, 20422, message)
+}
+
+/// The sids every voice request carries, checked before anything else (cheap, no secrets).
+fn sids(pairs: &[(String, String)], endpoint: &'static str) -> Result<(AccountSid, CallSid), Response> {
+    let account = param(pairs, "AccountSid")
+        .ok_or_else(|| bad_request(endpoint, "missing_field", "missing required parameter AccountSid".into()))?;
+    let account = AccountSid::parse(account)
+        .map_err(|e| bad_request(endpoint, "invalid_field", format!("invalid parameter AccountSid: {e}")))?;
+    let call = param(pairs, "CallSid")
+        .ok_or_else(|| bad_request(endpoint, "missing_field", "missing required parameter CallSid".into()))?;
+    let call = CallSid::parse(call)
+        .map_err(|e| bad_request(endpoint, "invalid_field", format!("invalid parameter CallSid: {e}")))?;
+    Ok((account, call))
+}
+
+async fn append_call_event(
+    state: &AppState,
+    tenant: AccountSid,
+    call: CallSid,
+    id: EventId,
+    ev: Event,
+) -> Result<(), Response> {
+    let env = Envelope { event_id: id, tenant, call: Some(call), occurred_at: state.clock.now(), payload: ev };
+    let bytes = voxgate_protocol::encode(&env);
+    state.log.append(topics::CALLS, call.partition_key(), &bytes).await.map(|_| ()).map_err(|e| {
+        tracing::error!(stage = "ingress", call_sid = %call, tenant = %tenant, error = %e, "event log append failed");
+        twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "event log unavailable; retry")
+    })
+}
+
+/// The form and the sids every voice request carries, checked before any secret is used.
+fn voice_request(
+    headers: &HeaderMap,
+    body: &[u8],
+    endpoint: &'static str,
+) -> Result<(Vec<(String, String)>, AccountSid, CallSid), Response> {
+    if !is_form(headers) {
+        return Err(bad_request(
+            endpoint,
+            "content_type",
+            "expected Content-Type application/x-www-form-urlencoded".into(),
+        ));
+    }
+    let pairs = form_pairs(body);
+    let (account, call) = sids(&pairs, endpoint)?;
+    Ok((pairs, account, call))
+}
+
+/// `POST /api/voice/twilio/inbound`
+async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    const EP: &str = "inbound";
+    let (pairs, account, call) = match voice_request(&headers, &body, EP) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let from = param(&pairs, "From").unwrap_or_default().chars().take(255).collect::<String>();
+    let to = param(&pairs, "To").unwrap_or_default().chars().take(255).collect::<String>();
+    let Some(token) = state.tenancy.token(account) else {
+        // Unauthenticated (we hold no token for it): refuse and record, never start anything.
+        metrics::counter!("twilio_calls_total", "status" => "rejected", "from_country" => "unknown").increment(1);
+        metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => EP, "reason" => "unknown_tenant")
+            .increment(1);
+        tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, "call for an unknown tenant rejected");
+        let ev = Event::CallRejected(CallRejected { from, to, reason: RejectReason::UnknownTenant });
+        let id = EventId::derive(id_kind::CALL_REJECTED, &[call.as_u128()]);
+        if let Err(r) = append_call_event(&state, account, call, id, ev).await {
+            return r;
+        }
+        return twiml_response(twiml::reject(None));
+    };
+    if let Err(r) = check_signature(&state, account, &token, &uri, &headers, &pairs, EP) {
+        return r;
+    }
+    let hook = match VoiceWebhook::from_form(&pairs) {
+        Ok(h) => h,
+        Err(e) => return bad_request(EP, "invalid_field", e.to_string()),
+    };
+    let from_country = hook.from_country.clone().filter(|c| c.len() == 2).unwrap_or_else(|| "unknown".into());
+    let session = call.to_string();
+    let stream_url = signature::websocket_url(&state.cfg.public_url, &format!("/api/voice/twilio/stream/{session}"));
+    let tenant_s = account.to_string();
+    let params = [("tenant", tenant_s.as_str()), ("call_sid", session.as_str())];
+    let xml = match twiml::connect_stream(&StreamTwiml {
+        url: &stream_url,
+        name: None,
+        track: None,
+        status_callback: None,
+        status_callback_method: None,
+        parameters: &params,
+    }) {
+        Ok(x) => x,
+        Err(e) => return twilio_error(StatusCode::INTERNAL_SERVER_ERROR, 20500, e.to_string()),
+    };
+
+    if CallActor::find(call).is_some() {
+        // Twilio retried a webhook we already took: same answer, nothing appended twice.
+        return twiml_response(xml);
+    }
+    let received_at = state.clock.now();
+    let attempt = CallAttempt {
+        tenant: account,
+        call,
+        from: &hook.from,
+        to: &hook.to,
+        direction: hook.direction,
+        at: received_at,
+    };
+    let warn = match state.tenancy.decide(&attempt) {
+        Decision::Accept { warn } => warn,
+        Decision::Refuse(reason) => {
+            let label = reason.label();
+            metrics::counter!("twilio_calls_total", "status" => "rejected", "from_country" => from_country)
+                .increment(1);
+            metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => EP, "reason" => label).increment(1);
+            metrics::counter!("voxgate_calls_refused_total", "reason" => label, "tenant" => state.tenancy.labels.label(account))
+                .increment(1);
+            tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, reason = label, code = reason.code(), "call refused");
+            // Quota refusals are a busy signal (try later); the others a plain rejection.
+            let cause = match reason {
+                RejectReason::ConcurrencyQuota { .. } | RejectReason::RateQuota { .. } => Some("busy"),
+                _ => None,
+            };
+            let ev = Event::CallRejected(CallRejected { from: hook.from, to: hook.to, reason });
+            let id = EventId::derive(id_kind::CALL_REJECTED, &[call.as_u128()]);
+            if let Err(r) = append_call_event(&state, account, call, id, ev).await {
+                return r;
+            }
+            return twiml_response(twiml::reject(cause));
+        }
+    };
+    // From here on an early return frees the quota place (the slot is dropped).
+    let slot = state.tenancy.slot(account, call);
+    let ev = Event::CallReceived(CallReceived {
+        from: hook.from.clone(),
+        to: hook.to.clone(),
+        direction: hook.direction,
+        status: hook.call_status,
+        from_country: hook.from_country.clone(),
+        to_country: hook.to_country.clone(),
+        stream_session: session.clone(),
+    });
+    let id = EventId::derive(id_kind::CALL_RECEIVED, &[call.as_u128()]);
+    if let Err(r) = append_call_event(&state, account, call, id, ev).await {
+        return r;
+    }
+    if let Some((active, limit)) = warn {
+        metrics::counter!("voxgate_quota_warnings_total", "tenant" => state.tenancy.labels.label(account)).increment(1);
+        tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, active, limit, code = 53121, "tenant approaching its concurrent-call quota");
+        let ev = Event::QuotaWarning(QuotaWarning { active, limit, code: 53121 });
+        let id = EventId::derive(id_kind::QUOTA_WARNING, &[call.as_u128()]);
+        if let Err(r) = append_call_event(&state, account, call, id, ev).await {
+            return r;
+        }
+    }
+    let args = CallArgs {
+        tenant: account,
+        call,
+        status: hook.call_status,
+        received_at,
+        config: state.cfg.calls.clone(),
+        log: state.log.clone(),
+        clock: state.clock.clone(),
+        quota_slot: Some(Box::new(slot)),
+    };
+    let started =
+        ractor::call!(state.supervisor, |reply: RpcReplyPort<_>| { SupervisorMsg::Start(Box::new(args), reply) });
+    if !matches!(started, Ok(Ok(_))) {
+        // The call is in the log; Twilio will retry the webhook and the retry starts the actor.
+        tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, result = ?started.err(), "call actor did not start");
+        return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "call could not be started; retry");
+    }
+    metrics::counter!("twilio_calls_total", "status" => "accepted", "from_country" => from_country).increment(1);
+    tracing::info!(stage = "ingress", call_sid = %call, tenant = %account, "call accepted");
+    twiml_response(xml)
+}
+
+/// `POST /api/voice/twilio/status`
+async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    const EP: &str = "status";
+    let (pairs, account, call) = match voice_request(&headers, &body, EP) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let Some(token) = state.tenancy.token(account) else {
+        metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => EP, "reason" => "unknown_tenant")
+            .increment(1);
+        return twilio_error(StatusCode::NOT_FOUND, 20404, format!("unknown account {account}"));
+    };
+    if let Err(r) = check_signature(&state, account, &token, &uri, &headers, &pairs, EP) {
+        return r;
+    }
+    let cb = match StatusCallback::from_form(&pairs) {
+        Ok(c) => c,
+        Err(e) => return bad_request(EP, "invalid_field", e.to_string()),
+    };
+    if cb.call_status.is_terminal() {
+        metrics::counter!("twilio_calls_total", "status" => cb.call_status.as_str(), "from_country" => "all")
+            .increment(1);
+        if let Some(d) = cb.call_duration {
+            metrics::histogram!("twilio_call_duration_seconds").record(f64::from(d));
+        }
+    }
+    if let Some(actor) = CallActor::find(call) {
+        let r = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Status {
+            status: cb.call_status,
+            sequence: cb.sequence_number,
+            duration_secs: cb.call_duration,
+            reply,
+        });
+        match r {
+            Ok(Ok(())) => return StatusCode::NO_CONTENT.into_response(),
+            Ok(Err(e)) => {
+                tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, error = %e, "status not recorded");
+                return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "event log unavailable; retry");
+            }
+            // The actor ended between lookup and call: record it directly below.
+            Err(_) => {}
+        }
+    }
+    // No running actor (the call already ended, or another node owns it): record the callback.
+    let ev = Event::CallStatusChanged(CallStatusChanged {
+        status: cb.call_status,
+        source: StatusSource::Callback,
+        sequence: cb.sequence_number,
+        duration_secs: cb.call_duration,
+    });
+    let id = EventId::derive(
+        id_kind::STATUS_CALLBACK,
+        &[call.as_u128(), u128::from(cb.sequence_number.unwrap_or(u32::MAX))],
+    );
+    match append_call_event(&state, account, call, id, ev).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
+    }
+}

@@ -1,0 +1,19 @@
+//! voxgate (nodes/): the binary's pieces — config, HTTP/WebSocket ingress, health, metrics,
+//! `serve` and `replay`.
+//!
+//! Owns: everything that touches the network or the command line, and the wiring of stages into a
+//! node. Must not: hold decisions of its own (they live in the actors' pure cores), log secrets,
+//! or answer Twilio before the call's event is durable.
+
+pub mod accounts;
+pub mod admin;
+pub mod billing;
+pub mod config;
+pub mod fraud;
+pub mod health;
+pub mod ingress;
+pub mod perimeter;
+pub mod replay;
+pub mod serve;
+pub mod stream;
+pub mod tenancy;

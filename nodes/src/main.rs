@@ -1,0 +1,358 @@
+//! The `voxgate` command.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use voxgate::config::{Config, LogFormat, Overrides};
+use voxgate_protocol::CallSid;
+
+#[derive(Parser)]
+#[command(
+    name = "voxgate",
+    version,
+    about = "Twilio Programmable Voice behind one binary: webhooks, Media Streams, transcoding, an event log"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// TOML config file (also VOXGATE_CONFIG).
+    #[arg(long, env = "VOXGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the event log lives.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log line format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: webhooks, Media Streams, call actors, the transcoder, speech-to-text.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address for Twilio-facing HTTP (default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Address for GET /metrics (default 127.0.0.1:9090).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// NATS URL for a clustered log (not available yet: the embedded sled log is used).
+        #[arg(long)]
+        nats: Option<String>,
+        /// Roles this node runs (default: all).
+        #[arg(long)]
+        roles: Option<String>,
+    },
+    /// Show a call's timeline from the log, or run a stage again over its recorded inputs.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        /// The call (CA…).
+        #[arg(long)]
+        call: String,
+        /// Run this stage again (transcode, stt, fraud) and show what differs from the recorded outputs.
+        #[arg(long)]
+        stage: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage tenants (accounts and subaccounts) on a running node, with the admin token.
+    Tenants {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        cmd: TenantCmd,
+    },
+    /// Manage phone numbers and blocked callers on a running node, with the admin token.
+    Numbers {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        cmd: NumberCmd,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct Remote {
+    /// TOML config file: the node's address and admin token are read from it (also VOXGATE_CONFIG).
+    #[arg(long, env = "VOXGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// The node's base URL (default: http:// + the config's listen address).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// List tenants.
+    List,
+    /// Create a tenant (with --parent, a subaccount); prints its AccountSid and auth token.
+    Create {
+        #[arg(long)]
+        friendly_name: Option<String>,
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Show one tenant.
+    Show {
+        sid: String,
+        #[arg(long)]
+        show_token: bool,
+    },
+    /// Rename, suspend, reactivate or close a tenant.
+    Update {
+        sid: String,
+        #[arg(long)]
+        friendly_name: Option<String>,
+        /// active, suspended or closed (closed is permanent).
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show or set a tenant's call quotas.
+    Quota {
+        sid: String,
+        #[arg(long)]
+        max_concurrent_calls: Option<u32>,
+        #[arg(long)]
+        calls_per_second: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NumberCmd {
+    /// List a tenant's numbers.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Give a number (E.164) to a tenant.
+    Add {
+        #[arg(long)]
+        tenant: String,
+        number: String,
+        #[arg(long)]
+        friendly_name: Option<String>,
+    },
+    /// Take a number (PN…) from a tenant.
+    Remove {
+        #[arg(long)]
+        tenant: String,
+        sid: String,
+    },
+    /// Refuse calls from a number to a tenant.
+    Block {
+        #[arg(long)]
+        tenant: String,
+        number: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Lift the block after this many seconds (default: until unblocked).
+        #[arg(long)]
+        for_secs: Option<u32>,
+    },
+    /// Lift a block.
+    Unblock {
+        #[arg(long)]
+        tenant: String,
+        number: String,
+    },
+    /// List a tenant's blocked callers.
+    Blocked {
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VOXGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn load(common: &Common, listen: Option<String>, metrics_listen: Option<String>) -> anyhow::Result<Config> {
+    let flags =
+        Overrides { data_dir: common.data_dir.clone(), listen, metrics_listen, log_format: common.log_format.clone() };
+    Ok(Config::load(common.config.as_deref(), std::env::vars(), &flags)?)
+}
+
+fn target(remote: &Remote) -> anyhow::Result<voxgate::admin::Target> {
+    let cfg = Config::load(remote.config.as_deref(), std::env::vars(), &Overrides::default())?;
+    let url = remote.url.clone().unwrap_or_else(|| {
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", cfg.listen)
+    });
+    let admin_token = cfg
+        .admin_token
+        .map(|t| t.expose().to_owned())
+        .context("no admin token: set admin_token in the config or VOXGATE_ADMIN_TOKEN")?;
+    Ok(voxgate::admin::Target { url, admin_token })
+}
+
+fn opt(params: &mut Vec<(&'static str, String)>, name: &'static str, v: Option<impl ToString>) {
+    if let Some(v) = v {
+        params.push((name, v.to_string()));
+    }
+}
+
+async fn tenants(remote: Remote, cmd: TenantCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
+    use voxgate::admin::{call, print_object, print_table};
+    let t = target(&remote)?;
+    let mut p = Vec::new();
+    let (v, show) = match cmd {
+        TenantCmd::List => {
+            p.push(("PageSize", "1000".to_owned()));
+            let v = call(&t, Method::GET, "/2010-04-01/Accounts.json", &p).await?;
+            if !remote.json {
+                print_table(&v, "accounts", &["sid", "friendly_name", "status", "owner_account_sid"]);
+                return Ok(());
+            }
+            (v, false)
+        }
+        TenantCmd::Create { friendly_name, parent } => {
+            opt(&mut p, "FriendlyName", friendly_name);
+            opt(&mut p, "ParentAccountSid", parent);
+            (call(&t, Method::POST, "/2010-04-01/Accounts.json", &p).await?, true)
+        }
+        TenantCmd::Show { sid, show_token } => {
+            (call(&t, Method::GET, &format!("/2010-04-01/Accounts/{sid}.json"), &p).await?, show_token)
+        }
+        TenantCmd::Update { sid, friendly_name, status } => {
+            opt(&mut p, "FriendlyName", friendly_name);
+            opt(&mut p, "Status", status);
+            (call(&t, Method::POST, &format!("/2010-04-01/Accounts/{sid}.json"), &p).await?, false)
+        }
+        TenantCmd::Quota { sid, max_concurrent_calls, calls_per_second } => {
+            opt(&mut p, "MaxConcurrentCalls", max_concurrent_calls);
+            opt(&mut p, "CallsPerSecond", calls_per_second);
+            let m = if p.is_empty() { Method::GET } else { Method::POST };
+            (call(&t, m, &format!("/2010-04-01/Accounts/{sid}/Quotas.json"), &p).await?, false)
+        }
+    };
+    if remote.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_object(&v, show);
+    }
+    Ok(())
+}
+
+async fn numbers(remote: Remote, cmd: NumberCmd) -> anyhow::Result<()> {
+    use reqwest::Method;
+    use voxgate::admin::{call, print_object, print_table};
+    let t = target(&remote)?;
+    let mut p = Vec::new();
+    let enc = |n: &str| form_urlencoded::byte_serialize(n.as_bytes()).collect::<String>();
+    let v = match cmd {
+        NumberCmd::List { tenant } => {
+            p.push(("PageSize", "1000".to_owned()));
+            let v =
+                call(&t, Method::GET, &format!("/2010-04-01/Accounts/{tenant}/IncomingPhoneNumbers.json"), &p).await?;
+            if !remote.json {
+                print_table(&v, "incoming_phone_numbers", &["sid", "phone_number", "friendly_name"]);
+                return Ok(());
+            }
+            v
+        }
+        NumberCmd::Add { tenant, number, friendly_name } => {
+            p.push(("PhoneNumber", number));
+            opt(&mut p, "FriendlyName", friendly_name);
+            call(&t, Method::POST, &format!("/2010-04-01/Accounts/{tenant}/IncomingPhoneNumbers.json"), &p).await?
+        }
+        NumberCmd::Remove { tenant, sid } => {
+            call(&t, Method::DELETE, &format!("/2010-04-01/Accounts/{tenant}/IncomingPhoneNumbers/{sid}.json"), &p)
+                .await?;
+            println!("removed {sid}");
+            return Ok(());
+        }
+        NumberCmd::Block { tenant, number, reason, for_secs } => {
+            p.push(("PhoneNumber", number));
+            opt(&mut p, "Reason", reason);
+            opt(&mut p, "DurationSeconds", for_secs);
+            call(&t, Method::POST, &format!("/2010-04-01/Accounts/{tenant}/BlockedNumbers.json"), &p).await?
+        }
+        NumberCmd::Unblock { tenant, number } => {
+            call(
+                &t,
+                Method::DELETE,
+                &format!("/2010-04-01/Accounts/{tenant}/BlockedNumbers/{}.json", enc(&number)),
+                &p,
+            )
+            .await?;
+            println!("unblocked {number}");
+            return Ok(());
+        }
+        NumberCmd::Blocked { tenant } => {
+            p.push(("PageSize", "1000".to_owned()));
+            let v = call(&t, Method::GET, &format!("/2010-04-01/Accounts/{tenant}/BlockedNumbers.json"), &p).await?;
+            if !remote.json {
+                print_table(&v, "blocked_numbers", &["phone_number", "reason", "date_expires"]);
+                return Ok(());
+            }
+            v
+        }
+    };
+    if remote.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_object(&v, false);
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    match cli.command {
+        Command::Serve { common, listen, metrics_listen, nats, roles } => {
+            let cfg = load(&common, listen, metrics_listen)?;
+            init_tracing(cfg.log_format);
+            if let Some(url) = nats {
+                anyhow::bail!("--nats {url}: the JetStream log backend is not built yet; run without --nats for the embedded sled log");
+            }
+            if let Some(r) = roles.filter(|r| r != "all") {
+                anyhow::bail!("--roles {r}: only the default (all roles on one node) is available yet");
+            }
+            let source = voxgate::serve::ConfigSource {
+                path: common.config.clone(),
+                flags: Overrides {
+                    data_dir: common.data_dir.clone(),
+                    log_format: common.log_format.clone(),
+                    ..Default::default()
+                },
+            };
+            rt.block_on(voxgate::serve::serve(cfg, source))
+        }
+        Command::Replay { common, call, stage, json } => {
+            let cfg = load(&common, None, None)?;
+            let call = CallSid::parse(&call).with_context(|| format!("--call {call}"))?;
+            rt.block_on(voxgate::replay::run(
+                &cfg.data_dir,
+                &cfg.topics,
+                call,
+                json,
+                stage.as_deref(),
+                &cfg.transcode,
+                Some(cfg.stt.model_dir.as_path()),
+                Some(&cfg.fraud),
+            ))
+        }
+        Command::Tenants { remote, cmd } => rt.block_on(tenants(remote, cmd)),
+        Command::Numbers { remote, cmd } => rt.block_on(numbers(remote, cmd)),
+    }
+}

@@ -1,0 +1,421 @@
+//! `voxgate replay --call CA…`: a call's timeline from the log, for people (`--json` for tools),
+//! and with `--stage transcode` the transcoder run again over the recorded audio, compared with
+//! what it recorded.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use voxgate_actors::transcode::{Segment, StreamTranscoder, TranscodeConfig};
+use voxgate_protocol::event::Event;
+use voxgate_protocol::{CallSid, Envelope, EventId, SystemClock};
+use voxgate_storage::{topics, Log, TopicSpec};
+
+/// One event of the call and the topic it came from.
+pub struct Entry {
+    pub topic: &'static str,
+    pub env: Envelope,
+    /// When the log made it durable (the node's clock): `occurred_at` is event time.
+    pub appended_at: voxgate_protocol::Timestamp,
+}
+
+/// Every event of `call` in the calls, media, speech and transcripts logs, in event-time order.
+pub fn timeline(log: &Log, call: CallSid) -> anyhow::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    for topic in [topics::CALLS, topics::MEDIA, topics::SPEECH, topics::TRANSCRIPTS, topics::FRAUD] {
+        let p = log.partition_of(topic, call.partition_key())?;
+        log.scan(topic, p, log.first_offset(topic, p)?, |r| {
+            match voxgate_protocol::decode(r.payload()) {
+                Ok(env) if env.call == Some(call) => out.push(Entry { topic, env, appended_at: r.appended_at() }),
+                Ok(_) => {}
+                Err(e) => eprintln!("warning: {topic}/{p}@{}: {e}", r.offset),
+            }
+            Ok::<_, voxgate_storage::StorageError>(())
+        })?;
+    }
+    // Stable: within one instant, calls before media before speech.
+    out.sort_by_key(|e| e.env.occurred_at);
+    Ok(out)
+}
+
+/// The JSON line for one event: `kind`, `call_sid`, `occurred_at` and the payload's fields, with
+/// audio replaced by its size.
+pub fn event_json(e: &Entry) -> serde_json::Value {
+    let mut v = match e.env.payload.payload_json() {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    for (field, size) in [("payload", "payload_bytes"), ("pcm16le", "pcm_bytes")] {
+        if v.remove(field).is_some() {
+            let n = match &e.env.payload {
+                Event::MediaBatch(b) => b.payload.len(),
+                Event::SpeechSegment(s) => s.pcm16le.len(),
+                _ => 0,
+            };
+            v.insert(size.into(), n.into());
+        }
+    }
+    // Envelope fields last: a payload field can never shadow them.
+    let mut m = v;
+    m.insert("kind".into(), e.env.payload.kind().into());
+    m.insert("call_sid".into(), e.env.call.map(|c| c.to_string()).into());
+    m.insert("tenant".into(), e.env.tenant.to_string().into());
+    m.insert("occurred_at".into(), e.env.occurred_at.to_string().into());
+    m.insert("event_id".into(), e.env.event_id.to_string().into());
+    m.insert("log".into(), e.topic.into());
+    m.insert("appended_at".into(), e.appended_at.to_string().into());
+    m.insert("appended_at_us".into(), e.appended_at.as_micros().into());
+    serde_json::Value::Object(m)
+}
+
+fn describe(ev: &Event) -> String {
+    match ev {
+        Event::CallReceived(c) => format!("from {} to {} ({:?}, {})", c.from, c.to, c.direction, c.status),
+        Event::CallRejected(c) => {
+            format!("from {} to {}: {} (code {}) {:?}", c.from, c.to, c.reason.label(), c.reason.code(), c.reason)
+        }
+        Event::CallStatusChanged(c) => format!(
+            "{} via {:?}{}{}",
+            c.status,
+            c.source,
+            c.sequence.map(|s| format!(", callback #{s}")).unwrap_or_default(),
+            c.duration_secs.map(|d| format!(", {d} s")).unwrap_or_default()
+        ),
+        Event::StreamStarted(s) => format!("{} tracks {:?}", s.stream_sid, s.tracks),
+        Event::MediaBatch(b) => format!("{} frames from {} ms", b.frames, b.start_ms),
+        Event::Dtmf(d) => format!("digit {}", d.digit),
+        Event::StreamMark(m) => format!("mark {}", m.name),
+        Event::StreamStopped(s) => format!("{:?} after {} frames", s.reason, s.frames),
+        Event::StreamFault(f) => format!("{}: {}", f.kind.as_str(), f.detail),
+        Event::AudioShed(a) => format!("{} frames ({} ms) shed", a.frames, a.audio_ms),
+        Event::CallTimedOut(t) => format!("maximum duration {} s reached", t.max_duration_secs),
+        Event::Transcript(t) => match &t.rejected {
+            Some(r) => format!("segment #{} rejected ({r})", t.segment_index),
+            None => format!("segment #{}: {:?} ({} ms)", t.segment_index, t.text, t.processing_ms),
+        },
+        Event::SpeechSegment(s) => format!(
+            "#{} {:.2}–{:.2} s ({:.2} s of speech)",
+            s.index,
+            s.start_ms as f64 / 1000.0,
+            s.end_ms as f64 / 1000.0,
+            (s.end_ms - s.start_ms) as f64 / 1000.0
+        ),
+        Event::TenantCreated(t) => format!(
+            "tenant {:?} created{}",
+            t.friendly_name,
+            t.parent.map(|p| format!(" under {p}")).unwrap_or_default()
+        ),
+        Event::TenantUpdated(t) => format!("tenant updated: name {:?}, status {:?}", t.friendly_name, t.status),
+        Event::NumberAssigned(n) => format!("number {} ({}) assigned", n.number, n.sid),
+        Event::NumberReleased(n) => format!("number {} ({}) released", n.number, n.sid),
+        Event::QuotaSet(q) => {
+            format!("quota: {} concurrent calls, {} new calls/s", q.max_concurrent_calls, q.calls_per_second)
+        }
+        Event::CallerBlocked(b) => format!("caller {} blocked: {}", b.number, b.reason),
+        Event::CallerUnblocked(b) => format!("caller {} unblocked", b.number),
+        Event::QuotaWarning(w) => format!("{} of {} concurrent calls in use (code {})", w.active, w.limit, w.code),
+        Event::FraudVerdict(v) => {
+            let rules: Vec<String> = v.hits.iter().map(|h| format!("{} ({})", h.rule, h.evidence)).collect();
+            format!("fraud {}: {}", v.severity.as_str(), rules.join("; "))
+        }
+        Event::HangupRequested(h) => format!("hang-up requested by {}: {}", h.source, h.reason),
+        Event::AlertRaised(a) => format!("alert {} ({}): {}", a.name, a.severity.as_str(), a.message),
+    }
+}
+
+/// Prints the timeline; consecutive audio batches collapse into one line.
+pub fn print_human(call: CallSid, entries: &[Entry], out: &mut impl Write) -> std::io::Result<()> {
+    let Some(first) = entries.first() else {
+        return writeln!(out, "no events for call {call}");
+    };
+    writeln!(out, "call {call}  tenant {}  {} events", first.env.tenant, entries.len())?;
+    let mut i = 0;
+    while i < entries.len() {
+        let e = &entries[i];
+        if let Event::MediaBatch(b) = &e.env.payload {
+            let mut frames = u64::from(b.frames);
+            let mut gaps = u64::from(b.gap_frames);
+            let mut j = i + 1;
+            while let Some(Entry { env: Envelope { payload: Event::MediaBatch(n), .. }, .. }) = entries.get(j) {
+                frames += u64::from(n.frames);
+                gaps += u64::from(n.gap_frames);
+                j += 1;
+            }
+            let last = &entries[j - 1].env.occurred_at;
+            writeln!(
+                out,
+                "{}  {:<6} {:<20} {} batches, {} frames ({:.1} s of audio){} until {}",
+                e.env.occurred_at,
+                e.topic,
+                "media_batch ×",
+                j - i,
+                frames,
+                frames as f64 * 0.02,
+                if gaps > 0 { format!(", {gaps} frames missing") } else { String::new() },
+                last
+            )?;
+            i = j;
+            continue;
+        }
+        writeln!(
+            out,
+            "{}  {:<6} {:<20} {}",
+            e.env.occurred_at,
+            e.topic,
+            e.env.payload.kind(),
+            describe(&e.env.payload)
+        )?;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Runs the transcoder again over the call's recorded audio.
+pub fn retranscode(entries: &[Entry], cfg: &TranscodeConfig) -> Vec<Segment> {
+    let mut t: Option<StreamTranscoder> = None;
+    let mut out = Vec::new();
+    for e in entries {
+        match &e.env.payload {
+            Event::StreamStarted(_) => t = Some(StreamTranscoder::new(cfg)),
+            Event::MediaBatch(b) => {
+                if let Some(t) = t.as_mut() {
+                    t.push(b.start_ms, &b.payload, &mut out);
+                }
+            }
+            Event::StreamStopped(_) => {
+                if let Some(mut tr) = t.take() {
+                    tr.finish(&mut out);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(mut tr) = t.take() {
+        tr.finish(&mut out);
+    }
+    out
+}
+
+/// `voxgate replay`.
+pub async fn run(
+    data_dir: &Path,
+    specs: &[TopicSpec],
+    call: CallSid,
+    json: bool,
+    stage: Option<&str>,
+    transcode: &TranscodeConfig,
+    stt_model_dir: Option<&Path>,
+    fraud: Option<&voxgate_actors::fraud::FraudConfig>,
+) -> anyhow::Result<()> {
+    let log = Log::open(&data_dir.join("log"), specs, Arc::new(SystemClock)).with_context(|| {
+        format!(
+            "opening the event log in {} (a running `voxgate serve` holds it: stop it, or replay a copy)",
+            data_dir.display()
+        )
+    })?;
+    let entries = timeline(&log, call)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match stage {
+        None => {
+            if json {
+                for e in &entries {
+                    writeln!(out, "{}", event_json(e))?;
+                }
+            } else {
+                print_human(call, &entries, &mut out)?;
+            }
+        }
+        Some("transcode") => {
+            let recorded: Vec<_> = entries
+                .iter()
+                .filter_map(|e| match &e.env.payload {
+                    Event::SpeechSegment(s) => Some(s),
+                    _ => None,
+                })
+                .collect();
+            let again = retranscode(&entries, transcode);
+            let mut differences = 0;
+            for i in 0..recorded.len().max(again.len()) {
+                let (r, a) = (recorded.get(i), again.get(i));
+                let same = match (r, a) {
+                    (Some(r), Some(a)) => {
+                        r.start_ms == a.start_ms
+                            && r.end_ms == a.end_ms
+                            && r.pcm16le.len() == a.pcm16.len() * 2
+                            && r.pcm16le
+                                .chunks_exact(2)
+                                .zip(&a.pcm16)
+                                .all(|(b, s)| i16::from_le_bytes([b[0], b[1]]) == *s)
+                    }
+                    _ => false,
+                };
+                if !same {
+                    differences += 1;
+                }
+                let fmt =
+                    |s: Option<(u64, u64)>| s.map(|(a, b)| format!("{a}–{b} ms")).unwrap_or_else(|| "(none)".into());
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({
+                            "segment": i, "same": same,
+                            "recorded": r.map(|r| [r.start_ms, r.end_ms]),
+                            "replayed": a.map(|a| [a.start_ms, a.end_ms]),
+                        })
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "segment {i}: recorded {} replayed {} {}",
+                        fmt(r.map(|r| (r.start_ms, r.end_ms))),
+                        fmt(a.map(|a| (a.start_ms, a.end_ms))),
+                        if same { "same" } else { "DIFFERS" }
+                    )?;
+                }
+            }
+            if !json {
+                writeln!(out, "{} recorded, {} replayed, {differences} differ", recorded.len(), again.len())?;
+            }
+        }
+        Some("fraud") => {
+            let fraud = fraud.context("--stage fraud needs the [fraud] rules of the config")?;
+            // Recorded verdicts on this call, by the event they were made on.
+            let recorded: Vec<(EventId, &voxgate_protocol::event::FraudVerdict)> = entries
+                .iter()
+                .filter_map(|e| match &e.env.payload {
+                    Event::FraudVerdict(v) => Some((v.cause, v)),
+                    _ => None,
+                })
+                .collect();
+            let again = rejudge(&log, fraud, call)?;
+            let rules = |v: Option<&voxgate_protocol::event::FraudVerdict>| -> Vec<String> {
+                v.map(|v| v.hits.iter().map(|h| format!("{}:{}", h.rule, h.severity.as_str())).collect())
+                    .unwrap_or_default()
+            };
+            let mut causes: Vec<EventId> = recorded.iter().map(|r| r.0).chain(again.iter().map(|a| a.0)).collect();
+            causes.sort();
+            causes.dedup();
+            let mut changed = 0;
+            for c in &causes {
+                let r = recorded.iter().find(|x| x.0 == *c).map(|x| x.1);
+                let a = again.iter().find(|x| x.0 == *c).map(|x| &x.1);
+                let (rr, ar) = (rules(r), rules(a));
+                let same = rr == ar;
+                changed += usize::from(!same);
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "cause": c.to_string(), "same": same, "recorded": rr, "replayed": ar })
+                    )?;
+                } else {
+                    let show = |v: &[String]| if v.is_empty() { "(no verdict)".to_owned() } else { v.join(", ") };
+                    writeln!(
+                        out,
+                        "event {c}: recorded {} | current rules {} {}",
+                        show(&rr),
+                        show(&ar),
+                        if same { "same" } else { "CHANGED" }
+                    )?;
+                }
+            }
+            if !json {
+                writeln!(
+                    out,
+                    "{} recorded verdicts, {} with the current rules, {changed} changed",
+                    recorded.len(),
+                    again.len()
+                )?;
+            }
+        }
+        Some("stt") => {
+            let model_dir = stt_model_dir.context("--stage stt needs the [stt] model_dir of the config")?;
+            let segments: Vec<&Entry> =
+                entries.iter().filter(|e| matches!(e.env.payload, Event::SpeechSegment(_))).collect();
+            let recorded: std::collections::HashMap<u32, &voxgate_protocol::event::Transcript> = entries
+                .iter()
+                .filter_map(|e| match &e.env.payload {
+                    Event::Transcript(t) => Some((t.segment_index, t)),
+                    _ => None,
+                })
+                .collect();
+            let mut t = voxgate_actors::stt::decode::Transcriber::load(model_dir)
+                .map_err(|e| anyhow::anyhow!("{e} (run nodes/deploy/fetch-model.sh)"))?;
+            let mut differences = 0;
+            for e in &segments {
+                let Event::SpeechSegment(seg) = &e.env.payload else { continue };
+                let clip: Vec<f32> = seg
+                    .pcm16le
+                    .chunks_exact(2)
+                    .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+                    .collect();
+                let again = t.transcribe(&clip).map_err(|e| anyhow::anyhow!("segment {}: {e}", seg.index))?;
+                let before = recorded.get(&seg.index).map(|r| r.text.as_str());
+                let same = before == Some(again.text.as_str());
+                if !same {
+                    differences += 1;
+                }
+                if json {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({"segment": seg.index, "same": same, "recorded": before, "replayed": again.text, "rejected": again.rejected})
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "segment {} {}–{} ms: {}\n  recorded: {}\n  replayed: {}",
+                        seg.index,
+                        seg.start_ms,
+                        seg.end_ms,
+                        if same { "same" } else { "DIFFERS" },
+                        before.unwrap_or("(none)"),
+                        again.text
+                    )?;
+                }
+            }
+            if !json {
+                writeln!(
+                    out,
+                    "{} segments, {} transcripts recorded, {differences} differ",
+                    segments.len(),
+                    recorded.len()
+                )?;
+            }
+        }
+        Some(other) => bail!("stage {other:?} cannot be replayed yet (available: transcode, stt)"),
+    }
+    log.close().await?;
+    Ok(())
+}
+
+/// The current fraud rules over the whole recorded calls log (they judge a call against its
+/// tenant's history), in the stage's order; returns the verdicts on `call`'s events.
+pub fn rejudge(
+    log: &Log,
+    config: &voxgate_actors::fraud::FraudConfig,
+    call: CallSid,
+) -> anyhow::Result<Vec<(EventId, voxgate_protocol::event::FraudVerdict)>> {
+    use voxgate_actors::fraud::{FraudEngine, PrefixTable};
+    let mut all = Vec::new();
+    for p in 0..log.partitions(topics::CALLS)? {
+        log.scan(topics::CALLS, p, log.first_offset(topics::CALLS, p)?, |r| {
+            all.extend(voxgate_protocol::decode(r.payload()).ok());
+            Ok::<_, voxgate_storage::StorageError>(())
+        })?;
+    }
+    all.sort_by_key(|e: &Envelope| (e.occurred_at, e.event_id));
+    let mut engine = FraudEngine::new(config.clone(), PrefixTable::builtin())?;
+    let mut out = Vec::new();
+    for env in &all {
+        if let Some(v) = engine.apply(env) {
+            if env.call == Some(call) {
+                out.push((env.event_id, v));
+            }
+        }
+    }
+    Ok(out)
+}

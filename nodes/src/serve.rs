@@ -1,0 +1,312 @@
+//! `voxgate serve`: one node with every role — ingress, call actors, transcoder — over the
+//! embedded sled log.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use ractor::Actor;
+use voxgate_actors::call::CallSupervisor;
+use voxgate_actors::fraud::stage::{FraudMsg, FraudStage, FraudStageArgs};
+use voxgate_actors::fraud::{FraudEngine, PrefixTable};
+use voxgate_actors::progress::Progress;
+use voxgate_actors::stt::stage::{SttPool, SttStage, SttStageArgs};
+use voxgate_actors::transcode::stage::{TranscodeStage, TranscodeStageArgs};
+use voxgate_protocol::{Clock, SystemClock};
+use voxgate_storage::{topics, Log};
+
+use crate::config::Config;
+use crate::health::{Health, StageEntry};
+use crate::ingress::{router, AppState};
+
+/// Installs the Prometheus recorder with the runbook's histogram buckets.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let latency = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("http_request_duration_seconds".into()), &latency)?
+        .set_buckets_for_metric(
+            Matcher::Prefix("voxgate_log_".into()),
+            &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("voxgate_log_group_commit_size".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("twilio_call_duration_seconds".into()),
+            &[5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("twilio_stt_latency_seconds".into()),
+            &[0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("twilio_stt_transcript_length_chars".into()),
+            &[0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("voxgate_speech_segment_seconds".into()),
+            &[0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0],
+        )?
+        .install_recorder()
+        .context("installing the metrics recorder")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Runs the node until SIGINT/SIGTERM, then drains: calls end, queued audio reaches the log,
+/// the log is flushed.
+/// Runs a log follower; if it stops on a log error, says so (its stage is then down).
+async fn log_failure(
+    stage: &'static str,
+    task: impl std::future::Future<Output = Result<(), voxgate_storage::StorageError>>,
+) {
+    if let Err(e) = task.await {
+        tracing::error!(stage, error = %e, "log follower stopped");
+    }
+}
+
+/// Where the config came from, so SIGHUP can read it again.
+#[derive(Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<std::path::PathBuf>,
+    pub flags: crate::config::Overrides,
+}
+
+/// On SIGHUP: reads the config again and hands the fraud stage its new rules (the other settings
+/// need a restart). A config that does not load is reported and changes nothing.
+fn reload_on_hangup(source: ConfigSource, fraud: ractor::ActorRef<FraudMsg>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match Config::load(source.path.as_deref(), std::env::vars(), &source.flags) {
+                    Ok(c) => {
+                        tracing::info!("SIGHUP: reloading fraud rules");
+                        if fraud.cast(FraudMsg::Reconfigure(Box::new(c.fraud))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
+                }
+            }
+        }
+    })
+}
+
+pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<()> {
+    let handle = install_metrics()?;
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = Log::open(&cfg.data_dir.join("log"), &cfg.topics, clock.clone())
+        .with_context(|| format!("opening the event log in {}", cfg.data_dir.display()))?;
+
+    let tenancy = Arc::new(
+        crate::tenancy::Tenancy::open(&cfg, log.clone(), clock.clone()).context("loading the tenant directory")?,
+    );
+    let (supervisor, supervisor_done) =
+        Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
+    let transcode_progress = Arc::new(Progress::new(log.partitions(topics::MEDIA)? as usize));
+    let (transcoder, transcoder_done) = Actor::spawn(
+        Some("stage:transcode".into()),
+        TranscodeStage,
+        TranscodeStageArgs { log: log.clone(), config: cfg.transcode.clone(), progress: transcode_progress.clone() },
+    )
+    .await
+    .context("starting the transcode stage")?;
+
+    let mut stages = vec![StageEntry {
+        name: "transcode",
+        input: topics::MEDIA,
+        actor: transcoder.get_cell(),
+        progress: transcode_progress.clone(),
+    }];
+
+    let fraud_progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
+    let engine = FraudEngine::new(cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
+    let (fraud, fraud_done) = Actor::spawn(
+        Some("stage:fraud".into()),
+        FraudStage,
+        FraudStageArgs { log: log.clone(), engine, progress: fraud_progress.clone() },
+    )
+    .await
+    .context("starting the fraud stage")?;
+    stages.push(StageEntry { name: "fraud", input: topics::CALLS, actor: fraud.get_cell(), progress: fraud_progress });
+    let follower = tokio::spawn(log_failure(
+        "fraud",
+        crate::fraud::follow(
+            log.clone(),
+            tenancy.clone(),
+            crate::fraud::TwilioRest::new(&cfg.twilio_api_url),
+            clock.clone(),
+        ),
+    ));
+    let reload = reload_on_hangup(config_source, fraud.clone());
+    let billing = Arc::new(crate::billing::Billing::new(&cfg, clock.now())?);
+    let billing_task = tokio::spawn(log_failure("billing", billing.clone().follow(log.clone())));
+
+    let mut stt = None;
+    if cfg.stt.enabled {
+        let dir = cfg.stt.model_dir.clone();
+        let workers = cfg.stt.workers;
+        let loaded = Instant::now();
+        let pool = tokio::task::spawn_blocking(move || SttPool::start(&dir, workers))
+            .await
+            .context("starting the stt workers")??;
+        tracing::info!(model_dir = %cfg.stt.model_dir.display(), workers, load_ms = loaded.elapsed().as_millis() as u64, "whisper model loaded");
+        let progress = Arc::new(Progress::new(log.partitions(topics::SPEECH)? as usize));
+        let (actor, done) = Actor::spawn(
+            Some("stage:stt".into()),
+            SttStage,
+            SttStageArgs {
+                log: log.clone(),
+                pool: Arc::new(pool),
+                progress: progress.clone(),
+                max_batch: cfg.stt.max_batch,
+            },
+        )
+        .await
+        .context("starting the stt stage")?;
+        stages.push(StageEntry {
+            name: "stt",
+            input: topics::SPEECH,
+            actor: actor.get_cell(),
+            progress: progress.clone(),
+        });
+        stt = Some((actor, done, progress));
+    }
+    let health =
+        Arc::new(Health { stages, stt_model: cfg.stt.enabled.then(|| cfg.stt.model_dir.display().to_string()) });
+    let state = AppState {
+        cfg: cfg.clone(),
+        log: log.clone(),
+        clock: clock.clone(),
+        supervisor: supervisor.clone(),
+        health,
+        tenancy: tenancy.clone(),
+        billing,
+    };
+
+    let retention = {
+        let log = log.clone();
+        let clock = clock.clone();
+        let every = cfg.retention_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let l = log.clone();
+                let now = clock.now();
+                match tokio::task::spawn_blocking(move || l.apply_retention(now)).await {
+                    Ok(Ok(r)) if !r.removed.is_empty() => {
+                        tracing::info!(removed = ?r.removed, "retention applied")
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+                    _ => {}
+                }
+            }
+        })
+    };
+
+    let listener =
+        tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("binding metrics listener {}", cfg.metrics_listen))?;
+    let addr = listener.local_addr()?;
+    let maddr = metrics_listener.local_addr()?;
+    let metrics_app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let h = handle.clone();
+            async move { h.render() }
+        }),
+    );
+    let metrics_task = tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
+    tracing::info!(listen = %addr, metrics = %maddr, data_dir = %cfg.data_dir.display(), tenants = tenancy.read(|d| d.len()), "voxgate serving");
+    // One line on stdout for scripts and tests that bind port 0.
+    println!("voxgate ready listen={addr} metrics={maddr}");
+
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    match &cfg.tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("http server")?,
+        Some(tls) => {
+            // One crypto provider for the process (ring); a second install is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+                .await
+                .with_context(|| {
+                    format!("loading TLS certificate {} and key {}", tls.cert_file.display(), tls.key_file.display())
+                })?;
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                h.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            let std_listener = listener.into_std().context("TLS listener")?;
+            axum_server::from_tcp_rustls(std_listener, rustls)
+                .context("TLS listener")?
+                .handle(handle)
+                .serve(app)
+                .await
+                .context("https server")?;
+        }
+    }
+
+    tracing::info!("shutting down: ending calls and flushing the log");
+    retention.abort();
+    metrics_task.abort();
+    supervisor.stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await;
+    supervisor.stop(None);
+    let _ = supervisor_done.await;
+    // Let the transcoder finish what the calls left in the media log (bounded).
+    let drain_until = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < drain_until
+        && crate::health::lag(&log, &transcode_progress, topics::MEDIA).unwrap_or(0) > 0
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    transcoder.stop(None);
+    let _ = transcoder_done.await;
+    reload.abort();
+    follower.abort();
+    billing_task.abort();
+    fraud.stop(None);
+    let _ = fraud_done.await;
+    if let Some((actor, done, progress)) = stt {
+        let drain_until = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < drain_until
+            && crate::health::lag(&log, &progress, topics::SPEECH).unwrap_or(0) > 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        actor.stop(None);
+        let _ = done.await;
+    }
+    log.close().await.context("flushing the event log")?;
+    Ok(())
+}

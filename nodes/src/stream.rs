@@ -1,0 +1,308 @@
+//! The Media Streams WebSocket: Twilio's audio in, batched into the call's stream queue.
+//!
+//! Per frame: parse the JSON (payload borrowed), base64 into a reused buffer, append to the batch
+//! being built; every ~100 ms of contiguous audio becomes one `MediaBatch` for the media log. The
+//! socket never waits on the log: the call actor drains the queue, and if it falls behind the queue
+//! sheds the oldest audio and says so in the log. Bad input closes this stream only: a fault event,
+//! a stop event, a metric and a close frame with the reason; other calls never notice.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use ractor::{ActorRef, RpcReplyPort};
+use voxgate_actors::call::{media_batch, CallActor, CallMsg, StreamItem, StreamQueue};
+use voxgate_protocol::event::{
+    Dtmf, Event, FaultKind, StopReason, StreamFault, StreamMark, StreamStarted, StreamStopped,
+};
+use voxgate_protocol::twilio::{decode_payload_into, parse_inbound, signature, Inbound, MediaError, SignedBody};
+use voxgate_protocol::{AccountSid, CallSid, Clock, StreamSid};
+
+use crate::ingress::{twilio_error, AppState};
+
+/// Largest WebSocket message accepted (a 20 ms frame is ~400 bytes of JSON).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+fn ws_error(kind: &'static str) {
+    metrics::counter!("twilio_websocket_errors_total", "error_type" => kind).increment(1);
+}
+
+/// `GET /api/voice/twilio/stream/{session}`: checks the call and the signature, then upgrades.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Path(session): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Ok(call) = CallSid::parse(&session) else {
+        ws_error("unknown_call");
+        return twilio_error(StatusCode::NOT_FOUND, 20404, "no such media stream session");
+    };
+    let Some(actor) = CallActor::find(call) else {
+        ws_error("unknown_call");
+        tracing::warn!(stage = "ingress", call_sid = %call, "media stream for a call that is not active");
+        return twilio_error(StatusCode::NOT_FOUND, 20404, format!("no active call {call}"));
+    };
+    let Ok(tenant) = ractor::call!(actor, CallMsg::Tenant) else {
+        ws_error("unknown_call");
+        return twilio_error(StatusCode::NOT_FOUND, 20404, format!("no active call {call}"));
+    };
+    if state.cfg.validate_stream_signature {
+        let Some(token) = state.tenancy.token(tenant) else {
+            ws_error("unknown_tenant");
+            return twilio_error(StatusCode::FORBIDDEN, 20003, "unknown tenant");
+        };
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let url = signature::websocket_url(&state.cfg.public_url, pq);
+        let sig = headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let key = token.expose().as_bytes();
+        // Twilio's hint: if the URL fails, try it with a trailing slash.
+        let ok = signature::validate(key, &url, SignedBody::Empty, sig)
+            || signature::validate(key, &format!("{url}/"), SignedBody::Empty, sig);
+        if !ok {
+            ws_error("signature");
+            tracing::warn!(stage = "ingress", call_sid = %call, tenant = %tenant, url = %url, "invalid X-Twilio-Signature on the media stream upgrade (checked against this URL)");
+            return twilio_error(
+                StatusCode::FORBIDDEN,
+                20003,
+                format!("invalid X-Twilio-Signature for {url} (the URL voxgate checked)"),
+            );
+        }
+    }
+    let Ok(Some(queue)) = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::AttachStream { reply }) else {
+        ws_error("duplicate_stream");
+        return twilio_error(
+            StatusCode::CONFLICT,
+            31960,
+            format!("call {call} already has a media stream or has ended"),
+        );
+    };
+    let clock = state.clock.clone();
+    let batch_frames = state.cfg.calls.batch_frames;
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| async move {
+            let mut ingest = Ingest::new(call, tenant, queue, actor, clock, batch_frames);
+            ingest.run(socket).await;
+        })
+        .into_response()
+}
+
+struct Ingest {
+    call: CallSid,
+    tenant: AccountSid,
+    queue: Arc<StreamQueue>,
+    actor: ActorRef<CallMsg>,
+    clock: Arc<dyn Clock>,
+    batch_bytes: usize,
+    stream: Option<StreamSid>,
+    scratch: Vec<u8>,
+    acc: Vec<u8>,
+    acc_frames: u32,
+    acc_first_seq: u64,
+    acc_start_ms: u64,
+    pending_gap: u32,
+    next_seq: Option<u64>,
+    flowing: bool,
+    chunks: metrics::Counter,
+}
+
+enum Flow {
+    Continue,
+    Stopped,
+}
+
+impl Ingest {
+    fn new(
+        call: CallSid,
+        tenant: AccountSid,
+        queue: Arc<StreamQueue>,
+        actor: ActorRef<CallMsg>,
+        clock: Arc<dyn Clock>,
+        batch_frames: u32,
+    ) -> Self {
+        let batch_bytes = batch_frames as usize * 160;
+        Self {
+            call,
+            tenant,
+            queue,
+            actor,
+            clock,
+            batch_bytes,
+            stream: None,
+            scratch: Vec::with_capacity(1600),
+            acc: Vec::with_capacity(batch_bytes + 1600),
+            acc_frames: 0,
+            acc_first_seq: 0,
+            acc_start_ms: 0,
+            pending_gap: 0,
+            next_seq: None,
+            flowing: false,
+            chunks: metrics::counter!("twilio_audio_chunks_received_total"),
+        }
+    }
+
+    async fn run(&mut self, mut socket: WebSocket) {
+        let connections = metrics::gauge!("twilio_websocket_connections");
+        connections.increment(1.0);
+        tracing::info!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, "media stream connected");
+        let end = loop {
+            tokio::select! {
+                reason = self.queue.wait_closed() => {
+                    // The call ended (status callback, maximum duration): close our side.
+                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "call ended".into() }))).await;
+                    break Some(reason);
+                }
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Text(t))) => match self.on_text(t.as_str()) {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Stopped) => break Some(StopReason::Twilio),
+                        Err(e) => {
+                            self.fault(e.fault_kind(), e.to_string());
+                            let _ = socket.send(Message::Close(Some(CloseFrame { code: 1008, reason: e.kind_str().into() }))).await;
+                            break Some(StopReason::Fault);
+                        }
+                    },
+                    Some(Ok(Message::Binary(_))) => {
+                        self.fault(FaultKind::InvalidMessage, "binary frame (Media Streams sends text)".into());
+                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 1003, reason: "invalid_message".into() }))).await;
+                        break Some(StopReason::Fault);
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => break None,
+                    Some(Err(e)) => {
+                        let text = e.to_string();
+                        if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                            self.fault(FaultKind::OversizeFrame, text);
+                            break Some(StopReason::Fault);
+                        }
+                        ws_error("transport");
+                        tracing::warn!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, error = %text, "media stream transport error");
+                        break None;
+                    }
+                }
+            }
+        };
+        self.flush_batch();
+        let reason = end.unwrap_or(StopReason::Disconnected);
+        // The actor records the stop itself when it closed the stream.
+        if reason != StopReason::CallEnded || self.queue.closed().is_none() {
+            if self.stream.is_some() || reason == StopReason::Fault {
+                self.push_control(Event::StreamStopped(StreamStopped {
+                    stream_sid: self.stream,
+                    reason: reason.clone(),
+                    frames: 0,
+                }));
+            }
+        }
+        let _ = self.actor.cast(CallMsg::StreamEnded);
+        connections.decrement(1.0);
+        tracing::info!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, ?reason, "media stream closed");
+    }
+
+    fn fault(&mut self, kind: FaultKind, detail: String) {
+        ws_error(kind.as_str());
+        tracing::warn!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, kind = kind.as_str(), %detail, "media stream closed on bad input");
+        self.flush_batch();
+        let detail: String = detail.chars().take(300).collect();
+        self.push_control(Event::StreamFault(StreamFault { stream_sid: self.stream, kind, detail }));
+    }
+
+    fn push_control(&self, ev: Event) {
+        self.queue.push(self.clock.now(), StreamItem::Control(ev));
+    }
+
+    fn on_text(&mut self, text: &str) -> Result<Flow, MediaError> {
+        let msg = parse_inbound(text)?;
+        if let Some(seq) = msg.sequence() {
+            if let Some(expected) = self.next_seq {
+                if seq > expected {
+                    self.pending_gap = self.pending_gap.saturating_add((seq - expected) as u32);
+                }
+            }
+            self.next_seq = Some(seq.saturating_add(1));
+        }
+        match msg {
+            Inbound::Connected { .. } => Ok(Flow::Continue),
+            Inbound::Start(start) => {
+                if self.stream.is_some() {
+                    return Err(MediaError::InvalidMessage("second start on one stream".into()));
+                }
+                start.check_format()?;
+                if start.call_sid != self.call || start.account_sid != self.tenant {
+                    return Err(MediaError::InvalidMessage(format!(
+                        "start names call {} of {}, but this stream belongs to {} of {}",
+                        start.call_sid, start.account_sid, self.call, self.tenant
+                    )));
+                }
+                self.stream = Some(start.stream_sid);
+                self.push_control(Event::StreamStarted(StreamStarted {
+                    stream_sid: start.stream_sid,
+                    tracks: start.tracks,
+                    custom_parameters: start.custom_parameters,
+                }));
+                Ok(Flow::Continue)
+            }
+            Inbound::Media(m) => {
+                let Some(sid) = self.stream else {
+                    return Err(MediaError::InvalidMessage("media before start".into()));
+                };
+                if m.stream_sid != sid {
+                    return Err(MediaError::InvalidMessage("media for another stream".into()));
+                }
+                if m.track != "inbound" {
+                    // A Connect stream carries the caller only; other tracks are not ours to keep.
+                    return Ok(Flow::Continue);
+                }
+                decode_payload_into(&m.payload_b64, &mut self.scratch)?;
+                self.chunks.increment(1);
+                let contiguous =
+                    self.acc.is_empty() || m.timestamp_ms == self.acc_start_ms + (self.acc.len() as u64) / 8;
+                if !contiguous || self.pending_gap > 0 && !self.acc.is_empty() {
+                    self.flush_batch();
+                }
+                if self.acc.is_empty() {
+                    self.acc_first_seq = m.sequence;
+                    self.acc_start_ms = m.timestamp_ms;
+                }
+                self.acc.extend_from_slice(&self.scratch);
+                self.acc_frames += 1;
+                if !self.flowing {
+                    self.flowing = true;
+                    let _ = self.actor.cast(CallMsg::MediaFlowing);
+                }
+                if self.acc.len() >= self.batch_bytes {
+                    self.flush_batch();
+                }
+                Ok(Flow::Continue)
+            }
+            Inbound::Dtmf { sequence, stream_sid, digit } => {
+                self.flush_batch();
+                self.push_control(Event::Dtmf(Dtmf { stream_sid, digit, sequence }));
+                Ok(Flow::Continue)
+            }
+            Inbound::Mark { sequence, stream_sid, name } => {
+                self.flush_batch();
+                self.push_control(Event::StreamMark(StreamMark { stream_sid, name, sequence }));
+                Ok(Flow::Continue)
+            }
+            Inbound::Stop { .. } => Ok(Flow::Stopped),
+        }
+    }
+
+    fn flush_batch(&mut self) {
+        let Some(sid) = self.stream else { return };
+        if self.acc.is_empty() {
+            return;
+        }
+        let payload = Bytes::from(std::mem::replace(&mut self.acc, Vec::with_capacity(self.batch_bytes + 1600)));
+        let batch = media_batch(sid, self.acc_first_seq, self.acc_start_ms, self.acc_frames, self.pending_gap, payload);
+        self.acc_frames = 0;
+        self.pending_gap = 0;
+        self.queue.push(self.clock.now(), StreamItem::Audio(batch));
+    }
+}

@@ -1,0 +1,217 @@
+//! The log's byte format: one version byte, then the postcard encoding of an [`Envelope`].
+//!
+//! Golden bytes below pin the format: a change that breaks them breaks every stored log.
+
+use crate::event::Envelope;
+
+/// The envelope format written today.
+pub const VERSION: u8 = 1;
+
+/// Why bytes from a log could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("empty event record")]
+    Empty,
+    #[error("unsupported event envelope version {0} (this build reads version {VERSION})")]
+    Version(u8),
+    #[error("corrupt event record: {0}")]
+    Corrupt(#[from] postcard::Error),
+}
+
+/// Appends the encoding of `env` to `out` (reuse `out` across calls on hot paths).
+pub fn encode_into(env: &Envelope, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.push(VERSION);
+    postcard::to_io(env, &mut *out)?;
+    Ok(())
+}
+
+/// Encodes `env` into a fresh buffer.
+pub fn encode(env: &Envelope) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    // Serialising our own types into a Vec cannot fail.
+    encode_into(env, &mut out).expect("postcard into Vec is infallible for Envelope");
+    out
+}
+
+/// Decodes one record.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
+    let (&v, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if v != VERSION {
+        return Err(CodecError::Version(v));
+    }
+    Ok(postcard::from_bytes(rest)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::*;
+    use crate::ids::*;
+    use crate::time::Timestamp;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            event_id: EventId(7),
+            tenant: AccountSid::from_u128(1),
+            call: Some(CallSid::from_u128(2)),
+            occurred_at: Timestamp(1_736_272_931_000_000),
+            payload: Event::CallStatusChanged(CallStatusChanged {
+                status: CallStatus::Completed,
+                source: StatusSource::Callback,
+                sequence: Some(3),
+                duration_secs: Some(37),
+            }),
+        }
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let b = encode(&sample());
+        assert_eq!(
+            b,
+            // version, event id, tenant, call (Some, varint), time (zigzag varint), payload
+            vec![1, 7, 1, 1, 2, 128, 187, 200, 180, 177, 200, 149, 6, 2, 4, 0, 1, 3, 1, 37]
+        );
+        assert_eq!(decode(&b).unwrap(), sample());
+    }
+
+    #[test]
+    fn every_payload_has_a_json_view() {
+        let env = sample();
+        let v = env.payload.payload_json();
+        assert_eq!(v["status"], "completed");
+        let id = serde_json::to_string(&EventId(u128::MAX)).unwrap();
+        assert_eq!(id, format!("\"EV{}\"", "f".repeat(32)));
+        assert_eq!(serde_json::from_str::<EventId>(&id).unwrap(), EventId(u128::MAX));
+        let t = Event::Transcript(Transcript {
+            stream_sid: StreamSid::from_u128(1),
+            segment_index: 0,
+            segment_event: EventId(u128::MAX),
+            start_ms: 0,
+            end_ms: 10,
+            text: "hi".into(),
+            model: "m".into(),
+            processing_ms: 1,
+            avg_logprob: -0.5,
+            no_speech_prob: 0.1,
+            rejected: None,
+        });
+        assert_eq!(t.payload_json()["text"], "hi");
+    }
+
+    #[test]
+    fn rejects_other_versions_and_garbage() {
+        let mut b = encode(&sample());
+        b[0] = 9;
+        assert!(matches!(decode(&b), Err(CodecError::Version(9))));
+        assert!(matches!(decode(&[]), Err(CodecError::Empty)));
+        assert!(matches!(decode(&[1, 200, 200]), Err(CodecError::Corrupt(_))));
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (".{0,20}", ".{0,20}", "[a-z]{0,8}").prop_map(|(from, to, s)| {
+                Event::CallReceived(CallReceived {
+                    from,
+                    to,
+                    direction: Direction::Inbound,
+                    status: CallStatus::Ringing,
+                    from_country: Some("US".into()),
+                    to_country: None,
+                    stream_session: s,
+                })
+            }),
+            (any::<u128>(), any::<u64>(), any::<u64>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..900))
+                .prop_map(|(s, q, ms, g, p)| Event::MediaBatch(MediaBatch {
+                    stream_sid: StreamSid::from_u128(s),
+                    first_sequence: q,
+                    start_ms: ms,
+                    frames: (p.len() / 160) as u32,
+                    gap_frames: g,
+                    payload: Bytes::from(p),
+                })),
+            (any::<u128>(), any::<u32>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..400)).prop_map(
+                |(s, i, ms, p)| Event::SpeechSegment(SpeechSegment {
+                    stream_sid: StreamSid::from_u128(s),
+                    index: i,
+                    start_ms: ms,
+                    end_ms: ms.saturating_add(20),
+                    sample_rate: 16_000,
+                    pcm16le: Bytes::from(p),
+                })
+            ),
+            (any::<u8>(), ".{0,30}").prop_map(|(k, d)| Event::StreamFault(StreamFault {
+                stream_sid: None,
+                kind: [FaultKind::MalformedJson, FaultKind::BadBase64, FaultKind::OversizeFrame][k as usize % 3],
+                detail: d,
+            })),
+            (
+                any::<u8>(),
+                ".{0,30}",
+                proptest::option::of(any::<u128>()),
+                proptest::collection::vec(any::<u8>(), 0..60)
+            )
+                .prop_map(|(k, name, parent, sealed)| {
+                    let status = [TenantStatus::Active, TenantStatus::Suspended, TenantStatus::Closed][k as usize % 3];
+                    match k % 4 {
+                        0 => Event::TenantCreated(TenantCreated {
+                            friendly_name: name,
+                            parent: parent.map(AccountSid::from_u128),
+                            sealed_auth_token: Bytes::from(sealed),
+                            status,
+                        }),
+                        1 => Event::TenantUpdated(TenantUpdated {
+                            friendly_name: parent.is_some().then_some(name),
+                            status: Some(status),
+                            sealed_auth_token: (k % 8 == 1).then(|| Bytes::from(sealed)),
+                        }),
+                        2 => Event::NumberAssigned(NumberAssigned {
+                            sid: crate::PhoneNumberSid::from_u128(parent.unwrap_or(7)),
+                            number: "+14155550100".into(),
+                            friendly_name: name,
+                        }),
+                        _ => Event::CallRejected(CallRejected {
+                            from: name,
+                            to: "+14155550100".into(),
+                            reason: RejectReason::ConcurrencyQuota { active: u32::from(k), limit: 100 },
+                        }),
+                    }
+                }),
+            (any::<u32>(), any::<u32>(), ".{0,20}", proptest::option::of(any::<i64>())).prop_map(|(a, b, n, until)| {
+                match a % 4 {
+                    0 => Event::QuotaSet(QuotaSet { max_concurrent_calls: a, calls_per_second: b }),
+                    1 => Event::CallerBlocked(CallerBlocked {
+                        number: n,
+                        reason: "abuse".into(),
+                        until: until.map(Timestamp),
+                    }),
+                    2 => Event::CallerUnblocked(CallerUnblocked { number: n }),
+                    _ => Event::QuotaWarning(QuotaWarning { active: a, limit: b, code: 53121 }),
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(id in any::<u128>(), t in any::<u128>(), c in proptest::option::of(any::<u128>()),
+                     at in any::<i64>(), payload in arb_event()) {
+            let env = Envelope {
+                event_id: EventId(id),
+                tenant: AccountSid::from_u128(t),
+                call: c.map(CallSid::from_u128),
+                occurred_at: Timestamp(at),
+                payload,
+            };
+            let b = encode(&env);
+            prop_assert_eq!(decode(&b).unwrap(), env);
+        }
+
+        #[test]
+        fn decode_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&b);
+        }
+    }
+}

@@ -1,0 +1,683 @@
+//! Events and their envelope: everything voxgate knows is one of these, in a persisted log.
+//!
+//! Rules that keep old logs readable: variants of [`Event`] and fields of payload structs are only
+//! ever added at the end; the envelope version in the codec changes when that rule must be broken.
+//! Event ids are derived from their inputs (a Twilio retry of the same webhook, or a stage
+//! replaying the same input, produces the same id), so consumers can de-duplicate.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccountSid, CallSid, StreamSid};
+use crate::time::Timestamp;
+
+/// A 128-bit event id, derived deterministically from what caused the event. In JSON it is the
+/// string `EV` + 32 hex digits (JSON numbers cannot carry 128 bits); in postcard a `u128`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub u128);
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_u128(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            s.strip_prefix("EV")
+                .filter(|h| h.len() == 32)
+                .and_then(|h| u128::from_str_radix(h, 16).ok())
+                .map(EventId)
+                .ok_or_else(|| serde::de::Error::custom("event id must be EV followed by 32 hex digits"))
+        } else {
+            u128::deserialize(d).map(EventId)
+        }
+    }
+}
+
+impl EventId {
+    /// Mixes a kind tag and up to a few 128-bit parts into an id (not cryptographic; stable
+    /// across versions because it is written out here, not taken from std's hasher).
+    pub fn derive(kind: u64, parts: &[u128]) -> Self {
+        let mut a: u64 = 0x9e37_79b9_7f4a_7c15 ^ kind;
+        let mut b: u64 = 0xc2b2_ae3d_27d4_eb4f ^ kind.rotate_left(32);
+        for &p in parts {
+            a = mix(a ^ (p as u64));
+            b = mix(b ^ ((p >> 64) as u64) ^ a);
+            a = mix(a ^ b);
+        }
+        Self((u128::from(a) << 64) | u128::from(b))
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EV{:032x}", self.0)
+    }
+}
+
+impl std::fmt::Debug for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// What every log entry carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub event_id: EventId,
+    pub tenant: AccountSid,
+    pub call: Option<CallSid>,
+    /// Event time: when it happened (ingress clock, or derived from the input's event time).
+    pub occurred_at: Timestamp,
+    pub payload: Event,
+}
+
+/// Call status as Twilio names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallStatus {
+    Queued,
+    Initiated,
+    Ringing,
+    InProgress,
+    Completed,
+    Busy,
+    Failed,
+    NoAnswer,
+    Canceled,
+}
+
+impl CallStatus {
+    /// Twilio's wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Initiated => "initiated",
+            Self::Ringing => "ringing",
+            Self::InProgress => "in-progress",
+            Self::Completed => "completed",
+            Self::Busy => "busy",
+            Self::Failed => "failed",
+            Self::NoAnswer => "no-answer",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    /// Parses Twilio's wire string.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "initiated" => Self::Initiated,
+            "ringing" => Self::Ringing,
+            "in-progress" => Self::InProgress,
+            "completed" => Self::Completed,
+            "busy" => Self::Busy,
+            "failed" => Self::Failed,
+            "no-answer" => Self::NoAnswer,
+            "canceled" => Self::Canceled,
+            _ => return None,
+        })
+    }
+
+    /// A terminal status ends the call.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Busy | Self::Failed | Self::NoAnswer | Self::Canceled)
+    }
+}
+
+impl std::fmt::Display for CallStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Call direction as Twilio names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    Inbound,
+    OutboundApi,
+    OutboundDial,
+    Other,
+}
+
+impl Direction {
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "inbound" => Self::Inbound,
+            "outbound-api" => Self::OutboundApi,
+            "outbound-dial" => Self::OutboundDial,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// The payload of an event. Variants are only ever added at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    CallReceived(CallReceived),
+    CallRejected(CallRejected),
+    CallStatusChanged(CallStatusChanged),
+    StreamStarted(StreamStarted),
+    MediaBatch(MediaBatch),
+    Dtmf(Dtmf),
+    StreamMark(StreamMark),
+    StreamStopped(StreamStopped),
+    StreamFault(StreamFault),
+    AudioShed(AudioShed),
+    CallTimedOut(CallTimedOut),
+    SpeechSegment(SpeechSegment),
+    Transcript(Transcript),
+    TenantCreated(TenantCreated),
+    TenantUpdated(TenantUpdated),
+    NumberAssigned(NumberAssigned),
+    NumberReleased(NumberReleased),
+    QuotaSet(QuotaSet),
+    CallerBlocked(CallerBlocked),
+    CallerUnblocked(CallerUnblocked),
+    QuotaWarning(QuotaWarning),
+    FraudVerdict(FraudVerdict),
+    HangupRequested(HangupRequested),
+    AlertRaised(AlertRaised),
+}
+
+impl Event {
+    /// The snake_case name users see (`voxgate replay --json` field `kind`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CallReceived(_) => "call_received",
+            Self::CallRejected(_) => "call_rejected",
+            Self::CallStatusChanged(_) => "call_status_changed",
+            Self::StreamStarted(_) => "stream_started",
+            Self::MediaBatch(_) => "media_batch",
+            Self::Dtmf(_) => "dtmf",
+            Self::StreamMark(_) => "stream_mark",
+            Self::StreamStopped(_) => "stream_stopped",
+            Self::StreamFault(_) => "stream_fault",
+            Self::AudioShed(_) => "audio_shed",
+            Self::CallTimedOut(_) => "call_timed_out",
+            Self::SpeechSegment(_) => "speech_segment",
+            Self::Transcript(_) => "transcript",
+            Self::TenantCreated(_) => "tenant_created",
+            Self::TenantUpdated(_) => "tenant_updated",
+            Self::NumberAssigned(_) => "number_assigned",
+            Self::NumberReleased(_) => "number_released",
+            Self::QuotaSet(_) => "quota_set",
+            Self::CallerBlocked(_) => "caller_blocked",
+            Self::CallerUnblocked(_) => "caller_unblocked",
+            Self::QuotaWarning(_) => "quota_warning",
+            Self::FraudVerdict(_) => "fraud_verdict",
+            Self::HangupRequested(_) => "hangup_requested",
+            Self::AlertRaised(_) => "alert_raised",
+        }
+    }
+
+    /// The payload alone as JSON (bytes as base64), for the JSON views.
+    pub fn payload_json(&self) -> serde_json::Value {
+        let r = match self {
+            Self::CallReceived(p) => serde_json::to_value(p),
+            Self::CallRejected(p) => serde_json::to_value(p),
+            Self::CallStatusChanged(p) => serde_json::to_value(p),
+            Self::StreamStarted(p) => serde_json::to_value(p),
+            Self::MediaBatch(p) => serde_json::to_value(p),
+            Self::Dtmf(p) => serde_json::to_value(p),
+            Self::StreamMark(p) => serde_json::to_value(p),
+            Self::StreamStopped(p) => serde_json::to_value(p),
+            Self::StreamFault(p) => serde_json::to_value(p),
+            Self::AudioShed(p) => serde_json::to_value(p),
+            Self::CallTimedOut(p) => serde_json::to_value(p),
+            Self::SpeechSegment(p) => serde_json::to_value(p),
+            Self::Transcript(p) => serde_json::to_value(p),
+            Self::TenantCreated(p) => serde_json::to_value(p),
+            Self::TenantUpdated(p) => serde_json::to_value(p),
+            Self::NumberAssigned(p) => serde_json::to_value(p),
+            Self::NumberReleased(p) => serde_json::to_value(p),
+            Self::QuotaSet(p) => serde_json::to_value(p),
+            Self::CallerBlocked(p) => serde_json::to_value(p),
+            Self::CallerUnblocked(p) => serde_json::to_value(p),
+            Self::QuotaWarning(p) => serde_json::to_value(p),
+            Self::FraudVerdict(p) => serde_json::to_value(p),
+            Self::HangupRequested(p) => serde_json::to_value(p),
+            Self::AlertRaised(p) => serde_json::to_value(p),
+        };
+        r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
+    }
+}
+
+/// An inbound (or outbound) call webhook was accepted for a known tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallReceived {
+    pub from: String,
+    pub to: String,
+    pub direction: Direction,
+    pub status: CallStatus,
+    pub from_country: Option<String>,
+    pub to_country: Option<String>,
+    /// The Media Streams session the TwiML answer pointed Twilio at.
+    pub stream_session: String,
+}
+
+/// Why a call was refused at webhook time. Variants are only ever added at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    UnknownTenant,
+    UnknownNumber,
+    /// The tenant is suspended or closed (Twilio 10003).
+    TenantInactive {
+        status: TenantStatus,
+    },
+    /// The tenant's concurrent-call quota is full (53119-style).
+    ConcurrencyQuota {
+        active: u32,
+        limit: u32,
+    },
+    /// The tenant's new-calls-per-second quota is spent.
+    RateQuota {
+        limit_per_sec: u32,
+    },
+    /// This caller called the tenant too often in the window.
+    CallerRate {
+        calls: u32,
+        limit: u32,
+        window_secs: u32,
+    },
+    /// The caller is on the tenant's (or the platform's) block list.
+    BlockedCaller {
+        number: String,
+    },
+    /// The caller's number starts with a premium-rate prefix.
+    PremiumRate {
+        prefix: String,
+    },
+}
+
+impl RejectReason {
+    /// The Twilio-style error code recorded with the refusal.
+    pub fn code(&self) -> u32 {
+        match self {
+            Self::UnknownTenant => 20404,
+            Self::UnknownNumber => 21217,
+            Self::TenantInactive { .. } => 10003,
+            Self::ConcurrencyQuota { .. } => 53119,
+            Self::RateQuota { .. } => 20429,
+            Self::CallerRate { .. } => 13225,
+            Self::BlockedCaller { .. } => 13225,
+            Self::PremiumRate { .. } => 13225,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::UnknownTenant => "unknown_tenant",
+            Self::UnknownNumber => "unknown_number",
+            Self::TenantInactive { .. } => "tenant_inactive",
+            Self::ConcurrencyQuota { .. } => "concurrency_quota",
+            Self::RateQuota { .. } => "rate_quota",
+            Self::CallerRate { .. } => "caller_rate",
+            Self::BlockedCaller { .. } => "blocked_caller",
+            Self::PremiumRate { .. } => "premium_rate",
+        }
+    }
+}
+
+/// A call was refused at webhook time (answered with `<Reject/>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRejected {
+    pub from: String,
+    pub to: String,
+    pub reason: RejectReason,
+}
+
+/// Who told us about a status change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusSource {
+    /// Twilio's status callback.
+    Callback,
+    /// Inferred from the media stream (first media ⇒ in-progress).
+    Stream,
+    /// voxgate ended the call itself (maximum duration).
+    Voxgate,
+}
+
+/// The call's status changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallStatusChanged {
+    pub status: CallStatus,
+    pub source: StatusSource,
+    /// Twilio's `SequenceNumber` on status callbacks.
+    pub sequence: Option<u32>,
+    /// `CallDuration` seconds on terminal callbacks.
+    pub duration_secs: Option<u32>,
+}
+
+/// Twilio opened the Media Stream for the call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamStarted {
+    pub stream_sid: StreamSid,
+    pub tracks: Vec<String>,
+    pub custom_parameters: Vec<(String, String)>,
+}
+
+/// About 100 ms of one track's µ-law audio: consecutive 20 ms frames, concatenated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MediaBatch {
+    pub stream_sid: StreamSid,
+    /// Media Streams `sequenceNumber` of the first frame.
+    pub first_sequence: u64,
+    /// Stream `timestamp` (ms since stream start) of the first frame.
+    pub start_ms: u64,
+    /// How many frames are in `payload`.
+    pub frames: u32,
+    /// Frames Twilio skipped before this batch (a gap in sequence numbers).
+    pub gap_frames: u32,
+    /// Raw µ-law, 8 kHz mono.
+    #[serde(with = "crate::bytes_b64")]
+    pub payload: Bytes,
+}
+
+/// A key press (bidirectional streams).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dtmf {
+    pub stream_sid: StreamSid,
+    pub digit: String,
+    pub sequence: u64,
+}
+
+/// Twilio echoed one of our marks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamMark {
+    pub stream_sid: StreamSid,
+    pub name: String,
+    pub sequence: u64,
+}
+
+/// Why a stream ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Twilio sent `stop`.
+    Twilio,
+    /// The socket closed without `stop`.
+    Disconnected,
+    /// We closed it because of bad input (see the `stream_fault` before it).
+    Fault,
+    /// The call ended (status callback or maximum duration).
+    CallEnded,
+}
+
+/// The Media Stream ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamStopped {
+    pub stream_sid: Option<StreamSid>,
+    pub reason: StopReason,
+    /// Frames received over the stream's life.
+    pub frames: u64,
+}
+
+/// What was wrong with a stream's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    MalformedJson,
+    InvalidMessage,
+    BadBase64,
+    UnsupportedFormat,
+    OversizeFrame,
+    UnknownCall,
+    OutOfOrder,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed_json",
+            Self::InvalidMessage => "invalid_message",
+            Self::BadBase64 => "bad_base64",
+            Self::UnsupportedFormat => "unsupported_format",
+            Self::OversizeFrame => "oversize_frame",
+            Self::UnknownCall => "unknown_call",
+            Self::OutOfOrder => "out_of_order",
+        }
+    }
+}
+
+/// A stream's input was rejected; the stream is closed and the call marked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamFault {
+    pub stream_sid: Option<StreamSid>,
+    /// Named `fault` in JSON so it never shadows the event's `kind`.
+    #[serde(rename = "fault")]
+    pub kind: FaultKind,
+    pub detail: String,
+}
+
+/// Stale audio was dropped because the call's consumer fell behind real time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioShed {
+    pub stream_sid: StreamSid,
+    pub frames: u32,
+    pub audio_ms: u32,
+}
+
+/// voxgate ended the call at its maximum duration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallTimedOut {
+    pub max_duration_secs: u32,
+}
+
+/// A stretch of speech cut by the voice-activity detector: 16 kHz PCM16 little-endian.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechSegment {
+    pub stream_sid: StreamSid,
+    /// 0, 1, 2 … per stream.
+    pub index: u32,
+    /// Span in stream time (ms since stream start), speech only (pre-roll included).
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub sample_rate: u32,
+    #[serde(with = "crate::bytes_b64")]
+    pub pcm16le: Bytes,
+}
+
+/// What the STT stage heard in one speech segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transcript {
+    pub stream_sid: StreamSid,
+    /// The speech segment transcribed (its index in the stream, and its event id).
+    pub segment_index: u32,
+    pub segment_event: EventId,
+    /// The segment's span in stream time (ms since stream start).
+    pub start_ms: u64,
+    pub end_ms: u64,
+    /// Empty when the decoder's safeguards rejected the output (see `rejected`).
+    pub text: String,
+    /// Which model produced it, e.g. `whisper-tiny.en/ct2-f16`.
+    pub model: String,
+    /// Wall time the model spent on this segment (its share of a batch).
+    pub processing_ms: u32,
+    pub avg_logprob: f32,
+    pub no_speech_prob: f32,
+    /// Why the text was discarded: `no_speech`, `repetition`, `compression_ratio`, `low_logprob`.
+    pub rejected: Option<String>,
+}
+
+/// A tenant's lifecycle state, as Twilio names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantStatus {
+    Active,
+    Suspended,
+    /// Permanent: a closed tenant never reopens.
+    Closed,
+}
+
+impl TenantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Closed => "closed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => Self::Active,
+            "suspended" => Self::Suspended,
+            "closed" => Self::Closed,
+            _ => return None,
+        })
+    }
+}
+
+/// A tenant (Twilio account or subaccount) was created. The envelope's tenant is the new one.
+/// The auth token is sealed (authenticated encryption with the node's secrets key); the log never
+/// holds it in the clear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantCreated {
+    pub friendly_name: String,
+    /// The parent account, for a subaccount.
+    pub parent: Option<AccountSid>,
+    #[serde(with = "crate::bytes_b64")]
+    pub sealed_auth_token: Bytes,
+    pub status: TenantStatus,
+}
+
+/// A tenant's name, status or token changed (only the fields that are `Some`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantUpdated {
+    pub friendly_name: Option<String>,
+    pub status: Option<TenantStatus>,
+    #[serde(with = "crate::bytes_b64::option")]
+    pub sealed_auth_token: Option<Bytes>,
+}
+
+/// A phone number now belongs to the envelope's tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NumberAssigned {
+    pub sid: crate::ids::PhoneNumberSid,
+    /// E.164.
+    pub number: String,
+    pub friendly_name: String,
+}
+
+/// The envelope's tenant gave up a phone number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NumberReleased {
+    pub sid: crate::ids::PhoneNumberSid,
+    pub number: String,
+}
+
+/// The envelope's tenant's call quotas were set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaSet {
+    pub max_concurrent_calls: u32,
+    pub calls_per_second: u32,
+}
+
+/// Calls from this number to the envelope's tenant are refused (until `until`, if set).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallerBlocked {
+    pub number: String,
+    pub reason: String,
+    pub until: Option<Timestamp>,
+}
+
+/// The block on this number was lifted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallerUnblocked {
+    pub number: String,
+}
+
+/// A tenant's concurrent calls reached the warning share of its quota (53121-style).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaWarning {
+    pub active: u32,
+    pub limit: u32,
+    /// The Twilio-style code: 53121.
+    pub code: u32,
+}
+
+/// How serious a fraud verdict is; each level includes the actions of the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Recorded in the fraud log only.
+    Record,
+    /// Also an `alert_raised` event on the alerts log and a metric.
+    Alert,
+    /// Also the remote number blocked for the tenant for a period.
+    Block,
+    /// Also the active call ended (a `hangup_requested` event).
+    EndCall,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Record => "record",
+            Self::Alert => "alert",
+            Self::Block => "block",
+            Self::EndCall => "end_call",
+        }
+    }
+}
+
+/// One fraud rule that fired, with the evidence that made it fire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleHit {
+    /// The rule's name, e.g. `premium_destination`, `velocity_from`.
+    pub rule: String,
+    pub severity: Severity,
+    /// Human-readable evidence, e.g. `12 calls from +1555… in 60 s (limit 10)`.
+    pub evidence: String,
+}
+
+/// The fraud stage's verdict on a call event: the rules that fired and what follows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FraudVerdict {
+    /// The highest severity of the hits.
+    pub severity: Severity,
+    pub hits: Vec<RuleHit>,
+    /// The remote party's number, blocked for the tenant until `blocked_until` (severity ≥ block).
+    pub blocked_number: Option<String>,
+    pub blocked_until: Option<Timestamp>,
+    /// The event the verdict was made on.
+    pub cause: EventId,
+}
+
+/// voxgate asks for the call to be ended (the call actor closes its stream; the Twilio REST
+/// adapter updates the call to `completed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HangupRequested {
+    /// Which stage asked: `fraud`, `billing`.
+    pub source: String,
+    pub reason: String,
+}
+
+/// Something an operator should look at (alerts log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRaised {
+    pub source: String,
+    /// A stable name, e.g. `fraud.velocity_from`, `usage_trigger`.
+    pub name: String,
+    pub severity: Severity,
+    pub message: String,
+}

@@ -1,0 +1,184 @@
+//! STT benchmark.
+//!
+//! Part 1, the model on the same clips as faster-whisper: phone-band clips of the corpus
+//! (sentences × voices, rendered through voxgate's own µ-law decoder and upsampler), transcribed
+//! by voxgate's Transcriber one at a time and in batches of 4, and — in the same run, when
+//! `target/fw-venv` exists (see scenarios/fw/requirements.txt) — by faster-whisper on the same
+//! weights in float32, greedy and beam 5. Reported: audio seconds per second, per-clip median,
+//! WER, and the ratios.
+//!
+//! Part 2, end to end through a release `voxgate serve`: C concurrent calls speak at real time;
+//! for each transcript, the time from the end of the speech (known from the script) to the
+//! transcript being durable in the log. p50 and p95 at each concurrency.
+//!
+//! `cargo run --release -p voxgate-scenarios --bin bench_stt -- [SENTENCES] [CONCURRENCY,…]`
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use voxgate_actors::stt::decode::Transcriber;
+use voxgate_protocol::{CallSid, StreamSid};
+use voxgate_scenarios::bench::quantile;
+use voxgate_scenarios::corpus::{render_clips, score_fw_jsonl, SENTENCES};
+use voxgate_scenarios::fixture::{config, replay_json, sim, NUMBER};
+use voxgate_scenarios::node::{model_dir, Node};
+use voxgate_scenarios::speech::{script, Voice};
+use voxgate_scenarios::twilio::Pace;
+use voxgate_scenarios::wer::WerByVoice;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n_sentences: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(24);
+    let levels: Vec<usize> =
+        args.get(2).map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or_else(|| vec![1, 4, 8]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let voices = [Voice::Flite("slt".into()), Voice::Espeak("en-us".into())];
+    let sentences: Vec<&str> = SENTENCES.iter().copied().take(n_sentences).collect();
+
+    // ---- Part 1: the model, side by side with faster-whisper.
+    let clips_dir = root.join("target/bench-stt-clips");
+    let _ = std::fs::remove_dir_all(&clips_dir);
+    std::fs::create_dir_all(&clips_dir)?;
+    let clips = render_clips(&clips_dir, &sentences, &voices)?;
+    let audio: f64 = clips.iter().map(|c| c.seconds()).sum();
+    let mut t = Transcriber::load(&model_dir()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pcm: Vec<Vec<f32>> = clips.iter().map(|c| c.pcm16k.iter().map(|&s| f32::from(s) / 32768.0).collect()).collect();
+    t.transcribe(&pcm[0]).map_err(|e| anyhow::anyhow!("{e}"))?; // warm-up
+
+    let mut single = Vec::new();
+    let mut wer_single = WerByVoice::new();
+    let start = Instant::now();
+    for (c, p) in clips.iter().zip(&pcm) {
+        let s = Instant::now();
+        let r = t.transcribe(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+        single.push(s.elapsed().as_secs_f64());
+        wer_single.score(&c.voice, &c.reference, &r.text);
+    }
+    let single_total = start.elapsed().as_secs_f64();
+
+    let mut wer_batch = WerByVoice::new();
+    let start = Instant::now();
+    for (cs, ps) in clips.chunks(4).zip(pcm.chunks(4)) {
+        let refs: Vec<&[f32]> = ps.iter().map(|p| p.as_slice()).collect();
+        let rs = t.transcribe_batch(&refs).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (c, r) in cs.iter().zip(rs) {
+            wer_batch.score(&c.voice, &c.reference, &r.text);
+        }
+    }
+    let batch_total = start.elapsed().as_secs_f64();
+    drop(t);
+
+    println!(
+        "STT model on {} phone-band clips ({audio:.1} s of audio, {} sentences × {} voices), 2 cores",
+        clips.len(),
+        sentences.len(),
+        voices.len()
+    );
+    println!("{:<36} {:>12} {:>14} {:>8}", "", "audio s / s", "median clip s", "WER");
+    let v_speed = audio / single_total;
+    println!(
+        "{:<36} {:>12.2} {:>14.3} {:>7.1}%",
+        "voxgate (f32 enc, q8_0 dec), 1 at a time",
+        v_speed,
+        quantile(&mut single, 0.5),
+        wer_single.total().counts.rate() * 100.0
+    );
+    println!(
+        "{:<36} {:>12.2} {:>14} {:>7.1}%",
+        "voxgate (f32 enc, q8_0 dec), batches of 4",
+        audio / batch_total,
+        "-",
+        wer_batch.total().counts.rate() * 100.0
+    );
+
+    let python = root.join("target/fw-venv/bin/python");
+    if python.exists() {
+        let out = Command::new(&python)
+            .arg(root.join("scenarios/fw/baseline.py"))
+            .arg(&clips_dir)
+            .arg(model_dir())
+            .args(["--threads", "2", "--no-int8"])
+            .output()
+            .context("running faster-whisper")?;
+        if out.status.success() {
+            let modes = score_fw_jsonl(&String::from_utf8_lossy(&out.stdout))?;
+            for (mode, m) in &modes {
+                let speed = m.audio_seconds / m.decode_seconds.max(1e-9);
+                println!(
+                    "{:<36} {:>12.2} {:>14} {:>7.1}%   (voxgate one-at-a-time is {:.2}× its speed)",
+                    format!("faster-whisper f32, {mode}"),
+                    speed,
+                    "-",
+                    m.wer.total().counts.rate() * 100.0,
+                    v_speed / speed
+                );
+            }
+        } else {
+            println!("faster-whisper failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        }
+    } else {
+        println!("faster-whisper: not installed (python3 -m venv target/fw-venv && target/fw-venv/bin/pip install -r scenarios/fw/requirements.txt)");
+    }
+    println!("WER per voice, voxgate one at a time:\n{}", wer_single.table());
+
+    // ---- Part 2: end to end, end of speech → transcript durable.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(end_to_end(&levels, &sentences))
+}
+
+async fn end_to_end(levels: &[usize], sentences: &[&str]) -> anyhow::Result<()> {
+    std::env::set_var("VOXGATE_TEST_RELEASE", "1");
+    let work = tempfile::tempdir()?;
+    let voices = [Voice::Flite("slt".into()), Voice::Espeak("en-us".into())];
+    let per_call = 6.min(sentences.len());
+    println!("end to end at real time, release voxgate, {per_call} sentences per call (1.5 s apart)");
+    println!("{:>6} {:>12} {:>22} {:>22}", "calls", "transcripts", "speech end → p50 ms", "speech end → p95 ms");
+    for &calls in levels {
+        let mut node = Node::start(&config(""))?;
+        let mut tasks = Vec::new();
+        for c in 0..calls {
+            let v = voices[c % voices.len()].clone();
+            let lines: Vec<(&str, Voice)> =
+                (0..per_call).map(|i| (sentences[(c + i) % sentences.len()], v.clone())).collect();
+            let s = script(&lines, 500, 1500, work.path())?;
+            let sim = sim(&node);
+            let call = CallSid::from_u128(0xbe_0000 + (calls * 1000 + c) as u128);
+            tasks.push(tokio::spawn(async move {
+                let answer = sim.inbound_call(call, "+14155550123", NUMBER).await?;
+                let url = answer.stream_url.context("no stream")?;
+                let mut st = sim.connect_stream(&url).await?;
+                let sid = StreamSid::from_u128(call.as_u128());
+                st.start(sid, sim.account, call).await?;
+                let t0 = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as i64;
+                st.send_audio(sid, &s.mulaw, Pace::RealTime).await?;
+                st.stop(sid, sim.account, call).await?;
+                st.close().await;
+                sim.status_callback(call, "completed", 1, Some(1)).await?;
+                anyhow::Ok((call, t0, s.utterances))
+            }));
+        }
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await??);
+        }
+        node.wait_idle(Duration::from_secs(600)).await?;
+        node.stop()?;
+        let mut lat = Vec::new();
+        for (call, t0, utterances) in &done {
+            for e in replay_json(&node, *call).iter().filter(|e| e["kind"] == "transcript") {
+                let (s0, s1) = (e["start_ms"].as_u64().unwrap_or(0), e["end_ms"].as_u64().unwrap_or(0));
+                let appended = e["appended_at_us"].as_i64().unwrap_or(0);
+                // The utterance this segment holds: the last speech end inside the segment.
+                let end = utterances.iter().filter(|(a, b, _)| *a < s1 && *b > s0).map(|(_, b, _)| *b).max();
+                if let Some(end) = end {
+                    lat.push((appended - (t0 + end as i64 * 1000)) as f64 / 1000.0);
+                }
+            }
+        }
+        println!("{calls:>6} {:>12} {:>22.0} {:>22.0}", lat.len(), quantile(&mut lat, 0.5), quantile(&mut lat, 0.95));
+    }
+    println!("(latency includes the VAD's 400 ms hangover, which decides that speech has ended)");
+    Ok(())
+}

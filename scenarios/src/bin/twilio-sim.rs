@@ -1,0 +1,96 @@
+//! `twilio-sim`: plays Twilio against a running voxgate — a signed inbound webhook, a Media Stream
+//! carrying synthesized speech as 8 kHz µ-law in 20 ms frames, and the completed status callback.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use voxgate_protocol::{AccountSid, CallSid};
+use voxgate_scenarios::speech::{script, Voice};
+use voxgate_scenarios::twilio::{Pace, Simulator};
+
+#[derive(Parser)]
+#[command(
+    name = "twilio-sim",
+    about = "A Twilio stand-in for voxgate: signed webhooks and Media Streams with real speech"
+)]
+struct Cli {
+    /// Where voxgate listens.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    target: String,
+    /// voxgate's public_url (what Twilio signs); defaults to --target.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// The tenant's AccountSid.
+    #[arg(long)]
+    account: String,
+    /// The tenant's auth token (also TWILIO_AUTH_TOKEN).
+    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Place one inbound call that speaks the given sentences.
+    Call {
+        /// The tenant's number being called.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "+14155550123")]
+        from: String,
+        /// A sentence to speak; repeat for several (1.5 s apart).
+        #[arg(long = "say", required = true)]
+        say: Vec<String>,
+        /// espeak-ng:VOICE or flite:VOICE.
+        #[arg(long, default_value = "espeak-ng:en-us")]
+        voice: String,
+        /// Send at real-time pace (default: 4× faster).
+        #[arg(long)]
+        realtime: bool,
+        /// Use this CallSid instead of a random one.
+        #[arg(long)]
+        call_sid: Option<String>,
+    },
+}
+
+fn parse_voice(v: &str) -> anyhow::Result<Voice> {
+    match v.split_once(':') {
+        Some(("espeak-ng", n)) => Ok(Voice::Espeak(n.into())),
+        Some(("flite", n)) => Ok(Voice::Flite(n.into())),
+        _ => bail!("--voice must be espeak-ng:NAME or flite:NAME, got {v:?}"),
+    }
+}
+
+fn random_call() -> CallSid {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    CallSid::from_u128(t ^ (u128::from(std::process::id()) << 64))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let account = AccountSid::parse(&cli.account).context("--account")?;
+    let public = cli.public_url.clone().unwrap_or_else(|| cli.target.clone());
+    let sim = Simulator::new(&cli.target, &public, account, &cli.token);
+    match cli.command {
+        Cmd::Call { to, from, say, voice, realtime, call_sid } => {
+            let voice = parse_voice(&voice)?;
+            let work = tempfile::tempdir()?;
+            let lines: Vec<(&str, Voice)> = say.iter().map(|s| (s.as_str(), voice.clone())).collect();
+            let s = script(&lines, 500, 1500, work.path())?;
+            let call = match call_sid {
+                Some(c) => CallSid::parse(&c).context("--call-sid")?,
+                None => random_call(),
+            };
+            let pace = if realtime { Pace::RealTime } else { Pace::Faster(4) };
+            println!("calling {to} as {call} with {:.1} s of audio", s.mulaw.len() as f64 / 8000.0);
+            for (a, b, text) in &s.utterances {
+                println!("  speech {a}–{b} ms: {text}");
+            }
+            let report = sim.call(call, &from, &to, &s.mulaw, pace).await?;
+            println!("sent {} frames; call completed", report.frames_sent);
+            println!("see it: voxgate replay --call {call}");
+        }
+    }
+    Ok(())
+}

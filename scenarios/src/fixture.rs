@@ -1,0 +1,32 @@
+//! The tenant and helpers scenario tests share: one configured tenant behind a proxy URL.
+
+use serde_json::Value;
+use voxgate_protocol::{AccountSid, CallSid};
+
+use crate::node::Node;
+use crate::twilio::Simulator;
+
+pub const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+pub const TOKEN: &str = "9f3c1b2a7d4e5f60718293a4b5c6d7e8";
+pub const NUMBER: &str = "+14155550100";
+/// Twilio believes it calls this (a proxy or tunnel in front of voxgate).
+pub const PUBLIC: &str = "https://voxgate.test";
+
+/// A config with the tenant, plus `extra` TOML lines before the tenant table.
+pub fn config(extra: &str) -> String {
+    format!(
+        "public_url = \"{PUBLIC}\"\n{extra}\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"
+    )
+}
+
+/// The tenant's Twilio, pointed at `node`.
+pub fn sim(node: &Node) -> Simulator {
+    Simulator::new(&node.url(), PUBLIC, AccountSid::parse(ACCOUNT).expect("valid sid"), TOKEN)
+}
+
+/// `voxgate replay --call … --json`, parsed (the node must be stopped).
+pub fn replay_json(node: &Node, call: CallSid) -> Vec<Value> {
+    let out = node.cli(&["replay", "--call", &call.to_string(), "--json"]).expect("run replay");
+    assert!(out.status.success(), "replay failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
+}

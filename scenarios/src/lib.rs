@@ -1,0 +1,15 @@
+//! voxgate-scenarios: a Twilio traffic simulator and the harness for end-to-end, failure and load
+//! scenarios against the real `voxgate` binary.
+//!
+//! Owns: [`twilio`] (signed webhooks, Media Streams client, status callbacks), [`speech`] (real
+//! speech from espeak-ng/flite as 8 kHz µ-law), [`node`] (start a `voxgate serve` on free ports
+//! with a temp data dir, and stop it). Must not: reach into voxgate's internals — everything goes
+//! through HTTP, WebSocket and the CLI, as a user's would.
+
+pub mod bench;
+pub mod corpus;
+pub mod fixture;
+pub mod node;
+pub mod speech;
+pub mod twilio;
+pub mod wer;
