@@ -66,8 +66,11 @@ impl TwilioRest {
     }
 }
 
+/// How long (in 10 ms polls) a hang-up waits for the call's actor to start.
+const ACTOR_WAIT_POLLS: u32 = 200;
+
 /// Applies one fraud-log event; `live` events also end calls (not those read at startup).
-async fn act(env: &Envelope, tenancy: &Tenancy, twilio: &TwilioRest, clock: &dyn Clock, live: bool) {
+async fn act(env: &Envelope, tenancy: &Arc<Tenancy>, twilio: &TwilioRest, clock: &dyn Clock, live: bool) {
     match &env.payload {
         Event::FraudVerdict(v) => {
             if let (Some(number), Some(until)) = (&v.blocked_number, v.blocked_until) {
@@ -90,24 +93,43 @@ async fn act(env: &Envelope, tenancy: &Tenancy, twilio: &TwilioRest, clock: &dyn
         }
         Event::HangupRequested(h) if live => {
             let Some(call) = env.call else { return };
-            if let Some(actor) = CallActor::find(call) {
-                let r = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Hangup {
-                    source: h.source.clone(),
-                    reason: h.reason.clone(),
-                    reply
-                });
-                if !matches!(r, Ok(Ok(()))) {
-                    tracing::error!(stage = "fraud", call_sid = %call, tenant = %env.tenant, result = ?r, "call actor did not record the hang-up");
+            // Ending a call waits for its actor and for Twilio; blocks keep flowing meanwhile.
+            let (env, h, tenancy, twilio) = (env.clone(), h.clone(), tenancy.clone(), twilio.clone());
+            tokio::spawn(async move {
+                // Ingress appends `CallReceived` before it starts the call's actor, so a verdict
+                // can overtake the actor's start by a few milliseconds: wait for it briefly.
+                let mut actor = CallActor::find(call);
+                for _ in 0..ACTOR_WAIT_POLLS {
+                    if actor.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    actor = CallActor::find(call);
                 }
-            }
-            match twilio.complete_call(tenancy, env).await {
-                Ok(status) => {
-                    tracing::info!(stage = "fraud", call_sid = %call, tenant = %env.tenant, status, "call completed at Twilio")
+                match actor {
+                    Some(actor) => {
+                        let r = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Hangup {
+                            source: h.source.clone(),
+                            reason: h.reason.clone(),
+                            reply
+                        });
+                        if !matches!(r, Ok(Ok(()))) {
+                            tracing::error!(stage = "fraud", call_sid = %call, tenant = %env.tenant, result = ?r, "call actor did not record the hang-up");
+                        }
+                    }
+                    None => {
+                        tracing::info!(stage = "fraud", call_sid = %call, tenant = %env.tenant, "no live actor for the call; ending it at Twilio only")
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(stage = "fraud", call_sid = %call, tenant = %env.tenant, error = %e, "call not completed at Twilio")
+                match twilio.complete_call(&tenancy, &env).await {
+                    Ok(status) => {
+                        tracing::info!(stage = "fraud", call_sid = %call, tenant = %env.tenant, status, "call completed at Twilio")
+                    }
+                    Err(e) => {
+                        tracing::error!(stage = "fraud", call_sid = %call, tenant = %env.tenant, error = %e, "call not completed at Twilio")
+                    }
                 }
-            }
+            });
         }
         _ => {}
     }
