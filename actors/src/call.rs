@@ -46,6 +46,11 @@ pub mod id_kind {
     pub const FRAUD_ALERT: u64 = 17;
     pub const FRAUD_HANGUP: u64 = 18;
     pub const CALL_HANGUP: u64 = 19;
+    pub const TRIGGER_FIRED: u64 = 20;
+    pub const TRIGGER_ALERT: u64 = 21;
+    pub const TRIGGER_CALLBACK: u64 = 22;
+    pub const BUDGET_EXCEEDED: u64 = 23;
+    pub const BUDGET_ALERT: u64 = 24;
 }
 
 /// Per-call limits.

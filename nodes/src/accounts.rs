@@ -18,6 +18,13 @@ use voxgate_actors::tenancy::{limits, NumberRecord, Quota, TenantRecord};
 use voxgate_protocol::event::TenantStatus;
 use voxgate_protocol::{AccountSid, PhoneNumberSid, Timestamp};
 
+use voxgate_actors::billing::{
+    CallbackMethod, Category, NewTrigger, Recurring, Trigger, TriggerBy, TriggerError, TriggerSid,
+};
+use voxgate_protocol::event::{UsageTriggerDeleted, UsageTriggerUpdated};
+use voxgate_protocol::Event;
+
+use crate::billing::BillingCommandError;
 use crate::ingress::{twilio_error, AppState};
 use crate::tenancy::{new_auth_token, random_bytes, random_u128, AuthError, CommandError, Principal};
 
@@ -35,6 +42,12 @@ enum Resource {
     Block(AccountSid, String),
     /// `Usage/Records.json` (None) or `Usage/Records/{Daily,…}.json`.
     UsageRecords(AccountSid, Option<&'static str>),
+    /// `Usage/Invoices/{YYYY-MM|ThisMonth|LastMonth}.json` (voxgate's own).
+    Invoice(AccountSid, String),
+    /// `Usage/Triggers.json`.
+    Triggers(AccountSid),
+    /// `Usage/Triggers/{UT}.json`.
+    Trigger(AccountSid, TriggerSid),
 }
 
 impl Resource {
@@ -45,6 +58,8 @@ impl Resource {
             Self::Quotas(_) => "quotas",
             Self::Blocks(_) | Self::Block(..) => "blocked_numbers",
             Self::UsageRecords(..) => "usage_records",
+            Self::Triggers(_) | Self::Trigger(..) => "usage_triggers",
+            Self::Invoice(..) => "usage_invoices",
         }
     }
 
@@ -65,6 +80,11 @@ impl Resource {
             ["Accounts", a, "Usage", "Records", sub] => {
                 let name = USAGE_SUBRESOURCES.iter().find(|(f, _)| Some(*f) == sub.strip_suffix(".json"))?.0;
                 Self::UsageRecords(sid(a)?, Some(name))
+            }
+            ["Accounts", a, "Usage", "Triggers.json"] => Self::Triggers(sid(a)?),
+            ["Accounts", a, "Usage", "Invoices", m] => Self::Invoice(sid(a)?, m.strip_suffix(".json")?.to_owned()),
+            ["Accounts", a, "Usage", "Triggers", t] => {
+                Self::Trigger(sid(a)?, TriggerSid::parse(t.strip_suffix(".json")?).ok()?)
             }
             ["Accounts", a, "BlockedNumbers", n] => {
                 let n = n.strip_suffix(".json")?;
@@ -116,6 +136,21 @@ impl From<TenancyError> for ApiError {
     fn from(e: TenancyError) -> Self {
         let (code, status) = e.code_and_status();
         Self::new(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), code, e.to_string())
+    }
+}
+
+impl From<BillingCommandError> for ApiError {
+    fn from(e: BillingCommandError) -> Self {
+        match e {
+            BillingCommandError::Rule(TriggerError::NotFound(sid)) => {
+                Self::new(StatusCode::NOT_FOUND, 20404, format!("usage trigger {sid} was not found"))
+            }
+            BillingCommandError::Rule(r) => Self::new(StatusCode::BAD_REQUEST, 21608, r.to_string()),
+            BillingCommandError::Log(l) => {
+                tracing::error!(error = %l, "billing event not recorded");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, 20503, "event log unavailable; retry")
+            }
+        }
     }
 }
 
@@ -268,7 +303,10 @@ async fn handle(
         | Resource::Quotas(a)
         | Resource::Blocks(a)
         | Resource::Block(a, _)
-        | Resource::UsageRecords(a, _) => Some(*a),
+        | Resource::UsageRecords(a, _)
+        | Resource::Triggers(a)
+        | Resource::Invoice(a, _)
+        | Resource::Trigger(a, _) => Some(*a),
     };
     if let Some(a) = target {
         let exists = t.read(|d| d.tenant(a).is_some());
@@ -391,6 +429,83 @@ async fn handle(
             Ok((StatusCode::NO_CONTENT, Value::Null))
         }
         (Method::GET, Resource::UsageRecords(a, sub)) => usage_records(state, a, sub, &params),
+        (Method::GET, Resource::Invoice(a, m)) => {
+            use voxgate_actors::billing::Month;
+            let this = Month::of(state.clock.now());
+            let month = match m.as_str() {
+                "ThisMonth" => this,
+                "LastMonth" => Month::from_index(this.index() - 1),
+                m => Month::parse(m).map_err(|e| ApiError::invalid("month", e))?,
+            };
+            let inv = state.billing.read().usage.invoice(a, month);
+            Ok((StatusCode::OK, invoice_json(&inv)))
+        }
+        (Method::GET, Resource::Triggers(a)) => {
+            let filter = |name: &'static str| params.get(name).filter(|v| !v.is_empty());
+            let (recurring, by, category) = (filter("Recurring"), filter("TriggerBy"), filter("UsageCategory"));
+            let items: Vec<Value> = state
+                .billing
+                .read()
+                .triggers
+                .list(a)
+                .into_iter()
+                .filter(|t| recurring.is_none_or(|r| t.recurring.as_str() == r))
+                .filter(|t| by.is_none_or(|b| t.trigger_by.as_str() == b))
+                .filter(|t| category.is_none_or(|c| t.usage_category.as_str() == c))
+                .map(trigger_json)
+                .collect();
+            page(items, "usage_triggers", &format!("{API}/Accounts/{a}/Usage/Triggers.json"), &params)
+        }
+        (Method::POST, Resource::Triggers(a)) => {
+            let new = new_trigger(a, &params)?;
+            let sid = new.sid;
+            state
+                .billing
+                .command(a, |b, now| {
+                    Ok(Event::UsageTriggerCreated(b.triggers.prepare(new, &b.usage, now)?.created_event()))
+                })
+                .await?;
+            let v = state.billing.read().triggers.get(a, sid).map(trigger_json);
+            Ok((StatusCode::CREATED, v.unwrap_or(Value::Null)))
+        }
+        (Method::GET, Resource::Trigger(a, sid)) => {
+            let v = state.billing.read().triggers.get(a, sid).map(trigger_json);
+            v.map(|v| (StatusCode::OK, v)).ok_or_else(|| ApiError::not_found(path))
+        }
+        (Method::POST, Resource::Trigger(a, sid)) => {
+            let url = params.get("CallbackUrl").map(str::to_owned);
+            let method = params
+                .get("CallbackMethod")
+                .map(|m| {
+                    CallbackMethod::parse(m).ok_or_else(|| ApiError::invalid("CallbackMethod", "must be GET or POST"))
+                })
+                .transpose()?;
+            let name = params.get("FriendlyName").map(str::to_owned);
+            state
+                .billing
+                .command(a, |b, _| {
+                    b.triggers.check_update(a, sid, url.as_deref(), name.as_deref())?;
+                    Ok(Event::UsageTriggerUpdated(UsageTriggerUpdated {
+                        sid: sid.to_string(),
+                        callback_url: url,
+                        callback_method: method.map(|m| m.as_str().to_owned()),
+                        friendly_name: name,
+                    }))
+                })
+                .await?;
+            let v = state.billing.read().triggers.get(a, sid).map(trigger_json);
+            Ok((StatusCode::OK, v.unwrap_or(Value::Null)))
+        }
+        (Method::DELETE, Resource::Trigger(a, sid)) => {
+            state
+                .billing
+                .command(a, |b, _| {
+                    b.triggers.get(a, sid).ok_or(TriggerError::NotFound(sid))?;
+                    Ok(Event::UsageTriggerDeleted(UsageTriggerDeleted { sid: sid.to_string() }))
+                })
+                .await?;
+            Ok((StatusCode::NO_CONTENT, Value::Null))
+        }
         (m, _) => {
             Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, 20004, format!("method {m} not allowed on {path}")))
         }
@@ -417,7 +532,6 @@ fn usage_records(
     params: &Params,
 ) -> Result<(StatusCode, Value), ApiError> {
     use voxgate_actors::billing::periods::{parse_date_param, Period};
-    use voxgate_actors::billing::Category;
     let now = state.clock.now();
     let category = params
         .get("Category")
@@ -447,7 +561,7 @@ fn usage_records(
         }
     };
     let records =
-        state.billing.read().report(a, include, &period, now).map_err(|e| ApiError::invalid("StartDate", e))?;
+        state.billing.read().usage.report(a, include, &period, now).map_err(|e| ApiError::invalid("StartDate", e))?;
     let as_of = now.to_string().replace(".000Z", "+00:00");
     let base = format!("{API}/Accounts/{a}/Usage/Records");
     let items: Vec<Value> = records
@@ -483,6 +597,107 @@ fn usage_records(
         None => format!("{base}.json"),
     };
     page(items, "usage_records", &path, params)
+}
+
+/// `POST …/Usage/Triggers.json`'s parameters as a trigger to create.
+fn new_trigger(a: AccountSid, params: &Params) -> Result<NewTrigger, ApiError> {
+    let required = |name: &'static str| {
+        params.get(name).filter(|v| !v.is_empty()).ok_or_else(|| ApiError::invalid(name, "is required"))
+    };
+    let category = required("UsageCategory")?;
+    let usage_category = Category::parse(category).ok_or_else(|| {
+        ApiError::invalid("UsageCategory", format!("{category:?} is not a usage category voxgate meters"))
+    })?;
+    let trigger_by = match params.get("TriggerBy") {
+        None => TriggerBy::Usage,
+        Some(b) => {
+            TriggerBy::parse(b).ok_or_else(|| ApiError::invalid("TriggerBy", "must be count, usage or price"))?
+        }
+    };
+    let recurring = match params.get("Recurring") {
+        None => Recurring::None,
+        Some(r) => Recurring::parse(r)
+            .ok_or_else(|| ApiError::invalid("Recurring", "must be daily, monthly, yearly or alltime"))?,
+    };
+    let callback_method = match params.get("CallbackMethod") {
+        None => CallbackMethod::Post,
+        Some(m) => {
+            CallbackMethod::parse(m).ok_or_else(|| ApiError::invalid("CallbackMethod", "must be GET or POST"))?
+        }
+    };
+    Ok(NewTrigger {
+        sid: TriggerSid(random_u128()),
+        tenant: a,
+        usage_category,
+        trigger_by,
+        trigger_value: required("TriggerValue")?.trim().to_owned(),
+        recurring,
+        callback_url: required("CallbackUrl")?.to_owned(),
+        callback_method,
+        friendly_name: params.get("FriendlyName").unwrap_or("").to_owned(),
+    })
+}
+
+/// An invoice: one line per metered category with its volume tiers, and the total.
+fn invoice_json(inv: &voxgate_actors::billing::Invoice) -> Value {
+    use voxgate_actors::billing::format_micros;
+    let lines: Vec<Value> = inv
+        .lines
+        .iter()
+        .map(|l| {
+            let tiers: Vec<Value> = l
+                .tiers
+                .iter()
+                .map(|t| {
+                    json!({
+                        "from_minutes": t.from_minutes,
+                        "to_minutes": t.to_minutes,
+                        "minutes": t.minutes,
+                        "price_per_minute": format_micros(t.price_per_min_micros),
+                        "price": format_micros(t.price_micros),
+                    })
+                })
+                .collect();
+            json!({
+                "category": l.category.as_str(),
+                "description": l.description,
+                "count": l.count.to_string(),
+                "usage": l.usage.to_string(),
+                "usage_unit": l.usage_unit,
+                "tiers": tiers,
+                "price": format_micros(l.price_micros),
+            })
+        })
+        .collect();
+    json!({
+        "account_sid": inv.account_sid.to_string(),
+        "month": inv.month.to_string(),
+        "lines": lines,
+        "total_price": format_micros(inv.total_micros),
+        "price_unit": "usd",
+    })
+}
+
+/// A usage trigger in Twilio's JSON.
+fn trigger_json(t: &Trigger) -> Value {
+    json!({
+        "account_sid": t.tenant.to_string(),
+        "api_version": "2010-04-01",
+        "callback_method": t.callback_method.as_str(),
+        "callback_url": t.callback_url,
+        "current_value": t.current_value(),
+        "date_created": t.date_created.rfc2822(),
+        "date_fired": t.date_fired.map(|d| d.rfc2822()),
+        "date_updated": t.date_updated.rfc2822(),
+        "friendly_name": t.friendly_name,
+        "recurring": match t.recurring { Recurring::None => Value::Null, r => Value::from(r.as_str()) },
+        "sid": t.sid.to_string(),
+        "trigger_by": t.trigger_by.as_str(),
+        "trigger_value": t.trigger_value(),
+        "uri": t.uri(),
+        "usage_category": t.usage_category.as_str(),
+        "usage_record_uri": t.usage_record_uri(),
+    })
 }
 
 fn default_name(now: Timestamp) -> String {
@@ -572,7 +787,23 @@ fn page(items: Vec<Value>, key: &str, base: &str, params: &Params) -> Result<(St
     let total = items.len();
     let records: Vec<Value> = items.into_iter().skip(start).take(size).collect();
     let n = records.len();
-    let uri = |p: usize| format!("{base}?PageSize={size}&Page={p}");
+    // The list's own filters travel with every page link.
+    let filters: String = params
+        .0
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "Page" | "PageSize" | "PageToken"))
+        .fold(form_urlencoded::Serializer::new(String::new()), |mut s, (k, v)| {
+            s.append_pair(k, v);
+            s
+        })
+        .finish();
+    let uri = |p: usize| {
+        if filters.is_empty() {
+            format!("{base}?PageSize={size}&Page={p}")
+        } else {
+            format!("{base}?{filters}&PageSize={size}&Page={p}")
+        }
+    };
     let mut v = json!({
         "first_page_uri": uri(0),
         "next_page_uri": if start + n < total { Value::from(uri(page + 1)) } else { Value::Null },

@@ -2,49 +2,185 @@
 //! a [`UsageBook`], applied idempotently (by event id), so the node rebuilds it from the start of
 //! the logs on every start and then follows them: a restart, a crash mid-stream or a replay from
 //! zero give the same totals to the micro-dollar. The REST API reads the book.
+//!
+//! Usage triggers and budget stops live on the `billing` log. A trigger's creation, update and
+//! deletion are recorded there by the REST API; a firing is recorded there (event id derived from
+//! the trigger and the period, so once per period) before its callback is sent, and every
+//! callback attempt after it is made. On start, firings whose callback has no final attempt are
+//! resumed, so a callback is neither lost nor sent for a period twice by a restart (the receiver
+//! may see an attempt again if the node died between sending it and recording it: the
+//! `IdempotencyToken` is for that).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use voxgate_actors::billing::UsageBook;
-use voxgate_protocol::Timestamp;
+use voxgate_actors::billing::{CallbackPolicy, Month, TriggerBook, UsageBook, UsageChange};
+use voxgate_actors::call::id_kind;
+use voxgate_protocol::event::{AlertRaised, CallbackOutcome, Severity, TriggerCallbackAttempted, UsageTriggerFired};
+use voxgate_protocol::twilio::signature::{self, Algorithm};
+use voxgate_protocol::{AccountSid, Clock, Envelope, Event, EventId, Timestamp};
 use voxgate_storage::{topics, Log, StorageError};
 
 use crate::config::Config;
+use crate::hangup::{end_call, TwilioRest};
+use crate::tenancy::Tenancy;
 
-const TOPICS: [&str; 3] = [topics::TENANTS, topics::CALLS, topics::TRANSCRIPTS];
+const TOPICS: [&str; 4] = [topics::TENANTS, topics::CALLS, topics::TRANSCRIPTS, topics::BILLING];
+
+/// A firing whose callback has no final attempt yet.
+#[derive(Debug, Clone)]
+struct Delivery {
+    tenant: AccountSid,
+    fired: UsageTriggerFired,
+    attempts: u32,
+}
+
+/// What billing knows: usage, triggers and budgets, and callbacks still to deliver.
+pub struct Books {
+    pub usage: UsageBook,
+    pub triggers: TriggerBook,
+    deliveries: BTreeMap<String, Delivery>,
+}
+
+impl Books {
+    /// Applies one event of any of the four logs; returns the usage it changed.
+    fn apply(&mut self, env: &Envelope) -> Vec<UsageChange> {
+        match &env.payload {
+            Event::UsageTriggerFired(f) => {
+                self.triggers.apply(env);
+                self.deliveries.entry(f.idempotency_token.clone()).or_insert_with(|| Delivery {
+                    tenant: env.tenant,
+                    fired: f.clone(),
+                    attempts: 0,
+                });
+                Vec::new()
+            }
+            Event::TriggerCallbackAttempted(a) => {
+                match a.outcome {
+                    CallbackOutcome::Retrying => {
+                        if let Some(d) = self.deliveries.get_mut(&a.idempotency_token) {
+                            d.attempts = d.attempts.max(a.attempt);
+                        }
+                    }
+                    CallbackOutcome::Delivered | CallbackOutcome::GaveUp => {
+                        self.deliveries.remove(&a.idempotency_token);
+                    }
+                }
+                Vec::new()
+            }
+            Event::UsageTriggerCreated(_)
+            | Event::UsageTriggerUpdated(_)
+            | Event::UsageTriggerDeleted(_)
+            | Event::BudgetExceeded(_) => {
+                self.triggers.apply(env);
+                Vec::new()
+            }
+            _ => self.usage.apply(env),
+        }
+    }
+}
 
 /// The book, shared by the follower and the REST API.
 pub struct Billing {
-    book: Mutex<UsageBook>,
+    books: Mutex<Books>,
+    log: Log,
+    clock: Arc<dyn Clock>,
+    tenancy: Arc<Tenancy>,
+    twilio: TwilioRest,
+    http: reqwest::Client,
+    policy: CallbackPolicy,
+    /// One trigger command at a time (checks see the previous command's effect).
+    commands: tokio::sync::Mutex<()>,
+}
+
+/// Why a trigger command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BillingCommandError {
+    #[error(transparent)]
+    Rule(#[from] voxgate_actors::billing::TriggerError),
+    #[error("event log: {0}")]
+    Log(#[from] StorageError),
 }
 
 impl Billing {
     /// An empty book with the configured prices; config-file numbers are held from `since`.
-    pub fn new(cfg: &Config, since: Timestamp) -> anyhow::Result<Self> {
-        let mut book =
+    pub fn new(
+        cfg: &Config,
+        log: Log,
+        clock: Arc<dyn Clock>,
+        tenancy: Arc<Tenancy>,
+        twilio: TwilioRest,
+    ) -> anyhow::Result<Self> {
+        let since = clock.now();
+        let mut usage =
             UsageBook::new(cfg.billing.prices.clone()).map_err(|e| anyhow::anyhow!("billing prices: {e}"))?;
         for t in &cfg.tenants {
             for n in &t.numbers {
-                book.hold_number(t.account_sid, n, since);
+                usage.hold_number(t.account_sid, n, since);
             }
         }
-        Ok(Self { book: Mutex::new(book) })
+        let triggers =
+            TriggerBook::with_budgets(&cfg.billing.budgets).map_err(|e| anyhow::anyhow!("billing budgets: {e}"))?;
+        let policy = cfg.billing.callbacks;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(policy.timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
+        Ok(Self {
+            books: Mutex::new(Books { usage, triggers, deliveries: BTreeMap::new() }),
+            log,
+            clock,
+            tenancy,
+            twilio,
+            http,
+            policy,
+            commands: tokio::sync::Mutex::new(()),
+        })
     }
 
-    pub fn read(&self) -> MutexGuard<'_, UsageBook> {
-        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn read(&self) -> MutexGuard<'_, Books> {
+        self.books.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies every durable record of the three logs from `next` on; returns how many.
-    fn catch_up(&self, log: &Log, next: &mut [Vec<u64>]) -> Result<u64, StorageError> {
+    /// Checks a trigger command against the books (`check` returns the event to record), records
+    /// it on the billing log and applies it; returns the event.
+    pub async fn command(
+        &self,
+        tenant: AccountSid,
+        check: impl FnOnce(&Books, Timestamp) -> Result<Event, voxgate_actors::billing::TriggerError>,
+    ) -> Result<Envelope, BillingCommandError> {
+        let _one_at_a_time = self.commands.lock().await;
+        let now = self.clock.now();
+        let payload = check(&self.read(), now)?;
+        let env = Envelope {
+            event_id: EventId(crate::tenancy::random_u128()),
+            tenant,
+            call: None,
+            occurred_at: now,
+            payload,
+        };
+        self.log.append(topics::BILLING, 0, &voxgate_protocol::encode(&env)).await?;
+        self.read().apply(&env);
+        tracing::info!(stage = "billing", tenant = %tenant, kind = env.payload.kind(), "billing change recorded");
+        Ok(env)
+    }
+
+    /// Applies every durable record of the logs from `next` on; returns how many and the usage
+    /// they changed, and whether a trigger was created (it needs a first look).
+    fn catch_up(&self, next: &mut [Vec<u64>]) -> Result<(u64, Vec<UsageChange>, bool), StorageError> {
         let mut n = 0;
-        let mut book = self.read();
+        let mut changes = Vec::new();
+        let mut created = false;
+        let mut books = self.read();
         for (t, topic) in TOPICS.iter().enumerate() {
             for (p, from) in next[t].iter_mut().enumerate() {
-                let to = log.scan(topic, p as u32, *from, |r| {
+                let to = self.log.scan(topic, p as u32, *from, |r| {
                     match voxgate_protocol::decode(r.payload()) {
                         Ok(env) => {
-                            book.apply(&env);
+                            created |= matches!(env.payload, Event::UsageTriggerCreated(_));
+                            changes.extend(books.apply(&env));
                         }
                         Err(e) => {
                             metrics::counter!("voxgate_stage_undecodable_total", "stage" => "billing").increment(1);
@@ -57,11 +193,213 @@ impl Billing {
                 *from = to;
             }
         }
-        Ok(n)
+        Ok((n, changes, created))
     }
 
-    /// Rebuilds the book from the start of the logs, then follows them until the log closes.
-    pub async fn follow(self: Arc<Self>, log: Log) -> Result<(), StorageError> {
+    async fn record(&self, topic: &str, env: &Envelope) -> Result<(), StorageError> {
+        self.log.append(topic, env.tenant.partition_key(), &voxgate_protocol::encode(env)).await?;
+        Ok(())
+    }
+
+    /// Judges triggers and budgets at `now` (on `changes`, or on everything when `all`), records
+    /// what fired and acts on it.
+    async fn judge(self: &Arc<Self>, changes: &[UsageChange], all: bool) -> Result<(), StorageError> {
+        let now = self.clock.now();
+        let (firings, budgets) = {
+            let mut b = self.read();
+            let Books { usage, triggers, .. } = &mut *b;
+            let firings = if all { triggers.evaluate_all(usage, now) } else { triggers.evaluate(usage, changes, now) };
+            let candidates: Vec<AccountSid> = if all {
+                self.tenancy.read(|d| d.tenants().map(|t| t.sid).collect())
+            } else {
+                changes.iter().map(|c| c.tenant).collect()
+            };
+            (firings, triggers.budgets_reached(usage, &candidates, now))
+        };
+        for f in firings {
+            let period = f.period_start.0 as u128;
+            let sid = f.usage_trigger_sid.0;
+            let fired = Envelope {
+                event_id: EventId::derive(id_kind::TRIGGER_FIRED, &[sid, period]),
+                tenant: f.account_sid,
+                call: None,
+                occurred_at: now,
+                payload: Event::UsageTriggerFired(f.event()),
+            };
+            self.record(topics::BILLING, &fired).await?;
+            self.read().apply(&fired);
+            let alert = Envelope {
+                event_id: EventId::derive(id_kind::TRIGGER_ALERT, &[sid, period]),
+                payload: Event::AlertRaised(AlertRaised {
+                    source: "billing".into(),
+                    name: "usage_trigger".into(),
+                    severity: Severity::Alert,
+                    message: format!(
+                        "usage trigger {} fired: {} {} is {} (threshold {})",
+                        f.usage_trigger_sid,
+                        f.usage_category,
+                        f.trigger_by.as_str(),
+                        f.current_value,
+                        f.trigger_value
+                    ),
+                }),
+                ..fired.clone()
+            };
+            self.record(topics::ALERTS, &alert).await?;
+            metrics::counter!("voxgate_usage_triggers_fired_total", "tenant" => self.tenancy.labels.label(f.account_sid))
+                .increment(1);
+            tracing::warn!(stage = "billing", tenant = %f.account_sid, trigger = %f.usage_trigger_sid, token = %f.idempotency_token, current = %f.current_value, "usage trigger fired");
+            self.spawn_delivery(Delivery { tenant: f.account_sid, fired: f.event(), attempts: 0 });
+        }
+        for (account, spent, budget) in budgets {
+            let month = Month::of(now);
+            let ev = TriggerBook::budget_event(month, spent, budget);
+            let until = ev.until;
+            let exceeded = Envelope {
+                event_id: EventId::derive(id_kind::BUDGET_EXCEEDED, &[account.as_u128(), month.start().0 as u128]),
+                tenant: account,
+                call: None,
+                occurred_at: now,
+                payload: Event::BudgetExceeded(ev),
+            };
+            self.record(topics::BILLING, &exceeded).await?;
+            self.read().apply(&exceeded);
+            let alert = Envelope {
+                event_id: EventId::derive(id_kind::BUDGET_ALERT, &[account.as_u128(), month.start().0 as u128]),
+                payload: Event::AlertRaised(AlertRaised {
+                    source: "billing".into(),
+                    name: "budget_exceeded".into(),
+                    severity: Severity::EndCall,
+                    message: format!(
+                        "monthly budget of {account} spent: {} of {} usd in {month}; calls refused until the month ends",
+                        voxgate_actors::billing::format_micros(spent),
+                        voxgate_actors::billing::format_micros(budget)
+                    ),
+                }),
+                ..exceeded.clone()
+            };
+            self.record(topics::ALERTS, &alert).await?;
+            metrics::counter!("voxgate_budget_stops_total", "tenant" => self.tenancy.labels.label(account))
+                .increment(1);
+            tracing::warn!(stage = "billing", tenant = %account, spent, budget, "monthly budget spent; refusing and ending calls");
+            self.stop(account, until, budget);
+        }
+        Ok(())
+    }
+
+    /// Refuses the account's new calls until `until` and ends its active ones.
+    fn stop(&self, account: AccountSid, until: Timestamp, budget: u64) {
+        for (tenant, call) in self.tenancy.stop_for_budget(account, until, budget) {
+            let (tenancy, twilio) = (self.tenancy.clone(), self.twilio.clone());
+            tokio::spawn(async move {
+                end_call(call, tenant, "billing", "monthly budget spent", &tenancy, &twilio).await;
+            });
+        }
+    }
+
+    fn spawn_delivery(self: &Arc<Self>, d: Delivery) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let token = d.fired.idempotency_token.clone();
+            if let Err(e) = me.deliver(d).await {
+                tracing::error!(stage = "billing", token = %token, error = %e, "trigger callback attempt not recorded; resumed at the next start");
+            }
+        });
+    }
+
+    /// Sends a firing's callback until it is delivered or the attempts are spent, recording
+    /// every attempt.
+    async fn deliver(&self, d: Delivery) -> Result<(), StorageError> {
+        let Delivery { tenant, fired, mut attempts } = d;
+        let period = fired.period_start.0 as u128;
+        let sid = voxgate_actors::billing::TriggerSid::parse(&fired.sid).map(|s| s.0).unwrap_or(0);
+        if attempts > 0 {
+            tokio::time::sleep(self.policy.backoff(attempts)).await;
+        }
+        loop {
+            attempts += 1;
+            let (status, error) = self.send(tenant, &fired).await;
+            let ok = status.is_some_and(|s| (200..300).contains(&s));
+            // A 4xx other than 408/429 will not change by asking again.
+            let hopeless = status.is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429);
+            let outcome = if ok {
+                CallbackOutcome::Delivered
+            } else if hopeless || attempts >= self.policy.attempts {
+                CallbackOutcome::GaveUp
+            } else {
+                CallbackOutcome::Retrying
+            };
+            let env = Envelope {
+                event_id: EventId::derive(id_kind::TRIGGER_CALLBACK, &[sid, period, u128::from(attempts)]),
+                tenant,
+                call: None,
+                occurred_at: self.clock.now(),
+                payload: Event::TriggerCallbackAttempted(TriggerCallbackAttempted {
+                    sid: fired.sid.clone(),
+                    idempotency_token: fired.idempotency_token.clone(),
+                    attempt: attempts,
+                    status,
+                    error: error.clone(),
+                    outcome,
+                }),
+            };
+            self.record(topics::BILLING, &env).await?;
+            self.read().apply(&env);
+            let label = match outcome {
+                CallbackOutcome::Delivered => "delivered",
+                CallbackOutcome::Retrying => "retrying",
+                CallbackOutcome::GaveUp => "gave_up",
+            };
+            metrics::counter!("voxgate_usage_trigger_callbacks_total", "outcome" => label).increment(1);
+            match outcome {
+                CallbackOutcome::Delivered => {
+                    tracing::info!(stage = "billing", tenant = %tenant, token = %fired.idempotency_token, attempt = attempts, "trigger callback delivered");
+                    return Ok(());
+                }
+                CallbackOutcome::GaveUp => {
+                    tracing::error!(stage = "billing", tenant = %tenant, token = %fired.idempotency_token, attempt = attempts, ?status, error = ?error, "trigger callback given up");
+                    return Ok(());
+                }
+                CallbackOutcome::Retrying => {
+                    tracing::warn!(stage = "billing", tenant = %tenant, token = %fired.idempotency_token, attempt = attempts, ?status, error = ?error, "trigger callback failed; retrying");
+                    tokio::time::sleep(self.policy.backoff(attempts)).await;
+                }
+            }
+        }
+    }
+
+    /// One callback request, signed as Twilio signs it (HMAC-SHA1 of the URL and the sorted
+    /// parameters with the account's auth token). Returns the status, or why there was none.
+    async fn send(&self, tenant: AccountSid, f: &UsageTriggerFired) -> (Option<u16>, Option<String>) {
+        let Some(token) = self.tenancy.token(tenant) else {
+            return (None, Some("the account is gone".into()));
+        };
+        let key = token.expose().as_bytes();
+        let req = if f.callback_method.eq_ignore_ascii_case("GET") {
+            let query = form(&f.params);
+            let sep = if f.callback_url.contains('?') { '&' } else { '?' };
+            let url = format!("{}{sep}{query}", f.callback_url);
+            let sig = signature::compute(Algorithm::Sha1, key, &url, &[]);
+            self.http.get(url).header("X-Twilio-Signature", sig)
+        } else {
+            let sig = signature::compute(Algorithm::Sha1, key, &f.callback_url, &f.params);
+            self.http
+                .post(&f.callback_url)
+                .header("X-Twilio-Signature", sig)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form(&f.params))
+        };
+        match req.header("I-Twilio-Idempotency-Token", &f.idempotency_token).send().await {
+            Ok(r) if r.status().is_success() => (Some(r.status().as_u16()), None),
+            Ok(r) => (Some(r.status().as_u16()), Some(format!("HTTP {}", r.status()))),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    }
+
+    /// Rebuilds the books from the start of the logs, resumes undelivered callbacks and budget
+    /// stops, judges every trigger once, then follows the logs until they close.
+    pub async fn follow(self: Arc<Self>) -> Result<(), StorageError> {
+        let log = self.log.clone();
         let mut next: Vec<Vec<u64>> = Vec::new();
         let mut watches = Vec::new();
         for topic in TOPICS {
@@ -69,16 +407,45 @@ impl Billing {
             next.push((0..parts).map(|p| log.first_offset(topic, p).unwrap_or(0)).collect());
             watches.push(log.watch(topic)?);
         }
-        let n = self.catch_up(&log, &mut next)?;
-        tracing::info!(stage = "billing", events = n, "usage rebuilt from the logs");
-        let [mut a, mut b, mut c] = <[_; 3]>::try_from(watches).map_err(|_| StorageError::Engine("watches".into()))?;
+        let (n, _, _) = self.catch_up(&mut next)?;
+        let now = self.clock.now();
+        let (pending, stops) = {
+            let b = self.read();
+            let month = Month::of(now);
+            let stops: Vec<_> = b.triggers.stopped().filter(|(_, m, _)| *m == month).collect();
+            (b.deliveries.values().cloned().collect::<Vec<_>>(), stops)
+        };
+        tracing::info!(
+            stage = "billing",
+            events = n,
+            pending_callbacks = pending.len(),
+            budget_stops = stops.len(),
+            "usage rebuilt from the logs"
+        );
+        for (account, month, budget) in stops {
+            self.stop(account, month.end(), budget);
+        }
+        for d in pending {
+            self.spawn_delivery(d);
+        }
+        self.judge(&[], true).await?;
+        let [mut a, mut b, mut c, mut d] =
+            <[_; 4]>::try_from(watches).map_err(|_| StorageError::Engine("watches".into()))?;
         loop {
             tokio::select! {
                 r = a.changed() => if r.is_err() { return Ok(()) },
                 r = b.changed() => if r.is_err() { return Ok(()) },
                 r = c.changed() => if r.is_err() { return Ok(()) },
+                r = d.changed() => if r.is_err() { return Ok(()) },
             }
-            self.catch_up(&log, &mut next)?;
+            let (_, changes, created) = self.catch_up(&mut next)?;
+            if created || !changes.is_empty() {
+                self.judge(&changes, created).await?;
+            }
         }
     }
+}
+
+fn form(params: &[(String, String)]) -> String {
+    form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish()
 }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod billing;
 pub mod config;
 pub mod fraud;
+pub mod hangup;
 pub mod health;
 pub mod ingress;
 pub mod perimeter;

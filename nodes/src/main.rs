@@ -78,6 +78,33 @@ enum Command {
         #[command(subcommand)]
         cmd: NumberCmd,
     },
+    /// A tenant's usage over a period, one row per category (a table, CSV or JSON), and the
+    /// month's invoice summary (volume tiers applied, totals), from a running node.
+    Usage {
+        #[command(flatten)]
+        remote: Remote,
+        /// The account (AC…).
+        #[arg(long)]
+        tenant: String,
+        /// today, yesterday, this-month, last-month, all-time, daily, monthly or yearly.
+        #[arg(long, default_value = "this-month")]
+        period: String,
+        /// First day (YYYY-MM-DD) of a date range, instead of --period.
+        #[arg(long)]
+        start: Option<String>,
+        /// Last day (YYYY-MM-DD) of a date range.
+        #[arg(long)]
+        end: Option<String>,
+        /// Include the subaccounts' usage in each row (Twilio's IncludeSubaccounts).
+        #[arg(long)]
+        include_subaccounts: bool,
+        /// Comma-separated values with a header row, for a spreadsheet.
+        #[arg(long)]
+        csv: bool,
+        /// The invoice summary of a month instead: YYYY-MM, this-month or last-month.
+        #[arg(long)]
+        invoice: Option<String>,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -315,6 +342,161 @@ async fn numbers(remote: Remote, cmd: NumberCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A CSV field, quoted when it holds a comma, quote or line break.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        v => v.to_string(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn usage(
+    remote: Remote,
+    tenant: String,
+    period: String,
+    start: Option<String>,
+    end: Option<String>,
+    include_subaccounts: bool,
+    csv: bool,
+    invoice: Option<String>,
+) -> anyhow::Result<()> {
+    use reqwest::Method;
+    use voxgate::admin::{call, print_table};
+    let t = target(&remote)?;
+    voxgate_protocol::AccountSid::parse(&tenant).with_context(|| format!("--tenant {tenant}"))?;
+    if let Some(month) = invoice {
+        let m = match month.as_str() {
+            "this-month" => "ThisMonth".to_owned(),
+            "last-month" => "LastMonth".to_owned(),
+            m => m.to_owned(),
+        };
+        let v = call(&t, Method::GET, &format!("/2010-04-01/Accounts/{tenant}/Usage/Invoices/{m}.json"), &[]).await?;
+        if remote.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        let empty = Vec::new();
+        let lines = v["lines"].as_array().unwrap_or(&empty);
+        if csv {
+            println!("month,category,description,count,usage,usage_unit,tier_from_minutes,tier_to_minutes,tier_minutes,tier_price_per_minute,price,price_unit");
+            for l in lines {
+                let base = [&v["month"], &l["category"], &l["description"], &l["count"], &l["usage"], &l["usage_unit"]]
+                    .map(|x| csv_field(&cell(x)))
+                    .join(",");
+                let tiers = l["tiers"].as_array().filter(|t| !t.is_empty());
+                match tiers {
+                    None => println!("{base},,,,,{},usd", cell(&l["price"])),
+                    Some(ts) => {
+                        for tr in ts {
+                            println!(
+                                "{base},{},{},{},{},{},usd",
+                                cell(&tr["from_minutes"]),
+                                cell(&tr["to_minutes"]),
+                                cell(&tr["minutes"]),
+                                cell(&tr["price_per_minute"]),
+                                cell(&tr["price"])
+                            );
+                        }
+                    }
+                }
+            }
+            println!("{},total,,,,,,,,,{},usd", cell(&v["month"]), cell(&v["total_price"]));
+            return Ok(());
+        }
+        println!("Invoice {} for {}", cell(&v["month"]), cell(&v["account_sid"]));
+        for l in lines {
+            println!(
+                "  {:<20} {:>8} × {:<8} {:>12} usd   {}",
+                cell(&l["category"]),
+                cell(&l["usage"]),
+                cell(&l["usage_unit"]),
+                cell(&l["price"]),
+                cell(&l["description"])
+            );
+            for tr in l["tiers"].as_array().unwrap_or(&empty) {
+                let to = if tr["to_minutes"].is_null() { "…".to_owned() } else { cell(&tr["to_minutes"]) };
+                println!(
+                    "      minutes {:>6}–{:<6} {:>8} min at {} usd/min = {} usd",
+                    cell(&tr["from_minutes"]),
+                    to,
+                    cell(&tr["minutes"]),
+                    cell(&tr["price_per_minute"]),
+                    cell(&tr["price"])
+                );
+            }
+        }
+        println!("  {:<20} {:>33} usd", "total", cell(&v["total_price"]));
+        return Ok(());
+    }
+    let sub = match period.as_str() {
+        _ if start.is_some() || end.is_some() => String::new(),
+        "today" => "/Today".into(),
+        "yesterday" => "/Yesterday".into(),
+        "this-month" => "/ThisMonth".into(),
+        "last-month" => "/LastMonth".into(),
+        "all-time" => "/AllTime".into(),
+        "daily" => "/Daily".into(),
+        "monthly" => "/Monthly".into(),
+        "yearly" => "/Yearly".into(),
+        p => anyhow::bail!("--period {p}: use today, yesterday, this-month, last-month, all-time, daily, monthly or yearly (or --start/--end)"),
+    };
+    let mut p = vec![("PageSize", "1000".to_owned()), ("IncludeSubaccounts", include_subaccounts.to_string())];
+    opt(&mut p, "StartDate", start);
+    opt(&mut p, "EndDate", end);
+    let mut rows = Vec::new();
+    let mut path = format!("/2010-04-01/Accounts/{tenant}/Usage/Records{sub}.json");
+    loop {
+        let v = call(&t, Method::GET, &path, &p).await?;
+        rows.extend(v["usage_records"].as_array().cloned().unwrap_or_default());
+        match v["next_page_uri"].as_str() {
+            Some(next) => {
+                path = next.to_owned();
+                p.clear();
+            }
+            None => break,
+        }
+    }
+    let columns = [
+        "account_sid",
+        "category",
+        "description",
+        "start_date",
+        "end_date",
+        "count",
+        "count_unit",
+        "usage",
+        "usage_unit",
+        "price",
+        "price_unit",
+    ];
+    if remote.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if csv {
+        println!("{}", columns.join(","));
+        for r in &rows {
+            println!("{}", columns.iter().map(|c| csv_field(&cell(&r[*c]))).collect::<Vec<_>>().join(","));
+        }
+    } else {
+        let v = serde_json::json!({ "usage_records": rows });
+        print_table(
+            &v,
+            "usage_records",
+            &["category", "start_date", "end_date", "count", "usage", "usage_unit", "price"],
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
@@ -354,5 +536,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Tenants { remote, cmd } => rt.block_on(tenants(remote, cmd)),
         Command::Numbers { remote, cmd } => rt.block_on(numbers(remote, cmd)),
+        Command::Usage { remote, tenant, period, start, end, include_subaccounts, csv, invoice } => {
+            rt.block_on(usage(remote, tenant, period, start, end, include_subaccounts, csv, invoice))
+        }
     }
 }

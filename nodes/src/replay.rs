@@ -121,6 +121,34 @@ fn describe(ev: &Event) -> String {
         }
         Event::HangupRequested(h) => format!("hang-up requested by {}: {}", h.source, h.reason),
         Event::AlertRaised(a) => format!("alert {} ({}): {}", a.name, a.severity.as_str(), a.message),
+        Event::UsageTriggerCreated(t) => format!(
+            "usage trigger {} created: {} {} ≥ {} µ, recurring {:?}, callback {} {}",
+            t.sid,
+            t.usage_category,
+            t.trigger_by,
+            t.trigger_value_micros,
+            t.recurring,
+            t.callback_method,
+            t.callback_url
+        ),
+        Event::UsageTriggerUpdated(t) => format!("usage trigger {} updated", t.sid),
+        Event::UsageTriggerDeleted(t) => format!("usage trigger {} deleted", t.sid),
+        Event::UsageTriggerFired(f) => format!(
+            "usage trigger {} fired ({}): {} µ ≥ {} µ",
+            f.sid, f.idempotency_token, f.current_value_micros, f.trigger_value_micros
+        ),
+        Event::TriggerCallbackAttempted(a) => format!(
+            "callback {} attempt {}: {:?}{}{}",
+            a.idempotency_token,
+            a.attempt,
+            a.outcome,
+            a.status.map(|s| format!(", HTTP {s}")).unwrap_or_default(),
+            a.error.as_ref().map(|e| format!(", {e}")).unwrap_or_default()
+        ),
+        Event::BudgetExceeded(b) => format!(
+            "budget of {} µ spent in {} ({} µ): calls refused until {}",
+            b.budget_micros, b.month, b.spent_micros, b.until
+        ),
     }
 }
 

@@ -155,18 +155,15 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     .await
     .context("starting the fraud stage")?;
     stages.push(StageEntry { name: "fraud", input: topics::CALLS, actor: fraud.get_cell(), progress: fraud_progress });
+    let twilio = crate::hangup::TwilioRest::new(&cfg.twilio_api_url);
     let follower = tokio::spawn(log_failure(
         "fraud",
-        crate::fraud::follow(
-            log.clone(),
-            tenancy.clone(),
-            crate::fraud::TwilioRest::new(&cfg.twilio_api_url),
-            clock.clone(),
-        ),
+        crate::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
     ));
     let reload = reload_on_hangup(config_source, fraud.clone());
-    let billing = Arc::new(crate::billing::Billing::new(&cfg, clock.now())?);
-    let billing_task = tokio::spawn(log_failure("billing", billing.clone().follow(log.clone())));
+    let billing =
+        Arc::new(crate::billing::Billing::new(&cfg, log.clone(), clock.clone(), tenancy.clone(), twilio.clone())?);
+    let billing_task = tokio::spawn(log_failure("billing", billing.clone().follow()));
 
     let mut stt = None;
     if cfg.stt.enabled {

@@ -14,7 +14,7 @@ use voxgate_actors::tenancy::directory::{SeedTenant, TenancyError};
 use voxgate_actors::tenancy::gate::{CallAttempt, Decision, Gate};
 use voxgate_actors::tenancy::throttle::{Throttle, Throttled};
 use voxgate_actors::tenancy::{Directory, Sealer, Secret};
-use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, Event, EventId};
+use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, Event, EventId, Timestamp};
 use voxgate_storage::{topics, Log};
 
 use crate::config::Config;
@@ -257,6 +257,21 @@ impl Tenancy {
     /// Adds a block decided outside the tenants log (a fraud verdict).
     pub fn add_block(&self, tenant: AccountSid, number: &str, block: voxgate_actors::tenancy::directory::Block) {
         lock(&self.gate).directory.add_block(tenant, number, block);
+    }
+
+    /// Refuses `account`'s calls, and its subaccounts', until `until` (its budget is spent);
+    /// returns the calls in progress that the stop covers, to be ended.
+    pub fn stop_for_budget(
+        &self,
+        account: AccountSid,
+        until: Timestamp,
+        budget_micros: u64,
+    ) -> Vec<(AccountSid, CallSid)> {
+        let mut g = lock(&self.gate);
+        g.stop_for_budget(account, until, budget_micros);
+        let covered: Vec<AccountSid> =
+            g.directory.tenants().filter(|t| t.sid == account || t.parent == Some(account)).map(|t| t.sid).collect();
+        covered.into_iter().flat_map(|t| g.quotas.active_calls(t).into_iter().map(move |c| (t, c))).collect()
     }
 
     /// Active calls of a tenant as the quota counts them.

@@ -193,6 +193,12 @@ pub enum Event {
     FraudVerdict(FraudVerdict),
     HangupRequested(HangupRequested),
     AlertRaised(AlertRaised),
+    UsageTriggerCreated(UsageTriggerCreated),
+    UsageTriggerUpdated(UsageTriggerUpdated),
+    UsageTriggerDeleted(UsageTriggerDeleted),
+    UsageTriggerFired(UsageTriggerFired),
+    TriggerCallbackAttempted(TriggerCallbackAttempted),
+    BudgetExceeded(BudgetExceeded),
 }
 
 impl Event {
@@ -223,6 +229,12 @@ impl Event {
             Self::FraudVerdict(_) => "fraud_verdict",
             Self::HangupRequested(_) => "hangup_requested",
             Self::AlertRaised(_) => "alert_raised",
+            Self::UsageTriggerCreated(_) => "usage_trigger_created",
+            Self::UsageTriggerUpdated(_) => "usage_trigger_updated",
+            Self::UsageTriggerDeleted(_) => "usage_trigger_deleted",
+            Self::UsageTriggerFired(_) => "usage_trigger_fired",
+            Self::TriggerCallbackAttempted(_) => "trigger_callback_attempted",
+            Self::BudgetExceeded(_) => "budget_exceeded",
         }
     }
 
@@ -253,6 +265,12 @@ impl Event {
             Self::FraudVerdict(p) => serde_json::to_value(p),
             Self::HangupRequested(p) => serde_json::to_value(p),
             Self::AlertRaised(p) => serde_json::to_value(p),
+            Self::UsageTriggerCreated(p) => serde_json::to_value(p),
+            Self::UsageTriggerUpdated(p) => serde_json::to_value(p),
+            Self::UsageTriggerDeleted(p) => serde_json::to_value(p),
+            Self::UsageTriggerFired(p) => serde_json::to_value(p),
+            Self::TriggerCallbackAttempted(p) => serde_json::to_value(p),
+            Self::BudgetExceeded(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -304,6 +322,12 @@ pub enum RejectReason {
     PremiumRate {
         prefix: String,
     },
+    /// The tenant (or an account above it) has spent its monthly budget.
+    BudgetExceeded {
+        /// The account whose budget is spent: the tenant or one of its ancestors.
+        account: AccountSid,
+        budget_micros: u64,
+    },
 }
 
 impl RejectReason {
@@ -318,6 +342,7 @@ impl RejectReason {
             Self::CallerRate { .. } => 13225,
             Self::BlockedCaller { .. } => 13225,
             Self::PremiumRate { .. } => 13225,
+            Self::BudgetExceeded { .. } => 10003,
         }
     }
 
@@ -332,6 +357,7 @@ impl RejectReason {
             Self::CallerRate { .. } => "caller_rate",
             Self::BlockedCaller { .. } => "blocked_caller",
             Self::PremiumRate { .. } => "premium_rate",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
         }
     }
 }
@@ -680,4 +706,90 @@ pub struct AlertRaised {
     pub name: String,
     pub severity: Severity,
     pub message: String,
+}
+
+/// A usage trigger was created (billing log): its whole definition, the threshold resolved to
+/// micro-units (a relative `+N` already added to the value at creation). Strings are Twilio's
+/// (`usage_category` `calls`, `trigger_by` `usage`, `recurring` `monthly` or `""`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageTriggerCreated {
+    /// `UT…`
+    pub sid: String,
+    pub usage_category: String,
+    pub trigger_by: String,
+    pub trigger_value_micros: u64,
+    pub recurring: String,
+    pub callback_url: String,
+    pub callback_method: String,
+    pub friendly_name: String,
+}
+
+/// A usage trigger's callback or name changed (billing log); absent fields are unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageTriggerUpdated {
+    pub sid: String,
+    pub callback_url: Option<String>,
+    pub callback_method: Option<String>,
+    pub friendly_name: Option<String>,
+}
+
+/// A usage trigger was deleted (billing log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageTriggerDeleted {
+    pub sid: String,
+}
+
+/// A usage trigger fired for one period (billing log). Its event id is derived from the trigger
+/// and the period, so it is recorded once per period however often the stage restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageTriggerFired {
+    pub sid: String,
+    /// The start of the period it fired for (`i64::MIN` µs for all time).
+    pub period_start: Timestamp,
+    pub trigger_value_micros: u64,
+    pub current_value_micros: u64,
+    /// `UT…-YYYY-MM-DD` or `UT…-alltime`, sent as the callback's `IdempotencyToken`.
+    pub idempotency_token: String,
+    /// The callback's whole form, in Twilio's names and order.
+    pub params: Vec<(String, String)>,
+    pub callback_url: String,
+    pub callback_method: String,
+}
+
+/// What became of one callback attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackOutcome {
+    /// The receiver answered 2xx: done.
+    Delivered,
+    /// Failed; another attempt follows.
+    Retrying,
+    /// Failed for the last time (attempts spent, or a 4xx other than 408/429).
+    GaveUp,
+}
+
+/// One delivery attempt of a trigger's callback (billing log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerCallbackAttempted {
+    pub sid: String,
+    pub idempotency_token: String,
+    /// 1-based.
+    pub attempt: u32,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    pub outcome: CallbackOutcome,
+}
+
+/// An account's monthly budget is spent (billing log): from now until the month ends its calls,
+/// and its subaccounts', are refused and the active ones ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetExceeded {
+    /// `YYYY-MM`.
+    pub month: String,
+    /// The first instant of the next month: the stop lasts until then.
+    pub until: Timestamp,
+    pub budget_micros: u64,
+    pub spent_micros: u64,
 }

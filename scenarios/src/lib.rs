@@ -3,13 +3,15 @@
 //!
 //! Owns: [`twilio`] (signed webhooks, Media Streams client, status callbacks), [`speech`] (real
 //! speech from espeak-ng/flite as 8 kHz µ-law), [`node`] (start a `voxgate serve` on free ports
-//! with a temp data dir, and stop it). Must not: reach into voxgate's internals — everything goes
+//! with a temp data dir, and stop it), [`recorder`] (an HTTP endpoint outside voxgate — a fake
+//! Twilio REST API, a customer's callback URL — that records what it is sent). Must not: reach into voxgate's internals — everything goes
 //! through HTTP, WebSocket and the CLI, as a user's would.
 
 pub mod bench;
 pub mod corpus;
 pub mod fixture;
 pub mod node;
+pub mod recorder;
 pub mod speech;
 pub mod twilio;
 pub mod wer;

@@ -53,6 +53,10 @@ pub const ALERTS: &str = "alerts";
 /// belongs to one tenant) need one order.
 pub const TENANTS: &str = "tenants";
 
+/// Usage triggers (definitions, firings, callback attempts) and budget stops. One partition: a
+/// trigger's creation, firings and deletion need one order.
+pub const BILLING: &str = "billing";
+
 /// Default partitions per topic on one machine.
 pub const DEFAULT_PARTITIONS: u32 = 4;
 
@@ -67,5 +71,6 @@ pub fn default_specs() -> Vec<TopicSpec> {
         TopicSpec::new(TENANTS, 1, Retention::default()),
         TopicSpec::new(FRAUD, DEFAULT_PARTITIONS, Retention::default()),
         TopicSpec::new(ALERTS, DEFAULT_PARTITIONS, Retention::default()),
+        TopicSpec::new(BILLING, 1, Retention::default()),
     ]
 }

@@ -40,6 +40,32 @@ pub const MICROS: u64 = 1_000_000;
 pub struct BillingConfig {
     pub prices: PriceTable,
     pub budgets: Budgets,
+    pub callbacks: CallbackPolicy,
+}
+
+/// How usage-trigger callbacks are retried (`[billing.callbacks]`): up to `attempts` in all, the
+/// n-th retry `first_retry_ms × 2^(n-1)` after the failure before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbackPolicy {
+    pub attempts: u32,
+    pub first_retry_ms: u64,
+    /// Each attempt's time limit.
+    pub timeout_ms: u64,
+}
+
+impl Default for CallbackPolicy {
+    fn default() -> Self {
+        Self { attempts: 6, first_retry_ms: 1000, timeout_ms: 10_000 }
+    }
+}
+
+impl CallbackPolicy {
+    /// The pause after failed attempt `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
+        let factor = 1u64 << attempt.saturating_sub(1).min(20);
+        std::time::Duration::from_millis(self.first_retry_ms.saturating_mul(factor))
+    }
 }
 
 /// Why a `[billing]` section was refused.
@@ -49,12 +75,18 @@ pub enum BillingConfigError {
     Prices(#[from] PriceError),
     #[error("billing.budgets.{field}: {reason}")]
     Budget { field: String, reason: String },
+    #[error("billing.callbacks: {0}")]
+    Callbacks(String),
 }
 
 impl BillingConfig {
     pub fn validate(&self) -> Result<(), BillingConfigError> {
         self.prices.validate()?;
         self.budgets.validate()?;
+        let c = &self.callbacks;
+        if !(1..=20).contains(&c.attempts) || c.timeout_ms == 0 {
+            return Err(BillingConfigError::Callbacks("attempts must be 1 to 20 and timeout_ms positive".into()));
+        }
         Ok(())
     }
 }

@@ -19,7 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use voxgate_protocol::{AccountSid, SidError, Timestamp};
+use voxgate_protocol::event::{BudgetExceeded, Event, UsageTriggerCreated, UsageTriggerFired};
+use voxgate_protocol::{AccountSid, Envelope, SidError, Timestamp};
 
 use super::periods::{Date, Granularity, Month, Window};
 use super::usage::{UsageBook, UsageChange};
@@ -239,6 +240,40 @@ pub struct Trigger {
 }
 
 impl Trigger {
+    /// The billing-log event that creates this trigger.
+    pub fn created_event(&self) -> UsageTriggerCreated {
+        UsageTriggerCreated {
+            sid: self.sid.to_string(),
+            usage_category: self.usage_category.as_str().to_owned(),
+            trigger_by: self.trigger_by.as_str().to_owned(),
+            trigger_value_micros: self.trigger_value_micros,
+            recurring: self.recurring.as_str().to_owned(),
+            callback_url: self.callback_url.clone(),
+            callback_method: self.callback_method.as_str().to_owned(),
+            friendly_name: self.friendly_name.clone(),
+        }
+    }
+
+    /// The trigger a creation event describes (`None` when a field is not one voxgate knows).
+    pub fn from_event(tenant: AccountSid, e: &UsageTriggerCreated, at: Timestamp) -> Option<Self> {
+        Some(Self {
+            sid: TriggerSid::parse(&e.sid).ok()?,
+            tenant,
+            usage_category: Category::parse(&e.usage_category)?,
+            trigger_by: TriggerBy::parse(&e.trigger_by)?,
+            trigger_value_micros: e.trigger_value_micros,
+            recurring: Recurring::parse(&e.recurring)?,
+            callback_url: e.callback_url.clone(),
+            callback_method: CallbackMethod::parse(&e.callback_method)?,
+            friendly_name: e.friendly_name.clone(),
+            date_created: at,
+            date_updated: at,
+            date_fired: None,
+            fired_period: None,
+            current_value_micros: 0,
+        })
+    }
+
     /// `trigger_value` as Twilio writes it.
     pub fn trigger_value(&self) -> String {
         format_micros(self.trigger_value_micros)
@@ -276,6 +311,8 @@ pub struct Firing {
     pub trigger_by: TriggerBy,
     pub trigger_value: String,
     pub current_value: String,
+    pub trigger_value_micros: u64,
+    pub current_value_micros: u64,
     pub usage_record_uri: String,
     /// `UT…-YYYY-MM-DD` (the period's first day) or `UT…-alltime`: unique per firing.
     pub idempotency_token: String,
@@ -286,6 +323,20 @@ pub struct Firing {
 }
 
 impl Firing {
+    /// The billing-log event that records this firing.
+    pub fn event(&self) -> UsageTriggerFired {
+        UsageTriggerFired {
+            sid: self.usage_trigger_sid.to_string(),
+            period_start: self.period_start,
+            trigger_value_micros: self.trigger_value_micros,
+            current_value_micros: self.current_value_micros,
+            idempotency_token: self.idempotency_token.clone(),
+            params: self.params().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            callback_url: self.callback_url.clone(),
+            callback_method: self.callback_method.as_str().to_owned(),
+        }
+    }
+
     /// The callback's form parameters, in Twilio's names.
     pub fn params(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -348,6 +399,8 @@ pub struct TriggerBook {
     triggers: BTreeMap<(AccountSid, TriggerSid), Trigger>,
     default_budget: Option<u64>,
     budgets: BTreeMap<AccountSid, u64>,
+    /// Accounts whose budget was recorded as exceeded: the latest such month and its budget.
+    stopped: BTreeMap<AccountSid, (Month, u64)>,
 }
 
 fn valid_url(url: &str) -> bool {
@@ -387,6 +440,13 @@ impl TriggerBook {
 
     /// Creates a trigger at `at` (a relative `+N` value counts from the usage at `at`).
     pub fn create(&mut self, new: NewTrigger, book: &UsageBook, at: Timestamp) -> Result<&Trigger, TriggerError> {
+        let t = self.prepare(new, book, at)?;
+        Ok(self.triggers.entry((t.tenant, t.sid)).or_insert(t))
+    }
+
+    /// Checks a trigger to create at `at` and resolves its threshold, without adding it: the
+    /// caller records [`Trigger::created_event`] and then applies it.
+    pub fn prepare(&self, new: NewTrigger, book: &UsageBook, at: Timestamp) -> Result<Trigger, TriggerError> {
         if self.triggers.contains_key(&(new.tenant, new.sid)) {
             return Err(TriggerError::Exists(new.sid));
         }
@@ -429,7 +489,7 @@ impl TriggerBook {
             fired_period: None,
             current_value_micros: current,
         };
-        Ok(self.triggers.entry((new.tenant, new.sid)).or_insert(trigger))
+        Ok(trigger)
     }
 
     /// Puts back a trigger as it was saved (firing state included), replacing any with its sid.
@@ -465,6 +525,24 @@ impl TriggerBook {
         }
         t.date_updated = at;
         Ok(t)
+    }
+
+    /// Checks an update of what Twilio lets change (the callback URL and the name).
+    pub fn check_update(
+        &self,
+        tenant: AccountSid,
+        sid: TriggerSid,
+        callback_url: Option<&str>,
+        friendly_name: Option<&str>,
+    ) -> Result<(), TriggerError> {
+        self.triggers.get(&(tenant, sid)).ok_or(TriggerError::NotFound(sid))?;
+        if callback_url.is_some_and(|u| !valid_url(u)) {
+            return Err(TriggerError::BadUrl);
+        }
+        if friendly_name.is_some_and(|n| n.chars().count() > MAX_FRIENDLY_NAME) {
+            return Err(TriggerError::FriendlyName);
+        }
+        Ok(())
     }
 
     pub fn remove(&mut self, tenant: AccountSid, sid: TriggerSid) -> Result<Trigger, TriggerError> {
@@ -513,6 +591,91 @@ impl TriggerBook {
     /// Evaluates every trigger at `at` (after creating triggers, or on a timer).
     pub fn evaluate_all(&mut self, book: &UsageBook, at: Timestamp) -> Vec<Firing> {
         self.triggers.values_mut().filter_map(|t| check(t, book, at)).collect()
+    }
+
+    /// Applies a billing-log event (trigger created, updated, deleted or fired; budget exceeded).
+    /// Idempotent: a creation of an existing trigger, or a firing for a period already fired,
+    /// changes nothing. Returns whether the event was about triggers or budgets.
+    pub fn apply(&mut self, env: &Envelope) -> bool {
+        let tenant = env.tenant;
+        let sid = |s: &str| TriggerSid::parse(s).ok();
+        match &env.payload {
+            Event::UsageTriggerCreated(e) => {
+                if let Some(t) = Trigger::from_event(tenant, e, env.occurred_at) {
+                    self.triggers.entry((tenant, t.sid)).or_insert(t);
+                }
+            }
+            Event::UsageTriggerUpdated(e) => {
+                if let Some(t) = sid(&e.sid).and_then(|s| self.triggers.get_mut(&(tenant, s))) {
+                    if let Some(u) = &e.callback_url {
+                        t.callback_url = u.clone();
+                    }
+                    if let Some(m) = e.callback_method.as_deref().and_then(CallbackMethod::parse) {
+                        t.callback_method = m;
+                    }
+                    if let Some(n) = &e.friendly_name {
+                        t.friendly_name = n.clone();
+                    }
+                    t.date_updated = env.occurred_at;
+                }
+            }
+            Event::UsageTriggerDeleted(e) => {
+                if let Some(s) = sid(&e.sid) {
+                    self.triggers.remove(&(tenant, s));
+                }
+            }
+            Event::UsageTriggerFired(e) => {
+                if let Some(t) = sid(&e.sid).and_then(|s| self.triggers.get_mut(&(tenant, s))) {
+                    if t.fired_period.is_none_or(|p| p < e.period_start) {
+                        t.fired_period = Some(e.period_start);
+                        t.date_fired = Some(env.occurred_at);
+                        t.current_value_micros = t.current_value_micros.max(e.current_value_micros);
+                    }
+                }
+            }
+            Event::BudgetExceeded(e) => {
+                let month = Month::of(Timestamp(e.until.0.saturating_sub(1)));
+                let stop = self.stopped.entry(tenant).or_insert((month, e.budget_micros));
+                if stop.0 < month {
+                    *stop = (month, e.budget_micros);
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Accounts, among `candidates` and their ancestors, whose own monthly budget is reached at
+    /// `at` and not yet recorded as exceeded this month: (account, spent, budget), in account
+    /// order. Record each as a [`BudgetExceeded`] event and apply it, so it is reported once a
+    /// month.
+    pub fn budgets_reached(
+        &self,
+        book: &UsageBook,
+        candidates: &[AccountSid],
+        at: Timestamp,
+    ) -> Vec<(AccountSid, u64, u64)> {
+        let month = Month::of(at);
+        let accounts: BTreeSet<AccountSid> = candidates.iter().flat_map(|&c| book.self_and_ancestors(c)).collect();
+        accounts
+            .into_iter()
+            .filter(|a| self.stopped.get(a).is_none_or(|(m, _)| *m < month))
+            .filter_map(|a| {
+                let cap = self.budget(a)?;
+                let spent = book.record(a, true, Category::Totalprice, month.window()).price_micros;
+                (spent >= cap).then_some((a, spent, cap))
+            })
+            .collect()
+    }
+
+    /// The event recording that an account spent `spent` of its `budget` in `month`.
+    pub fn budget_event(month: Month, spent: u64, budget: u64) -> BudgetExceeded {
+        BudgetExceeded { month: month.to_string(), until: month.end(), budget_micros: budget, spent_micros: spent }
+    }
+
+    /// Accounts stopped for their budget: the latest month and that month's budget.
+    pub fn stopped(&self) -> impl Iterator<Item = (AccountSid, Month, u64)> + '_ {
+        self.stopped.iter().map(|(a, (m, b))| (*a, *m, *b))
     }
 
     /// Sets (or, with `None`, removes) an account's own monthly budget.
@@ -565,6 +728,8 @@ fn check(t: &mut Trigger, book: &UsageBook, at: Timestamp) -> Option<Firing> {
         trigger_by: t.trigger_by,
         trigger_value: t.trigger_value(),
         current_value: t.current_value(),
+        trigger_value_micros: t.trigger_value_micros,
+        current_value_micros: value,
         usage_record_uri: t.usage_record_uri(),
         idempotency_token: format!("{}-{period}", t.sid),
         callback_url: t.callback_url.clone(),

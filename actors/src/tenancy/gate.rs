@@ -3,6 +3,8 @@
 //! asks the gate; the answer is either "accept" (perhaps with a quota warning to record) or a
 //! refusal whose reason becomes the `call_rejected` event.
 
+use std::collections::HashMap;
+
 use voxgate_protocol::event::{Direction, RejectReason, TenantStatus};
 use voxgate_protocol::{AccountSid, CallSid, Timestamp};
 
@@ -57,11 +59,20 @@ pub struct Gate {
     pub callers: CallerHistory,
     pub caller_config: CallerConfig,
     decisions: u64,
+    /// Accounts whose monthly budget is spent: until when, and the budget.
+    budget_stops: HashMap<AccountSid, (Timestamp, u64)>,
 }
 
 impl Gate {
     pub fn new(directory: Directory, caller_config: CallerConfig) -> Self {
-        Self { directory, quotas: CallQuotas::new(), callers: CallerHistory::new(), caller_config, decisions: 0 }
+        Self {
+            directory,
+            quotas: CallQuotas::new(),
+            callers: CallerHistory::new(),
+            caller_config,
+            decisions: 0,
+            budget_stops: HashMap::new(),
+        }
     }
 
     /// Decides a call whose tenant is known and whose signature checked out.
@@ -73,10 +84,17 @@ impl Gate {
         let Some(tenant) = self.directory.tenant(a.tenant) else {
             return Decision::Refuse(RejectReason::UnknownTenant);
         };
-        let quota = tenant.quota;
+        let (quota, parent) = (tenant.quota, tenant.parent);
         let status = self.directory.effective_status(a.tenant).unwrap_or(TenantStatus::Closed);
         if status != TenantStatus::Active {
             return Decision::Refuse(RejectReason::TenantInactive { status });
+        }
+        for account in std::iter::once(a.tenant).chain(parent) {
+            if let Some(&(until, budget_micros)) = self.budget_stops.get(&account) {
+                if a.at < until {
+                    return Decision::Refuse(RejectReason::BudgetExceeded { account, budget_micros });
+                }
+            }
         }
         if self.directory.owner_of(a.own_number()).is_none_or(|n| n.tenant != a.tenant) {
             return Decision::Refuse(RejectReason::UnknownNumber);
@@ -101,6 +119,14 @@ impl Gate {
                 self.callers.forget(a.tenant, remote, a.at);
                 Decision::Refuse(r)
             }
+        }
+    }
+
+    /// Refuses `account`'s calls, and its subaccounts', until `until` (its budget is spent).
+    pub fn stop_for_budget(&mut self, account: AccountSid, until: Timestamp, budget_micros: u64) {
+        let e = self.budget_stops.entry(account).or_insert((until, budget_micros));
+        if e.0 < until {
+            *e = (until, budget_micros);
         }
     }
 

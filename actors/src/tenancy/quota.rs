@@ -49,6 +49,11 @@ impl CallQuotas {
         self.tenants.get(&tenant).map_or(0, |t| t.active.len() as u32)
     }
 
+    /// The calls `tenant` has in progress.
+    pub fn active_calls(&self, tenant: AccountSid) -> Vec<CallSid> {
+        self.tenants.get(&tenant).map(|t| t.active.iter().copied().collect()).unwrap_or_default()
+    }
+
     /// Decides a new call at event time `now`; on acceptance the call counts as active until
     /// [`CallQuotas::release`]. A call already admitted (a webhook retry) is accepted again
     /// without counting twice.
