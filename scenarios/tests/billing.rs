@@ -7,7 +7,21 @@ use serde_json::Value;
 use voxgate_actors::billing::parse_micros;
 use voxgate_protocol::CallSid;
 use voxgate_scenarios::fixture::{config, sim, ACCOUNT, NUMBER, TOKEN};
-use voxgate_scenarios::node::Node;
+use voxgate_scenarios::node::{binary, Node};
+
+const ADMIN: &str = "admin-billing-test-token-0123456789";
+
+/// `voxgate <args> --url <node>` with the admin token; stdout.
+fn cli(node: &Node, args: &[&str]) -> String {
+    let out = std::process::Command::new(binary().unwrap())
+        .args(args)
+        .args(["--url", &node.url()])
+        .env("VOXGATE_ADMIN_TOKEN", ADMIN)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "voxgate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
 
 async fn records(node: &Node, sub: &str, query: &str) -> Value {
     let url = format!("{}/2010-04-01/Accounts/{ACCOUNT}/Usage/Records{sub}.json?{query}", node.url());
@@ -22,7 +36,7 @@ fn micros(v: &Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_and_numbers_are_billed_and_a_restart_changes_nothing() {
-    let node = Node::start(&config("[stt]\nenabled = false\n")).unwrap();
+    let node = Node::start(&config(&format!("admin_token = \"{ADMIN}\"\n[stt]\nenabled = false\n"))).unwrap();
     let s = sim(&node);
     // Two inbound calls: 61 s (2 minutes) and 30 s (1 minute); one outbound of 120 s (2 minutes).
     for (n, secs) in [(1u128, 61u32), (2, 30)] {
@@ -71,6 +85,22 @@ async fn calls_and_numbers_are_billed_and_a_restart_changes_nothing() {
     let all_before = records(&node, "", "").await;
     assert_eq!(all_before["page"], 0);
     assert!(all_before["usage_records"].as_array().unwrap().len() >= 5);
+    // The finance export: one CSV row per category, and the month's invoice.
+    let csv = cli(&node, &["usage", "--tenant", ACCOUNT, "--period", "this-month", "--csv"]);
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("account_sid,category,description,start_date,end_date,count,count_unit,usage,usage_unit,price,price_unit")
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), all_before["usage_records"].as_array().unwrap().len(), "{csv}");
+    let inbound_row = rows.iter().find(|r| r.split(',').nth(1) == Some("calls-inbound")).expect("calls-inbound row");
+    assert!(inbound_row.ends_with(",2,calls,3,minutes,0.0255,usd"), "{inbound_row}");
+    let invoice = cli(&node, &["usage", "--tenant", ACCOUNT, "--invoice", "this-month", "--csv"]);
+    assert!(invoice.lines().last().unwrap().ends_with(",total,,,,,,,,,1.0515,usd"), "{invoice}");
+    let table = cli(&node, &["usage", "--tenant", ACCOUNT, "--invoice", "this-month"]);
+    assert!(table.contains("calls-outbound") && table.contains("1.0515"), "{table}");
+
     // Another tenant's credentials see nothing of it.
     let r = reqwest::Client::new()
         .get(format!("{}/2010-04-01/Accounts/{ACCOUNT}/Usage/Records.json", node.url()))

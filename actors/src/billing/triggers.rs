@@ -1012,4 +1012,86 @@ mod tests {
         let bad = Budgets { default_monthly_micros: None, tenants: BTreeMap::from([("nope".to_string(), 1)]) };
         assert!(TriggerBook::with_budgets(&bad).is_err());
     }
+
+    fn billing_env(n: u128, tenant: AccountSid, t: Timestamp, payload: Event) -> Envelope {
+        Envelope { event_id: EventId(n), tenant, call: None, occurred_at: t, payload }
+    }
+
+    #[test]
+    fn events_rebuild_triggers_and_firings_idempotently() {
+        let book = UsageBook::default();
+        let mut live = TriggerBook::new();
+        let t0 = at("2025-01-01", 0);
+        let prepared =
+            live.prepare(new_trigger(Category::Calls, TriggerBy::Count, "+2", Recurring::Monthly), &book, t0).unwrap();
+        assert!(live.get(A, UT1).is_none(), "prepare adds nothing");
+        let created = billing_env(1, A, t0, Event::UsageTriggerCreated(prepared.created_event()));
+        let renamed = billing_env(
+            2,
+            A,
+            at("2025-01-02", 0),
+            Event::UsageTriggerUpdated(voxgate_protocol::event::UsageTriggerUpdated {
+                sid: UT1.to_string(),
+                callback_url: None,
+                callback_method: Some("GET".into()),
+                friendly_name: Some("renamed".into()),
+            }),
+        );
+        let mut book = book;
+        let ch = call(&mut book, A, 1, at("2025-01-05", 0), 30);
+        let mut tb = TriggerBook::new();
+        for e in [&created, &renamed, &created] {
+            assert!(tb.apply(e));
+        }
+        assert!(tb.evaluate(&book, &ch, at("2025-01-05", 100)).is_empty(), "1 call < 2");
+        let ch = call(&mut book, A, 2, at("2025-01-06", 0), 30);
+        let fired = tb.evaluate(&book, &ch, at("2025-01-06", 100));
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].callback_method, CallbackMethod::Get);
+        let fired_env = billing_env(3, A, at("2025-01-06", 100), Event::UsageTriggerFired(fired[0].event()));
+
+        // Another book rebuilt from the events (twice over) knows the firing: nothing fires again.
+        let mut rebuilt = TriggerBook::new();
+        for e in [&created, &fired_env, &renamed, &created, &fired_env] {
+            rebuilt.apply(e);
+        }
+        let t = rebuilt.get(A, UT1).unwrap();
+        assert_eq!((t.friendly_name.as_str(), t.trigger_value_micros), ("renamed", 2 * MICROS));
+        assert_eq!(t.date_fired, Some(at("2025-01-06", 100)));
+        assert!(rebuilt.evaluate_all(&book, at("2025-01-20", 0)).is_empty());
+        // Next month it fires again.
+        call(&mut book, A, 3, at("2025-02-01", 0), 30);
+        call(&mut book, A, 4, at("2025-02-01", 60), 30);
+        assert_eq!(rebuilt.evaluate_all(&book, at("2025-02-02", 0)).len(), 1);
+        let deleted = billing_env(
+            4,
+            A,
+            at("2025-02-03", 0),
+            Event::UsageTriggerDeleted(voxgate_protocol::event::UsageTriggerDeleted { sid: UT1.to_string() }),
+        );
+        rebuilt.apply(&deleted);
+        assert!(rebuilt.is_empty());
+    }
+
+    #[test]
+    fn a_budget_is_reported_reached_once_a_month() {
+        let mut book = book_with_subaccount();
+        let budgets = Budgets { default_monthly_micros: None, tenants: BTreeMap::from([(A.to_string(), 30_000)]) };
+        let mut tb = TriggerBook::with_budgets(&budgets).unwrap();
+        call(&mut book, A, 1, at("2025-01-03", 0), 120);
+        assert!(tb.budgets_reached(&book, &[A], at("2025-01-03", 500)).is_empty());
+        // The subaccount's calls reach the parent's budget: the parent is reported, not the sub.
+        call(&mut book, SUB, 2, at("2025-01-04", 0), 120);
+        let now = at("2025-01-04", 500);
+        let reached = tb.budgets_reached(&book, &[SUB], now);
+        assert_eq!(reached, vec![(A, 34_000, 30_000)]);
+        let ev = TriggerBook::budget_event(Month::of(now), 34_000, 30_000);
+        assert_eq!((ev.month.as_str(), ev.until), ("2025-01", Month::of(now).end()));
+        tb.apply(&billing_env(9, A, now, Event::BudgetExceeded(ev)));
+        assert!(tb.budgets_reached(&book, &[SUB, A], at("2025-01-05", 0)).is_empty(), "once a month");
+        assert_eq!(tb.stopped().collect::<Vec<_>>(), vec![(A, Month::of(now), 30_000)]);
+        // February: spent again, reported again.
+        call(&mut book, A, 3, at("2025-02-02", 0), 300);
+        assert_eq!(tb.budgets_reached(&book, &[A], at("2025-02-02", 400)).len(), 1);
+    }
 }
