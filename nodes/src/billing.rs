@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use voxgate_actors::billing::{CallbackPolicy, Month, TriggerBook, UsageBook, UsageChange};
 use voxgate_actors::call::id_kind;
+use voxgate_actors::progress::{report_lag, Progress};
 use voxgate_protocol::event::{AlertRaised, CallbackOutcome, Severity, TriggerCallbackAttempted, UsageTriggerFired};
 use voxgate_protocol::twilio::signature::{self, Algorithm};
 use voxgate_protocol::{AccountSid, Clock, Envelope, Event, EventId, Timestamp};
@@ -92,6 +93,8 @@ pub struct Billing {
     policy: CallbackPolicy,
     /// One trigger command at a time (checks see the previous command's effect).
     commands: tokio::sync::Mutex<()>,
+    /// How far the stage has read the calls log (health and lag metrics).
+    progress: Arc<Progress>,
 }
 
 /// Why a trigger command failed.
@@ -128,7 +131,9 @@ impl Billing {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
+        let progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
         Ok(Self {
+            progress,
             books: Mutex::new(Books { usage, triggers, deliveries: BTreeMap::new() }),
             log,
             clock,
@@ -138,6 +143,11 @@ impl Billing {
             policy,
             commands: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The stage's position in the calls log.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
     pub fn read(&self) -> MutexGuard<'_, Books> {
@@ -191,8 +201,13 @@ impl Billing {
                 })?;
                 n += to - *from;
                 *from = to;
+                if *topic == topics::CALLS {
+                    self.progress.set(p as u32, to);
+                }
             }
         }
+        drop(books);
+        report_lag(&self.log, "billing", topics::CALLS, &next[1]);
         Ok((n, changes, created))
     }
 

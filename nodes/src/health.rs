@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ractor::{ActorCell, ActorStatus};
@@ -13,11 +14,26 @@ use voxgate_storage::Log;
 
 use crate::ingress::AppState;
 
-/// A stage as health sees it: its actor and the cursor/topic it consumes.
+/// What runs a stage: an actor, or a log-following task (billing) that flags its own end.
+pub enum Runner {
+    Actor(ActorCell),
+    Task(Arc<AtomicBool>),
+}
+
+impl Runner {
+    pub fn running(&self) -> bool {
+        match self {
+            Self::Actor(a) => matches!(a.get_status(), ActorStatus::Running | ActorStatus::Upgrading),
+            Self::Task(alive) => alive.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// A stage as health sees it: what runs it and the cursor/topic it consumes.
 pub struct StageEntry {
     pub name: &'static str,
     pub input: &'static str,
-    pub actor: ActorCell,
+    pub runner: Runner,
     pub progress: Arc<Progress>,
 }
 
@@ -44,7 +60,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let mut ok = true;
     let mut stages = serde_json::Map::new();
     for s in &state.health.stages {
-        let running = matches!(s.actor.get_status(), ActorStatus::Running | ActorStatus::Upgrading);
+        let running = s.runner.running();
         ok &= running;
         let lag = lag(&state.log, &s.progress, s.input);
         stages.insert(

@@ -19,7 +19,7 @@ use voxgate_protocol::{Clock, SystemClock};
 use voxgate_storage::{topics, Log};
 
 use crate::config::Config;
-use crate::health::{Health, StageEntry};
+use crate::health::{Health, Runner, StageEntry};
 use crate::ingress::{router, AppState};
 
 /// Installs the Prometheus recorder with the runbook's histogram buckets.
@@ -141,7 +141,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let mut stages = vec![StageEntry {
         name: "transcode",
         input: topics::MEDIA,
-        actor: transcoder.get_cell(),
+        runner: Runner::Actor(transcoder.get_cell()),
         progress: transcode_progress.clone(),
     }];
 
@@ -154,7 +154,12 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     )
     .await
     .context("starting the fraud stage")?;
-    stages.push(StageEntry { name: "fraud", input: topics::CALLS, actor: fraud.get_cell(), progress: fraud_progress });
+    stages.push(StageEntry {
+        name: "fraud",
+        input: topics::CALLS,
+        runner: Runner::Actor(fraud.get_cell()),
+        progress: fraud_progress,
+    });
     let twilio = crate::hangup::TwilioRest::new(&cfg.twilio_api_url);
     let follower = tokio::spawn(log_failure(
         "fraud",
@@ -163,7 +168,20 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let reload = reload_on_hangup(config_source, fraud.clone());
     let billing =
         Arc::new(crate::billing::Billing::new(&cfg, log.clone(), clock.clone(), tenancy.clone(), twilio.clone())?);
-    let billing_task = tokio::spawn(log_failure("billing", billing.clone().follow()));
+    let billing_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let billing_task = {
+        let (billing, alive) = (billing.clone(), billing_alive.clone());
+        tokio::spawn(async move {
+            log_failure("billing", billing.follow()).await;
+            alive.store(false, std::sync::atomic::Ordering::Release);
+        })
+    };
+    stages.push(StageEntry {
+        name: "billing",
+        input: topics::CALLS,
+        runner: Runner::Task(billing_alive),
+        progress: billing.progress(),
+    });
 
     let mut stt = None;
     if cfg.stt.enabled {
@@ -190,7 +208,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         stages.push(StageEntry {
             name: "stt",
             input: topics::SPEECH,
-            actor: actor.get_cell(),
+            runner: Runner::Actor(actor.get_cell()),
             progress: progress.clone(),
         });
         stt = Some((actor, done, progress));

@@ -60,7 +60,7 @@ async fn metrics_health_and_logs_tell_the_truth() {
     node.wait_idle(Duration::from_secs(60)).await.unwrap();
     let (code, health) = node.get_json("/api/voice/health").await.unwrap();
     assert_eq!(code, 200, "{health}");
-    for stage in ["transcode", "stt", "fraud"] {
+    for stage in ["transcode", "stt", "fraud", "billing"] {
         assert_eq!(health["stages"][stage]["state"], "running", "{health}");
         assert_eq!(health["stages"][stage]["lag_events"], 0, "{health}");
     }
@@ -87,7 +87,7 @@ async fn metrics_health_and_logs_tell_the_truth() {
     assert_eq!(sample(&metrics, "twilio_websocket_connections"), Some(0.0), "{metrics}");
     assert_eq!(sample(&metrics, "voxgate_rest_auth_failures_total"), Some(1.0), "{metrics}");
     assert!(metrics.contains("twilio_stt_latency_seconds_bucket"), "STT latency is a histogram");
-    for stage in ["transcode", "stt", "fraud"] {
+    for stage in ["transcode", "stt", "fraud", "billing"] {
         assert_eq!(sample(&metrics, &format!("voxgate_stage_lag_events{{stage=\"{stage}\"}}")), Some(0.0), "{metrics}");
         assert_eq!(
             sample(&metrics, &format!("voxgate_stage_lag_seconds{{stage=\"{stage}\"}}")),

@@ -1020,7 +1020,7 @@ mod tests {
     #[test]
     fn events_rebuild_triggers_and_firings_idempotently() {
         let book = UsageBook::default();
-        let mut live = TriggerBook::new();
+        let live = TriggerBook::new();
         let t0 = at("2025-01-01", 0);
         let prepared =
             live.prepare(new_trigger(Category::Calls, TriggerBy::Count, "+2", Recurring::Monthly), &book, t0).unwrap();
