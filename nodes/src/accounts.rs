@@ -145,7 +145,7 @@ impl From<BillingCommandError> for ApiError {
             BillingCommandError::Rule(TriggerError::NotFound(sid)) => {
                 Self::new(StatusCode::NOT_FOUND, 20404, format!("usage trigger {sid} was not found"))
             }
-            BillingCommandError::Rule(r) => Self::new(StatusCode::BAD_REQUEST, 21608, r.to_string()),
+            BillingCommandError::Rule(r) => Self::new(StatusCode::BAD_REQUEST, 20422, r.to_string()),
             BillingCommandError::Log(l) => {
                 tracing::error!(error = %l, "billing event not recorded");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, 20503, "event log unavailable; retry")

@@ -70,10 +70,14 @@ impl Books {
                 }
                 Vec::new()
             }
-            Event::UsageTriggerCreated(_)
-            | Event::UsageTriggerUpdated(_)
-            | Event::UsageTriggerDeleted(_)
-            | Event::BudgetExceeded(_) => {
+            Event::UsageTriggerCreated(c) => {
+                self.triggers.apply(env);
+                if let Ok(sid) = voxgate_actors::billing::TriggerSid::parse(&c.sid) {
+                    self.triggers.observe(&self.usage, env.tenant, sid, env.occurred_at);
+                }
+                Vec::new()
+            }
+            Event::UsageTriggerUpdated(_) | Event::UsageTriggerDeleted(_) | Event::BudgetExceeded(_) => {
                 self.triggers.apply(env);
                 Vec::new()
             }
@@ -177,9 +181,9 @@ impl Billing {
         Ok(env)
     }
 
-    /// Applies every durable record of the logs from `next` on; returns how many and the usage
-    /// they changed, and whether a trigger was created (it needs a first look).
-    fn catch_up(&self, next: &mut [Vec<u64>]) -> Result<(u64, Vec<UsageChange>, bool), StorageError> {
+    /// Applies every durable record of the logs from `next` on; returns how many and (when
+    /// `collect`) the usage they changed, and whether a trigger was created (it needs a first look).
+    fn catch_up(&self, next: &mut [Vec<u64>], collect: bool) -> Result<(u64, Vec<UsageChange>, bool), StorageError> {
         let mut n = 0;
         let mut changes = Vec::new();
         let mut created = false;
@@ -190,7 +194,10 @@ impl Billing {
                     match voxgate_protocol::decode(r.payload()) {
                         Ok(env) => {
                             created |= matches!(env.payload, Event::UsageTriggerCreated(_));
-                            changes.extend(books.apply(&env));
+                            let ch = books.apply(&env);
+                            if collect {
+                                changes.extend(ch);
+                            }
                         }
                         Err(e) => {
                             metrics::counter!("voxgate_stage_undecodable_total", "stage" => "billing").increment(1);
@@ -218,7 +225,7 @@ impl Billing {
 
     /// Judges triggers and budgets at `now` (on `changes`, or on everything when `all`), records
     /// what fired and acts on it.
-    async fn judge(self: &Arc<Self>, changes: &[UsageChange], all: bool) -> Result<(), StorageError> {
+    async fn judge(self: &Arc<Self>, changes: &[UsageChange], all: bool) {
         let now = self.clock.now();
         let (firings, budgets) = {
             let mut b = self.read();
@@ -241,7 +248,13 @@ impl Billing {
                 occurred_at: now,
                 payload: Event::UsageTriggerFired(f.event()),
             };
-            self.record(topics::BILLING, &fired).await?;
+            if let Err(e) = self.record(topics::BILLING, &fired).await {
+                // Not recorded, so not fired: the next judgement tries again.
+                self.read().triggers.forget_firing(f.account_sid, f.usage_trigger_sid, f.period_start);
+                metrics::counter!("voxgate_billing_record_failures_total").increment(1);
+                tracing::error!(stage = "billing", tenant = %f.account_sid, trigger = %f.usage_trigger_sid, error = %e, "trigger firing not recorded; retried at the next judgement");
+                continue;
+            }
             self.read().apply(&fired);
             let alert = Envelope {
                 event_id: EventId::derive(id_kind::TRIGGER_ALERT, &[sid, period]),
@@ -260,7 +273,9 @@ impl Billing {
                 }),
                 ..fired.clone()
             };
-            self.record(topics::ALERTS, &alert).await?;
+            if let Err(e) = self.record(topics::ALERTS, &alert).await {
+                tracing::error!(stage = "billing", tenant = %f.account_sid, error = %e, "trigger alert not recorded");
+            }
             metrics::counter!("voxgate_usage_triggers_fired_total", "tenant" => self.tenancy.labels.label(f.account_sid))
                 .increment(1);
             tracing::warn!(stage = "billing", tenant = %f.account_sid, trigger = %f.usage_trigger_sid, token = %f.idempotency_token, current = %f.current_value, "usage trigger fired");
@@ -277,7 +292,14 @@ impl Billing {
                 occurred_at: now,
                 payload: Event::BudgetExceeded(ev),
             };
-            self.record(topics::BILLING, &exceeded).await?;
+            // The stop applies even if it cannot be recorded now; recording is retried at the
+            // next judgement (the account is not marked stopped until it is).
+            self.stop(account, until, budget);
+            if let Err(e) = self.record(topics::BILLING, &exceeded).await {
+                metrics::counter!("voxgate_billing_record_failures_total").increment(1);
+                tracing::error!(stage = "billing", tenant = %account, error = %e, "budget stop not recorded; retried at the next judgement");
+                continue;
+            }
             self.read().apply(&exceeded);
             let alert = Envelope {
                 event_id: EventId::derive(id_kind::BUDGET_ALERT, &[account.as_u128(), month.start().0 as u128]),
@@ -293,13 +315,13 @@ impl Billing {
                 }),
                 ..exceeded.clone()
             };
-            self.record(topics::ALERTS, &alert).await?;
+            if let Err(e) = self.record(topics::ALERTS, &alert).await {
+                tracing::error!(stage = "billing", tenant = %account, error = %e, "budget alert not recorded");
+            }
             metrics::counter!("voxgate_budget_stops_total", "tenant" => self.tenancy.labels.label(account))
                 .increment(1);
             tracing::warn!(stage = "billing", tenant = %account, spent, budget, "monthly budget spent; refusing and ending calls");
-            self.stop(account, until, budget);
         }
-        Ok(())
     }
 
     /// Refuses the account's new calls until `until` and ends its active ones.
@@ -411,21 +433,22 @@ impl Billing {
         }
     }
 
-    /// Rebuilds the books from the start of the logs, resumes undelivered callbacks and budget
-    /// stops, judges every trigger once, then follows the logs until they close.
-    pub async fn follow(self: Arc<Self>) -> Result<(), StorageError> {
-        let log = self.log.clone();
+    /// Rebuilds the books from the start of the logs, restores budget stops, resumes undelivered
+    /// callbacks and judges every trigger once. The node calls it before it answers anything, so
+    /// no call slips past a spent budget and no trigger is created against a half-built book.
+    pub async fn rebuild(self: &Arc<Self>) -> Result<Cursor, StorageError> {
+        let log = &self.log;
         let mut next: Vec<Vec<u64>> = Vec::new();
-        let mut watches = Vec::new();
         for topic in TOPICS {
             let parts = log.partitions(topic)?;
             next.push((0..parts).map(|p| log.first_offset(topic, p).unwrap_or(0)).collect());
-            watches.push(log.watch(topic)?);
         }
-        let (n, _, _) = self.catch_up(&mut next)?;
+        // Every trigger is judged once afterwards, so the changes are not kept.
+        let (n, _, _) = self.catch_up(&mut next, false)?;
         let now = self.clock.now();
         let (pending, stops) = {
-            let b = self.read();
+            let mut b = self.read();
+            b.usage.advance(now);
             let month = Month::of(now);
             let stops: Vec<_> = b.triggers.stopped().filter(|(_, m, _)| *m == month).collect();
             (b.deliveries.values().cloned().collect::<Vec<_>>(), stops)
@@ -443,23 +466,56 @@ impl Billing {
         for d in pending {
             self.spawn_delivery(d);
         }
-        self.judge(&[], true).await?;
+        self.judge(&[], true).await;
+        Ok(Cursor(next))
+    }
+
+    /// Follows the logs from where [`Billing::rebuild`] left them until the log closes: each new
+    /// batch is applied and judged; a timer moves the book's time on (a new month's number
+    /// rental) even when no event comes. A failing read is retried, never the end of billing.
+    pub async fn follow(self: Arc<Self>, cursor: Cursor) -> Result<(), StorageError> {
+        let Cursor(mut next) = cursor;
+        let mut watches = Vec::new();
+        for topic in TOPICS {
+            watches.push(self.log.watch(topic)?);
+        }
         let [mut a, mut b, mut c, mut d] =
             <[_; 4]>::try_from(watches).map_err(|_| StorageError::Engine("watches".into()))?;
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let mut timer = false;
             tokio::select! {
                 r = a.changed() => if r.is_err() { return Ok(()) },
                 r = b.changed() => if r.is_err() { return Ok(()) },
                 r = c.changed() => if r.is_err() { return Ok(()) },
                 r = d.changed() => if r.is_err() { return Ok(()) },
+                _ = tick.tick() => timer = true,
             }
-            let (_, changes, created) = self.catch_up(&mut next)?;
-            if created || !changes.is_empty() {
-                self.judge(&changes, created).await?;
+            let (changes, created) = match self.catch_up(&mut next, true) {
+                Ok((_, ch, cr)) => (ch, cr),
+                Err(e) => {
+                    metrics::counter!("voxgate_billing_record_failures_total").increment(1);
+                    tracing::error!(stage = "billing", error = %e, "reading the logs failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut changes = changes;
+            if timer {
+                let now = self.clock.now();
+                changes.extend(self.read().usage.advance(now));
+            }
+            if created || timer || !changes.is_empty() {
+                // On the timer every trigger and budget is looked at (retrying what failed).
+                self.judge(&changes, created || timer).await;
             }
         }
     }
 }
+
+/// Where the billing follower is in each of its logs.
+pub struct Cursor(Vec<Vec<u64>>);
 
 fn form(params: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish()

@@ -95,11 +95,19 @@ pub struct LogFile {
     /// Per topic: `[log.retention.media] max_age_secs = 604800`.
     pub retention: BTreeMap<String, Retention>,
     pub retention_interval_secs: u64,
+    /// sled's page cache, MiB (an upper bound; a log larger than it is read back from disk on
+    /// every rebuild).
+    pub cache_mb: u64,
 }
 
 impl Default for LogFile {
     fn default() -> Self {
-        Self { partitions: topics::DEFAULT_PARTITIONS, retention: BTreeMap::new(), retention_interval_secs: 60 }
+        Self {
+            partitions: topics::DEFAULT_PARTITIONS,
+            retention: BTreeMap::new(),
+            retention_interval_secs: 60,
+            cache_mb: voxgate_storage::log::DEFAULT_CACHE_BYTES / (1024 * 1024),
+        }
     }
 }
 
@@ -216,6 +224,8 @@ pub struct Config {
     pub stt: SttFile,
     pub topics: Vec<TopicSpec>,
     pub retention_interval: Duration,
+    /// sled's page cache, bytes.
+    pub log_cache_bytes: u64,
     pub tenants: Vec<Tenant>,
     pub admin_token: Option<Secret>,
     pub secrets_key: Option<Secret>,
@@ -418,6 +428,7 @@ impl Config {
             stt: f.stt,
             topics,
             retention_interval: Duration::from_secs(f.log.retention_interval_secs.max(1)),
+            log_cache_bytes: f.log.cache_mb.clamp(8, 1 << 20) * 1024 * 1024,
             tenants,
             admin_token: f.admin_token,
             secrets_key: f.secrets_key,

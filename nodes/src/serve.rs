@@ -121,7 +121,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open(&cfg.data_dir.join("log"), &cfg.topics, clock.clone())
+    let log = Log::open_with_cache(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes)
         .with_context(|| format!("opening the event log in {}", cfg.data_dir.display()))?;
 
     let tenancy = Arc::new(
@@ -168,11 +168,12 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let reload = reload_on_hangup(config_source, fraud.clone());
     let billing =
         Arc::new(crate::billing::Billing::new(&cfg, log.clone(), clock.clone(), tenancy.clone(), twilio.clone())?);
+    let cursor = billing.rebuild().await.context("rebuilding usage from the logs")?;
     let billing_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let billing_task = {
         let (billing, alive) = (billing.clone(), billing_alive.clone());
         tokio::spawn(async move {
-            log_failure("billing", billing.follow()).await;
+            log_failure("billing", billing.follow(cursor)).await;
             alive.store(false, std::sync::atomic::Ordering::Release);
         })
     };

@@ -148,6 +148,9 @@ impl Drop for Inner {
     }
 }
 
+/// sled's page cache when the caller does not say (`[log] cache_mb`).
+pub const DEFAULT_CACHE_BYTES: u64 = 512 * 1024 * 1024;
+
 /// The event log: cheap to clone, shared by every stage of a node.
 #[derive(Clone)]
 pub struct Log {
@@ -196,10 +199,22 @@ pub fn partition_for(key: u64, partitions: u32) -> u32 {
 impl Log {
     /// Opens (or creates) the log in `dir` with these topics, and starts its commit thread.
     pub fn open(dir: &Path, specs: &[TopicSpec], clock: Arc<dyn Clock>) -> Result<Self, StorageError> {
+        Self::open_with_cache(dir, specs, clock, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Log::open`] with sled's page cache capped at `cache_bytes`. A cache smaller than the
+    /// log makes every full read (a stage's rebuild, a replay) go back to the file: on a
+    /// 300 MB calls log, 64 MB of cache reads 0.29 M events/s, 1 GB reads 1.1 M/s.
+    pub fn open_with_cache(
+        dir: &Path,
+        specs: &[TopicSpec],
+        clock: Arc<dyn Clock>,
+        cache_bytes: u64,
+    ) -> Result<Self, StorageError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .flush_every_ms(Some(1000))
             .open()
             .map_err(|e| match e {

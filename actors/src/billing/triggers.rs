@@ -645,6 +645,23 @@ impl TriggerBook {
         true
     }
 
+    /// Undoes a firing that could not be recorded, so the next evaluation fires it again.
+    pub fn forget_firing(&mut self, tenant: AccountSid, sid: TriggerSid, period_start: Timestamp) {
+        if let Some(t) = self.triggers.get_mut(&(tenant, sid)) {
+            if t.fired_period == Some(period_start) {
+                t.fired_period = None;
+            }
+        }
+    }
+
+    /// Sets a trigger's `current_value` to its watched value at `at` (no firing).
+    pub fn observe(&mut self, book: &UsageBook, tenant: AccountSid, sid: TriggerSid, at: Timestamp) {
+        if let Some(t) = self.triggers.get_mut(&(tenant, sid)) {
+            t.current_value_micros =
+                value_micros(book, t.tenant, t.usage_category, t.trigger_by, t.recurring.window(at));
+        }
+    }
+
     /// Accounts, among `candidates` and their ancestors, whose own monthly budget is reached at
     /// `at` and not yet recorded as exceeded this month: (account, spent, budget), in account
     /// order. Record each as a [`BudgetExceeded`] event and apply it, so it is reported once a

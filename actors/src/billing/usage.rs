@@ -730,7 +730,8 @@ impl UsageBook {
         if desired == st.filed {
             return;
         }
-        let old = std::mem::replace(&mut st.filed, desired.clone());
+        let old = std::mem::replace(&mut st.filed, desired);
+        let desired = &st.filed;
         for f in old.iter().filter(|f| !desired.contains(f)) {
             file(&mut self.accounts, f, false);
             push_changes(changes, f.tenant, f.category, f.day);
