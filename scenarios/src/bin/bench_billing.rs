@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use voxgate_actors::billing::{Category, Granularity, PriceTable, UsageBook};
 use voxgate_actors::transcode::synth::Rng;
-use voxgate_protocol::event::{CallReceived, CallStatus, CallStatusChanged, Direction, Event, StatusSource};
-use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, SystemClock, Timestamp};
-use voxgate_scenarios::bench::quantile;
+use voxgate_protocol::event::Direction;
+use voxgate_protocol::{AccountSid, CallSid, Envelope, SystemClock, Timestamp};
+use voxgate_scenarios::bench::{call_events, quantile};
 use voxgate_storage::{topics, Log, StorageError};
 
 const RUNS: usize = 5;
@@ -35,37 +35,10 @@ fn traffic(calls: usize) -> Vec<(u64, Vec<u8>)> {
         let at = start + (rng.uniform() * month_us) as i64;
         let outbound = rng.uniform() < 0.3;
         let secs = rng.range(1.0, 1200.0) as u32;
-        let env = |n: u128, t: i64, payload| Envelope {
-            event_id: EventId::derive(98, &[call.as_u128(), n]),
-            tenant,
-            call: Some(call),
-            occurred_at: Timestamp(t),
-            payload,
-        };
         let (from, to) = (format!("+1415{:07}", i % 9_999_999), "+14155550100".to_owned());
-        events.push(env(
-            0,
-            at,
-            Event::CallReceived(CallReceived {
-                from: if outbound { to.clone() } else { from.clone() },
-                to: if outbound { from } else { to },
-                direction: if outbound { Direction::OutboundApi } else { Direction::Inbound },
-                status: CallStatus::Ringing,
-                from_country: None,
-                to_country: None,
-                stream_session: call.to_string(),
-            }),
-        ));
-        let status = |s, d| {
-            Event::CallStatusChanged(CallStatusChanged {
-                status: s,
-                source: StatusSource::Callback,
-                sequence: None,
-                duration_secs: d,
-            })
-        };
-        events.push(env(1, at + 500_000, status(CallStatus::InProgress, None)));
-        events.push(env(2, at + i64::from(secs) * 1_000_000, status(CallStatus::Completed, Some(secs))));
+        let (direction, from, to) =
+            if outbound { (Direction::OutboundApi, to, from) } else { (Direction::Inbound, from, to) };
+        events.extend(call_events(98, tenant, call, at, secs, direction, from, to));
     }
     events.sort_by_key(|e| (e.occurred_at, e.event_id));
     events.iter().map(|e| (e.call.map_or(0, |c| c.partition_key()), voxgate_protocol::encode(e))).collect()

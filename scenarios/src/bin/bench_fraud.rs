@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use voxgate_actors::fraud::{FraudConfig, FraudEngine, PrefixTable};
 use voxgate_actors::transcode::synth::Rng;
-use voxgate_protocol::event::{CallReceived, CallStatus, CallStatusChanged, Direction, Event, StatusSource};
-use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, Timestamp};
-use voxgate_scenarios::bench::quantile;
+use voxgate_protocol::event::Direction;
+use voxgate_protocol::{AccountSid, CallSid, Envelope};
+use voxgate_scenarios::bench::{call_events, quantile};
 
 const RUNS: usize = 7;
 
@@ -38,36 +38,7 @@ fn traffic(calls: usize) -> Vec<Vec<u8>> {
             (format!("+1415{:07}", rng.range(0.0, 20_000.0) as u32), Direction::Inbound, "+14155550100".to_owned())
         };
         let secs = if attack < 0.02 && attack >= 0.01 { 1.0 } else { rng.range(5.0, 300.0) };
-        let env = |n: u128, t: i64, payload| Envelope {
-            event_id: EventId::derive(99, &[call.as_u128(), n]),
-            tenant,
-            call: Some(call),
-            occurred_at: Timestamp(t),
-            payload,
-        };
-        events.push(env(
-            0,
-            at,
-            Event::CallReceived(CallReceived {
-                from,
-                to,
-                direction,
-                status: CallStatus::Ringing,
-                from_country: None,
-                to_country: None,
-                stream_session: call.to_string(),
-            }),
-        ));
-        let status = |s, d| {
-            Event::CallStatusChanged(CallStatusChanged {
-                status: s,
-                source: StatusSource::Callback,
-                sequence: None,
-                duration_secs: d,
-            })
-        };
-        events.push(env(1, at + 500_000, status(CallStatus::InProgress, None)));
-        events.push(env(2, at + (secs * 1e6) as i64, status(CallStatus::Completed, Some(secs as u32))));
+        events.extend(call_events(99, tenant, call, at, secs as u32, direction, from, to));
     }
     events.sort_by_key(|e| (e.occurred_at, e.event_id));
     events.iter().map(voxgate_protocol::encode).collect()
