@@ -152,6 +152,8 @@ pub struct ConfigFile {
     pub metrics_tenant_labels: usize,
     /// Prices, volume tiers and budgets (`[billing.prices]`, `[billing.budgets]`).
     pub billing: BillingConfig,
+    /// Publish every public event as JSON to NATS (`[analytics] nats_url = …`).
+    pub analytics: Option<crate::analytics::AnalyticsConfig>,
 }
 
 /// `[tls]`
@@ -188,6 +190,7 @@ impl Default for ConfigFile {
             twilio_api_url: "https://api.twilio.com".into(),
             metrics_tenant_labels: 100,
             billing: BillingConfig::default(),
+            analytics: None,
         }
     }
 }
@@ -239,6 +242,7 @@ pub struct Config {
     pub twilio_api_url: String,
     pub metrics_tenant_labels: usize,
     pub billing: BillingConfig,
+    pub analytics: Option<crate::analytics::AnalyticsConfig>,
 }
 
 /// Overrides from command-line flags (applied last).
@@ -400,6 +404,17 @@ impl Config {
         f.throttle.validate().map_err(|e| invalid("throttle", e))?;
         f.callers.validate().map_err(|e| invalid("callers", e))?;
         f.billing.validate().map_err(|e| invalid("billing", e.to_string()))?;
+        if let Some(a) = &f.analytics {
+            if !a.nats_url.starts_with("nats://") && !a.nats_url.starts_with("tls://") {
+                return Err(invalid(
+                    "analytics.nats_url",
+                    format!("must be a nats:// or tls:// URL, got {:?}", a.nats_url),
+                ));
+            }
+            if a.subject_prefix.is_empty() || a.subject_prefix.contains([' ', '*', '>']) {
+                return Err(invalid("analytics.subject_prefix", "must be a NATS subject without wildcards".into()));
+            }
+        }
         f.fraud.validate().map_err(|e| invalid("fraud", e.to_string()))?;
         if !(f.twilio_api_url.starts_with("http://") || f.twilio_api_url.starts_with("https://")) {
             return Err(invalid("twilio_api_url", format!("must be an http(s) URL, got {:?}", f.twilio_api_url)));
@@ -442,6 +457,7 @@ impl Config {
             twilio_api_url: f.twilio_api_url,
             metrics_tenant_labels: f.metrics_tenant_labels.min(10_000),
             billing: f.billing,
+            analytics: f.analytics,
         })
     }
 

@@ -43,6 +43,8 @@ pub struct Health {
     pub stages: Vec<StageEntry>,
     /// The Whisper model directory, when this node runs STT.
     pub stt_model: Option<String>,
+    /// The analytics NATS server and whether it is reachable, when configured.
+    pub nats: Option<(String, Arc<AtomicBool>)>,
 }
 
 /// Durable events in `topic` that a stage has not processed yet.
@@ -80,6 +82,8 @@ pub async fn health(State(state): State<AppState>) -> Response {
         },
         "stages": stages,
         "stt_model": state.health.stt_model,
+        // Analytics only: NATS being away delays publishing (nothing is lost), it is not a failure.
+        "nats": state.health.nats.as_ref().map(|(url, up)| json!({ "url": url, "connected": up.load(Ordering::Acquire) })),
         "active_calls": active,
     });
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod analytics;
 pub mod billing;
 pub mod config;
 pub mod fraud;

@@ -214,8 +214,17 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         });
         stt = Some((actor, done, progress));
     }
-    let health =
-        Arc::new(Health { stages, stt_model: cfg.stt.enabled.then(|| cfg.stt.model_dir.display().to_string()) });
+    let analytics = cfg.analytics.clone().map(|a| {
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task =
+            tokio::spawn(log_failure("analytics", crate::analytics::publish(log.clone(), a.clone(), up.clone())));
+        (a.nats_url, up, task)
+    });
+    let health = Arc::new(Health {
+        stages,
+        stt_model: cfg.stt.enabled.then(|| cfg.stt.model_dir.display().to_string()),
+        nats: analytics.as_ref().map(|(url, up, _)| (url.clone(), up.clone())),
+    });
     let state = AppState {
         cfg: cfg.clone(),
         log: log.clone(),
@@ -311,6 +320,9 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     reload.abort();
     follower.abort();
     billing_task.abort();
+    if let Some((_, _, task)) = analytics {
+        task.abort();
+    }
     fraud.stop(None);
     let _ = fraud_done.await;
     if let Some((actor, done, progress)) = stt {
