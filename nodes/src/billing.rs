@@ -241,12 +241,13 @@ impl Billing {
         for f in firings {
             let period = f.period_start.0 as u128;
             let sid = f.usage_trigger_sid.0;
+            let event = f.event();
             let fired = Envelope {
                 event_id: EventId::derive(id_kind::TRIGGER_FIRED, &[sid, period]),
                 tenant: f.account_sid,
                 call: None,
                 occurred_at: now,
-                payload: Event::UsageTriggerFired(f.event()),
+                payload: Event::UsageTriggerFired(event.clone()),
             };
             if let Err(e) = self.record(topics::BILLING, &fired).await {
                 // Not recorded, so not fired: the next judgement tries again.
@@ -279,7 +280,7 @@ impl Billing {
             metrics::counter!("voxgate_usage_triggers_fired_total", "tenant" => self.tenancy.labels.label(f.account_sid))
                 .increment(1);
             tracing::warn!(stage = "billing", tenant = %f.account_sid, trigger = %f.usage_trigger_sid, token = %f.idempotency_token, current = %f.current_value, "usage trigger fired");
-            self.spawn_delivery(Delivery { tenant: f.account_sid, fired: f.event(), attempts: 0 });
+            self.spawn_delivery(Delivery { tenant: f.account_sid, fired: event, attempts: 0 });
         }
         for (account, spent, budget) in budgets {
             let month = Month::of(now);
