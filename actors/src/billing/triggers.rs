@@ -492,11 +492,6 @@ impl TriggerBook {
         Ok(trigger)
     }
 
-    /// Puts back a trigger as it was saved (firing state included), replacing any with its sid.
-    pub fn restore(&mut self, trigger: Trigger) {
-        self.triggers.insert((trigger.tenant, trigger.sid), trigger);
-    }
-
     /// Changes what Twilio lets change: the callback and the name.
     pub fn update(
         &mut self,
