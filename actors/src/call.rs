@@ -543,7 +543,7 @@ async fn run_effects(
                 s.encode_buf.clear();
                 voxgate_protocol::encode_into(&env, &mut s.encode_buf)
                     .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
-                s.log.append(topics::CALLS, s.call.partition_key(), &s.encode_buf).await?;
+                s.log.append_or_spool(topics::CALLS, s.call.partition_key(), &s.encode_buf).await?;
             }
             Effect::CloseStream(reason) => {
                 pump(s).await?;
@@ -642,7 +642,7 @@ async fn append_media_events(
         encoded.push(buf);
     }
     let key = s.call.partition_key();
-    s.log.append_many(topics::MEDIA, encoded.iter().map(|b| (key, b.as_slice()))).await?;
+    s.log.append_many_or_spool(topics::MEDIA, encoded.iter().map(|b| (key, b.as_slice()))).await?;
     Ok(())
 }
 

@@ -9,6 +9,23 @@ pub struct Progress {
     next: Vec<AtomicU64>,
 }
 
+/// The "next offset" of a partition another node works on: reads from it return nothing, nothing
+/// is committed for it, and it shows no lag.
+pub const NOT_OURS: u64 = u64::MAX;
+
+/// Per partition, where a stage that owns only `owned` (all when `None`) starts: its committed
+/// cursor, or [`NOT_OURS`].
+pub fn starting_points(cursor: Vec<u64>, owned: Option<&[u32]>) -> Vec<u64> {
+    cursor
+        .into_iter()
+        .enumerate()
+        .map(|(p, next)| match owned {
+            Some(o) if !o.contains(&(p as u32)) => NOT_OURS,
+            _ => next,
+        })
+        .collect()
+}
+
 impl Progress {
     pub fn new(partitions: usize) -> Self {
         Self { next: (0..partitions).map(|_| AtomicU64::new(0)).collect() }

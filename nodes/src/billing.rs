@@ -99,6 +99,9 @@ pub struct Billing {
     commands: tokio::sync::Mutex<()>,
     /// How far the stage has read the calls log (health and lag metrics).
     progress: Arc<Progress>,
+    /// Whether this node acts on the books (fires triggers, records budget stops, delivers
+    /// callbacks). Every node keeps the books; in a cluster one node at a time acts.
+    acting: std::sync::atomic::AtomicBool,
 }
 
 /// Why a trigger command failed.
@@ -146,7 +149,29 @@ impl Billing {
             http,
             policy,
             commands: tokio::sync::Mutex::new(()),
+            acting: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn acting(&self) -> bool {
+        self.acting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// This node starts acting on the books: resumes undelivered callbacks and judges every
+    /// trigger and budget (what the previous actor fired is in the billing log, and a firing's
+    /// event id is derived from trigger and period, so nothing fires twice).
+    pub async fn take_over(self: &Arc<Self>) {
+        self.acting.store(true, std::sync::atomic::Ordering::Release);
+        let pending: Vec<Delivery> = self.read().deliveries.values().cloned().collect();
+        for d in pending {
+            self.spawn_delivery(d);
+        }
+        self.judge(&[], true).await;
+    }
+
+    /// This node stops acting (another node took billing over, or the node is stopping).
+    pub fn step_down(&self) {
+        self.acting.store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The stage's position in the calls log.
@@ -226,6 +251,9 @@ impl Billing {
     /// Judges triggers and budgets at `now` (on `changes`, or on everything when `all`), records
     /// what fired and acts on it.
     async fn judge(self: &Arc<Self>, changes: &[UsageChange], all: bool) {
+        if !self.acting() {
+            return;
+        }
         let now = self.clock.now();
         let (firings, budgets) = {
             let mut b = self.read();
@@ -464,8 +492,10 @@ impl Billing {
         for (account, month, budget) in stops {
             self.stop(account, month.end(), budget);
         }
-        for d in pending {
-            self.spawn_delivery(d);
+        if self.acting() {
+            for d in pending {
+                self.spawn_delivery(d);
+            }
         }
         self.judge(&[], true).await;
         Ok(Cursor(next))

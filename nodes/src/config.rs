@@ -154,6 +154,8 @@ pub struct ConfigFile {
     pub billing: BillingConfig,
     /// Publish every public event as JSON to NATS (`[analytics] nats_url = …`).
     pub analytics: Option<crate::analytics::AnalyticsConfig>,
+    /// Join a JetStream cluster (`[cluster] nats_url = …, roles = …`) instead of the sled log.
+    pub cluster: Option<crate::cluster::ClusterFile>,
 }
 
 /// `[tls]`
@@ -191,6 +193,7 @@ impl Default for ConfigFile {
             metrics_tenant_labels: 100,
             billing: BillingConfig::default(),
             analytics: None,
+            cluster: None,
         }
     }
 }
@@ -243,11 +246,19 @@ pub struct Config {
     pub metrics_tenant_labels: usize,
     pub billing: BillingConfig,
     pub analytics: Option<crate::analytics::AnalyticsConfig>,
+    /// The JetStream cluster this node joins; `None` runs on the embedded sled log.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// The roles this node runs (all unless `--roles`/`[cluster] roles` says otherwise).
+    pub roles: crate::cluster::Roles,
 }
 
 /// Overrides from command-line flags (applied last).
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
+    /// `--nats URL`: join this JetStream server's cluster.
+    pub nats: Option<String>,
+    /// `--roles a,b`.
+    pub roles: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub metrics_listen: Option<String>,
@@ -301,6 +312,23 @@ impl Config {
         }
         if let Some(l) = &flags.log_format {
             f.log_format = l.clone();
+        }
+        if let Some(url) = &flags.nats {
+            match &mut f.cluster {
+                Some(c) => c.nats_url = url.clone(),
+                None => {
+                    f.cluster = Some(crate::cluster::ClusterFile {
+                        nats_url: url.clone(),
+                        roles: None,
+                        prefix: "voxgate".into(),
+                        node: None,
+                        lease_ttl_secs: 6,
+                    })
+                }
+            }
+        }
+        if let (Some(r), Some(c)) = (&flags.roles, &mut f.cluster) {
+            c.roles = Some(r.clone());
         }
         let invalid = |key: &str, reason: String| ConfigError::Invalid { key: key.into(), reason };
         let public_url = f.public_url.trim_end_matches('/').to_owned();
@@ -415,6 +443,20 @@ impl Config {
                 return Err(invalid("analytics.subject_prefix", "must be a NATS subject without wildcards".into()));
             }
         }
+        if flags.roles.as_deref().is_some_and(|r| r != "all") && f.cluster.is_none() {
+            return Err(invalid(
+                "roles",
+                "a node runs a subset of roles only in a cluster: add --nats URL (one sled node runs them all)".into(),
+            ));
+        }
+        let cluster = match &f.cluster {
+            Some(c) => Some(crate::cluster::ClusterConfig::from_file(c).map_err(|e| invalid("cluster", e))?),
+            None => None,
+        };
+        let roles = match f.cluster.as_ref().and_then(|c| c.roles.as_deref()) {
+            Some(r) => crate::cluster::Roles::parse(r).map_err(|e| invalid("cluster.roles", e))?,
+            None => crate::cluster::Roles::all(),
+        };
         f.fraud.validate().map_err(|e| invalid("fraud", e.to_string()))?;
         if !(f.twilio_api_url.starts_with("http://") || f.twilio_api_url.starts_with("https://")) {
             return Err(invalid("twilio_api_url", format!("must be an http(s) URL, got {:?}", f.twilio_api_url)));
@@ -458,6 +500,8 @@ impl Config {
             metrics_tenant_labels: f.metrics_tenant_labels.min(10_000),
             billing: f.billing,
             analytics: f.analytics,
+            cluster,
+            roles,
         })
     }
 

@@ -45,6 +45,8 @@ pub struct Health {
     pub stt_model: Option<String>,
     /// The analytics NATS server and whether it is reachable, when configured.
     pub nats: Option<(String, Arc<AtomicBool>)>,
+    /// The roles this node runs.
+    pub roles: Vec<&'static str>,
 }
 
 /// Durable events in `topic` that a stage has not processed yet.
@@ -72,10 +74,14 @@ pub async fn health(State(state): State<AppState>) -> Response {
     }
     let active = ractor::call!(state.supervisor, voxgate_actors::call::SupervisorMsg::Active).ok();
     ok &= active.is_some();
+    // A JetStream outage is reported, not failed on: ingress keeps answering from its spool.
+    let (backend, cluster) = state.log.backend();
     let body = json!({
         "status": if ok { "ok" } else { "degraded" },
+        "roles": state.health.roles,
         "log": {
-            "backend": "sled",
+            "backend": backend,
+            "jetstream": cluster.map(|(url, connected)| json!({ "url": url, "connected": connected, "spooled": state.log.spooled() })),
             "data_dir": state.cfg.data_dir.display().to_string(),
             "size_bytes": state.log.size_on_disk().ok(),
             "free_bytes": free_disk(&state.cfg.data_dir),

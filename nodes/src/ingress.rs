@@ -173,7 +173,7 @@ async fn append_call_event(
 ) -> Result<(), Response> {
     let env = Envelope { event_id: id, tenant, call: Some(call), occurred_at: state.clock.now(), payload: ev };
     let bytes = voxgate_protocol::encode(&env);
-    state.log.append(topics::CALLS, call.partition_key(), &bytes).await.map(|_| ()).map_err(|e| {
+    state.log.append_or_spool(topics::CALLS, call.partition_key(), &bytes).await.map(|_| ()).map_err(|e| {
         tracing::error!(stage = "ingress", call_sid = %call, tenant = %tenant, error = %e, "event log append failed");
         twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "event log unavailable; retry")
     })

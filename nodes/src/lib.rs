@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod admin;
 pub mod analytics;
 pub mod billing;
+pub mod cluster;
 pub mod config;
 pub mod fraud;
 pub mod hangup;

@@ -43,10 +43,11 @@ enum Command {
         /// Address for GET /metrics (default 127.0.0.1:9090).
         #[arg(long)]
         metrics_listen: Option<String>,
-        /// NATS URL for a clustered log (not available yet: the embedded sled log is used).
+        /// Join a cluster: the NATS JetStream server holding the shared log (`nats://host:4222`).
         #[arg(long)]
         nats: Option<String>,
-        /// Roles this node runs (default: all).
+        /// Roles this node runs, comma-separated: ingress,call,transcode,stt,fraud,billing (default
+        /// all; a subset needs --nats).
         #[arg(long)]
         roles: Option<String>,
     },
@@ -212,8 +213,12 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn load(common: &Common, listen: Option<String>, metrics_listen: Option<String>) -> anyhow::Result<Config> {
-    let flags =
-        Overrides { data_dir: common.data_dir.clone(), listen, metrics_listen, log_format: common.log_format.clone() };
+    load_with(common, Overrides { listen, metrics_listen, ..Default::default() })
+}
+
+fn load_with(common: &Common, mut flags: Overrides) -> anyhow::Result<Config> {
+    flags.data_dir = common.data_dir.clone();
+    flags.log_format = common.log_format.clone();
     Ok(Config::load(common.config.as_deref(), std::env::vars(), &flags)?)
 }
 
@@ -502,19 +507,18 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     match cli.command {
         Command::Serve { common, listen, metrics_listen, nats, roles } => {
-            let cfg = load(&common, listen, metrics_listen)?;
+            let cfg = load_with(
+                &common,
+                Overrides { listen, metrics_listen, nats: nats.clone(), roles: roles.clone(), ..Default::default() },
+            )?;
             init_tracing(cfg.log_format);
-            if let Some(url) = nats {
-                anyhow::bail!("--nats {url}: the JetStream log backend is not built yet; run without --nats for the embedded sled log");
-            }
-            if let Some(r) = roles.filter(|r| r != "all") {
-                anyhow::bail!("--roles {r}: only the default (all roles on one node) is available yet");
-            }
             let source = voxgate::serve::ConfigSource {
                 path: common.config.clone(),
                 flags: Overrides {
                     data_dir: common.data_dir.clone(),
                     log_format: common.log_format.clone(),
+                    nats,
+                    roles,
                     ..Default::default()
                 },
             };

@@ -1,5 +1,5 @@
-//! `voxgate serve`: one node with every role — ingress, call actors, transcoder — over the
-//! embedded sled log.
+//! `voxgate serve`: a node over the embedded sled log with every role, or one node of a cluster
+//! over NATS JetStream with the roles it is given (`--nats`, `--roles`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use voxgate_actors::transcode::stage::{TranscodeStage, TranscodeStageArgs};
 use voxgate_protocol::{Clock, SystemClock};
 use voxgate_storage::{topics, Log};
 
+use crate::cluster::{Claimed, Role, Start, Stop};
 use crate::config::Config;
 use crate::health::{Health, Runner, StageEntry};
 use crate::ingress::{router, AppState};
@@ -94,7 +95,10 @@ pub struct ConfigSource {
 
 /// On SIGHUP: reads the config again and hands the fraud stage its new rules (the other settings
 /// need a restart). A config that does not load is reported and changes nothing.
-fn reload_on_hangup(source: ConfigSource, fraud: ractor::ActorRef<FraudMsg>) -> tokio::task::JoinHandle<()> {
+fn reload_on_hangup(
+    source: ConfigSource,
+    fraud: Arc<std::sync::Mutex<Option<ractor::ActorRef<FraudMsg>>>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
@@ -104,9 +108,10 @@ fn reload_on_hangup(source: ConfigSource, fraud: ractor::ActorRef<FraudMsg>) -> 
             while hup.recv().await.is_some() {
                 match Config::load(source.path.as_deref(), std::env::vars(), &source.flags) {
                     Ok(c) => {
-                        tracing::info!("SIGHUP: reloading fraud rules");
-                        if fraud.cast(FraudMsg::Reconfigure(Box::new(c.fraud))).is_err() {
-                            return;
+                        let actor = fraud.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Some(actor) = actor {
+                            tracing::info!("SIGHUP: reloading fraud rules");
+                            let _ = actor.cast(FraudMsg::Reconfigure(Box::new(c.fraud)));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
@@ -121,51 +126,107 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open_with_cache(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes)
-        .with_context(|| format!("opening the event log in {}", cfg.data_dir.display()))?;
+    let roles = cfg.roles.clone();
+    let log = match &cfg.cluster {
+        None => Log::open_with_cache(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes)
+            .with_context(|| format!("opening the event log in {}", cfg.data_dir.display()))?,
+        Some(c) => {
+            let mut opts = voxgate_storage::ClusterOptions::new(&c.nats_url);
+            opts.prefix = c.prefix.clone();
+            opts.lease_ttl = c.lease_ttl;
+            // An ingress node keeps answering Twilio through a NATS outage.
+            opts.spool = roles.has(Role::Ingress);
+            tracing::info!(nats = %c.nats_url, node = %c.node, roles = ?roles.names(), "joining the cluster");
+            Log::open_cluster(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes, &opts)
+                .await
+                .with_context(|| format!("joining the JetStream log at {}", c.nats_url))?
+        }
+    };
+    let node = cfg.cluster.as_ref().map_or_else(|| "local".to_owned(), |c| c.node.clone());
 
     let tenancy = Arc::new(
         crate::tenancy::Tenancy::open(&cfg, log.clone(), clock.clone()).context("loading the tenant directory")?,
     );
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
+    let mut stages = Vec::new();
+    let mut claimed: Vec<Claimed> = Vec::new();
+
     let transcode_progress = Arc::new(Progress::new(log.partitions(topics::MEDIA)? as usize));
-    let (transcoder, transcoder_done) = Actor::spawn(
-        Some("stage:transcode".into()),
-        TranscodeStage,
-        TranscodeStageArgs { log: log.clone(), config: cfg.transcode.clone(), progress: transcode_progress.clone() },
-    )
-    .await
-    .context("starting the transcode stage")?;
+    if roles.has(Role::Transcode) {
+        let (l, c, progress) = (log.clone(), cfg.transcode.clone(), transcode_progress.clone());
+        let start: Start = Box::new(move |owned: Vec<u32>| {
+            let args = TranscodeStageArgs {
+                log: l.clone(),
+                config: c.clone(),
+                progress: progress.clone(),
+                partitions: Some(owned),
+            };
+            Box::pin(async move {
+                let (actor, done) =
+                    Actor::spawn(None, TranscodeStage, args).await.context("starting the transcode stage")?;
+                let stop: Stop = Box::new(move || {
+                    Box::pin(async move {
+                        actor.stop(None);
+                        let _ = done.await;
+                    })
+                });
+                Ok(stop)
+            })
+        });
+        let units = log.partitions(topics::MEDIA)?;
+        let c = Claimed::run(&log, "transcode", units, &node, &["transcode"], start).await?;
+        stages.push(StageEntry {
+            name: "transcode",
+            input: topics::MEDIA,
+            runner: Runner::Task(c.alive()),
+            progress: transcode_progress.clone(),
+        });
+        claimed.push(c);
+    }
 
-    let mut stages = vec![StageEntry {
-        name: "transcode",
-        input: topics::MEDIA,
-        runner: Runner::Actor(transcoder.get_cell()),
-        progress: transcode_progress.clone(),
-    }];
-
-    let fraud_progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
-    let engine = FraudEngine::new(cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
-    let (fraud, fraud_done) = Actor::spawn(
-        Some("stage:fraud".into()),
-        FraudStage,
-        FraudStageArgs { log: log.clone(), engine, progress: fraud_progress.clone() },
-    )
-    .await
-    .context("starting the fraud stage")?;
-    stages.push(StageEntry {
-        name: "fraud",
-        input: topics::CALLS,
-        runner: Runner::Actor(fraud.get_cell()),
-        progress: fraud_progress,
-    });
+    let fraud_slot: Arc<std::sync::Mutex<Option<ractor::ActorRef<FraudMsg>>>> = Arc::default();
+    if roles.has(Role::Fraud) {
+        let fraud_progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
+        FraudEngine::new(cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
+        let (l, fc, progress, slot) = (log.clone(), cfg.fraud.clone(), fraud_progress.clone(), fraud_slot.clone());
+        let start: Start = Box::new(move |_owned: Vec<u32>| {
+            let (l, fc, progress, slot) = (l.clone(), fc.clone(), progress.clone(), slot.clone());
+            Box::pin(async move {
+                let engine = FraudEngine::new(fc, PrefixTable::builtin()).context("fraud rules")?;
+                let (actor, done) = Actor::spawn(None, FraudStage, FraudStageArgs { log: l, engine, progress })
+                    .await
+                    .context("starting the fraud stage")?;
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.clone());
+                let stop: Stop = Box::new(move || {
+                    Box::pin(async move {
+                        slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        actor.stop(None);
+                        let _ = done.await;
+                    })
+                });
+                Ok(stop)
+            })
+        });
+        let c = Claimed::run(&log, "fraud", 1, &node, &["fraud"], start).await?;
+        stages.push(StageEntry {
+            name: "fraud",
+            input: topics::CALLS,
+            runner: Runner::Task(c.alive()),
+            progress: fraud_progress,
+        });
+        claimed.push(c);
+    }
     let twilio = crate::hangup::TwilioRest::new(&cfg.twilio_api_url);
-    let follower = tokio::spawn(log_failure(
-        "fraud",
-        crate::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
-    ));
-    let reload = reload_on_hangup(config_source, fraud.clone());
+    // Blocks go into this node's webhook gate and hang-ups to its call actors: an ingress concern.
+    let follower = roles.has(Role::Ingress).then(|| {
+        tokio::spawn(log_failure(
+            "fraud",
+            crate::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
+        ))
+    });
+    let reload = reload_on_hangup(config_source, fraud_slot.clone());
+    // Every node keeps the usage books (the REST API reads them); one node acts on them.
     let billing =
         Arc::new(crate::billing::Billing::new(&cfg, log.clone(), clock.clone(), tenancy.clone(), twilio.clone())?);
     let cursor = billing.rebuild().await.context("rebuilding usage from the logs")?;
@@ -177,6 +238,22 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             alive.store(false, std::sync::atomic::Ordering::Release);
         })
     };
+    if roles.has(Role::Billing) {
+        let b = billing.clone();
+        let start: Start = Box::new(move |_owned: Vec<u32>| {
+            let b = b.clone();
+            Box::pin(async move {
+                b.take_over().await;
+                let stop: Stop = Box::new(move || {
+                    Box::pin(async move {
+                        b.step_down();
+                    })
+                });
+                Ok(stop)
+            })
+        });
+        claimed.push(Claimed::run(&log, "billing", 1, &node, &[], start).await?);
+    }
     stages.push(StageEntry {
         name: "billing",
         input: topics::CALLS,
@@ -184,8 +261,9 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         progress: billing.progress(),
     });
 
-    let mut stt = None;
-    if cfg.stt.enabled {
+    let stt_progress = Arc::new(Progress::new(log.partitions(topics::SPEECH)? as usize));
+    let stt_on = cfg.stt.enabled && roles.has(Role::Stt);
+    if stt_on {
         let dir = cfg.stt.model_dir.clone();
         let workers = cfg.stt.workers;
         let loaded = Instant::now();
@@ -193,26 +271,35 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             .await
             .context("starting the stt workers")??;
         tracing::info!(model_dir = %cfg.stt.model_dir.display(), workers, load_ms = loaded.elapsed().as_millis() as u64, "whisper model loaded");
-        let progress = Arc::new(Progress::new(log.partitions(topics::SPEECH)? as usize));
-        let (actor, done) = Actor::spawn(
-            Some("stage:stt".into()),
-            SttStage,
-            SttStageArgs {
-                log: log.clone(),
-                pool: Arc::new(pool),
+        let (l, pool, progress, max_batch) = (log.clone(), Arc::new(pool), stt_progress.clone(), cfg.stt.max_batch);
+        let start: Start = Box::new(move |owned: Vec<u32>| {
+            let args = SttStageArgs {
+                log: l.clone(),
+                pool: pool.clone(),
                 progress: progress.clone(),
-                max_batch: cfg.stt.max_batch,
-            },
-        )
-        .await
-        .context("starting the stt stage")?;
+                max_batch,
+                partitions: Some(owned),
+            };
+            Box::pin(async move {
+                let (actor, done) = Actor::spawn(None, SttStage, args).await.context("starting the stt stage")?;
+                let stop: Stop = Box::new(move || {
+                    Box::pin(async move {
+                        actor.stop(None);
+                        let _ = done.await;
+                    })
+                });
+                Ok(stop)
+            })
+        });
+        let units = log.partitions(topics::SPEECH)?;
+        let c = Claimed::run(&log, "stt", units, &node, &["stt"], start).await?;
         stages.push(StageEntry {
             name: "stt",
             input: topics::SPEECH,
-            runner: Runner::Actor(actor.get_cell()),
-            progress: progress.clone(),
+            runner: Runner::Task(c.alive()),
+            progress: stt_progress.clone(),
         });
-        stt = Some((actor, done, progress));
+        claimed.push(c);
     }
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -224,6 +311,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         stages,
         stt_model: cfg.stt.enabled.then(|| cfg.stt.model_dir.display().to_string()),
         nats: analytics.as_ref().map(|(url, up, _)| (url.clone(), up.clone())),
+        roles: roles.names(),
     });
     let state = AppState {
         cfg: cfg.clone(),
@@ -308,32 +396,29 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     supervisor.stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await;
     supervisor.stop(None);
     let _ = supervisor_done.await;
-    // Let the transcoder finish what the calls left in the media log (bounded).
-    let drain_until = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < drain_until
-        && crate::health::lag(&log, &transcode_progress, topics::MEDIA).unwrap_or(0) > 0
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Let the transcoder and STT finish what the calls left in their logs (bounded).
+    for (on, progress, topic, secs) in [
+        (roles.has(Role::Transcode), &transcode_progress, topics::MEDIA, 10),
+        (stt_on, &stt_progress, topics::SPEECH, 30),
+    ] {
+        let drain_until = std::time::Instant::now() + Duration::from_secs(secs);
+        while on
+            && std::time::Instant::now() < drain_until
+            && crate::health::lag(&log, progress, topic).unwrap_or(0) > 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
-    transcoder.stop(None);
-    let _ = transcoder_done.await;
     reload.abort();
-    follower.abort();
+    if let Some(f) = follower {
+        f.abort();
+    }
     billing_task.abort();
     if let Some((_, _, task)) = analytics {
         task.abort();
     }
-    fraud.stop(None);
-    let _ = fraud_done.await;
-    if let Some((actor, done, progress)) = stt {
-        let drain_until = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < drain_until
-            && crate::health::lag(&log, &progress, topics::SPEECH).unwrap_or(0) > 0
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        actor.stop(None);
-        let _ = done.await;
+    for c in claimed {
+        c.stop().await;
     }
     log.close().await.context("flushing the event log")?;
     Ok(())

@@ -42,6 +42,17 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
     Ok(postcard::from_bytes(rest)?)
 }
 
+/// The event id of an encoded envelope, read without decoding the rest (the id is the first
+/// field). `None` for bytes that are not a current envelope. The JetStream log uses it as
+/// `Nats-Msg-Id`, so a re-sent event is stored once.
+pub fn peek_event_id(bytes: &[u8]) -> Option<crate::event::EventId> {
+    let (&v, rest) = bytes.split_first()?;
+    if v != VERSION {
+        return None;
+    }
+    postcard::take_from_bytes::<u128>(rest).ok().map(|(id, _)| crate::event::EventId(id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +61,14 @@ mod tests {
     use crate::time::Timestamp;
     use bytes::Bytes;
     use proptest::prelude::*;
+
+    #[test]
+    fn peek_reads_the_event_id_alone() {
+        let env = sample();
+        assert_eq!(peek_event_id(&encode(&env)), Some(env.event_id));
+        assert_eq!(peek_event_id(b""), None);
+        assert_eq!(peek_event_id(b"hello"), None);
+    }
 
     fn sample() -> Envelope {
         Envelope {

@@ -17,11 +17,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 use voxgate_protocol::{Clock, Timestamp};
 
+use crate::jetstream::{Appended, Bucket, Cluster, ClusterOptions};
 use crate::topics::Retention;
 
 /// Errors at the storage boundary.
@@ -43,6 +44,10 @@ pub enum StorageError {
     Closed,
     #[error("corrupt record key in topic {0:?}")]
     CorruptKey(String),
+    #[error("NATS JetStream: {0}")]
+    JetStream(String),
+    #[error("data directory {dir} holds a {found} log, not a {wanted} one; use another data directory")]
+    WrongBackend { dir: String, found: String, wanted: String },
 }
 
 impl From<sled::Error> for StorageError {
@@ -110,19 +115,19 @@ pub struct RetentionReport {
     pub removed: HashMap<String, u64>,
 }
 
-struct Partition {
+pub(crate) struct Partition {
     /// Next offset to assign; held while inserting so offsets are dense and in order.
-    next: Mutex<u64>,
-    /// Next offset not yet durable (records below it are on disk).
-    durable: watch::Sender<u64>,
+    pub(crate) next: Mutex<u64>,
+    /// Next offset not yet durable (records below it are on disk; with JetStream, mirrored).
+    pub(crate) durable: watch::Sender<u64>,
 }
 
-struct Topic {
-    spec: TopicSpec,
-    tree: sled::Tree,
-    partitions: Vec<Partition>,
+pub(crate) struct Topic {
+    pub(crate) spec: TopicSpec,
+    pub(crate) tree: sled::Tree,
+    pub(crate) partitions: Vec<Partition>,
     /// Bumped whenever any partition's durable head moves: consumers wait on it.
-    generation: watch::Sender<u64>,
+    pub(crate) generation: watch::Sender<u64>,
 }
 
 struct Waiter {
@@ -130,15 +135,17 @@ struct Waiter {
     done: oneshot::Sender<Result<(), StorageError>>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     db: sled::Db,
-    topics: Vec<Topic>,
+    pub(crate) topics: Vec<Topic>,
     by_name: HashMap<String, usize>,
     cursors: sled::Tree,
     state: sled::Tree,
     clock: Arc<dyn Clock>,
     commits: Arc<CommitQueue>,
     closed: AtomicBool,
+    /// The JetStream log of record, when this node is part of a cluster.
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }
 
 impl Drop for Inner {
@@ -157,7 +164,7 @@ pub struct Log {
     inner: Arc<Inner>,
 }
 
-fn record_key(partition: u32, offset: u64) -> [u8; 12] {
+pub(crate) fn record_key(partition: u32, offset: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&partition.to_be_bytes());
     k[4..].copy_from_slice(&offset.to_be_bytes());
@@ -211,7 +218,174 @@ impl Log {
         clock: Arc<dyn Clock>,
         cache_bytes: u64,
     ) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
+        let db = Self::open_db(dir, cache_bytes)?;
+        Self::check_backend(&db, dir, "sled")?;
+        Self::with_db(db, specs, clock, None)
+    }
+
+    /// Opens a node's view of the JetStream log at `opts.url`: creates (or checks) the streams
+    /// and buckets, mirrors the partitions this node reads into `dir` and waits until the mirror
+    /// has caught up with what JetStream held at open, and loads cursors and state. Must run
+    /// inside a tokio runtime (the mirrors and the spool forwarder are tasks).
+    pub async fn open_cluster(
+        dir: &Path,
+        specs: &[TopicSpec],
+        clock: Arc<dyn Clock>,
+        cache_bytes: u64,
+        opts: &ClusterOptions,
+    ) -> Result<Self, StorageError> {
+        let db = Self::open_db(dir, cache_bytes)?;
+        Self::check_backend(&db, dir, "jetstream")?;
+        let cluster = Cluster::connect(opts, specs, &db).await?;
+        let log = Self::with_db(db, specs, clock, Some(Arc::new(cluster)))?;
+        let c = log.inner.cluster.clone().ok_or(StorageError::Closed)?;
+        // Mirror what this node reads, from where its local copy ends.
+        let mut heads = Vec::new();
+        for (ti, t) in log.inner.topics.iter().enumerate() {
+            if !c.replicated[ti] {
+                continue;
+            }
+            for p in 0..t.spec.partitions {
+                let (_, last) = c.bounds(&t.spec.name, p).await?;
+                let part = &t.partitions[p as usize];
+                if *part.durable.borrow() > last {
+                    // The server's stream is younger than this copy (a new NATS store): start over.
+                    let mut batch = sled::Batch::default();
+                    for kv in t.tree.scan_prefix(p.to_be_bytes()) {
+                        batch.remove(kv?.0);
+                    }
+                    t.tree.apply_batch(batch)?;
+                    part.durable.send_replace(0);
+                    *part.next.lock().map_err(|_| StorageError::Closed)? = 0;
+                    tracing::warn!(topic = %t.spec.name, partition = p, "local mirror was ahead of JetStream; rebuilt from the server");
+                }
+                tokio::spawn(crate::jetstream::mirror(Arc::downgrade(&log.inner), ti, p));
+                heads.push((ti, p, last));
+            }
+        }
+        for (ti, p, last) in heads {
+            let mut rx = log.inner.topics[ti].partitions[p as usize].durable.subscribe();
+            let caught_up = tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|d| *d >= last)).await;
+            if !matches!(caught_up, Ok(Ok(_))) {
+                return Err(StorageError::JetStream(format!(
+                    "mirroring {} partition {p} did not reach offset {last} within 120 s",
+                    log.inner.topics[ti].spec.name
+                )));
+            }
+        }
+        // The buckets are the truth for cursors and state; the local trees are their cache.
+        for (k, v) in c.load(Bucket::Cursors, "").await? {
+            log.cache_cursor(&k, &v)?;
+        }
+        for (k, v) in c.load(Bucket::State, "").await? {
+            log.cache_state(&k, &v)?;
+        }
+        tokio::spawn(crate::jetstream::forward_spool(Arc::downgrade(&log.inner)));
+        Ok(log)
+    }
+
+    /// Reloads cursor `name` and the state of stage `name` from the cluster's buckets (a node
+    /// taking over another node's work calls this first). Nothing to do on sled.
+    pub async fn refresh(&self, name: &str) -> Result<(), StorageError> {
+        let Some(c) = &self.inner.cluster else { return Ok(()) };
+        self.sync().await?;
+        let prefix = format!("{name}.");
+        for (k, v) in c.load(Bucket::Cursors, &prefix).await? {
+            self.cache_cursor(&k, &v)?;
+        }
+        // State keys no longer in the bucket were deleted by the other node.
+        let fresh = c.load(Bucket::State, &prefix).await?;
+        let mut stale = Vec::new();
+        for kv in self.inner.state.scan_prefix(state_key(name, b"")) {
+            stale.push(kv?.0);
+        }
+        for k in stale {
+            self.inner.state.remove(k)?;
+        }
+        for (k, v) in fresh {
+            self.cache_state(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    fn cache_cursor(&self, kv_key: &str, value: &[u8]) -> Result<(), StorageError> {
+        let mut parts = kv_key.rsplitn(3, '.');
+        let (Some(p), Some(topic), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            return Ok(());
+        };
+        let Ok(p) = p.parse::<u32>() else { return Ok(()) };
+        if value.len() == 8 && self.topic(topic).is_ok() {
+            self.inner.cursors.insert(cursor_key(name, topic, p), value)?;
+        }
+        Ok(())
+    }
+
+    fn cache_state(&self, kv_key: &str, value: &[u8]) -> Result<(), StorageError> {
+        let Some((stage, hex)) = kv_key.split_once('.') else { return Ok(()) };
+        let key: Option<Vec<u8>> =
+            (0..hex.len() / 2).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+        if let Some(key) = key {
+            self.inner.state.insert(state_key(stage, &key), value)?;
+        }
+        Ok(())
+    }
+
+    /// Which backend holds the log: `("sled", None)` or `("jetstream", Some((url, connected)))`.
+    pub fn backend(&self) -> (&'static str, Option<(String, bool)>) {
+        match &self.inner.cluster {
+            None => ("sled", None),
+            Some(c) => ("jetstream", Some((c.url.clone(), c.connected()))),
+        }
+    }
+
+    /// Claims this node's share of `units` work units of `group` (a stage's partitions, or one
+    /// unit for a stage that runs once in the cluster). The receiver holds the units this node
+    /// owns now, and changes when nodes join, leave or die; dropping it gives the units back. On
+    /// sled this node is alone: it owns every unit.
+    pub fn claim(&self, group: &str, units: u32, node: &str) -> watch::Receiver<Vec<u32>> {
+        let (tx, rx) = watch::channel(Vec::new());
+        match &self.inner.cluster {
+            None => {
+                tx.send_replace((0..units).collect());
+                // Keep the sender alive as long as the receiver: nothing will change.
+                tokio::spawn(async move { tx.closed().await });
+            }
+            Some(c) => {
+                tokio::spawn(crate::jetstream::claim(c.clone(), group.to_owned(), units, node.to_owned(), tx));
+            }
+        }
+        rx
+    }
+
+    /// Records waiting in the ingress spool for JetStream to come back (0 on sled).
+    pub fn spooled(&self) -> usize {
+        self.inner.cluster.as_ref().map_or(0, |c| c.spooled())
+    }
+
+    fn check_backend(db: &sled::Db, dir: &Path, wanted: &str) -> Result<(), StorageError> {
+        let meta = db.open_tree("__meta")?;
+        let found = match meta.get("backend")? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            // Data dirs from before the JetStream backend hold sled logs.
+            None if db.tree_names().iter().any(|n| n.starts_with(b"topic/")) => "sled".to_owned(),
+            None => {
+                meta.insert("backend", wanted.as_bytes())?;
+                return Ok(());
+            }
+        };
+        if found != wanted {
+            return Err(StorageError::WrongBackend {
+                dir: dir.display().to_string(),
+                found,
+                wanted: wanted.to_owned(),
+            });
+        }
+        meta.insert("backend", wanted.as_bytes())?;
+        Ok(())
+    }
+
+    fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
+        sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(cache_bytes)
@@ -225,7 +399,15 @@ impl Log {
                     StorageError::Locked { dir: dir.display().to_string() }
                 }
                 other => StorageError::from(other),
-            })?;
+            })
+    }
+
+    fn with_db(
+        db: sled::Db,
+        specs: &[TopicSpec],
+        clock: Arc<dyn Clock>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Self, StorageError> {
         let meta = db.open_tree("__meta")?;
         let cursors = db.open_tree("__cursors")?;
         let state = db.open_tree("__state")?;
@@ -276,6 +458,7 @@ impl Log {
             clock,
             commits: Arc::new(CommitQueue::default()),
             closed: AtomicBool::new(false),
+            cluster,
         });
         let (weak, queue) = (Arc::downgrade(&inner), inner.commits.clone());
         std::thread::Builder::new()
@@ -310,8 +493,18 @@ impl Log {
         let started = Instant::now();
         let (ti, t) = self.topic(topic)?;
         let partition = partition_for(key, t.spec.partitions);
-        let (offset, rx) = self.insert(ti, partition, payload)?;
-        Self::await_durable(rx).await?;
+        let offset = match &self.inner.cluster {
+            Some(c) => {
+                let offset = c.publish(topic, partition, self.stamp(payload)).await?;
+                self.after_publish(c, ti, &[Position { partition, offset }]).await?;
+                offset
+            }
+            None => {
+                let (offset, rx) = self.insert(ti, partition, payload)?;
+                Self::await_durable(rx).await?;
+                offset
+            }
+        };
         metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         Ok(Position { partition, offset })
@@ -324,6 +517,17 @@ impl Log {
     {
         let started = Instant::now();
         let (ti, t) = self.topic(topic)?;
+        if let Some(c) = &self.inner.cluster {
+            let items: Vec<(u32, Vec<u8>)> = items
+                .into_iter()
+                .map(|(key, payload)| (partition_for(key, t.spec.partitions), self.stamp(payload)))
+                .collect();
+            let out = c.publish_many(topic, items).await?;
+            self.after_publish(c, ti, &out).await?;
+            metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
+                .record(started.elapsed().as_secs_f64());
+            return Ok(out);
+        }
         let mut out = Vec::new();
         let mut last = None;
         for (key, payload) in items {
@@ -341,6 +545,108 @@ impl Log {
         metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         Ok(out)
+    }
+
+    /// Appends like [`Log::append`], except that on a JetStream node with a spool an append that
+    /// cannot reach JetStream is kept on local disk and forwarded in order later (ingress uses
+    /// this: Twilio gets its answer once the event is durable somewhere). On sled it is
+    /// [`Log::append`].
+    pub async fn append_or_spool(&self, topic: &str, key: u64, payload: &[u8]) -> Result<Appended, StorageError> {
+        let Some(c) = &self.inner.cluster else {
+            return self.append(topic, key, payload).await.map(Appended::Logged);
+        };
+        let (ti, t) = self.topic(topic)?;
+        let partition = partition_for(key, t.spec.partitions);
+        let value = self.stamp(payload);
+        if c.spool_if_active(topic, partition, &value)? {
+            self.sync_local().await?;
+            return Ok(Appended::Spooled);
+        }
+        match c.publish(topic, partition, value.clone()).await {
+            Ok(offset) => {
+                let at = Position { partition, offset };
+                // A failing cursor flush must not turn a logged event into an error here.
+                if let Err(e) = self.after_publish(c, ti, &[at]).await {
+                    tracing::warn!(error = %e, "cursor flush after append failed; retried on the next sync");
+                }
+                Ok(Appended::Logged(at))
+            }
+            Err(StorageError::JetStream(reason)) if c.spool_enabled() => {
+                tracing::warn!(topic, %reason, "JetStream unreachable; spooling to the local log");
+                c.spool(topic, partition, &value)?;
+                self.sync_local().await?;
+                Ok(Appended::Spooled)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Log::append_many`] with the spool of [`Log::append_or_spool`]: when JetStream cannot
+    /// take the batch, all of it is spooled (records JetStream did take are de-duplicated by
+    /// event id when the spool is forwarded).
+    pub async fn append_many_or_spool<'a, I>(&self, topic: &str, items: I) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = (u64, &'a [u8])>,
+    {
+        let Some(c) = self.inner.cluster.as_ref().filter(|c| c.spool_enabled()) else {
+            return self.append_many(topic, items).await.map(|_| ());
+        };
+        let (ti, t) = self.topic(topic)?;
+        let parts = t.spec.partitions;
+        let stamped: Vec<(u32, Vec<u8>)> =
+            items.into_iter().map(|(key, payload)| (partition_for(key, parts), self.stamp(payload))).collect();
+        if !c.spooling() {
+            match c.publish_many(topic, stamped.clone()).await {
+                Ok(at) => {
+                    if let Err(e) = self.after_publish(c, ti, &at).await {
+                        tracing::warn!(error = %e, "cursor flush after append failed; retried on the next sync");
+                    }
+                    return Ok(());
+                }
+                Err(StorageError::JetStream(reason)) => {
+                    tracing::warn!(topic, %reason, "JetStream unreachable; spooling to the local log");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (partition, value) in &stamped {
+            c.spool(topic, *partition, value)?;
+        }
+        self.sync_local().await
+    }
+
+    /// `appended_at ‖ payload`, the stored form of a record.
+    fn stamp(&self, payload: &[u8]) -> Vec<u8> {
+        let mut value = Vec::with_capacity(8 + payload.len());
+        value.extend_from_slice(&self.inner.clock.now().as_micros().to_be_bytes());
+        value.extend_from_slice(payload);
+        value
+    }
+
+    /// After JetStream acked: wait (briefly) until this node's mirror shows the records, so a
+    /// node reads its own writes, and write out cursors stored since the last append (as a sled
+    /// flush would).
+    async fn after_publish(&self, c: &Cluster, ti: usize, at: &[Position]) -> Result<(), StorageError> {
+        if c.replicated[ti] {
+            for pos in at {
+                let mut rx = self.inner.topics[ti].partitions[pos.partition as usize].durable.subscribe();
+                let offset = pos.offset;
+                if tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|d| *d > offset)).await.is_err() {
+                    // Acked by JetStream, so durable; the mirror will show it when it catches up.
+                    break;
+                }
+            }
+        }
+        if c.has_dirty() {
+            c.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_local(&self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.commits.push(Waiter { topic: None, done: tx })?;
+        Self::await_durable(rx).await
     }
 
     fn insert(
@@ -376,9 +682,11 @@ impl Log {
 
     /// Waits until everything written so far (records and cursors) is on disk.
     pub async fn sync(&self) -> Result<(), StorageError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.commits.push(Waiter { topic: None, done: tx })?;
-        Self::await_durable(rx).await
+        self.sync_local().await?;
+        match &self.inner.cluster {
+            Some(c) => c.flush().await,
+            None => Ok(()),
+        }
     }
 
     /// The first offset not yet durable in a partition (the end of what readers can see).
@@ -498,6 +806,13 @@ impl Log {
             });
         }
         self.inner.cursors.insert(cursor_key(name, topic, partition), &offset.to_be_bytes())?;
+        if let Some(c) = &self.inner.cluster {
+            c.mark(
+                Bucket::Cursors,
+                crate::jetstream::cursor_kv_key(name, topic, partition),
+                Some(offset.to_be_bytes().to_vec()),
+            );
+        }
         Ok(())
     }
 
@@ -505,6 +820,9 @@ impl Log {
     /// [`Log::store_cursor`]). Keys are namespaced by `stage`.
     pub fn put_state(&self, stage: &str, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
         self.inner.state.insert(state_key(stage, key), value)?;
+        if let Some(c) = &self.inner.cluster {
+            c.mark(Bucket::State, crate::jetstream::state_kv_key(stage, key), Some(value.to_vec()));
+        }
         Ok(())
     }
 
@@ -516,6 +834,9 @@ impl Log {
     /// Removes a piece of stage state.
     pub fn delete_state(&self, stage: &str, key: &[u8]) -> Result<(), StorageError> {
         self.inner.state.remove(state_key(stage, key))?;
+        if let Some(c) = &self.inner.cluster {
+            c.mark(Bucket::State, crate::jetstream::state_kv_key(stage, key), None);
+        }
         Ok(())
     }
 
@@ -659,116 +980,8 @@ fn committer(inner: std::sync::Weak<Inner>, queue: Arc<CommitQueue>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use voxgate_protocol::SystemClock;
 
-    fn specs() -> Vec<TopicSpec> {
-        vec![TopicSpec::new("t", 3, Retention::default())]
-    }
-
-    #[tokio::test]
-    async fn append_read_cursor_roundtrip() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(dir.path(), &specs(), Arc::new(SystemClock)).unwrap();
-        let mut positions = Vec::new();
-        for i in 0..30u64 {
-            positions.push(log.append("t", i, format!("rec{i}").as_bytes()).await.unwrap());
-        }
-        let mut total = 0;
-        for p in 0..3 {
-            let mut out = Vec::new();
-            let next = log.read("t", p, 0, 1000, &mut out).unwrap();
-            assert_eq!(next, out.len() as u64);
-            for (i, r) in out.iter().enumerate() {
-                assert_eq!(r.offset, i as u64);
-            }
-            total += out.len();
-        }
-        assert_eq!(total, 30);
-        log.commit_cursor("c", "t", 1, 5).await.unwrap();
-        assert_eq!(log.cursor("c", "t").unwrap(), vec![0, 5, 0]);
-        assert!(matches!(log.append("nope", 0, b"x").await, Err(StorageError::UnknownTopic(_))));
-        log.close().await.unwrap();
-        drop(log);
-        let log = Log::open(dir.path(), &specs(), Arc::new(SystemClock)).unwrap();
-        assert_eq!(log.cursor("c", "t").unwrap(), vec![0, 5, 0]);
-        let p = log.append("t", 0, b"after").await.unwrap();
-        let expected = positions.iter().filter(|q| q.partition == p.partition).count() as u64;
-        assert_eq!(p.offset, expected);
-    }
-
-    #[tokio::test]
-    async fn partition_count_mismatch_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(dir.path(), &specs(), Arc::new(SystemClock)).unwrap();
-        log.close().await.unwrap();
-        drop(log);
-        let e = Log::open(dir.path(), &[TopicSpec::new("t", 5, Retention::default())], Arc::new(SystemClock));
-        assert!(matches!(e, Err(StorageError::PartitionMismatch { on_disk: 3, configured: 5, .. })));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_appends_share_flushes_and_stay_dense() {
-        let dir = tempfile::tempdir().unwrap();
-        let log =
-            Log::open(dir.path(), &[TopicSpec::new("t", 1, Retention::default())], Arc::new(SystemClock)).unwrap();
-        let mut tasks = Vec::new();
-        for w in 0..64u64 {
-            let log = log.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..20u64 {
-                    log.append("t", 0, &(w * 1000 + i).to_be_bytes()).await.unwrap();
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let mut out = Vec::new();
-        log.read("t", 0, 0, usize::MAX, &mut out).unwrap();
-        assert_eq!(out.len(), 64 * 20);
-        let mut seen: Vec<u64> = out.iter().map(|r| u64::from_be_bytes(r.payload().try_into().unwrap())).collect();
-        seen.sort_unstable();
-        seen.dedup();
-        assert_eq!(seen.len(), 64 * 20);
-        assert!(out.iter().enumerate().all(|(i, r)| r.offset == i as u64));
-    }
-
-    struct Fixed(i64);
-    impl Clock for Fixed {
-        fn now(&self) -> Timestamp {
-            Timestamp(self.0)
-        }
-    }
-
-    #[tokio::test]
-    async fn retention_by_age_and_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let specs = vec![
-            TopicSpec::new(
-                "aged",
-                1,
-                Retention { max_age: Some(std::time::Duration::from_secs(10)), max_events_per_partition: None },
-            ),
-            TopicSpec::new("counted", 1, Retention { max_age: None, max_events_per_partition: Some(3) }),
-        ];
-        let log = Log::open(dir.path(), &specs, Arc::new(Fixed(1_000_000))).unwrap();
-        for i in 0..5u8 {
-            log.append("aged", 0, &[i]).await.unwrap();
-            log.append("counted", 0, &[i]).await.unwrap();
-        }
-        // at t = 5 s nothing is 10 s old
-        let r = log.apply_retention(Timestamp(5_000_000)).unwrap();
-        assert_eq!(r.removed.get("aged"), None);
-        assert_eq!(r.removed.get("counted"), Some(&2));
-        assert_eq!(log.first_offset("counted", 0).unwrap(), 2);
-        let r = log.apply_retention(Timestamp(12_000_000)).unwrap();
-        assert_eq!(r.removed.get("aged"), Some(&5));
-        let mut out = Vec::new();
-        assert_eq!(log.read("aged", 0, 0, 10, &mut out).unwrap(), 0);
-        assert!(out.is_empty());
-        // offsets keep growing after retention
-        assert_eq!(log.append("aged", 0, b"x").await.unwrap().offset, 5);
-    }
+    // The API's behaviour is tested against both backends in tests/suite.rs.
 
     #[test]
     fn partitioning_spreads_keys() {

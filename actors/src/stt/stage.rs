@@ -140,6 +140,8 @@ pub struct SttStageArgs {
     pub progress: Arc<Progress>,
     /// Most segments sent to the workers at once (across calls).
     pub max_batch: usize,
+    /// The speech partitions this instance works on (`None`: all; in a cluster, its claims).
+    pub partitions: Option<Vec<u32>>,
 }
 
 /// The stage's state.
@@ -184,7 +186,8 @@ impl Actor for SttStage {
     type Arguments = SttStageArgs;
 
     async fn pre_start(&self, myself: ActorRef<SttMsg>, args: SttStageArgs) -> Result<SttState, ActorProcessingErr> {
-        let next = args.log.cursor(CURSOR, topics::SPEECH)?;
+        let next =
+            crate::progress::starting_points(args.log.cursor(CURSOR, topics::SPEECH)?, args.partitions.as_deref());
         for (p, n) in next.iter().enumerate() {
             args.progress.set(p as u32, *n);
         }
@@ -228,12 +231,16 @@ struct Pending {
 /// Reads a batch of segments from every partition, transcribes them, appends the transcripts.
 async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     let partitions = s.next.len();
-    let per_partition = s.max_batch.div_ceil(partitions).max(1);
+    let ours = s.next.iter().filter(|n| **n != crate::progress::NOT_OURS).count();
+    let per_partition = s.max_batch.div_ceil(ours.max(1)).max(1);
     let mut pending: Vec<Pending> = Vec::new();
     let mut new_next = s.next.clone();
     let mut more = false;
     let mut records: Vec<Record> = Vec::new();
     for p in 0..partitions {
+        if s.next[p] == crate::progress::NOT_OURS {
+            continue;
+        }
         records.clear();
         new_next[p] = s.log.read(topics::SPEECH, p as u32, s.next[p], per_partition, &mut records)?;
         more |= records.len() == per_partition;
@@ -338,6 +345,9 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
 
 async fn commit(s: &mut SttState, next: &[u64]) -> Result<(), StorageError> {
     for (p, n) in next.iter().enumerate() {
+        if *n == crate::progress::NOT_OURS {
+            continue;
+        }
         s.log.store_cursor(CURSOR, topics::SPEECH, p as u32, *n)?;
         s.progress.set(p as u32, *n);
     }

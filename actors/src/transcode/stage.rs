@@ -38,6 +38,8 @@ pub struct TranscodeStageArgs {
     pub config: TranscodeConfig,
     /// Where the stage reports how far it has read (health, lag metrics).
     pub progress: Arc<Progress>,
+    /// The media partitions this instance works on (`None`: all; in a cluster, its claims).
+    pub partitions: Option<Vec<u32>>,
 }
 
 struct OpenStream {
@@ -79,7 +81,8 @@ impl Actor for TranscodeStage {
         myself: ActorRef<StageMsg>,
         args: TranscodeStageArgs,
     ) -> Result<TranscodeState, ActorProcessingErr> {
-        let cursor = args.log.cursor(CURSOR, topics::MEDIA)?;
+        let cursor =
+            crate::progress::starting_points(args.log.cursor(CURSOR, topics::MEDIA)?, args.partitions.as_deref());
         for (p, next) in cursor.iter().enumerate() {
             args.progress.set(p as u32, *next);
         }

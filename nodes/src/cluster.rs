@@ -1,0 +1,252 @@
+//! Running as one node of a cluster: which roles this node plays (`--roles`), how it joins the
+//! JetStream log (`--nats`, `[cluster]`), and how a stage runs on the share of work this node
+//! has claimed, starting again on a new share when nodes join, leave or die.
+//!
+//! Work sharing: transcode and stt claim their input topic's partitions (per-call order holds, as
+//! a call's records live in one partition); fraud and billing's actions claim one unit each, so
+//! they run once in the cluster, with failover (their rules look across calls and tenants).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use voxgate_storage::Log;
+
+/// What a node can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Twilio's webhooks, Media Streams and the REST API (with the call actors and the spool).
+    Ingress,
+    /// Call actors (always with ingress: a call's actor lives where its stream arrives).
+    Call,
+    Transcode,
+    Stt,
+    Fraud,
+    Billing,
+}
+
+impl Role {
+    pub const ALL: [Role; 6] = [Role::Ingress, Role::Call, Role::Transcode, Role::Stt, Role::Fraud, Role::Billing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingress => "ingress",
+            Role::Call => "call",
+            Role::Transcode => "transcode",
+            Role::Stt => "stt",
+            Role::Fraud => "fraud",
+            Role::Billing => "billing",
+        }
+    }
+}
+
+/// The set of roles a node runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roles(BTreeSet<Role>);
+
+impl Roles {
+    pub fn all() -> Self {
+        Self(Role::ALL.into_iter().collect())
+    }
+
+    pub fn has(&self, r: Role) -> bool {
+        self.0.contains(&r)
+    }
+
+    /// `all`, or a comma-separated list (`ingress,call`, `transcode,stt`, `fraud,billing`).
+    /// `ingress` and `call` go together.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.trim() == "all" {
+            return Ok(Self::all());
+        }
+        let mut set = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let r = Role::ALL.into_iter().find(|r| r.as_str() == part).ok_or_else(|| {
+                format!("unknown role {part:?} (roles: all, ingress, call, transcode, stt, fraud, billing)")
+            })?;
+            set.insert(r);
+        }
+        if set.is_empty() {
+            return Err("no roles given".into());
+        }
+        if set.contains(&Role::Ingress) != set.contains(&Role::Call) {
+            return Err(
+                "ingress and call go together: a call's actor lives on the node its webhook and stream reach".into()
+            );
+        }
+        Ok(Self(set))
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|r| r.as_str()).collect()
+    }
+}
+
+/// `[cluster]`: join a JetStream cluster instead of the embedded sled log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// `nats://host:port` of a JetStream-enabled NATS server (or `--nats`).
+    pub nats_url: String,
+    /// Roles this node runs (or `--roles`); default all.
+    #[serde(default)]
+    pub roles: Option<String>,
+    /// Streams, subjects and buckets are named `{prefix}_…` / `{prefix}.log.…`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// This node's name in work claims (default `{hostname}-{pid}`).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Seconds before a dead node's work moves to the others.
+    #[serde(default = "default_lease")]
+    pub lease_ttl_secs: u64,
+}
+
+fn default_prefix() -> String {
+    "voxgate".into()
+}
+
+fn default_lease() -> u64 {
+    6
+}
+
+/// The cluster settings in force.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub nats_url: String,
+    pub prefix: String,
+    pub node: String,
+    pub lease_ttl: Duration,
+}
+
+impl ClusterConfig {
+    pub fn from_file(f: &ClusterFile) -> Result<Self, String> {
+        if !f.nats_url.starts_with("nats://") && !f.nats_url.starts_with("tls://") {
+            return Err(format!("must be a nats:// or tls:// URL, got {:?}", f.nats_url));
+        }
+        if f.prefix.is_empty() || !f.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(format!("prefix {:?} must be letters, digits, '_' or '-'", f.prefix));
+        }
+        if !(1..=300).contains(&f.lease_ttl_secs) {
+            return Err(format!("lease_ttl_secs must be 1..=300, got {}", f.lease_ttl_secs));
+        }
+        let node = match &f.node {
+            Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') => {
+                n.clone()
+            }
+            Some(n) => return Err(format!("node {n:?} must be letters, digits, '_' or '-'")),
+            None => {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                let host: String =
+                    host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+                format!("{}-{}", if host.is_empty() { "node" } else { &host }, std::process::id())
+            }
+        };
+        Ok(Self {
+            nats_url: f.nats_url.clone(),
+            prefix: f.prefix.clone(),
+            node,
+            lease_ttl: Duration::from_secs(f.lease_ttl_secs),
+        })
+    }
+}
+
+/// Stops what a [`Start`] started.
+pub type Stop = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+/// Starts a stage on the given units (partitions).
+pub type Start = Box<dyn FnMut(Vec<u32>) -> Pin<Box<dyn Future<Output = anyhow::Result<Stop>> + Send>> + Send>;
+
+/// A stage run on this node's claimed share of its work.
+pub struct Claimed {
+    alive: Arc<AtomicBool>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Claimed {
+    /// Claims a share of `units` units of `group` and runs `start` on it; when the share changes,
+    /// stops what runs, reloads the cursors and state named in `refresh` (another node may have
+    /// moved them on) and starts again on the new share. On the sled log the node holds every
+    /// unit at once, so the stage starts before this returns.
+    pub async fn run(
+        log: &Log,
+        group: &'static str,
+        units: u32,
+        node: &str,
+        refresh: &'static [&'static str],
+        mut start: Start,
+    ) -> anyhow::Result<Self> {
+        let mut claims = log.claim(group, units, node);
+        let first = claims.borrow_and_update().clone();
+        let mut running = if first.is_empty() { None } else { Some(start(first).await?) };
+        let alive = Arc::new(AtomicBool::new(true));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (log, a) = (log.clone(), alive.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = claims.changed() => if r.is_err() { break },
+                    _ = stopped.changed() => break,
+                }
+                let owned = claims.borrow_and_update().clone();
+                if let Some(s) = running.take() {
+                    s().await;
+                }
+                if owned.is_empty() {
+                    continue;
+                }
+                for name in refresh {
+                    while let Err(e) = log.refresh(name).await {
+                        tracing::warn!(stage = group, error = %e, "reloading cursors before taking over; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                match start(owned.clone()).await {
+                    Ok(s) => {
+                        tracing::info!(stage = group, units = ?owned, "stage running on its claimed share");
+                        running = Some(s);
+                        a.store(true, Ordering::Release);
+                    }
+                    Err(e) => {
+                        tracing::error!(stage = group, error = %e, "stage did not start on its claimed share");
+                        a.store(false, Ordering::Release);
+                    }
+                }
+            }
+            if let Some(s) = running.take() {
+                s().await;
+            }
+        });
+        Ok(Self { alive, stop, task })
+    }
+
+    /// False when the stage failed to start on its share.
+    pub fn alive(&self) -> Arc<AtomicBool> {
+        self.alive.clone()
+    }
+
+    /// Stops the stage and gives its claims back.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse() {
+        assert_eq!(Roles::parse("all").unwrap(), Roles::all());
+        let r = Roles::parse("transcode, stt").unwrap();
+        assert!(r.has(Role::Stt) && r.has(Role::Transcode) && !r.has(Role::Ingress));
+        assert!(Roles::parse("ingress").unwrap_err().contains("together"));
+        assert!(Roles::parse("fraud,bogus").unwrap_err().contains("bogus"));
+        assert!(Roles::parse("").is_err());
+    }
+}

@@ -1,0 +1,733 @@
+//! The JetStream backend: the same [`Log`](crate::Log) API with NATS JetStream as the log of
+//! record, so several voxgate nodes share one log.
+//!
+//! Layout on the server (names start with the cluster's `prefix`, default `voxgate`):
+//! - one stream per topic partition, `{prefix}_{topic}_{partition}` on the subject
+//!   `{prefix}.log.{topic}.{partition}`, so a stream sequence is a partition offset plus one and a
+//!   partition keeps one order. Retention is the topic's, enforced by the server (`max_age`,
+//!   `max_msgs_per_subject`). A message is `appended_at (i64 BE µs) ‖ payload`, as in sled, so
+//!   event time comes from the injected clock, not the server's.
+//! - `Nats-Msg-Id` is the envelope's event id ([`voxgate_protocol::peek_event_id`]): an event
+//!   re-sent after a lost ack, a restart or a lease change is stored once (within the stream's
+//!   duplicate window, [`ClusterOptions::dedup_window`]).
+//! - cursors and stage state in the key-value buckets `{prefix}_cursors` (`{name}.{topic}.{p}`)
+//!   and `{prefix}_state` (`{stage}.{hex key}`); `{prefix}_meta` pins each topic's partition count.
+//!
+//! On the node: the partitions it reads are mirrored into its local sled tree by an ordered
+//! consumer per partition (a read cache: readers keep their synchronous, zero-copy reads, and a
+//! partition's "durable head" is what has been mirrored, which JetStream acknowledged first).
+//! Cursors and state are cached locally and written to the buckets by [`Log::sync`]; `open` and
+//! [`Log::refresh`] load them from the buckets. With `spool` on, an append that cannot reach
+//! JetStream is written to the local `__spool` tree (fsynced) and forwarded in order when NATS is
+//! back; while anything is spooled, later appends queue behind it, so per-key order holds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use futures_util::StreamExt;
+
+use crate::log::{record_key, Inner, StorageError};
+
+/// How a node joins a JetStream cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// `nats://host:port` of a JetStream-enabled server.
+    pub url: String,
+    /// Names of streams, subjects and buckets start with this (`[A-Za-z0-9_-]`).
+    pub prefix: String,
+    /// Topics this node reads, mirrored locally; `None` mirrors every topic.
+    pub replicate: Option<Vec<String>>,
+    /// Keep appends in a local spool while JetStream is unreachable (ingress nodes).
+    pub spool: bool,
+    /// How long an append waits for JetStream's ack before it counts as failed (or spooled).
+    pub ack_timeout: Duration,
+    /// The streams' de-duplication window for `Nats-Msg-Id`.
+    pub dedup_window: Duration,
+    /// A work claim ([`Log::claim`](crate::Log::claim)) not renewed for this long is free for
+    /// another node: how long a dead node's work waits before the survivors take it.
+    pub lease_ttl: Duration,
+}
+
+impl ClusterOptions {
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: "voxgate".to_owned(),
+            replicate: None,
+            spool: false,
+            ack_timeout: Duration::from_secs(2),
+            dedup_window: Duration::from_secs(300),
+            lease_ttl: Duration::from_secs(6),
+        }
+    }
+}
+
+/// Where an append went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// In the log at this position.
+    Logged(crate::Position),
+    /// JetStream was unreachable: kept on local disk, forwarded in order when it is back.
+    Spooled,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Bucket {
+    Cursors,
+    State,
+}
+
+pub(crate) struct Cluster {
+    pub(crate) url: String,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    prefix: String,
+    cursors: kv::Store,
+    state: kv::Store,
+    leases: kv::Store,
+    lease_ttl: Duration,
+    /// Per topic index: mirrored locally.
+    pub(crate) replicated: Vec<bool>,
+    /// Cursor and state writes not yet in their bucket (`None` = delete).
+    dirty: Mutex<HashMap<(Bucket, String), Option<Vec<u8>>>>,
+    /// One bucket flush at a time, so a later value never lands before an earlier one.
+    flushing: tokio::sync::Mutex<()>,
+    ack_timeout: Duration,
+    spool: Option<Spool>,
+}
+
+struct Spool {
+    tree: sled::Tree,
+    /// Held while deciding "spool or publish" and while the forwarder empties the spool.
+    gate: Mutex<SpoolGate>,
+    wake: tokio::sync::Notify,
+    active: AtomicBool,
+}
+
+struct SpoolGate {
+    next: u64,
+}
+
+fn js_err(e: impl std::fmt::Display) -> StorageError {
+    StorageError::JetStream(e.to_string())
+}
+
+pub(crate) fn stream_name(prefix: &str, topic: &str, partition: u32) -> String {
+    format!("{prefix}_{topic}_{partition}")
+}
+
+pub(crate) fn subject(prefix: &str, topic: &str, partition: u32) -> String {
+    format!("{prefix}.log.{topic}.{partition}")
+}
+
+pub(crate) fn cursor_kv_key(name: &str, topic: &str, partition: u32) -> String {
+    format!("{name}.{topic}.{partition}")
+}
+
+pub(crate) fn state_kv_key(stage: &str, key: &[u8]) -> String {
+    let mut s = String::with_capacity(stage.len() + 1 + key.len() * 2);
+    s.push_str(stage);
+    s.push('.');
+    for b in key {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn valid_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Cluster {
+    /// Connects, and creates (or checks) the streams and buckets for `specs`.
+    pub(crate) async fn connect(
+        opts: &ClusterOptions,
+        specs: &[crate::TopicSpec],
+        local: &sled::Db,
+    ) -> Result<Self, StorageError> {
+        if !valid_token(&opts.prefix) {
+            return Err(StorageError::JetStream(format!(
+                "cluster prefix {:?} must be letters, digits, '_' or '-'",
+                opts.prefix
+            )));
+        }
+        for s in specs {
+            if !valid_token(&s.name) {
+                return Err(StorageError::JetStream(format!("topic name {:?} is not a NATS token", s.name)));
+            }
+        }
+        let client = async_nats::ConnectOptions::new()
+            .name("voxgate")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(opts.url.as_str())
+            .await
+            .map_err(|e| StorageError::JetStream(format!("connecting to {}: {e}", opts.url)))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(opts.ack_timeout.max(Duration::from_secs(1)));
+        let bucket = |name: &str, history: i64| kv::Config {
+            bucket: format!("{}_{name}", opts.prefix),
+            history,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let meta = open_bucket(&js, bucket("meta", 1)).await?;
+        let cursors = open_bucket(&js, bucket("cursors", 1)).await?;
+        let state = open_bucket(&js, bucket("state", 1)).await?;
+        let ttl = opts.lease_ttl.max(Duration::from_secs(1));
+        let leases = open_bucket(&js, kv::Config { max_age: ttl, ..bucket("leases", 1) }).await?;
+        for spec in specs {
+            let key = format!("partitions.{}", spec.name);
+            match meta.get(key.as_str()).await.map_err(js_err)? {
+                Some(v) => {
+                    let on_server =
+                        std::str::from_utf8(&v).ok().and_then(|s| s.parse::<u32>().ok()).ok_or_else(|| {
+                            StorageError::JetStream(format!("corrupt partition count for topic {:?}", spec.name))
+                        })?;
+                    if on_server != spec.partitions {
+                        return Err(StorageError::PartitionMismatch {
+                            topic: spec.name.clone(),
+                            on_disk: on_server,
+                            configured: spec.partitions,
+                        });
+                    }
+                }
+                None => {
+                    // `create` fails if another node won the race: then check its value.
+                    if meta.create(key.as_str(), spec.partitions.to_string().into()).await.is_err() {
+                        let v = meta.get(key.as_str()).await.map_err(js_err)?.unwrap_or_default();
+                        if v.as_ref() != spec.partitions.to_string().as_bytes() {
+                            return Err(StorageError::PartitionMismatch {
+                                topic: spec.name.clone(),
+                                on_disk: std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(0),
+                                configured: spec.partitions,
+                            });
+                        }
+                    }
+                }
+            }
+            for p in 0..spec.partitions {
+                let config = stream::Config {
+                    name: stream_name(&opts.prefix, &spec.name, p),
+                    subjects: vec![subject(&opts.prefix, &spec.name, p)],
+                    storage: stream::StorageType::File,
+                    max_age: spec.retention.max_age.unwrap_or_default(),
+                    max_messages_per_subject: spec
+                        .retention
+                        .max_events_per_partition
+                        .map(|m| m.min(i64::MAX as u64) as i64)
+                        .unwrap_or(-1),
+                    duplicate_window: opts.dedup_window,
+                    ..Default::default()
+                };
+                js.get_or_create_stream(config).await.map_err(|e| {
+                    StorageError::JetStream(format!("stream {}: {e}", stream_name(&opts.prefix, &spec.name, p)))
+                })?;
+            }
+        }
+        let replicated =
+            specs.iter().map(|s| opts.replicate.as_ref().is_none_or(|r| r.iter().any(|t| t == &s.name))).collect();
+        let spool = if opts.spool {
+            let tree = local.open_tree("__spool")?;
+            let next = match tree.last()? {
+                Some((k, _)) => {
+                    u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StorageError::CorruptKey("__spool".into()))?)
+                        + 1
+                }
+                None => 0,
+            };
+            let active = !tree.is_empty();
+            Some(Spool {
+                tree,
+                gate: Mutex::new(SpoolGate { next }),
+                wake: tokio::sync::Notify::new(),
+                active: AtomicBool::new(active),
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            url: opts.url.clone(),
+            client,
+            js,
+            prefix: opts.prefix.clone(),
+            cursors,
+            state,
+            leases,
+            lease_ttl: ttl,
+            replicated,
+            dirty: Mutex::new(HashMap::new()),
+            flushing: tokio::sync::Mutex::new(()),
+            ack_timeout: opts.ack_timeout,
+            spool,
+        })
+    }
+
+    pub(crate) fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Publishes one record (`appended_at ‖ payload`) and waits for JetStream's ack; returns the
+    /// offset it has in its partition.
+    pub(crate) async fn publish(&self, topic: &str, partition: u32, value: Vec<u8>) -> Result<u64, StorageError> {
+        let id = voxgate_protocol::peek_event_id(value.get(8..).unwrap_or_default());
+        let ack = self.publish_ack(topic, partition, id, value).await?;
+        tokio::time::timeout(self.ack_timeout, ack)
+            .await
+            .map_err(|_| StorageError::JetStream(format!("no ack from JetStream within {:?}", self.ack_timeout)))?
+            .map(|a| a.sequence.saturating_sub(1))
+            .map_err(js_err)
+    }
+
+    async fn publish_ack(
+        &self,
+        topic: &str,
+        partition: u32,
+        id: Option<voxgate_protocol::EventId>,
+        value: Vec<u8>,
+    ) -> Result<jetstream::context::PublishAckFuture, StorageError> {
+        let mut p = jetstream::context::Publish::build().payload(value.into());
+        if let Some(id) = id {
+            p = p.message_id(id.to_string());
+        }
+        tokio::time::timeout(self.ack_timeout, self.js.send_publish(subject(&self.prefix, topic, partition), p))
+            .await
+            .map_err(|_| StorageError::JetStream("NATS did not take the publish in time".into()))?
+            .map_err(js_err)
+    }
+
+    /// Publishes several records, pipelined, and waits for every ack.
+    pub(crate) async fn publish_many(
+        &self,
+        topic: &str,
+        items: Vec<(u32, Vec<u8>)>,
+    ) -> Result<Vec<crate::Position>, StorageError> {
+        let mut acks = Vec::with_capacity(items.len());
+        for (partition, value) in items {
+            let id = voxgate_protocol::peek_event_id(value.get(8..).unwrap_or_default());
+            acks.push((partition, self.publish_ack(topic, partition, id, value).await?));
+        }
+        let mut out = Vec::with_capacity(acks.len());
+        for (partition, ack) in acks {
+            let a = tokio::time::timeout(self.ack_timeout, ack)
+                .await
+                .map_err(|_| StorageError::JetStream(format!("no ack from JetStream within {:?}", self.ack_timeout)))?
+                .map_err(js_err)?;
+            out.push(crate::Position { partition, offset: a.sequence.saturating_sub(1) });
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn mark(&self, bucket: Bucket, key: String, value: Option<Vec<u8>>) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert((bucket, key), value);
+        }
+    }
+
+    pub(crate) fn has_dirty(&self) -> bool {
+        self.dirty.lock().map(|d| !d.is_empty()).unwrap_or(false)
+    }
+
+    /// Writes every pending cursor and state change to its bucket.
+    pub(crate) async fn flush(&self) -> Result<(), StorageError> {
+        let _one = self.flushing.lock().await;
+        let pending = match self.dirty.lock() {
+            Ok(mut d) => std::mem::take(&mut *d),
+            Err(_) => return Err(StorageError::Closed),
+        };
+        let mut failed: Option<StorageError> = None;
+        let mut keep = HashMap::new();
+        for ((bucket, key), value) in pending {
+            if failed.is_some() {
+                keep.insert((bucket, key), value);
+                continue;
+            }
+            let store = match bucket {
+                Bucket::Cursors => &self.cursors,
+                Bucket::State => &self.state,
+            };
+            let r = match &value {
+                Some(v) => tokio::time::timeout(self.ack_timeout, store.put(key.as_str(), v.clone().into()))
+                    .await
+                    .map(|r| r.map(|_| ()).map_err(js_err)),
+                None => {
+                    tokio::time::timeout(self.ack_timeout, store.delete(key.as_str())).await.map(|r| r.map_err(js_err))
+                }
+            };
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some(StorageError::JetStream("no ack from the key-value bucket in time".into())),
+            }
+            if failed.is_some() {
+                keep.insert((bucket, key), value);
+            }
+        }
+        if let Some(e) = failed {
+            // Put back what did not land, unless something newer was written meanwhile.
+            if let Ok(mut d) = self.dirty.lock() {
+                for (k, v) in keep {
+                    d.entry(k).or_insert(v);
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Every key of a bucket under `prefix` (all keys when empty) with its value.
+    pub(crate) async fn load(&self, bucket: Bucket, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let store = match bucket {
+            Bucket::Cursors => &self.cursors,
+            Bucket::State => &self.state,
+        };
+        let mut keys = match store.keys().await {
+            Ok(k) => k,
+            Err(e) => return Err(js_err(e)),
+        };
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(js_err)?;
+            if k.starts_with(prefix) {
+                names.push(k);
+            }
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for k in names {
+            if let Some(v) = store.get(k.as_str()).await.map_err(js_err)? {
+                out.push((k, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first and last sequence JetStream holds for a partition.
+    pub(crate) async fn bounds(&self, topic: &str, partition: u32) -> Result<(u64, u64), StorageError> {
+        let mut s = self.js.get_stream(stream_name(&self.prefix, topic, partition)).await.map_err(js_err)?;
+        let info = s.info().await.map_err(js_err)?;
+        Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+
+    // ---- spool ----
+
+    /// Appends to the local spool; the caller makes it durable (`Log::sync`).
+    pub(crate) fn spool(&self, topic: &str, partition: u32, value: &[u8]) -> Result<(), StorageError> {
+        let s = self.spool.as_ref().ok_or_else(|| StorageError::JetStream("this node has no spool".into()))?;
+        let mut gate = s.gate.lock().map_err(|_| StorageError::Closed)?;
+        let mut v = Vec::with_capacity(1 + topic.len() + 4 + value.len());
+        v.push(topic.len() as u8);
+        v.extend_from_slice(topic.as_bytes());
+        v.extend_from_slice(&partition.to_be_bytes());
+        v.extend_from_slice(value);
+        s.tree.insert(gate.next.to_be_bytes(), v)?;
+        gate.next += 1;
+        s.active.store(true, Ordering::Release);
+        drop(gate);
+        s.wake.notify_one();
+        metrics::counter!("voxgate_log_spooled_total", "topic" => topic.to_owned()).increment(1);
+        Ok(())
+    }
+
+    /// Under the spool's gate: if it is spooling, spools and returns true; else false.
+    pub(crate) fn spool_if_active(&self, topic: &str, partition: u32, value: &[u8]) -> Result<bool, StorageError> {
+        match &self.spool {
+            Some(s) if s.active.load(Ordering::Acquire) => {
+                self.spool(topic, partition, value)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub(crate) fn spooling(&self) -> bool {
+        self.spool.as_ref().is_some_and(|s| s.active.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn spool_enabled(&self) -> bool {
+        self.spool.is_some()
+    }
+
+    pub(crate) fn spooled(&self) -> usize {
+        self.spool.as_ref().map_or(0, |s| s.tree.len())
+    }
+
+    /// Forwards the spool in order; returns how many records went. Stops at the first failure.
+    async fn forward(&self) -> Result<usize, StorageError> {
+        let Some(s) = &self.spool else { return Ok(0) };
+        let mut sent = 0;
+        loop {
+            let batch: Vec<(sled::IVec, sled::IVec)> = s.tree.iter().take(256).collect::<Result<_, _>>()?;
+            if batch.is_empty() {
+                // Empty under the gate: appends publish directly again.
+                let _gate = s.gate.lock().map_err(|_| StorageError::Closed)?;
+                if s.tree.is_empty() {
+                    s.active.store(false, Ordering::Release);
+                    metrics::gauge!("voxgate_log_spool_records").set(0.0);
+                    return Ok(sent);
+                }
+                continue;
+            }
+            let mut acks = Vec::with_capacity(batch.len());
+            for (k, v) in &batch {
+                let (topic, partition, value) =
+                    parse_spooled(v).ok_or_else(|| StorageError::CorruptKey("__spool".into()))?;
+                let id = voxgate_protocol::peek_event_id(value.get(8..).unwrap_or_default());
+                acks.push((k.clone(), self.publish_ack(topic, partition, id, value.to_vec()).await?));
+            }
+            for (k, ack) in acks {
+                tokio::time::timeout(self.ack_timeout, ack)
+                    .await
+                    .map_err(|_| StorageError::JetStream("no ack for a spooled record".into()))?
+                    .map_err(js_err)?;
+                s.tree.remove(k)?;
+                sent += 1;
+            }
+            metrics::counter!("voxgate_log_spool_forwarded_total").increment(batch.len() as u64);
+            metrics::gauge!("voxgate_log_spool_records").set(s.tree.len() as f64);
+        }
+    }
+}
+
+fn parse_spooled(v: &[u8]) -> Option<(&str, u32, &[u8])> {
+    let (&n, rest) = v.split_first()?;
+    let topic = std::str::from_utf8(rest.get(..n as usize)?).ok()?;
+    let rest = &rest[n as usize..];
+    let partition = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    Some((topic, partition, &rest[4..]))
+}
+
+/// Opens a key-value bucket, creating its stream if needed. The stream is created here with the
+/// key-value layout (ADR-8) rather than by `create_key_value`, whose account-info query does not
+/// parse the replies of the NATS 2.9 servers Debian ships.
+async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, StorageError> {
+    let name = config.bucket.clone();
+    if let Ok(s) = js.get_key_value(name.as_str()).await {
+        return Ok(s);
+    }
+    let stream = stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: config.history.max(1),
+        max_age: config.max_age,
+        storage: config.storage,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: 1,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    // Another node may create it at the same time: then the second create is a no-op or fails,
+    // and the bucket is there either way.
+    let created = js.create_stream(stream).await.map(|_| ()).map_err(|e| e.to_string());
+    js.get_key_value(name.as_str())
+        .await
+        .map_err(|e| StorageError::JetStream(format!("bucket {name}: {e} ({created:?})")))
+}
+
+/// Keeps one partition's local mirror up to date: an ordered consumer from the next offset the
+/// mirror lacks. Ends when the log is gone.
+pub(crate) async fn mirror(inner: Weak<Inner>, ti: usize, partition: u32) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (js, name, from) = {
+            let Some(strong) = inner.upgrade() else { return };
+            let Some(c) = strong.cluster.as_ref() else { return };
+            let t = &strong.topics[ti];
+            let from = *t.partitions[partition as usize].durable.borrow();
+            (c.js.clone(), stream_name(&c.prefix, &t.spec.name, partition), from)
+        };
+        match mirror_from(&inner, &js, &name, ti, partition, from).await {
+            Ok(()) => return,
+            Err(e) => {
+                metrics::counter!("voxgate_log_mirror_errors_total").increment(1);
+                tracing::warn!(stream = %name, error = %e, retry_ms = backoff.as_millis() as u64, "log mirror interrupted");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn mirror_from(
+    inner: &Weak<Inner>,
+    js: &jetstream::Context,
+    name: &str,
+    ti: usize,
+    partition: u32,
+    from: u64,
+) -> Result<(), StorageError> {
+    let stream = js.get_stream(name).await.map_err(js_err)?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from + 1 },
+            ..Default::default()
+        })
+        .await
+        .map_err(js_err)?;
+    let mut messages = consumer.messages().await.map_err(js_err)?;
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        let first = match messages.next().await {
+            Some(m) => m.map_err(js_err)?,
+            None => return Err(StorageError::JetStream("ordered consumer ended".into())),
+        };
+        batch.push(first);
+        while batch.len() < 1024 {
+            match futures_util::FutureExt::now_or_never(messages.next()) {
+                Some(Some(m)) => batch.push(m.map_err(js_err)?),
+                _ => break,
+            }
+        }
+        let Some(strong) = inner.upgrade() else { return Ok(()) };
+        let t = &strong.topics[ti];
+        let part = &t.partitions[partition as usize];
+        let mut writes = sled::Batch::default();
+        let mut head = *part.durable.borrow();
+        for m in batch.drain(..) {
+            let seq = m.info().map_err(js_err)?.stream_sequence;
+            if seq == 0 || seq <= head || m.payload.len() < 8 {
+                continue;
+            }
+            writes.insert(&record_key(partition, seq - 1), m.payload.as_ref());
+            head = seq;
+        }
+        t.tree.apply_batch(writes)?;
+        if let Ok(mut next) = part.next.lock() {
+            *next = (*next).max(head);
+        }
+        part.durable.send_if_modified(|d| {
+            if *d < head {
+                *d = head;
+                true
+            } else {
+                false
+            }
+        });
+        t.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Empties the spool whenever something is in it and NATS takes it. Ends when the log is gone.
+pub(crate) async fn forward_spool(inner: Weak<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let Some(c) = strong.cluster.clone() else { return };
+        drop(strong);
+        let Some(s) = &c.spool else { return };
+        if !s.active.load(Ordering::Acquire) {
+            // Woken by a spooled append, or re-check now and then.
+            let _ = tokio::time::timeout(Duration::from_millis(500), s.wake.notified()).await;
+            continue;
+        }
+        match c.forward().await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(records = n, "spooled events forwarded to JetStream");
+                }
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, spooled = c.spooled(), retry_ms = backoff.as_millis() as u64, "JetStream unreachable; events stay spooled");
+                drop(c);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Holds this node's share of a group's work units, renewing its claims every third of the lease
+/// TTL. Members announce themselves under `m.{group}.{node}`; each takes up to
+/// ⌈units / members⌉ units as `l.{group}.{unit}` (a create that fails if another node holds it),
+/// gives back any above its share, and loses a unit whose renewal fails. A node that dies stops
+/// renewing: its keys expire with the bucket's `max_age` and the others take its units.
+pub(crate) async fn claim(
+    cluster: std::sync::Arc<Cluster>,
+    group: String,
+    units: u32,
+    node: String,
+    tx: tokio::sync::watch::Sender<Vec<u32>>,
+) {
+    let leases = &cluster.leases;
+    let member = format!("m.{group}.{node}");
+    let lease = |u: u32| format!("l.{group}.{u}");
+    let mut held: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    // Where this node starts looking, so nodes starting together do not all race for unit 0.
+    let start = node.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % units.max(1);
+    let every = cluster.lease_ttl / 3;
+    loop {
+        if tx.is_closed() {
+            for u in held.keys() {
+                let _ = leases.delete(lease(*u)).await;
+            }
+            let _ = leases.delete(member.as_str()).await;
+            return;
+        }
+        let members = match claim_round(leases, &member, &group, &node).await {
+            Ok(m) => m.max(1),
+            Err(e) => {
+                tracing::warn!(group = %group, error = %e, "work claims not renewed (NATS unreachable?)");
+                held.clear();
+                tx.send_if_modified(|v| !std::mem::take(v).is_empty());
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
+        let fair = units.div_ceil(members as u32) as usize;
+        let mut keep = std::collections::BTreeMap::new();
+        for (u, rev) in std::mem::take(&mut held) {
+            if keep.len() >= fair {
+                let _ = leases.delete(lease(u)).await;
+                continue;
+            }
+            if let Ok(r) = leases.update(lease(u), node.clone().into(), rev).await {
+                keep.insert(u, r);
+            }
+        }
+        held = keep;
+        for i in 0..units {
+            if held.len() >= fair {
+                break;
+            }
+            let u = (start + i) % units;
+            if held.contains_key(&u) {
+                continue;
+            }
+            if let Ok(r) = leases.create(lease(u), node.clone().into()).await {
+                held.insert(u, r);
+            }
+        }
+        let now: Vec<u32> = held.keys().copied().collect();
+        tx.send_if_modified(|v| {
+            if *v != now {
+                tracing::info!(group = %group, node = %node, units = ?now, "work claims changed");
+                *v = now;
+                true
+            } else {
+                false
+            }
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tx.closed() => {}
+        }
+    }
+}
+
+/// Announces this node in `group`; returns how many members the group has.
+async fn claim_round(leases: &kv::Store, member: &str, group: &str, node: &str) -> Result<usize, StorageError> {
+    leases.put(member, node.to_owned().into()).await.map_err(js_err)?;
+    let prefix = format!("m.{group}.");
+    let mut keys = leases.keys().await.map_err(js_err)?;
+    let mut n = 0;
+    while let Some(k) = keys.next().await {
+        if k.map_err(js_err)?.starts_with(&prefix) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}

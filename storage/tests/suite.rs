@@ -1,0 +1,339 @@
+//! The storage test suite, run unchanged against both backends: the embedded sled log, and NATS
+//! JetStream (each test starts its own `nats-server -js` on a free loopback port with a temp
+//! store). Then what only a cluster has: de-duplication by event id, a second node sharing the
+//! log, and the ingress spool across a NATS outage.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::NatsServer;
+use voxgate_protocol::{Clock, SystemClock, Timestamp};
+use voxgate_storage::{Appended, ClusterOptions, Log, Retention, StorageError, TopicSpec};
+
+/// Where a test's log lives.
+struct Harness {
+    nats: Option<NatsServer>,
+}
+
+impl Harness {
+    fn sled() -> Self {
+        Self { nats: None }
+    }
+
+    fn jetstream() -> Self {
+        Self { nats: Some(NatsServer::start()) }
+    }
+
+    async fn open(&self, dir: &Path, specs: &[TopicSpec], clock: Arc<dyn Clock>) -> Result<Log, StorageError> {
+        match &self.nats {
+            None => Log::open(dir, specs, clock),
+            Some(n) => Log::open_cluster(dir, specs, clock, 64 << 20, &ClusterOptions::new(&n.url())).await,
+        }
+    }
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sled_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Harness::sled()).await
+                }
+            )*
+        }
+        mod jetstream_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Harness::jetstream()).await
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    append_read_cursor_roundtrip,
+    partition_count_mismatch_is_refused,
+    concurrent_appends_stay_dense,
+    retention_by_age_and_count,
+    state_survives_reopen,
+    watch_wakes_readers,
+);
+
+fn specs() -> Vec<TopicSpec> {
+    vec![TopicSpec::new("t", 3, Retention::default())]
+}
+
+async fn append_read_cursor_roundtrip(h: Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = h.open(dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    let mut positions = Vec::new();
+    for i in 0..30u64 {
+        positions.push(log.append("t", i, format!("rec{i}").as_bytes()).await.unwrap());
+    }
+    let mut total = 0;
+    for p in 0..3 {
+        let mut out = Vec::new();
+        let next = log.read("t", p, 0, 1000, &mut out).unwrap();
+        assert_eq!(next, out.len() as u64);
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(r.offset, i as u64);
+            let at = positions.iter().position(|q| q.partition == p && q.offset == r.offset).unwrap();
+            assert_eq!(r.payload(), format!("rec{at}").as_bytes());
+        }
+        total += out.len();
+    }
+    assert_eq!(total, 30);
+    log.commit_cursor("c", "t", 1, 5).await.unwrap();
+    assert_eq!(log.cursor("c", "t").unwrap(), vec![0, 5, 0]);
+    assert!(matches!(log.append("nope", 0, b"x").await, Err(StorageError::UnknownTopic(_))));
+    log.close().await.unwrap();
+    drop(log);
+    let log = h.open(dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    assert_eq!(log.cursor("c", "t").unwrap(), vec![0, 5, 0]);
+    let p = log.append("t", 0, b"after").await.unwrap();
+    let expected = positions.iter().filter(|q| q.partition == p.partition).count() as u64;
+    assert_eq!(p.offset, expected);
+}
+
+async fn partition_count_mismatch_is_refused(h: Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = h.open(dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    let e = h.open(dir.path(), &[TopicSpec::new("t", 5, Retention::default())], Arc::new(SystemClock)).await;
+    assert!(matches!(e, Err(StorageError::PartitionMismatch { on_disk: 3, configured: 5, .. })), "{:?}", e.err());
+}
+
+async fn concurrent_appends_stay_dense(h: Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = h.open(dir.path(), &[TopicSpec::new("t", 1, Retention::default())], Arc::new(SystemClock)).await.unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..64u64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20u64 {
+                log.append("t", 0, &(w * 1000 + i).to_be_bytes()).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut out = Vec::new();
+    log.read("t", 0, 0, usize::MAX, &mut out).unwrap();
+    assert_eq!(out.len(), 64 * 20);
+    let mut seen: Vec<u64> = out.iter().map(|r| u64::from_be_bytes(r.payload().try_into().unwrap())).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 64 * 20);
+    assert!(out.iter().enumerate().all(|(i, r)| r.offset == i as u64));
+}
+
+struct Fixed(i64);
+impl Clock for Fixed {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0)
+    }
+}
+
+async fn retention_by_age_and_count(h: Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = vec![
+        TopicSpec::new(
+            "aged",
+            1,
+            Retention { max_age: Some(Duration::from_secs(3600)), max_events_per_partition: None },
+        ),
+        TopicSpec::new("counted", 1, Retention { max_age: None, max_events_per_partition: Some(3) }),
+    ];
+    let log = h.open(dir.path(), &specs, Arc::new(Fixed(1_000_000))).await.unwrap();
+    for i in 0..5u8 {
+        log.append("aged", 0, &[i]).await.unwrap();
+        log.append("counted", 0, &[i]).await.unwrap();
+    }
+    let mut out = Vec::new();
+    log.read("aged", 0, 0, 10, &mut out).unwrap();
+    assert_eq!(out[0].appended_at(), Timestamp(1_000_000), "the injected clock stamps records");
+    // at t = 5 s nothing is an hour old
+    let r = log.apply_retention(Timestamp(5_000_000)).unwrap();
+    assert_eq!(r.removed.get("aged"), None);
+    assert_eq!(r.removed.get("counted"), Some(&2));
+    assert_eq!(log.first_offset("counted", 0).unwrap(), 2);
+    let r = log.apply_retention(Timestamp(3_602_000_000)).unwrap();
+    assert_eq!(r.removed.get("aged"), Some(&5));
+    out.clear();
+    assert_eq!(log.read("aged", 0, 0, 10, &mut out).unwrap(), 0);
+    assert!(out.is_empty());
+    // offsets keep growing after retention
+    assert_eq!(log.append("aged", 0, b"x").await.unwrap().offset, 5);
+}
+
+async fn state_survives_reopen(h: Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = h.open(dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    log.put_state("stage", b"\x00\x01key", b"v1").unwrap();
+    log.put_state("stage", b"gone", b"v").unwrap();
+    log.put_state("other", b"k", b"o").unwrap();
+    log.store_cursor("stage", "t", 2, 9).unwrap();
+    log.sync().await.unwrap();
+    log.delete_state("stage", b"gone").unwrap();
+    log.put_state("stage", b"\x00\x01key", b"v2").unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    let log = h.open(dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    assert_eq!(log.get_state("stage", b"\x00\x01key").unwrap().as_deref(), Some(&b"v2"[..]));
+    assert_eq!(log.get_state("stage", b"gone").unwrap(), None);
+    assert_eq!(log.get_state("other", b"k").unwrap().as_deref(), Some(&b"o"[..]));
+    assert_eq!(log.cursor("stage", "t").unwrap(), vec![0, 0, 9]);
+}
+
+async fn watch_wakes_readers(h: Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = h.open(dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    let mut rx = log.watch("t").unwrap();
+    rx.borrow_and_update();
+    let writer = log.clone();
+    tokio::spawn(async move { writer.append("t", 7, b"wake").await.unwrap() });
+    tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.unwrap().unwrap();
+    let p = log.partition_of("t", 7).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while out.is_empty() {
+        log.read("t", p, 0, 10, &mut out).unwrap();
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(out[0].payload(), b"wake");
+}
+
+// ---- what only the JetStream backend has ----
+
+fn envelope(id: u128) -> Vec<u8> {
+    use voxgate_protocol::*;
+    encode(&Envelope {
+        event_id: EventId(id),
+        tenant: AccountSid::from_u128(1),
+        call: Some(CallSid::from_u128(id)),
+        occurred_at: Timestamp(1),
+        payload: Event::CallStatusChanged(voxgate_protocol::event::CallStatusChanged {
+            status: voxgate_protocol::event::CallStatus::Ringing,
+            source: voxgate_protocol::event::StatusSource::Callback,
+            sequence: Some(1),
+            duration_secs: None,
+        }),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_stores_an_event_once_however_often_it_is_sent() {
+    let h = Harness::jetstream();
+    let dir = tempfile::tempdir().unwrap();
+    let log = h.open(dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    let first = log.append("t", 1, &envelope(42)).await.unwrap();
+    let again = log.append("t", 1, &envelope(42)).await.unwrap();
+    assert_eq!(first, again, "a re-sent event keeps its first position");
+    let other = log.append("t", 1, &envelope(43)).await.unwrap();
+    assert_eq!(other.offset, first.offset + 1);
+    let mut out = Vec::new();
+    log.read("t", first.partition, 0, 10, &mut out).unwrap();
+    assert_eq!(out.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_nodes_share_the_log_cursors_and_state() {
+    let h = Harness::jetstream();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = h.open(a_dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    for i in 0..9u64 {
+        a.append("t", i, &envelope(i as u128 + 100)).await.unwrap();
+    }
+    a.store_cursor("stage", "t", 0, 2).unwrap();
+    a.put_state("stage", b"k", b"from-a").unwrap();
+    a.sync().await.unwrap();
+    // A second node sees what the first wrote, and the first sees the second's appends.
+    let b = h.open(b_dir.path(), &specs(), Arc::new(SystemClock)).await.unwrap();
+    let count = |log: &Log| (0..3).map(|p| log.durable_head("t", p).unwrap()).sum::<u64>();
+    assert_eq!(count(&b), 9);
+    assert_eq!(b.cursor("stage", "t").unwrap()[0], 2);
+    assert_eq!(b.get_state("stage", b"k").unwrap().as_deref(), Some(&b"from-a"[..]));
+    b.append("t", 99, &envelope(999)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count(&a) < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "node a never saw node b's append");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Taking over: b moves the cursor on, a refreshes and continues from there.
+    b.store_cursor("stage", "t", 0, 7).unwrap();
+    b.delete_state("stage", b"k").unwrap();
+    b.sync().await.unwrap();
+    a.refresh("stage").await.unwrap();
+    assert_eq!(a.cursor("stage", "t").unwrap()[0], 7);
+    assert_eq!(a.get_state("stage", b"k").unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_spool_keeps_appends_through_an_outage_and_forwards_them_in_order() {
+    let mut h = Harness::jetstream();
+    let url = h.nats.as_ref().unwrap().url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = ClusterOptions::new(&url);
+    opts.spool = true;
+    opts.ack_timeout = Duration::from_millis(500);
+    let specs = vec![TopicSpec::new("t", 2, Retention::default())];
+    let log = Log::open_cluster(dir.path(), &specs, Arc::new(SystemClock), 64 << 20, &opts).await.unwrap();
+    let mut id = 0u128;
+    for _ in 0..20 {
+        id += 1;
+        assert!(matches!(log.append_or_spool("t", (id % 2) as u64, &envelope(id)).await.unwrap(), Appended::Logged(_)));
+    }
+    h.nats.as_mut().unwrap().kill();
+    let mut spooled = 0;
+    for _ in 0..40 {
+        id += 1;
+        if log.append_or_spool("t", (id % 2) as u64, &envelope(id)).await.unwrap() == Appended::Spooled {
+            spooled += 1;
+        }
+    }
+    assert!(spooled >= 39, "appends during the outage are spooled ({spooled})");
+    h.nats.as_mut().unwrap().restart();
+    for _ in 0..20 {
+        id += 1;
+        log.append_or_spool("t", (id % 2) as u64, &envelope(id)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while log.spooled() > 0 || (0..2).map(|p| log.durable_head("t", p).unwrap()).sum::<u64>() < 80 {
+        assert!(tokio::time::Instant::now() < deadline, "spool not forwarded: {} left", log.spooled());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every event exactly once, and each key's events in the order they were appended.
+    for p in 0..2 {
+        let mut out = Vec::new();
+        log.read("t", p, 0, usize::MAX, &mut out).unwrap();
+        let ids: Vec<u128> = out.iter().map(|r| voxgate_protocol::peek_event_id(r.payload()).unwrap().0).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, sorted, "partition {p} out of order");
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len(), "partition {p} has duplicates");
+    }
+    assert_eq!((0..2).map(|p| log.durable_head("t", p).unwrap()).sum::<u64>(), 80);
+}
+
+#[tokio::test]
+async fn a_data_dir_keeps_its_backend() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), &specs(), Arc::new(SystemClock)).unwrap();
+    log.append("t", 0, b"x").await.unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    let e = Log::open_cluster(dir.path(), &specs(), Arc::new(SystemClock), 64 << 20, &ClusterOptions::new(&nats.url()))
+        .await;
+    assert!(matches!(e, Err(StorageError::WrongBackend { .. })), "{:?}", e.err());
+}
