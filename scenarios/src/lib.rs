@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod corpus;
 pub mod fixture;
+pub mod nats;
 pub mod node;
 pub mod recorder;
 pub mod speech;

@@ -1,0 +1,174 @@
+//! A voxgate cluster on NATS JetStream, through the real binary: one `nats-server -js` (our own,
+//! on a free loopback port) and three nodes — ingress+call, transcode+stt, fraud+billing. Fifty
+//! calls with speech; the transcode+stt node is SIGKILLed mid-run and started again. Afterwards
+//! every call has its speech segment and transcript exactly once, and the transcripts and usage
+//! equal an embedded (sled) node's over the same traffic.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::Value;
+use voxgate_protocol::{decode, CallSid, Event, SystemClock};
+use voxgate_scenarios::fixture::{config, sim, ACCOUNT, NUMBER, TOKEN};
+use voxgate_scenarios::nats::{free_port, Nats};
+use voxgate_scenarios::node::Node;
+use voxgate_scenarios::speech::{script, Voice};
+use voxgate_scenarios::twilio::Pace;
+use voxgate_storage::{topics, ClusterOptions, Log};
+
+const CALLS: u128 = 50;
+
+fn node_config(nats: &str, roles: &str, node: &str) -> String {
+    config(&format!("[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n"))
+}
+
+/// The topics as a node configures them (`[log] partitions` applies to all but tenants).
+fn node_specs() -> Vec<voxgate_storage::TopicSpec> {
+    let mut specs = topics::default_specs();
+    for t in specs.iter_mut().filter(|t| t.name != topics::TENANTS) {
+        t.partitions = topics::DEFAULT_PARTITIONS;
+    }
+    specs
+}
+
+fn call_sid(i: u128) -> CallSid {
+    CallSid::from_u128(0xC1_0000 + i)
+}
+
+/// Places calls `range` against `node`, four at a time.
+async fn place(node: &Node, audio: &Arc<Vec<u8>>, range: std::ops::Range<u128>) {
+    let ids: Vec<u128> = range.collect();
+    for chunk in ids.chunks(4) {
+        let mut tasks = Vec::new();
+        for &i in chunk {
+            let (s, audio) = (sim(node), audio.clone());
+            tasks.push(tokio::spawn(async move {
+                s.call(call_sid(i), &format!("+1415555{:04}", 2000 + i), NUMBER, &audio, Pace::Faster(4)).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// Per call: speech segments, and transcript texts. Fails on any event stored twice.
+#[derive(Debug, Default, PartialEq)]
+struct PerCall {
+    segments: usize,
+    transcripts: Vec<String>,
+}
+
+fn collect(log: &Log) -> BTreeMap<CallSid, PerCall> {
+    let mut out: BTreeMap<CallSid, PerCall> = BTreeMap::new();
+    for topic in [topics::SPEECH, topics::TRANSCRIPTS, topics::CALLS, topics::FRAUD] {
+        let mut seen = HashSet::new();
+        for p in 0..log.partitions(topic).unwrap() {
+            let mut recs = Vec::new();
+            log.read(topic, p, 0, usize::MAX, &mut recs).unwrap();
+            for r in &recs {
+                let env = decode(r.payload()).unwrap();
+                assert!(seen.insert(env.event_id), "{topic}: event {:?} stored twice", env.event_id);
+                let Some(call) = env.call else { continue };
+                match env.payload {
+                    Event::SpeechSegment(_) => out.entry(call).or_default().segments += 1,
+                    Event::Transcript(t) => out.entry(call).or_default().transcripts.push(t.text),
+                    _ => {}
+                }
+            }
+        }
+    }
+    for c in out.values_mut() {
+        c.transcripts.sort();
+    }
+    out
+}
+
+async fn usage(node: &Node) -> Value {
+    let url = format!("{}/2010-04-01/Accounts/{ACCOUNT}/Usage/Records.json?Category=calls", node.url());
+    let r = reqwest::Client::new().request(Method::GET, url).basic_auth(ACCOUNT, Some(TOKEN)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let rec = &v["usage_records"][0];
+    serde_json::json!({ "count": rec["count"], "usage": rec["usage"], "price": rec["price"] })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node() {
+    let work = tempfile::tempdir().unwrap();
+    let s = script(&[("Please check the status of my order.", Voice::Espeak("en-us".into()))], 400, 0, work.path())
+        .unwrap();
+    let mut audio = s.mulaw.clone();
+    audio.extend(std::iter::repeat_n(0xffu8, 8 * 600));
+    let audio = Arc::new(audio);
+
+    let nats = Nats::start(free_port(), tempfile::tempdir().unwrap());
+    let url = nats.url();
+    let ingress = Node::start(&node_config(&url, "ingress,call", "ingress")).unwrap();
+    let mut speech = Node::start(&node_config(&url, "transcode,stt", "speech")).unwrap();
+    let decisions = Node::start(&node_config(&url, "fraud,billing", "decisions")).unwrap();
+    let (_, h) = speech.get_json("/api/voice/health").await.unwrap();
+    assert_eq!(h["log"]["backend"], "jetstream", "{h}");
+    assert_eq!(h["roles"], serde_json::json!(["transcode", "stt"]), "{h}");
+
+    place(&ingress, &audio, 0..20).await;
+    // The speech node dies mid-run (SIGKILL: no goodbye); calls go on; it comes back.
+    speech.kill();
+    place(&ingress, &audio, 20..35).await;
+    let dir = std::mem::replace(&mut speech.dir, tempfile::tempdir().unwrap());
+    let speech = Node::start_in(dir, speech.config_path.clone(), &[]).unwrap();
+    place(&ingress, &audio, 35..CALLS).await;
+
+    // A reader of our own on the cluster's log: every call's transcript, once.
+    let reader_dir = tempfile::tempdir().unwrap();
+    let reader = Log::open_cluster(
+        reader_dir.path(),
+        &node_specs(),
+        Arc::new(SystemClock),
+        64 << 20,
+        &ClusterOptions::new(&url),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let clustered = loop {
+        let got = collect(&reader);
+        let done = got.values().filter(|c| !c.transcripts.is_empty()).count();
+        if done == CALLS as usize {
+            break got;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {done} of {CALLS} calls transcribed:\n{}", speech.logs());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for (call, c) in &clustered {
+        assert_eq!(c.segments, 1, "{call}: {c:?}");
+        assert_eq!(c.transcripts.len(), 1, "{call}: {c:?}");
+    }
+    // Usage is kept on every node; the decisions node acts on it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let cluster_usage = loop {
+        let u = usage(&ingress).await;
+        if u["count"] == serde_json::json!(CALLS.to_string()) || tokio::time::Instant::now() > deadline {
+            break u;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(usage(&decisions).await, cluster_usage);
+    let (_, h) = decisions.get_json("/api/voice/health").await.unwrap();
+    assert_eq!(h["stages"]["fraud"]["state"], "running", "{h}");
+    drop((ingress, speech, decisions, reader));
+
+    // The same traffic through one embedded node.
+    let mut embedded = Node::start(&config("")).unwrap();
+    place(&embedded, &audio, 0..CALLS).await;
+    embedded.wait_idle(Duration::from_secs(240)).await.unwrap();
+    let embedded_usage = usage(&embedded).await;
+    embedded.stop().unwrap();
+    let log = Log::open(&embedded.dir.path().join("data").join("log"), &node_specs(), Arc::new(SystemClock)).unwrap();
+    let alone = collect(&log);
+    assert_eq!(clustered, alone, "the cluster and the embedded node disagree");
+    assert_eq!(cluster_usage, embedded_usage);
+    assert_eq!(cluster_usage["count"], serde_json::json!(CALLS.to_string()), "{cluster_usage}");
+}
