@@ -271,7 +271,7 @@ impl Cluster {
 
     /// Publishes one record (`appended_at ‖ payload`) and waits for JetStream's ack; returns the
     /// offset it has in its partition.
-    pub(crate) async fn publish(&self, topic: &str, partition: u32, value: Vec<u8>) -> Result<u64, StorageError> {
+    pub(crate) async fn publish(&self, topic: &str, partition: u32, value: bytes::Bytes) -> Result<u64, StorageError> {
         let id = voxgate_protocol::peek_event_id(value.get(8..).unwrap_or_default());
         let ack = self.publish_ack(topic, partition, id, value).await?;
         tokio::time::timeout(self.ack_timeout, ack)
@@ -286,9 +286,9 @@ impl Cluster {
         topic: &str,
         partition: u32,
         id: Option<voxgate_protocol::EventId>,
-        value: Vec<u8>,
+        value: bytes::Bytes,
     ) -> Result<jetstream::context::PublishAckFuture, StorageError> {
-        let mut p = jetstream::context::Publish::build().payload(value.into());
+        let mut p = jetstream::context::Publish::build().payload(value);
         if let Some(id) = id {
             p = p.message_id(id.to_string());
         }
@@ -302,7 +302,7 @@ impl Cluster {
     pub(crate) async fn publish_many(
         &self,
         topic: &str,
-        items: Vec<(u32, Vec<u8>)>,
+        items: Vec<(u32, bytes::Bytes)>,
     ) -> Result<Vec<crate::Position>, StorageError> {
         let mut acks = Vec::with_capacity(items.len());
         for (partition, value) in items {
@@ -474,7 +474,10 @@ impl Cluster {
                 let (topic, partition, value) =
                     parse_spooled(v).ok_or_else(|| StorageError::CorruptKey("__spool".into()))?;
                 let id = voxgate_protocol::peek_event_id(value.get(8..).unwrap_or_default());
-                acks.push((k.clone(), self.publish_ack(topic, partition, id, value.to_vec()).await?));
+                acks.push((
+                    k.clone(),
+                    self.publish_ack(topic, partition, id, bytes::Bytes::copy_from_slice(value)).await?,
+                ));
             }
             for (k, ack) in acks {
                 tokio::time::timeout(self.ack_timeout, ack)

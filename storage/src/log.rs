@@ -518,7 +518,7 @@ impl Log {
         let started = Instant::now();
         let (ti, t) = self.topic(topic)?;
         if let Some(c) = &self.inner.cluster {
-            let items: Vec<(u32, Vec<u8>)> = items
+            let items: Vec<(u32, bytes::Bytes)> = items
                 .into_iter()
                 .map(|(key, payload)| (partition_for(key, t.spec.partitions), self.stamp(payload)))
                 .collect();
@@ -593,7 +593,7 @@ impl Log {
         };
         let (ti, t) = self.topic(topic)?;
         let parts = t.spec.partitions;
-        let stamped: Vec<(u32, Vec<u8>)> =
+        let stamped: Vec<(u32, bytes::Bytes)> =
             items.into_iter().map(|(key, payload)| (partition_for(key, parts), self.stamp(payload))).collect();
         if !c.spooling() {
             match c.publish_many(topic, stamped.clone()).await {
@@ -615,12 +615,13 @@ impl Log {
         self.sync_local().await
     }
 
-    /// `appended_at ‖ payload`, the stored form of a record.
-    fn stamp(&self, payload: &[u8]) -> Vec<u8> {
+    /// `appended_at ‖ payload`, the stored form of a record (shared, so a spool fallback keeps a
+    /// reference rather than a copy).
+    fn stamp(&self, payload: &[u8]) -> bytes::Bytes {
         let mut value = Vec::with_capacity(8 + payload.len());
         value.extend_from_slice(&self.inner.clock.now().as_micros().to_be_bytes());
         value.extend_from_slice(payload);
-        value
+        value.into()
     }
 
     /// After JetStream acked: wait (briefly) until this node's mirror shows the records, so a
