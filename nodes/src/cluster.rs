@@ -160,6 +160,16 @@ pub type Stop = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + S
 /// Starts a stage on the given units (partitions).
 pub type Start = Box<dyn FnMut(Vec<u32>) -> Pin<Box<dyn Future<Output = anyhow::Result<Stop>> + Send>> + Send>;
 
+/// The [`Stop`] of a stage that is one actor: stop it and wait until it has finished.
+pub fn stop_actor(actor: ractor::ActorCell, done: tokio::task::JoinHandle<()>) -> Stop {
+    Box::new(move || {
+        Box::pin(async move {
+            actor.stop(None);
+            let _ = done.await;
+        })
+    })
+}
+
 /// A stage run on this node's claimed share of its work.
 pub struct Claimed {
     alive: Arc<AtomicBool>,

@@ -165,13 +165,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             Box::pin(async move {
                 let (actor, done) =
                     Actor::spawn(None, TranscodeStage, args).await.context("starting the transcode stage")?;
-                let stop: Stop = Box::new(move || {
-                    Box::pin(async move {
-                        actor.stop(None);
-                        let _ = done.await;
-                    })
-                });
-                Ok(stop)
+                Ok(crate::cluster::stop_actor(actor.get_cell(), done))
             })
         });
         let units = log.partitions(topics::MEDIA)?;
@@ -282,13 +276,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             };
             Box::pin(async move {
                 let (actor, done) = Actor::spawn(None, SttStage, args).await.context("starting the stt stage")?;
-                let stop: Stop = Box::new(move || {
-                    Box::pin(async move {
-                        actor.stop(None);
-                        let _ = done.await;
-                    })
-                });
-                Ok(stop)
+                Ok(crate::cluster::stop_actor(actor.get_cell(), done))
             })
         });
         let units = log.partitions(topics::SPEECH)?;
