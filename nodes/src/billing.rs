@@ -208,10 +208,11 @@ impl Billing {
 
     /// Applies every durable record of the logs from `next` on; returns how many and (when
     /// `collect`) the usage they changed, and whether a trigger was created (it needs a first look).
-    fn catch_up(&self, next: &mut [Vec<u64>], collect: bool) -> Result<(u64, Vec<UsageChange>, bool), StorageError> {
+    fn catch_up(&self, next: &mut [Vec<u64>], collect: bool) -> Result<CaughtUp, StorageError> {
         let mut n = 0;
         let mut changes = Vec::new();
         let mut created = false;
+        let mut stops = Vec::new();
         let mut books = self.read();
         for (t, topic) in TOPICS.iter().enumerate() {
             for (p, from) in next[t].iter_mut().enumerate() {
@@ -219,6 +220,9 @@ impl Billing {
                     match voxgate_protocol::decode(r.payload()) {
                         Ok(env) => {
                             created |= matches!(env.payload, Event::UsageTriggerCreated(_));
+                            if let Event::BudgetExceeded(b) = &env.payload {
+                                stops.push((env.tenant, b.until, b.budget_micros));
+                            }
                             let ch = books.apply(&env);
                             if collect {
                                 changes.extend(ch);
@@ -240,7 +244,7 @@ impl Billing {
         }
         drop(books);
         report_lag(&self.log, "billing", topics::CALLS, &next[1]);
-        Ok((n, changes, created))
+        Ok(CaughtUp { events: n, changes, created, stops })
     }
 
     async fn record(&self, topic: &str, env: &Envelope) -> Result<(), StorageError> {
@@ -473,7 +477,7 @@ impl Billing {
             next.push((0..parts).map(|p| log.first_offset(topic, p).unwrap_or(0)).collect());
         }
         // Every trigger is judged once afterwards, so the changes are not kept.
-        let (n, _, _) = self.catch_up(&mut next, false)?;
+        let n = self.catch_up(&mut next, false)?.events;
         let now = self.clock.now();
         let (pending, stops) = {
             let mut b = self.read();
@@ -523,8 +527,8 @@ impl Billing {
                 r = d.changed() => if r.is_err() { return Ok(()) },
                 _ = tick.tick() => timer = true,
             }
-            let (changes, created) = match self.catch_up(&mut next, true) {
-                Ok((_, ch, cr)) => (ch, cr),
+            let CaughtUp { changes, created, stops, .. } = match self.catch_up(&mut next, true) {
+                Ok(c) => c,
                 Err(e) => {
                     metrics::counter!("voxgate_billing_record_failures_total").increment(1);
                     tracing::error!(stage = "billing", error = %e, "reading the logs failed; retrying in 1 s");
@@ -532,6 +536,14 @@ impl Billing {
                     continue;
                 }
             };
+            // A stop the acting node recorded (maybe another node) reaches this node's gate and
+            // the calls it holds.
+            let now = self.clock.now();
+            for (account, until, budget) in stops {
+                if until > now {
+                    self.stop(account, until, budget);
+                }
+            }
             let mut changes = changes;
             if timer {
                 let now = self.clock.now();
@@ -547,6 +559,17 @@ impl Billing {
 
 /// Where the billing follower is in each of its logs.
 pub struct Cursor(Vec<Vec<u64>>);
+
+/// What one catch-up applied.
+struct CaughtUp {
+    events: u64,
+    /// The usage it changed (when asked to collect).
+    changes: Vec<UsageChange>,
+    /// Whether a trigger was created (it needs a first look).
+    created: bool,
+    /// Budget stops recorded: account, until, budget.
+    stops: Vec<(AccountSid, Timestamp, u64)>,
+}
 
 fn form(params: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish()

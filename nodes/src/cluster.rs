@@ -170,9 +170,14 @@ pub fn stop_actor(actor: ractor::ActorCell, done: tokio::task::JoinHandle<()>) -
     })
 }
 
+/// The units (partitions) a claimed stage holds at the moment.
+pub type Share = Arc<std::sync::Mutex<Vec<u32>>>;
+
 /// A stage run on this node's claimed share of its work.
 pub struct Claimed {
     alive: Arc<AtomicBool>,
+    /// The units the stage runs on now (health shows them).
+    share: Share,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -192,10 +197,12 @@ impl Claimed {
     ) -> anyhow::Result<Self> {
         let mut claims = log.claim(group, units, node);
         let first = claims.borrow_and_update().clone();
-        let mut running = if first.is_empty() { None } else { Some(start(first).await?) };
+        let share: Share = Arc::default();
+        let mut running = if first.is_empty() { None } else { Some(start(first.clone()).await?) };
+        *share.lock().unwrap_or_else(|e| e.into_inner()) = first;
         let alive = Arc::new(AtomicBool::new(true));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let (log, a) = (log.clone(), alive.clone());
+        let (log, a, sh) = (log.clone(), alive.clone(), share.clone());
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -206,6 +213,7 @@ impl Claimed {
                 if let Some(s) = running.take() {
                     s().await;
                 }
+                sh.lock().unwrap_or_else(|e| e.into_inner()).clone_from(&owned);
                 if owned.is_empty() {
                     continue;
                 }
@@ -231,12 +239,17 @@ impl Claimed {
                 s().await;
             }
         });
-        Ok(Self { alive, stop, task })
+        Ok(Self { alive, share, stop, task })
     }
 
     /// False when the stage failed to start on its share.
     pub fn alive(&self) -> Arc<AtomicBool> {
         self.alive.clone()
+    }
+
+    /// The units this node holds now.
+    pub fn share(&self) -> Share {
+        self.share.clone()
     }
 
     /// Stops the stage and gives its claims back.

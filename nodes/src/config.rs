@@ -453,6 +453,12 @@ impl Config {
             Some(c) => Some(crate::cluster::ClusterConfig::from_file(c).map_err(|e| invalid("cluster", e))?),
             None => None,
         };
+        if cluster.is_some() && f.secrets_key.is_none() {
+            return Err(invalid(
+                "secrets_key",
+                "a cluster needs one secrets key on every node (auth tokens on the shared tenants log are sealed with it): set secrets_key (64 hex digits) or VOXGATE_SECRETS_KEY".into(),
+            ));
+        }
         let roles = match f.cluster.as_ref().and_then(|c| c.roles.as_deref()) {
             Some(r) => crate::cluster::Roles::parse(r).map_err(|e| invalid("cluster.roles", e))?,
             None => crate::cluster::Roles::all(),
@@ -593,6 +599,24 @@ mod tests {
         ));
         let e = Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("E.164"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_node_needs_the_shared_secrets_key() {
+        let flags = Overrides {
+            nats: Some("nats://127.0.0.1:4222".into()),
+            roles: Some("transcode,stt".into()),
+            ..Default::default()
+        };
+        let e = Config::load(None, vec![], &flags).unwrap_err();
+        assert!(e.to_string().contains("secrets_key"), "{e}");
+        let key = ("VOXGATE_SECRETS_KEY".to_owned(), "ab".repeat(32));
+        let c = Config::load(None, vec![key.clone()], &flags).unwrap();
+        assert_eq!(c.roles.names(), vec!["transcode", "stt"]);
+        assert_eq!(c.cluster.unwrap().nats_url, "nats://127.0.0.1:4222");
+        let e =
+            Config::load(None, vec![key], &Overrides { roles: Some("stt".into()), ..Default::default() }).unwrap_err();
+        assert!(e.to_string().contains("--nats"), "{e}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct StageEntry {
     pub input: &'static str,
     pub runner: Runner,
     pub progress: Arc<Progress>,
+    /// In a cluster, the partitions (units) of the stage's work this node holds now.
+    pub share: Option<crate::cluster::Share>,
 }
 
 /// What the health endpoint reports on.
@@ -67,10 +69,12 @@ pub async fn health(State(state): State<AppState>) -> Response {
         let running = s.runner.running();
         ok &= running;
         let lag = lag(&state.log, &s.progress, s.input);
-        stages.insert(
-            s.name.to_owned(),
-            json!({ "state": if running { "running" } else { "stopped" }, "input": s.input, "lag_events": lag }),
-        );
+        let mut entry =
+            json!({ "state": if running { "running" } else { "stopped" }, "input": s.input, "lag_events": lag });
+        if let Some(share) = &s.share {
+            entry["partitions"] = json!(*share.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        stages.insert(s.name.to_owned(), entry);
     }
     let active = ractor::call!(state.supervisor, voxgate_actors::call::SupervisorMsg::Active).ok();
     ok &= active.is_some();

@@ -142,11 +142,14 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
                 .with_context(|| format!("joining the JetStream log at {}", c.nats_url))?
         }
     };
+    let clustered = cfg.cluster.is_some();
     let node = cfg.cluster.as_ref().map_or_else(|| "local".to_owned(), |c| c.node.clone());
 
     let tenancy = Arc::new(
         crate::tenancy::Tenancy::open(&cfg, log.clone(), clock.clone()).context("loading the tenant directory")?,
     );
+    // Tenants, numbers, quotas and blocks recorded through any node's REST API.
+    let tenancy_task = tokio::spawn(log_failure("tenancy", tenancy.clone().follow()));
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
     let mut stages = Vec::new();
@@ -175,6 +178,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             input: topics::MEDIA,
             runner: Runner::Task(c.alive()),
             progress: transcode_progress.clone(),
+            share: clustered.then(|| c.share()),
         });
         claimed.push(c);
     }
@@ -208,6 +212,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             input: topics::CALLS,
             runner: Runner::Task(c.alive()),
             progress: fraud_progress,
+            share: clustered.then(|| c.share()),
         });
         claimed.push(c);
     }
@@ -232,6 +237,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             alive.store(false, std::sync::atomic::Ordering::Release);
         })
     };
+    let mut billing_share = None;
     if roles.has(Role::Billing) {
         let b = billing.clone();
         let start: Start = Box::new(move |_owned: Vec<u32>| {
@@ -246,13 +252,16 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
                 Ok(stop)
             })
         });
-        claimed.push(Claimed::run(&log, "billing", 1, &node, &[], start).await?);
+        let c = Claimed::run(&log, "billing", 1, &node, &[], start).await?;
+        billing_share = clustered.then(|| c.share());
+        claimed.push(c);
     }
     stages.push(StageEntry {
         name: "billing",
         input: topics::CALLS,
         runner: Runner::Task(billing_alive),
         progress: billing.progress(),
+        share: billing_share,
     });
 
     let stt_progress = Arc::new(Progress::new(log.partitions(topics::SPEECH)? as usize));
@@ -286,6 +295,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             input: topics::SPEECH,
             runner: Runner::Task(c.alive()),
             progress: stt_progress.clone(),
+            share: clustered.then(|| c.share()),
         });
         claimed.push(c);
     }
@@ -402,6 +412,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         f.abort();
     }
     billing_task.abort();
+    tenancy_task.abort();
     if let Some((_, _, task)) = analytics {
         task.abort();
     }

@@ -94,7 +94,9 @@ pub struct Tenancy {
     throttle: Mutex<Throttle>,
     log: Log,
     clock: Arc<dyn Clock>,
-    commands: tokio::sync::Mutex<()>,
+    /// One command (or catch-up) at a time; holds the next offset of the `tenants` log to apply,
+    /// so the directory is always a prefix of the log, whichever node recorded the events.
+    commands: tokio::sync::Mutex<u64>,
 }
 
 impl std::fmt::Debug for Tenancy {
@@ -209,12 +211,12 @@ impl Tenancy {
             })
             .collect();
         directory.seed(&seeds);
-        let events = log.scan(topics::TENANTS, 0, 0, |r| {
+        let applied = log.scan(topics::TENANTS, 0, 0, |r| {
             let bad = |reason: String| TenancyStartError::Event { offset: r.offset, reason };
             let env = voxgate_protocol::decode(r.payload()).map_err(|e| bad(e.to_string()))?;
             directory.apply(&env, &sealer).map_err(|e| bad(e.to_string()))
         })?;
-        tracing::info!(tenants = directory.len(), events, "tenant directory loaded");
+        tracing::info!(tenants = directory.len(), events = applied, "tenant directory loaded");
         Ok(Self {
             labels: Arc::new(TenantLabels::new(cfg.metrics_tenant_labels)),
             gate: Arc::new(Mutex::new(Gate::new(directory, cfg.callers.clone()))),
@@ -223,8 +225,42 @@ impl Tenancy {
             throttle: Mutex::new(Throttle::new(cfg.throttle)),
             log,
             clock,
-            commands: tokio::sync::Mutex::new(()),
+            commands: tokio::sync::Mutex::new(applied),
         })
+    }
+
+    /// Applies the `tenants` log from `*next` on (what another node recorded, in a cluster).
+    /// An event that cannot be applied here (sealed with another secrets key) is reported and
+    /// skipped, never the end of the follower.
+    fn catch_up(&self, next: &mut u64) -> Result<(), voxgate_storage::StorageError> {
+        let mut g = lock(&self.gate);
+        *next = self.log.scan(topics::TENANTS, 0, *next, |r| {
+            let applied = voxgate_protocol::decode(r.payload())
+                .map_err(|e| e.to_string())
+                .and_then(|env| g.directory.apply(&env, &self.sealer).map_err(|e| e.to_string()));
+            if let Err(reason) = applied {
+                metrics::counter!("voxgate_stage_undecodable_total", "stage" => "tenancy").increment(1);
+                tracing::error!(stage = "tenancy", offset = r.offset, %reason, "tenants event not applied; skipped");
+            }
+            Ok::<_, voxgate_storage::StorageError>(())
+        })?;
+        Ok(())
+    }
+
+    /// Follows the `tenants` log until it closes, so a tenant, number, quota or block recorded
+    /// through another node's REST API reaches this node's gate. On one sled node every event is
+    /// already applied by [`Tenancy::command`] and this finds nothing new.
+    pub async fn follow(self: Arc<Self>) -> Result<(), voxgate_storage::StorageError> {
+        let mut rx = self.log.watch(topics::TENANTS)?;
+        loop {
+            if rx.changed().await.is_err() {
+                return Ok(());
+            }
+            let mut next = self.commands.lock().await;
+            if let Err(e) = self.catch_up(&mut next) {
+                tracing::error!(stage = "tenancy", error = %e, "reading the tenants log failed; retried at the next change");
+            }
+        }
     }
 
     /// Reads the directory.
@@ -260,7 +296,8 @@ impl Tenancy {
     }
 
     /// Refuses `account`'s calls, and its subaccounts', until `until` (its budget is spent);
-    /// returns the calls in progress that the stop covers, to be ended.
+    /// returns the calls in progress that the stop covers, to be ended (none if the stop was
+    /// already in force: it is learnt both from the judgement and from its recorded event).
     pub fn stop_for_budget(
         &self,
         account: AccountSid,
@@ -268,7 +305,9 @@ impl Tenancy {
         budget_micros: u64,
     ) -> Vec<(AccountSid, CallSid)> {
         let mut g = lock(&self.gate);
-        g.stop_for_budget(account, until, budget_micros);
+        if !g.stop_for_budget(account, until, budget_micros) {
+            return Vec::new();
+        }
         let covered: Vec<AccountSid> =
             g.directory.tenants().filter(|t| t.sid == account || t.parent == Some(account)).map(|t| t.sid).collect();
         covered.into_iter().flat_map(|t| g.quotas.active_calls(t).into_iter().map(move |c| (t, c))).collect()
@@ -289,12 +328,15 @@ impl Tenancy {
         tenant: AccountSid,
         check: impl FnOnce(&Directory) -> Result<Event, TenancyError>,
     ) -> Result<Envelope, CommandError> {
-        let _one_at_a_time = self.commands.lock().await;
+        let mut next = self.commands.lock().await;
+        // Checked against everything recorded so far, on any node.
+        self.catch_up(&mut next)?;
         let payload = check(&lock(&self.gate).directory)?;
         let env =
             Envelope { event_id: EventId(random_u128()), tenant, call: None, occurred_at: self.clock.now(), payload };
         self.log.append(topics::TENANTS, 0, &voxgate_protocol::encode(&env)).await?;
-        lock(&self.gate).directory.apply(&env, &self.sealer)?;
+        // Applied in log order with whatever another node recorded just before it.
+        self.catch_up(&mut next)?;
         tracing::info!(tenant = %tenant, kind = env.payload.kind(), "tenancy change recorded");
         Ok(env)
     }

@@ -1,8 +1,9 @@
 //! A voxgate cluster on NATS JetStream, through the real binary: one `nats-server -js` (our own,
 //! on a free loopback port) and three nodes — ingress+call, transcode+stt, fraud+billing. Fifty
-//! calls with speech; the transcode+stt node is SIGKILLed mid-run and started again. Afterwards
-//! every call has its speech segment and transcript exactly once, and the transcripts and usage
-//! equal an embedded (sled) node's over the same traffic.
+//! calls with speech; the transcode+stt node is SIGKILLed mid-run and started again beside a
+//! second transcode+stt node, and the two split the partitions. Afterwards every call has its
+//! speech segment, transcript and fraud verdicts exactly once, and they and the usage equal an
+//! embedded (sled) node's over the same traffic.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -20,8 +21,13 @@ use voxgate_storage::{topics, ClusterOptions, Log};
 
 const CALLS: u128 = 50;
 
+/// Every node of a cluster seals and opens auth tokens with the same key.
+const SECRETS_KEY: &str = "5e0c7a1b9d2f4e6a8c0b1d3f5a7c9e0b2d4f6a8c0e1b3d5f7a9c0e2b4d6f8a0c";
+
 fn node_config(nats: &str, roles: &str, node: &str) -> String {
-    config(&format!("[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n"))
+    config(&format!(
+        "secrets_key = \"{SECRETS_KEY}\"\n[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n"
+    ))
 }
 
 /// The topics as a node configures them (`[log] partitions` applies to all but tenants).
@@ -54,11 +60,13 @@ async fn place(node: &Node, audio: &Arc<Vec<u8>>, range: std::ops::Range<u128>) 
     }
 }
 
-/// Per call: speech segments, and transcript texts. Fails on any event stored twice.
+/// Per call: speech segments, transcript texts and the rules of its fraud verdicts. Fails on any
+/// event stored twice.
 #[derive(Debug, Default, PartialEq)]
 struct PerCall {
     segments: usize,
     transcripts: Vec<String>,
+    verdicts: Vec<Vec<String>>,
 }
 
 fn collect(log: &Log) -> BTreeMap<CallSid, PerCall> {
@@ -75,6 +83,9 @@ fn collect(log: &Log) -> BTreeMap<CallSid, PerCall> {
                 match env.payload {
                     Event::SpeechSegment(_) => out.entry(call).or_default().segments += 1,
                     Event::Transcript(t) => out.entry(call).or_default().transcripts.push(t.text),
+                    Event::FraudVerdict(v) => {
+                        out.entry(call).or_default().verdicts.push(v.hits.into_iter().map(|h| h.rule).collect())
+                    }
                     _ => {}
                 }
             }
@@ -82,6 +93,7 @@ fn collect(log: &Log) -> BTreeMap<CallSid, PerCall> {
     }
     for c in out.values_mut() {
         c.transcripts.sort();
+        c.verdicts.sort();
     }
     out
 }
@@ -93,6 +105,15 @@ async fn usage(node: &Node) -> Value {
     let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     let rec = &v["usage_records"][0];
     serde_json::json!({ "count": rec["count"], "usage": rec["usage"], "price": rec["price"] })
+}
+
+/// The stt partitions a node holds now (health).
+async fn stt_share(node: &Node) -> Vec<u64> {
+    let (_, h) = node.get_json("/api/voice/health").await.unwrap();
+    h["stages"]["stt"]["partitions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,6 +140,19 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
     place(&ingress, &audio, 20..35).await;
     let dir = std::mem::replace(&mut speech.dir, tempfile::tempdir().unwrap());
     let speech = Node::start_in(dir, speech.config_path.clone(), &[]).unwrap();
+    // A second node of the same roles: the two split the partitions between them.
+    let speech2 = Node::start(&node_config(&url, "transcode,stt", "speech2")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (a, b) = (stt_share(&speech).await, stt_share(&speech2).await);
+        let mut all: Vec<u64> = a.iter().chain(&b).copied().collect();
+        all.sort();
+        if !a.is_empty() && !b.is_empty() && all == [0, 1, 2, 3] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the speech nodes did not split the partitions: {a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     place(&ingress, &audio, 35..CALLS).await;
 
     // A reader of our own on the cluster's log: every call's transcript, once.
@@ -146,6 +180,16 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
         assert_eq!(c.segments, 1, "{call}: {c:?}");
         assert_eq!(c.transcripts.len(), 1, "{call}: {c:?}");
     }
+    // Both speech nodes transcribed (each on its own partitions).
+    for n in [&speech, &speech2] {
+        let m = n.scrape().await.unwrap();
+        let done = m
+            .lines()
+            .find(|l| l.starts_with("twilio_stt_latency_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(done > 0.0, "a speech node transcribed nothing:\n{m}");
+    }
     // Usage is kept on every node; the decisions node acts on it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let cluster_usage = loop {
@@ -158,7 +202,7 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
     assert_eq!(usage(&decisions).await, cluster_usage);
     let (_, h) = decisions.get_json("/api/voice/health").await.unwrap();
     assert_eq!(h["stages"]["fraud"]["state"], "running", "{h}");
-    drop((ingress, speech, decisions, reader));
+    drop((ingress, speech, speech2, decisions, reader));
 
     // The same traffic through one embedded node.
     let mut embedded = Node::start(&config("")).unwrap();

@@ -123,10 +123,19 @@ impl Gate {
     }
 
     /// Refuses `account`'s calls, and its subaccounts', until `until` (its budget is spent).
-    pub fn stop_for_budget(&mut self, account: AccountSid, until: Timestamp, budget_micros: u64) {
-        let e = self.budget_stops.entry(account).or_insert((until, budget_micros));
-        if e.0 < until {
-            *e = (until, budget_micros);
+    /// Returns whether this is news (no stop as long was in force), so a stop learnt twice (from
+    /// the judgement and from its recorded event) acts once.
+    pub fn stop_for_budget(&mut self, account: AccountSid, until: Timestamp, budget_micros: u64) -> bool {
+        match self.budget_stops.get_mut(&account) {
+            Some(e) if e.0 >= until => false,
+            Some(e) => {
+                *e = (until, budget_micros);
+                true
+            }
+            None => {
+                self.budget_stops.insert(account, (until, budget_micros));
+                true
+            }
         }
     }
 

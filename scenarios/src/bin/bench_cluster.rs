@@ -1,0 +1,238 @@
+//! The same traffic through the embedded log (sled, one process) and the clustered one (NATS
+//! JetStream, our own `nats-server -js` on loopback), in one run:
+//!
+//! 1. **A stage hop**: one event appended by a producer stage and seen by the consuming stage. On
+//!    the embedded log the two share the process; in the cluster the producer is one node (its
+//!    own `Log`, data directory and NATS connection) and the consumer another, so the hop is
+//!    publish → JetStream ack → the consumer node's mirror. Sequential events: the producer's
+//!    append latency and the latency until the consumer sees the event, p50 and p99.
+//! 2. **Throughput**: 64 producers appending call events as fast as they are acknowledged, and
+//!    the time until the consuming node has all of them.
+//! 3. **Webhooks** through the real binary: a signed inbound webhook answered once its event is
+//!    durable, against one embedded node and against the ingress node of a cluster (p50, p99,
+//!    throughput at 32 connections).
+//!
+//! `cargo run --release -p voxgate-scenarios --bin bench_cluster [events]`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use voxgate_protocol::event::Direction;
+use voxgate_protocol::{encode, AccountSid, CallSid, SystemClock};
+use voxgate_scenarios::bench::{call_events, ms, quantile};
+use voxgate_scenarios::nats::{free_port, Nats};
+use voxgate_scenarios::node::Node;
+use voxgate_scenarios::twilio::Simulator;
+use voxgate_storage::{topics, ClusterOptions, Log, TopicSpec};
+
+const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
+const TOKEN: &str = "9f3c1b2a7d4e5f60718293a4b5c6d7e8";
+const NUMBER: &str = "+14155550100";
+const SECRETS_KEY: &str = "5e0c7a1b9d2f4e6a8c0b1d3f5a7c9e0b2d4f6a8c0e1b3d5f7a9c0e2b4d6f8a0c";
+const WRITERS: usize = 64;
+
+fn specs() -> Vec<TopicSpec> {
+    topics::default_specs()
+}
+
+/// Call events as the calls log holds them (about 150 bytes each).
+fn payloads(n: usize) -> Vec<(u64, Vec<u8>)> {
+    let tenant = AccountSid::parse(ACCOUNT).expect("sid");
+    (0..n.div_ceil(3) as u128)
+        .flat_map(|i| {
+            let call = CallSid::from_u128(0xBE00_0000 + i);
+            call_events(
+                0xbe,
+                tenant,
+                call,
+                1_700_000_000_000_000,
+                60,
+                Direction::Inbound,
+                "+14155550123".into(),
+                NUMBER.into(),
+            )
+            .map(|e| (call.partition_key(), encode(&e)))
+        })
+        .take(n)
+        .collect()
+}
+
+/// Waits until `reader` holds `offset` of `topic`/`partition`.
+async fn seen(reader: &Log, rx: &mut tokio::sync::watch::Receiver<u64>, topic: &str, partition: u32, offset: u64) {
+    while reader.durable_head(topic, partition).expect("head") <= offset {
+        if rx.changed().await.is_err() {
+            panic!("the consumer's log closed");
+        }
+    }
+}
+
+struct Hop {
+    append: (f64, f64),
+    visible: (f64, f64),
+    rate: f64,
+    drained: f64,
+}
+
+/// Sequential hops, then `WRITERS` concurrent producers, from `writer` to `reader`.
+async fn measure(writer: &Log, reader: &Log, events: &[(u64, Vec<u8>)], sequential: usize) -> Hop {
+    let topic = topics::CALLS;
+    let mut rx = reader.watch(topic).expect("watch");
+    let (mut append, mut visible) = (Vec::new(), Vec::new());
+    for (key, payload) in events.iter().take(sequential) {
+        let t = Instant::now();
+        let at = writer.append(topic, *key, payload).await.expect("append");
+        append.push(ms(t.elapsed()));
+        seen(reader, &mut rx, topic, at.partition, at.offset).await;
+        visible.push(ms(t.elapsed()));
+    }
+    let parts = reader.partitions(topic).expect("partitions");
+    let heads = |log: &Log| (0..parts).map(|p| log.durable_head(topic, p).expect("head")).sum::<u64>();
+    let target = heads(reader) + (events.len() - sequential) as u64;
+    let rest = Arc::new(events[sequential..].to_vec());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (log, rest) = (writer.clone(), rest.clone());
+        tasks.push(tokio::spawn(async move {
+            for (key, payload) in rest.iter().skip(w).step_by(WRITERS) {
+                log.append(topic, *key, payload).await.expect("append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let rate = rest.len() as f64 / start.elapsed().as_secs_f64();
+    while heads(reader) < target {
+        let _ = rx.changed().await;
+    }
+    let drained = ms(start.elapsed());
+    Hop {
+        append: (quantile(&mut append, 0.5), quantile(&mut append, 0.99)),
+        visible: (quantile(&mut visible, 0.5), quantile(&mut visible, 0.99)),
+        rate,
+        drained,
+    }
+}
+
+struct Webhooks {
+    p50: f64,
+    p99: f64,
+    rate: f64,
+}
+
+async fn webhooks(node: &Node, n: usize) -> anyhow::Result<Webhooks> {
+    let sim = Arc::new(Simulator::new(&node.url(), "https://bench.voxgate.test", AccountSid::parse(ACCOUNT)?, TOKEN));
+    for i in 0..50u128 {
+        sim.inbound_call(CallSid::from_u128(1 << 100 | i), "+14155550123", NUMBER).await?;
+    }
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n as u128 {
+        let t = Instant::now();
+        let a = sim.inbound_call(CallSid::from_u128(2 << 100 | i), "+14155550123", NUMBER).await?;
+        lat.push(ms(t.elapsed()));
+        anyhow::ensure!(a.stream_url.is_some(), "{}", a.body);
+    }
+    let (conc, total) = (32, n * 2);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conc {
+        let sim = sim.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while i < total {
+                let a = sim.inbound_call(CallSid::from_u128(3 << 100 | i as u128), "+14155550123", NUMBER).await?;
+                anyhow::ensure!(a.stream_url.is_some(), "{}", a.body);
+                i += conc;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(Webhooks {
+        p50: quantile(&mut lat, 0.5),
+        p99: quantile(&mut lat, 0.99),
+        rate: total as f64 / start.elapsed().as_secs_f64(),
+    })
+}
+
+fn node_config(cluster: Option<&str>) -> String {
+    let cluster = cluster
+        .map(|url| {
+            format!("secrets_key = \"{SECRETS_KEY}\"\n[cluster]\nnats_url = \"{url}\"\nroles = \"ingress,call\"\nnode = \"bench\"\n")
+        })
+        .unwrap_or_default();
+    format!(
+        "public_url = \"https://bench.voxgate.test\"\n{cluster}[stt]\nenabled = false\n[quotas]\nmax_concurrent_calls = 1000000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[fraud]\ndisabled_rules = [\"velocity_from\", \"spend_velocity\"]\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    std::env::set_var("VOXGATE_TEST_RELEASE", "1");
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let sequential = 1000.min(n / 2);
+    let events = payloads(n);
+    let nats = Nats::start(free_port(), tempfile::tempdir()?);
+    let clock = Arc::new(SystemClock);
+
+    // Embedded: producer and consumer stages share one sled log.
+    let dir = tempfile::tempdir()?;
+    let log = Log::open(dir.path(), &specs(), clock.clone())?;
+    let embedded = measure(&log, &log, &events, sequential).await;
+    log.close().await?;
+
+    // Clustered: producer node and consumer node, each with its own log on the JetStream server.
+    let (wdir, rdir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let opts = ClusterOptions::new(&nats.url());
+    let writer = Log::open_cluster(wdir.path(), &specs(), clock.clone(), 64 << 20, &opts).await?;
+    let reader = Log::open_cluster(rdir.path(), &specs(), clock.clone(), 64 << 20, &opts).await?;
+    let clustered = measure(&writer, &reader, &events, sequential).await;
+    writer.close().await?;
+    reader.close().await?;
+
+    let hooks = (n / 10).max(200);
+    let node = Node::start(&node_config(None))?;
+    let wh_embedded = webhooks(&node, hooks).await?;
+    drop(node);
+    let wh_nats = Nats::start(free_port(), tempfile::tempdir()?);
+    let node = Node::start(&node_config(Some(&wh_nats.url())))?;
+    let wh_cluster = webhooks(&node, hooks).await?;
+    drop(node);
+
+    println!("one stage hop on loopback, release build: {sequential} sequential call events, then {} from {WRITERS} producers", n - sequential);
+    println!("{:<40} {:>12} {:>12} {:>8}", "", "embedded", "JetStream", "ratio");
+    let row = |name: &str, e: f64, c: f64, unit: &str| {
+        println!("{:<40} {:>9.3} {unit} {:>9.3} {unit} {:>7.1}×", name, e, c, c / e);
+    };
+    row("producer append, p50", embedded.append.0, clustered.append.0, "ms");
+    row("producer append, p99", embedded.append.1, clustered.append.1, "ms");
+    row("append → seen by the consumer, p50", embedded.visible.0, clustered.visible.0, "ms");
+    row("append → seen by the consumer, p99", embedded.visible.1, clustered.visible.1, "ms");
+    println!(
+        "{:<40} {:>12.0} {:>12.0} {:>7.2}×",
+        "throughput, events/s acknowledged",
+        embedded.rate,
+        clustered.rate,
+        clustered.rate / embedded.rate
+    );
+    row("all of them at the consumer", embedded.drained, clustered.drained, "ms");
+    println!();
+    println!(
+        "inbound webhook → TwiML through voxgate serve ({hooks} sequential, then {} at 32 connections)",
+        hooks * 2
+    );
+    row("webhook answer, p50", wh_embedded.p50, wh_cluster.p50, "ms");
+    row("webhook answer, p99", wh_embedded.p99, wh_cluster.p99, "ms");
+    println!(
+        "{:<40} {:>12.0} {:>12.0} {:>7.2}×",
+        "webhooks/s at 32 connections",
+        wh_embedded.rate,
+        wh_cluster.rate,
+        wh_cluster.rate / wh_embedded.rate
+    );
+    drop((nats, wh_nats));
+    Ok(())
+}
