@@ -11,6 +11,18 @@ pub const TOKEN: &str = "9f3c1b2a7d4e5f60718293a4b5c6d7e8";
 pub const NUMBER: &str = "+14155550100";
 /// Twilio believes it calls this (a proxy or tunnel in front of voxgate).
 pub const PUBLIC: &str = "https://voxgate.test";
+/// Every node of a test cluster seals and opens auth tokens with this key.
+pub const SECRETS_KEY: &str = "5e0c7a1b9d2f4e6a8c0b1d3f5a7c9e0b2d4f6a8c0e1b3d5f7a9c0e2b4d6f8a0c";
+
+/// The topics as a node configures them (`[log] partitions` applies to all but tenants), for a
+/// reader of a cluster's log.
+pub fn node_specs() -> Vec<voxgate_storage::TopicSpec> {
+    let mut specs = voxgate_storage::topics::default_specs();
+    for t in specs.iter_mut().filter(|t| t.name != voxgate_storage::topics::TENANTS) {
+        t.partitions = voxgate_storage::topics::DEFAULT_PARTITIONS;
+    }
+    specs
+}
 
 /// A config with the tenant, plus `extra` TOML lines before the tenant table.
 pub fn config(extra: &str) -> String {

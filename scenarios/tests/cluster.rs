@@ -12,7 +12,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::Value;
 use voxgate_protocol::{decode, CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{config, sim, ACCOUNT, NUMBER, TOKEN};
+use voxgate_scenarios::fixture::{config, node_specs, sim, ACCOUNT, NUMBER, SECRETS_KEY, TOKEN};
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::speech::{script, Voice};
@@ -21,22 +21,10 @@ use voxgate_storage::{topics, ClusterOptions, Log};
 
 const CALLS: u128 = 50;
 
-/// Every node of a cluster seals and opens auth tokens with the same key.
-const SECRETS_KEY: &str = "5e0c7a1b9d2f4e6a8c0b1d3f5a7c9e0b2d4f6a8c0e1b3d5f7a9c0e2b4d6f8a0c";
-
 fn node_config(nats: &str, roles: &str, node: &str) -> String {
     config(&format!(
         "secrets_key = \"{SECRETS_KEY}\"\n[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n"
     ))
-}
-
-/// The topics as a node configures them (`[log] partitions` applies to all but tenants).
-fn node_specs() -> Vec<voxgate_storage::TopicSpec> {
-    let mut specs = topics::default_specs();
-    for t in specs.iter_mut().filter(|t| t.name != topics::TENANTS) {
-        t.partitions = topics::DEFAULT_PARTITIONS;
-    }
-    specs
 }
 
 fn call_sid(i: u128) -> CallSid {

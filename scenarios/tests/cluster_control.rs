@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::Value;
 use voxgate_protocol::{decode, AccountSid, CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{config, sim, ACCOUNT, NUMBER, PUBLIC, TOKEN};
+use voxgate_scenarios::fixture::{config, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY, TOKEN};
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::recorder::Recorder;
 use voxgate_scenarios::twilio::{Pace, Simulator};
-use voxgate_storage::{topics, ClusterOptions, Log, TopicSpec};
+use voxgate_storage::{topics, ClusterOptions, Log};
 
-const SECRETS_KEY: &str = "5e0c7a1b9d2f4e6a8c0b1d3f5a7c9e0b2d4f6a8c0e1b3d5f7a9c0e2b4d6f8a0c";
 const ADMIN: &str = "admin-3b7d1f9e5a2c4e6f8a0b1c2d";
 
 /// Top-level keys (`top`), then the node's `[cluster]` table, then `tables`.
@@ -28,15 +27,6 @@ fn node_config(nats: &str, roles: &str, node: &str, top: &str, tables: &str) -> 
     config(&format!(
         "secrets_key = \"{SECRETS_KEY}\"\nadmin_token = \"{ADMIN}\"\n{top}\n[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n{tables}"
     ))
-}
-
-/// The topics as a node configures them (`[log] partitions` applies to all but tenants).
-fn node_specs() -> Vec<TopicSpec> {
-    let mut specs = topics::default_specs();
-    for t in specs.iter_mut().filter(|t| t.name != topics::TENANTS) {
-        t.partitions = topics::DEFAULT_PARTITIONS;
-    }
-    specs
 }
 
 async fn reader(nats: &str) -> (tempfile::TempDir, Log) {

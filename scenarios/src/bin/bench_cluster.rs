@@ -20,6 +20,7 @@ use std::time::Instant;
 use voxgate_protocol::event::Direction;
 use voxgate_protocol::{encode, AccountSid, CallSid, SystemClock};
 use voxgate_scenarios::bench::{call_events, ms, quantile};
+use voxgate_scenarios::fixture::SECRETS_KEY;
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::twilio::Simulator;
@@ -28,7 +29,6 @@ use voxgate_storage::{topics, ClusterOptions, Log, TopicSpec};
 const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "9f3c1b2a7d4e5f60718293a4b5c6d7e8";
 const NUMBER: &str = "+14155550100";
-const SECRETS_KEY: &str = "5e0c7a1b9d2f4e6a8c0b1d3f5a7c9e0b2d4f6a8c0e1b3d5f7a9c0e2b4d6f8a0c";
 const WRITERS: usize = 64;
 
 fn specs() -> Vec<TopicSpec> {
