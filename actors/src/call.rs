@@ -611,6 +611,8 @@ async fn append_media_events(
     items: Vec<(Timestamp, StreamItem)>,
 ) -> Result<(), voxgate_storage::StorageError> {
     let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(items.len());
+    // The oldest item's arrival: how long audio waits between the WebSocket and the durable log.
+    let oldest = items.first().map(|(at, _)| *at);
     for (at, item) in items {
         let (id, ev) = match item {
             StreamItem::Audio(b) => {
@@ -643,6 +645,10 @@ async fn append_media_events(
     }
     let key = s.call.partition_key();
     s.log.append_many_or_spool(topics::MEDIA, encoded.iter().map(|b| (key, b.as_slice()))).await?;
+    if let Some(oldest) = oldest {
+        let waited = s.clock.now().as_micros().saturating_sub(oldest.as_micros()).max(0);
+        metrics::histogram!("voxgate_media_ingest_seconds").record(waited as f64 / 1e6);
+    }
     Ok(())
 }
 

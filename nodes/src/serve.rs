@@ -49,6 +49,14 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             &[0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0],
         )?
         .set_buckets_for_metric(
+            Matcher::Full("voxgate_media_ingest_seconds".into()),
+            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("voxgate_transcript_delay_seconds".into()),
+            &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0],
+        )?
+        .set_buckets_for_metric(
             Matcher::Full("voxgate_speech_segment_seconds".into()),
             &[0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0],
         )?
@@ -275,6 +283,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             .context("starting the stt workers")??;
         tracing::info!(model_dir = %cfg.stt.model_dir.display(), workers, load_ms = loaded.elapsed().as_millis() as u64, "whisper model loaded");
         let (l, pool, progress, max_batch) = (log.clone(), Arc::new(pool), stt_progress.clone(), cfg.stt.max_batch);
+        let stt_clock = clock.clone();
         let start: Start = Box::new(move |owned: Vec<u32>| {
             let args = SttStageArgs {
                 log: l.clone(),
@@ -282,6 +291,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
                 progress: progress.clone(),
                 max_batch,
                 partitions: Some(owned),
+                clock: stt_clock.clone(),
             };
             Box::pin(async move {
                 let (actor, done) = Actor::spawn(None, SttStage, args).await.context("starting the stt stage")?;

@@ -4,12 +4,14 @@
 //! Owns: [`twilio`] (signed webhooks, Media Streams client, status callbacks), [`speech`] (real
 //! speech from espeak-ng/flite as 8 kHz µ-law), [`node`] (start a `voxgate serve` on free ports
 //! with a temp data dir, and stop it), [`recorder`] (an HTTP endpoint outside voxgate — a fake
-//! Twilio REST API, a customer's callback URL — that records what it is sent). Must not: reach into voxgate's internals — everything goes
+//! Twilio REST API, a customer's callback URL — that records what it is sent), [`load`] (open-loop
+//! traffic at a fixed offered rate, and its report). Must not: reach into voxgate's internals — everything goes
 //! through HTTP, WebSocket and the CLI, as a user's would.
 
 pub mod bench;
 pub mod corpus;
 pub mod fixture;
+pub mod load;
 pub mod nats;
 pub mod node;
 pub mod recorder;

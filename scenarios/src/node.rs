@@ -21,13 +21,37 @@ pub fn binary() -> anyhow::Result<PathBuf> {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let profile_release = std::env::var("VOXGATE_TEST_RELEASE").is_ok();
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(&root).args(["build", "-q", "-p", "voxgate", "--bin", "voxgate"]);
+        // The targets `cargo test --workspace` builds, so features unify as they did there and a
+        // fresh build stays fresh (`-p voxgate` alone would rebuild it with other features).
+        cmd.current_dir(&root).args(["build", "-q", "--workspace"]);
+        // What `cargo test` sets for this crate's tests (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, …):
+        // a build script (ring's) watches some of them, and seeing them change would rebuild
+        // half the tree here and again at the next top-level build.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_EXE_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         if profile_release {
-            cmd.arg("--release");
+            cmd.args(["--release", "--bin", "voxgate"]);
+        } else {
+            cmd.args(["--bins", "--tests"]);
         }
         let st = cmd.status().map_err(|e| format!("running cargo build: {e}"))?;
         if !st.success() {
-            return Err(format!("cargo build -p voxgate failed: {st}"));
+            return Err(format!("cargo build --bin voxgate failed: {st}"));
         }
         let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
         Ok(target.join(if profile_release { "release" } else { "debug" }).join("voxgate"))

@@ -59,6 +59,11 @@ impl Simulator {
         }
     }
 
+    /// The tenant this simulator calls as.
+    pub fn account(&self) -> AccountSid {
+        self.account
+    }
+
     /// Posts a signed form to `path`; returns status and body.
     pub async fn post_signed(&self, path: &str, params: &[(String, String)]) -> anyhow::Result<(u16, String)> {
         let url = signature::public_url(&self.public_url, path);
@@ -227,6 +232,14 @@ impl MediaStream {
             report.frames_sent += 1;
         }
         Ok(report)
+    }
+
+    /// One 20 ms `media` message: frame `index` of the stream (timestamp `index × 20` ms).
+    pub async fn send_frame(&mut self, stream_sid: StreamSid, index: u64, frame: &[u8]) -> anyhow::Result<()> {
+        self.sequence += 1;
+        let msg = media::inbound_media_json(stream_sid, self.sequence, index + 1, index * 20, frame);
+        self.ws.send(Message::Text(msg.into())).await?;
+        Ok(())
     }
 
     /// `stop`.

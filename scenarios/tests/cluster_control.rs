@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::Value;
 use voxgate_protocol::{decode, AccountSid, CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{config, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY, TOKEN};
+use voxgate_scenarios::fixture::{config, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY};
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::recorder::Recorder;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use voxgate_protocol::event::{Event, Transcript};
-use voxgate_protocol::{Envelope, EventId};
+use voxgate_protocol::{Clock, Envelope, EventId};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
 use super::decode::{Transcriber, Transcription};
@@ -142,6 +142,8 @@ pub struct SttStageArgs {
     pub max_batch: usize,
     /// The speech partitions this instance works on (`None`: all; in a cluster, its claims).
     pub partitions: Option<Vec<u32>>,
+    /// The node's clock (for the transcript delay metric only; no decision reads it).
+    pub clock: Arc<dyn Clock>,
 }
 
 /// The stage's state.
@@ -153,6 +155,7 @@ pub struct SttState {
     next: Vec<u64>,
     watcher: tokio::task::JoinHandle<()>,
     recent: RecentIds,
+    clock: Arc<dyn Clock>,
 }
 
 /// Recently transcribed segment ids, to skip a segment that appears twice in the log.
@@ -201,6 +204,7 @@ impl Actor for SttStage {
             next,
             watcher,
             recent: RecentIds { set: HashSet::new(), order: VecDeque::new(), cap: 4096 },
+            clock: args.clock,
         })
     }
 
@@ -302,6 +306,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
 
     let model = s.pool.model_id().to_owned();
     let mut out: Vec<(u64, Vec<u8>)> = Vec::with_capacity(pending.len());
+    let mut closed_at: Vec<i64> = Vec::with_capacity(pending.len());
     for (p, r) in pending.iter().zip(results) {
         let Event::SpeechSegment(seg) = &p.env.payload else { continue };
         let Some(call) = p.env.call else { continue };
@@ -334,10 +339,18 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             payload: Event::Transcript(ev),
         };
         out.push((call.partition_key(), voxgate_protocol::encode(&env)));
+        closed_at.push(p.env.occurred_at.as_micros());
     }
     if !out.is_empty() {
         s.log.append_many(topics::TRANSCRIPTS, out.iter().map(|(k, b)| (*k, b.as_slice()))).await?;
         metrics::counter!("voxgate_transcripts_total").increment(out.len() as u64);
+        // From the audio that closed each segment reaching voxgate (the end of speech plus the
+        // VAD's hangover) to its transcript being durable.
+        let now = s.clock.now().as_micros();
+        let delay = metrics::histogram!("voxgate_transcript_delay_seconds");
+        for at in closed_at {
+            delay.record(now.saturating_sub(at).max(0) as f64 / 1e6);
+        }
     }
     commit(s, &new_next).await?;
     Ok(more)
