@@ -42,3 +42,14 @@ pub fn replay_json(node: &Node, call: CallSid) -> Vec<Value> {
     assert!(out.status.success(), "replay failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8").lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
 }
+
+/// The tenant's calls usage this month as the node's Usage Records API reports it: count, usage
+/// (minutes) and price.
+pub async fn calls_usage(node: &Node) -> Value {
+    let url = format!("{}/2010-04-01/Accounts/{ACCOUNT}/Usage/Records.json?Category=calls", node.url());
+    let r = reqwest::Client::new().get(url).basic_auth(ACCOUNT, Some(TOKEN)).send().await.expect("usage request");
+    assert_eq!(r.status().as_u16(), 200, "usage records");
+    let v: Value = serde_json::from_str(&r.text().await.expect("usage body")).expect("usage JSON");
+    let rec = &v["usage_records"][0];
+    serde_json::json!({ "count": rec["count"], "usage": rec["usage"], "price": rec["price"] })
+}

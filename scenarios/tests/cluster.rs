@@ -9,10 +9,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::Method;
 use serde_json::Value;
 use voxgate_protocol::{decode, CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{config, node_specs, sim, ACCOUNT, NUMBER, SECRETS_KEY, TOKEN};
+use voxgate_scenarios::fixture::{calls_usage, config, node_specs, sim, NUMBER, SECRETS_KEY};
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::speech::{script, Voice};
@@ -84,15 +83,6 @@ fn collect(log: &Log) -> BTreeMap<CallSid, PerCall> {
         c.verdicts.sort();
     }
     out
-}
-
-async fn usage(node: &Node) -> Value {
-    let url = format!("{}/2010-04-01/Accounts/{ACCOUNT}/Usage/Records.json?Category=calls", node.url());
-    let r = reqwest::Client::new().request(Method::GET, url).basic_auth(ACCOUNT, Some(TOKEN)).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-    let rec = &v["usage_records"][0];
-    serde_json::json!({ "count": rec["count"], "usage": rec["usage"], "price": rec["price"] })
 }
 
 /// The stt partitions a node holds now (health).
@@ -181,13 +171,13 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
     // Usage is kept on every node; the decisions node acts on it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let cluster_usage = loop {
-        let u = usage(&ingress).await;
+        let u = calls_usage(&ingress).await;
         if u["count"] == serde_json::json!(CALLS.to_string()) || tokio::time::Instant::now() > deadline {
             break u;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(usage(&decisions).await, cluster_usage);
+    assert_eq!(calls_usage(&decisions).await, cluster_usage);
     let (_, h) = decisions.get_json("/api/voice/health").await.unwrap();
     assert_eq!(h["stages"]["fraud"]["state"], "running", "{h}");
     drop((ingress, speech, speech2, decisions, reader));
@@ -196,7 +186,7 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
     let mut embedded = Node::start(&config("")).unwrap();
     place(&embedded, &audio, 0..CALLS).await;
     embedded.wait_idle(Duration::from_secs(240)).await.unwrap();
-    let embedded_usage = usage(&embedded).await;
+    let embedded_usage = calls_usage(&embedded).await;
     embedded.stop().unwrap();
     let log = Log::open(&embedded.dir.path().join("data").join("log"), &node_specs(), Arc::new(SystemClock)).unwrap();
     let alone = collect(&log);

@@ -6,10 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::Method;
-use serde_json::Value;
 use voxgate_protocol::{CallSid, StreamSid};
-use voxgate_scenarios::fixture::{config, replay_json, sim, ACCOUNT, NUMBER, TOKEN};
+use voxgate_scenarios::fixture::{calls_usage, config, replay_json, sim, NUMBER};
 use voxgate_scenarios::node::Node;
 
 const CALLS: u128 = 100;
@@ -17,15 +15,6 @@ const OPEN: &str = "[stt]\nenabled = false\n[quotas]\nmax_concurrent_calls = 100
 
 fn call(i: u128) -> CallSid {
     CallSid::from_u128(0xC4A5_0000 + i)
-}
-
-async fn usage(node: &Node) -> Value {
-    let url = format!("{}/2010-04-01/Accounts/{ACCOUNT}/Usage/Records.json?Category=calls", node.url());
-    let r = reqwest::Client::new().request(Method::GET, url).basic_auth(ACCOUNT, Some(TOKEN)).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-    let rec = &v["usage_records"][0];
-    serde_json::json!({ "count": rec["count"], "usage": rec["usage"], "price": rec["price"] })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +60,7 @@ async fn sigkill_with_100_active_calls_loses_no_acknowledged_event() {
     }
     assert_eq!(s.status_callback(call(0), "completed", 2, Some(30)).await.unwrap() / 100, 2);
     node.wait_idle(Duration::from_secs(60)).await.unwrap();
-    let after_crash = usage(&node).await;
+    let after_crash = calls_usage(&node).await;
     assert_eq!(after_crash["count"], "100", "{after_crash}");
     assert_eq!(after_crash["usage"], "100", "one minute per call: {after_crash}");
 
@@ -95,5 +84,5 @@ async fn sigkill_with_100_active_calls_loses_no_acknowledged_event() {
     // A second, clean restart rebuilds exactly the same usage.
     let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
     let node = Node::start_in(dir, node.config_path.clone(), &[]).unwrap();
-    assert_eq!(usage(&node).await, after_crash);
+    assert_eq!(calls_usage(&node).await, after_crash);
 }
