@@ -213,7 +213,8 @@ impl Claimed {
                 if let Some(s) = running.take() {
                     s().await;
                 }
-                sh.lock().unwrap_or_else(|e| e.into_inner()).clone_from(&owned);
+                // Health shows a share only once a stage runs on it.
+                sh.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 if owned.is_empty() {
                     continue;
                 }
@@ -226,6 +227,7 @@ impl Claimed {
                 match start(owned.clone()).await {
                     Ok(s) => {
                         tracing::info!(stage = group, units = ?owned, "stage running on its claimed share");
+                        sh.lock().unwrap_or_else(|e| e.into_inner()).clone_from(&owned);
                         running = Some(s);
                         a.store(true, Ordering::Release);
                     }

@@ -252,13 +252,19 @@ impl Tenancy {
     /// already applied by [`Tenancy::command`] and this finds nothing new.
     pub async fn follow(self: Arc<Self>) -> Result<(), voxgate_storage::StorageError> {
         let mut rx = self.log.watch(topics::TENANTS)?;
+        // A timer too: what arrived between loading and subscribing, or after a failed read, is
+        // picked up without waiting for the next change.
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if rx.changed().await.is_err() {
-                return Ok(());
-            }
             let mut next = self.commands.lock().await;
             if let Err(e) = self.catch_up(&mut next) {
-                tracing::error!(stage = "tenancy", error = %e, "reading the tenants log failed; retried at the next change");
+                tracing::error!(stage = "tenancy", error = %e, "reading the tenants log failed; retrying");
+            }
+            drop(next);
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Ok(()) },
+                _ = tick.tick() => {}
             }
         }
     }
@@ -334,9 +340,22 @@ impl Tenancy {
         let payload = check(&lock(&self.gate).directory)?;
         let env =
             Envelope { event_id: EventId(random_u128()), tenant, call: None, occurred_at: self.clock.now(), payload };
-        self.log.append(topics::TENANTS, 0, &voxgate_protocol::encode(&env)).await?;
-        // Applied in log order with whatever another node recorded just before it.
-        self.catch_up(&mut next)?;
+        let at = self.log.append(topics::TENANTS, 0, &voxgate_protocol::encode(&env)).await?;
+        // Applied in log order with whatever another node recorded just before it; on a cluster
+        // the local mirror may show the event a moment after JetStream acknowledged it.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            self.catch_up(&mut next)?;
+            if *next > at.offset {
+                break;
+            }
+            if std::time::Instant::now() > until {
+                return Err(CommandError::Log(voxgate_storage::StorageError::Engine(
+                    "the change is recorded but not yet readable here; it applies once it is".into(),
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         tracing::info!(tenant = %tenant, kind = env.payload.kind(), "tenancy change recorded");
         Ok(env)
     }

@@ -202,7 +202,14 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
         s.abort();
     }
     if let (Some(url), Some(before)) = (&plan.metrics_url, before) {
-        let after = scrape(&http, url).await?;
+        // A failed scrape at the end loses the node's side, not the run's report.
+        let after = match scrape(&http, url).await {
+            Ok(a) => a,
+            Err(e) => {
+                report.streams.errors.push(format!("final metrics scrape: {e:#}"));
+                return Ok(report);
+            }
+        };
         let d = |name: &str| (counter(&after, name) - counter(&before, name)).max(0.0) as u64;
         let (received, shed) = (d("twilio_audio_chunks_received_total"), d("voxgate_audio_shed_frames_total"));
         let hq = |name: &str, q: f64| histogram_quantile(&before, &after, name, q).map(|s| s * 1000.0);
@@ -278,45 +285,54 @@ async fn run_streams(sim: Arc<Simulator>, plan: Plan, base: u128, t0: Instant) -
     for s in 0..plan.streams {
         let (sim, audio, late, to) = (sim.clone(), plan.audio.clone(), late.clone(), plan.to.clone());
         let start = t0 + Duration::from_secs_f64(s as f64 / plan.streams as f64);
+        let sent_frames = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = sent_frames.clone();
         tasks.spawn(async move {
-            tokio::time::sleep_until(start).await;
-            let call = CallSid::from_u128(base + s as u128);
-            let from = format!("+1628{:07}", s);
-            let answer = sim.inbound_call(call, &from, &to).await?;
-            let Some(url) = answer.stream_url else {
-                anyhow::bail!("no <Stream> in the answer ({}): {}", answer.status, answer.body)
-            };
-            let mut ws = sim.connect_stream(&url).await?;
-            let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
-            ws.start(sid, sim.account(), call).await?;
-            let chunks: Vec<&[u8]> = audio.chunks_exact(160).collect();
-            anyhow::ensure!(!chunks.is_empty(), "no audio to send");
-            let mut mine = Vec::with_capacity(frames as usize);
-            let t = Instant::now();
-            let mut sent = 0;
-            for k in 0..frames {
-                let due = t + Duration::from_millis(20 * k);
-                tokio::time::sleep_until(due).await;
-                mine.push(crate::bench::ms(due.elapsed()));
-                ws.send_frame(sid, k, chunks[(k as usize) % chunks.len()]).await?;
-                sent += 1;
+            let r = async move {
+                tokio::time::sleep_until(start).await;
+                let call = CallSid::from_u128(base + s as u128);
+                let from = format!("+1628{:07}", s);
+                let answer = sim.inbound_call(call, &from, &to).await?;
+                let Some(url) = answer.stream_url else {
+                    anyhow::bail!("no <Stream> in the answer ({}): {}", answer.status, answer.body)
+                };
+                let mut ws = sim.connect_stream(&url).await?;
+                let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
+                ws.start(sid, sim.account(), call).await?;
+                let chunks: Vec<&[u8]> = audio.chunks_exact(160).collect();
+                anyhow::ensure!(!chunks.is_empty(), "no audio to send");
+                let mut mine = Vec::with_capacity(frames as usize);
+                let t = Instant::now();
+                let mut sent = 0;
+                for k in 0..frames {
+                    let due = t + Duration::from_millis(20 * k);
+                    tokio::time::sleep_until(due).await;
+                    mine.push(crate::bench::ms(due.elapsed()));
+                    ws.send_frame(sid, k, chunks[(k as usize) % chunks.len()]).await?;
+                    sent += 1;
+                    counted.store(sent, std::sync::atomic::Ordering::Relaxed);
+                }
+                ws.stop(sid, sim.account(), call).await?;
+                ws.close().await;
+                let code = sim.status_callback(call, "completed", 2, Some((frames / 50).max(1) as u32)).await?;
+                anyhow::ensure!(code / 100 == 2, "status callback answered {code}");
+                lock(&late).extend(mine);
+                anyhow::Ok(sent)
             }
-            ws.stop(sid, sim.account(), call).await?;
-            ws.close().await;
-            let code = sim.status_callback(call, "completed", 2, Some((frames / 50).max(1) as u32)).await?;
-            anyhow::ensure!(code / 100 == 2, "status callback answered {code}");
-            lock(&late).extend(mine);
-            anyhow::Ok(sent)
+            .await;
+            // Frames a stream sent before it failed were still sent (the node counts them).
+            (sent_frames.load(std::sync::atomic::Ordering::Relaxed), r)
         });
     }
     let mut out = Streams { streams: plan.streams, ..Default::default() };
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok(Ok(sent)) => {
+            Ok((_, Ok(sent))) => {
                 out.connected += 1;
                 out.frames_sent += sent;
             }
-            Ok(Err(e)) => {
+            Ok((sent, Err(e))) => {
+                out.frames_sent += sent;
                 out.failed += 1;
                 if out.errors.len() < 5 {
                     out.errors.push(format!("{e:#}"));
