@@ -356,6 +356,14 @@ impl Tenancy {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        // A number claimed through another node at the same moment: the log's first claim holds
+        // and this one changed nothing, so it is refused as it would have been a moment later.
+        if let Event::NumberAssigned(n) = &env.payload {
+            let ours = lock(&self.gate).directory.number(n.sid).is_some_and(|r| r.tenant == tenant);
+            if !ours {
+                return Err(CommandError::Rule(TenancyError::NumberTaken { number: n.number.clone() }));
+            }
+        }
         tracing::info!(tenant = %tenant, kind = env.payload.kind(), "tenancy change recorded");
         Ok(env)
     }
