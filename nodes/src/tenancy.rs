@@ -341,21 +341,14 @@ impl Tenancy {
         let env =
             Envelope { event_id: EventId(random_u128()), tenant, call: None, occurred_at: self.clock.now(), payload };
         let at = self.log.append(topics::TENANTS, 0, &voxgate_protocol::encode(&env)).await?;
-        // Applied in log order with whatever another node recorded just before it; on a cluster
-        // the local mirror may show the event a moment after JetStream acknowledged it.
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            self.catch_up(&mut next)?;
-            if *next > at.offset {
-                break;
-            }
-            if std::time::Instant::now() > until {
-                return Err(CommandError::Log(voxgate_storage::StorageError::Engine(
-                    "the change is recorded but not yet readable here; it applies once it is".into(),
-                )));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // On a cluster the local mirror may show the event a moment after JetStream acknowledged
+        // it; then it is applied in log order with whatever another node recorded just before.
+        if !self.log.wait_readable(topics::TENANTS, at, std::time::Duration::from_secs(10)).await? {
+            return Err(CommandError::Log(voxgate_storage::StorageError::Engine(
+                "the change is recorded but not yet readable here; it applies once it is".into(),
+            )));
         }
+        self.catch_up(&mut next)?;
         // A number claimed through another node at the same moment: the log's first claim holds
         // and this one changed nothing, so it is refused as it would have been a moment later.
         if let Event::NumberAssigned(n) = &env.payload {

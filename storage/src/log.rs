@@ -630,9 +630,7 @@ impl Log {
     async fn after_publish(&self, c: &Cluster, ti: usize, at: &[Position]) -> Result<(), StorageError> {
         if c.replicated[ti] {
             for pos in at {
-                let mut rx = self.inner.topics[ti].partitions[pos.partition as usize].durable.subscribe();
-                let offset = pos.offset;
-                if tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|d| *d > offset)).await.is_err() {
+                if !self.readable_within(ti, *pos, Duration::from_secs(2)).await {
                     // Acked by JetStream, so durable; the mirror will show it when it catches up.
                     break;
                 }
@@ -642,6 +640,23 @@ impl Log {
             c.flush().await?;
         }
         Ok(())
+    }
+
+    /// Waits until the record at `at` of `topic` can be read on this node (on sled, at once after
+    /// its append; on JetStream, once the local mirror has it), for at most `within`. False if it
+    /// cannot be read by then.
+    pub async fn wait_readable(&self, topic: &str, at: Position, within: Duration) -> Result<bool, StorageError> {
+        let (ti, _) = self.topic(topic)?;
+        Ok(self.readable_within(ti, at, within).await)
+    }
+
+    async fn readable_within(&self, ti: usize, at: Position, within: Duration) -> bool {
+        let Some(part) = self.inner.topics[ti].partitions.get(at.partition as usize) else {
+            return false;
+        };
+        let mut rx = part.durable.subscribe();
+        let seen = tokio::time::timeout(within, rx.wait_for(|d| *d > at.offset)).await;
+        matches!(seen, Ok(Ok(_)))
     }
 
     async fn sync_local(&self) -> Result<(), StorageError> {
