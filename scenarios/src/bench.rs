@@ -71,3 +71,62 @@ pub fn median(xs: &mut [f64]) -> f64 {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// A signed inbound webhook answered with TwiML: latency of `n` sequential ones (after a warm-up),
+/// and throughput over `2n` at 32 concurrent connections.
+pub struct Webhooks {
+    pub p50: f64,
+    pub p99: f64,
+    pub rate: f64,
+}
+
+/// Measures [`Webhooks`] against `node` as `account`, calling `number`.
+pub async fn webhook_figures(
+    node: &crate::node::Node,
+    account: &str,
+    token: &str,
+    number: &str,
+    n: usize,
+) -> anyhow::Result<Webhooks> {
+    use std::sync::Arc;
+    use std::time::Instant;
+    let sim = Arc::new(crate::twilio::Simulator::new(
+        &node.url(),
+        "https://bench.voxgate.test",
+        AccountSid::parse(account)?,
+        token,
+    ));
+    for i in 0..50u128 {
+        sim.inbound_call(CallSid::from_u128(1 << 100 | i), "+14155550123", number).await?;
+    }
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n as u128 {
+        let t = Instant::now();
+        let a = sim.inbound_call(CallSid::from_u128(2 << 100 | i), "+14155550123", number).await?;
+        lat.push(ms(t.elapsed()));
+        anyhow::ensure!(a.stream_url.is_some(), "{}", a.body);
+    }
+    let (conc, total) = (32, n * 2);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conc {
+        let (sim, number) = (sim.clone(), number.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while i < total {
+                let a = sim.inbound_call(CallSid::from_u128(3 << 100 | i as u128), "+14155550123", &number).await?;
+                anyhow::ensure!(a.stream_url.is_some(), "{}", a.body);
+                i += conc;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(Webhooks {
+        p50: quantile(&mut lat, 0.5),
+        p99: quantile(&mut lat, 0.99),
+        rate: total as f64 / start.elapsed().as_secs_f64(),
+    })
+}

@@ -53,3 +53,19 @@ pub async fn calls_usage(node: &Node) -> Value {
     let rec = &v["usage_records"][0];
     serde_json::json!({ "count": rec["count"], "usage": rec["usage"], "price": rec["price"] })
 }
+
+/// Every event of `topics` on `log`, decoded, in partition order; fails on any event stored twice.
+pub fn each_event_once(log: &voxgate_storage::Log, topics: &[&str], mut f: impl FnMut(voxgate_protocol::Envelope)) {
+    for topic in topics {
+        let mut seen = std::collections::HashSet::new();
+        for p in 0..log.partitions(topic).expect("topic") {
+            let mut recs = Vec::new();
+            log.read(topic, p, 0, usize::MAX, &mut recs).expect("read");
+            for r in &recs {
+                let env = voxgate_protocol::decode(r.payload()).expect("decodable");
+                assert!(seen.insert(env.event_id), "{topic}: event {:?} stored twice", env.event_id);
+                f(env);
+            }
+        }
+    }
+}

@@ -5,13 +5,13 @@
 //! speech segment, transcript and fraud verdicts exactly once, and they and the usage equal an
 //! embedded (sled) node's over the same traffic.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use voxgate_protocol::{decode, CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{calls_usage, config, node_specs, sim, NUMBER, SECRETS_KEY};
+use voxgate_protocol::{CallSid, Event, SystemClock};
+use voxgate_scenarios::fixture::{calls_usage, config, each_event_once, node_specs, sim, NUMBER, SECRETS_KEY};
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::speech::{script, Voice};
@@ -58,26 +58,17 @@ struct PerCall {
 
 fn collect(log: &Log) -> BTreeMap<CallSid, PerCall> {
     let mut out: BTreeMap<CallSid, PerCall> = BTreeMap::new();
-    for topic in [topics::SPEECH, topics::TRANSCRIPTS, topics::CALLS, topics::FRAUD] {
-        let mut seen = HashSet::new();
-        for p in 0..log.partitions(topic).unwrap() {
-            let mut recs = Vec::new();
-            log.read(topic, p, 0, usize::MAX, &mut recs).unwrap();
-            for r in &recs {
-                let env = decode(r.payload()).unwrap();
-                assert!(seen.insert(env.event_id), "{topic}: event {:?} stored twice", env.event_id);
-                let Some(call) = env.call else { continue };
-                match env.payload {
-                    Event::SpeechSegment(_) => out.entry(call).or_default().segments += 1,
-                    Event::Transcript(t) => out.entry(call).or_default().transcripts.push(t.text),
-                    Event::FraudVerdict(v) => {
-                        out.entry(call).or_default().verdicts.push(v.hits.into_iter().map(|h| h.rule).collect())
-                    }
-                    _ => {}
-                }
+    each_event_once(log, &[topics::SPEECH, topics::TRANSCRIPTS, topics::CALLS, topics::FRAUD], |env| {
+        let Some(call) = env.call else { return };
+        match env.payload {
+            Event::SpeechSegment(_) => out.entry(call).or_default().segments += 1,
+            Event::Transcript(t) => out.entry(call).or_default().transcripts.push(t.text),
+            Event::FraudVerdict(v) => {
+                out.entry(call).or_default().verdicts.push(v.hits.into_iter().map(|h| h.rule).collect())
             }
+            _ => {}
         }
-    }
+    });
     for c in out.values_mut() {
         c.transcripts.sort();
         c.verdicts.sort();

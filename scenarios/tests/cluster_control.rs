@@ -5,15 +5,15 @@
 //! - a tenant and number created over REST on one node take calls on another, and a budget stop
 //!   recorded by the billing node refuses calls and ends active ones on the ingress node.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::Value;
-use voxgate_protocol::{decode, AccountSid, CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{config, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY};
+use voxgate_protocol::{AccountSid, CallSid, Event, SystemClock};
+use voxgate_scenarios::fixture::{config, each_event_once, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY};
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::recorder::Recorder;
@@ -47,23 +47,14 @@ struct Trail {
 /// Every call's trail; fails on any event stored twice.
 fn trails(log: &Log) -> BTreeMap<CallSid, Trail> {
     let mut out: BTreeMap<CallSid, Trail> = BTreeMap::new();
-    for topic in [topics::CALLS, topics::MEDIA] {
-        let mut seen = HashSet::new();
-        for p in 0..log.partitions(topic).unwrap() {
-            let mut recs = Vec::new();
-            log.read(topic, p, 0, usize::MAX, &mut recs).unwrap();
-            for r in &recs {
-                let env = decode(r.payload()).unwrap();
-                assert!(seen.insert(env.event_id), "{topic}: event {:?} stored twice", env.event_id);
-                let Some(call) = env.call else { continue };
-                let t = out.entry(call).or_default();
-                match &env.payload {
-                    Event::MediaBatch(b) => t.frames += u64::from(b.frames),
-                    e => t.kinds.push(e.kind()),
-                }
-            }
+    each_event_once(log, &[topics::CALLS, topics::MEDIA], |env| {
+        let Some(call) = env.call else { return };
+        let t = out.entry(call).or_default();
+        match &env.payload {
+            Event::MediaBatch(b) => t.frames += u64::from(b.frames),
+            e => t.kinds.push(e.kind()),
         }
-    }
+    });
     out
 }
 

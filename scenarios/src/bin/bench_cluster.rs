@@ -19,11 +19,10 @@ use std::time::Instant;
 
 use voxgate_protocol::event::Direction;
 use voxgate_protocol::{encode, AccountSid, CallSid, SystemClock};
-use voxgate_scenarios::bench::{call_events, ms, quantile};
+use voxgate_scenarios::bench::{call_events, ms, quantile, webhook_figures};
 use voxgate_scenarios::fixture::SECRETS_KEY;
 use voxgate_scenarios::nats::{free_port, Nats};
 use voxgate_scenarios::node::Node;
-use voxgate_scenarios::twilio::Simulator;
 use voxgate_storage::{topics, ClusterOptions, Log, TopicSpec};
 
 const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
@@ -115,49 +114,6 @@ async fn measure(writer: &Log, reader: &Log, events: &[(u64, Vec<u8>)], sequenti
     }
 }
 
-struct Webhooks {
-    p50: f64,
-    p99: f64,
-    rate: f64,
-}
-
-async fn webhooks(node: &Node, n: usize) -> anyhow::Result<Webhooks> {
-    let sim = Arc::new(Simulator::new(&node.url(), "https://bench.voxgate.test", AccountSid::parse(ACCOUNT)?, TOKEN));
-    for i in 0..50u128 {
-        sim.inbound_call(CallSid::from_u128(1 << 100 | i), "+14155550123", NUMBER).await?;
-    }
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n as u128 {
-        let t = Instant::now();
-        let a = sim.inbound_call(CallSid::from_u128(2 << 100 | i), "+14155550123", NUMBER).await?;
-        lat.push(ms(t.elapsed()));
-        anyhow::ensure!(a.stream_url.is_some(), "{}", a.body);
-    }
-    let (conc, total) = (32, n * 2);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..conc {
-        let sim = sim.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut i = c;
-            while i < total {
-                let a = sim.inbound_call(CallSid::from_u128(3 << 100 | i as u128), "+14155550123", NUMBER).await?;
-                anyhow::ensure!(a.stream_url.is_some(), "{}", a.body);
-                i += conc;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(Webhooks {
-        p50: quantile(&mut lat, 0.5),
-        p99: quantile(&mut lat, 0.99),
-        rate: total as f64 / start.elapsed().as_secs_f64(),
-    })
-}
-
 fn node_config(cluster: Option<&str>) -> String {
     let cluster = cluster
         .map(|url| {
@@ -195,11 +151,11 @@ async fn main() -> anyhow::Result<()> {
 
     let hooks = (n / 10).max(200);
     let node = Node::start(&node_config(None))?;
-    let wh_embedded = webhooks(&node, hooks).await?;
+    let wh_embedded = webhook_figures(&node, ACCOUNT, TOKEN, NUMBER, hooks).await?;
     drop(node);
     let wh_nats = Nats::start(free_port(), tempfile::tempdir()?);
     let node = Node::start(&node_config(Some(&wh_nats.url())))?;
-    let wh_cluster = webhooks(&node, hooks).await?;
+    let wh_cluster = webhook_figures(&node, ACCOUNT, TOKEN, NUMBER, hooks).await?;
     drop(node);
 
     println!("one stage hop on loopback, release build: {sequential} sequential call events, then {} from {WRITERS} producers", n - sequential);

@@ -7,13 +7,10 @@
 //!
 //! `cargo run --release -p voxgate-scenarios --bin bench_webhook`
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use voxgate_protocol::{AccountSid, CallSid};
-use voxgate_scenarios::bench::{ms, quantile};
+use voxgate_scenarios::bench::{ms, quantile, webhook_figures};
 use voxgate_scenarios::node::Node;
-use voxgate_scenarios::twilio::Simulator;
 
 const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "9f3c1b2a7d4e5f60718293a4b5c6d7e8";
@@ -27,54 +24,22 @@ async fn main() -> anyhow::Result<()> {
         "public_url = \"https://bench.voxgate.test\"\n[stt]\nenabled = false\n[quotas]\nmax_concurrent_calls = 1000000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[fraud]\ndisabled_rules = [\"velocity_from\", \"spend_velocity\"]\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"
     );
     let node = Node::start(&config)?;
-    let sim = Arc::new(Simulator::new(&node.url(), "https://bench.voxgate.test", AccountSid::parse(ACCOUNT)?, TOKEN));
     let http = reqwest::Client::new();
     let noop = format!("{}/bench/noop", node.url());
-
-    // Warm up both paths.
-    for i in 0..50u128 {
-        sim.inbound_call(CallSid::from_u128(1 << 100 | i), "+14155550123", NUMBER).await?;
+    for _ in 0..50 {
         http.get(&noop).send().await?.bytes().await?;
     }
-
     let mut base = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
         http.get(&noop).send().await?.bytes().await?;
         base.push(ms(t.elapsed()));
     }
-    let mut hook = Vec::with_capacity(n);
-    for i in 0..n as u128 {
-        let t = Instant::now();
-        let a = sim.inbound_call(CallSid::from_u128(2 << 100 | i), "+14155550123", NUMBER).await?;
-        hook.push(ms(t.elapsed()));
-        assert!(a.stream_url.is_some(), "{}", a.body);
-    }
-
-    // Throughput: 32 concurrent Twilio connections.
-    let conc = 32;
-    let total = n * 2;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..conc {
-        let sim = sim.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut i = c;
-            while i < total {
-                let a = sim.inbound_call(CallSid::from_u128(3 << 100 | i as u128), "+14155550123", NUMBER).await?;
-                anyhow::ensure!(a.stream_url.is_some());
-                i += conc;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let hook = webhook_figures(&node, ACCOUNT, TOKEN, NUMBER, n).await?;
+    let (conc, total, rate) = (32, n * 2, hook.rate);
 
     let (b50, b99) = (quantile(&mut base, 0.5), quantile(&mut base, 0.99));
-    let (h50, h99) = (quantile(&mut hook, 0.5), quantile(&mut hook, 0.99));
+    let (h50, h99) = (hook.p50, hook.p99);
     println!(
         "webhook answer on loopback, release build, durable sled append + call actor start ({n} sequential calls)"
     );
@@ -83,6 +48,5 @@ async fn main() -> anyhow::Result<()> {
     println!("{:<34} {:>10.3} {:>10.3}", "inbound webhook → TwiML", h50, h99);
     println!("{:<34} {:>9.1}× {:>9.1}×", "ratio", h50 / b50, h99 / b99);
     println!("throughput: {rate:.0} webhooks/s with {conc} concurrent connections ({total} calls)");
-    let _ = Duration::ZERO;
     Ok(())
 }
