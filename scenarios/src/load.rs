@@ -285,49 +285,19 @@ async fn run_streams(sim: Arc<Simulator>, plan: Plan, base: u128, t0: Instant) -
     for s in 0..plan.streams {
         let (sim, audio, late, to) = (sim.clone(), plan.audio.clone(), late.clone(), plan.to.clone());
         let start = t0 + Duration::from_secs_f64(s as f64 / plan.streams as f64);
-        let sent_frames = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = sent_frames.clone();
         tasks.spawn(async move {
-            let r = async move {
-                tokio::time::sleep_until(start).await;
-                let call = CallSid::from_u128(base + s as u128);
-                let from = format!("+1628{:07}", s);
-                let answer = sim.inbound_call(call, &from, &to).await?;
-                let Some(url) = answer.stream_url else {
-                    anyhow::bail!("no <Stream> in the answer ({}): {}", answer.status, answer.body)
-                };
-                let mut ws = sim.connect_stream(&url).await?;
-                let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
-                ws.start(sid, sim.account(), call).await?;
-                let chunks: Vec<&[u8]> = audio.chunks_exact(160).collect();
-                anyhow::ensure!(!chunks.is_empty(), "no audio to send");
-                let mut mine = Vec::with_capacity(frames as usize);
-                let t = Instant::now();
-                let mut sent = 0;
-                for k in 0..frames {
-                    let due = t + Duration::from_millis(20 * k);
-                    tokio::time::sleep_until(due).await;
-                    mine.push(crate::bench::ms(due.elapsed()));
-                    ws.send_frame(sid, k, chunks[(k as usize) % chunks.len()]).await?;
-                    sent += 1;
-                    counted.store(sent, std::sync::atomic::Ordering::Relaxed);
-                }
-                ws.stop(sid, sim.account(), call).await?;
-                ws.close().await;
-                let code = sim.status_callback(call, "completed", 2, Some((frames / 50).max(1) as u32)).await?;
-                anyhow::ensure!(code / 100 == 2, "status callback answered {code}");
-                lock(&late).extend(mine);
-                anyhow::Ok(sent)
-            }
-            .await;
+            tokio::time::sleep_until(start).await;
+            let mut sent = 0;
+            let r =
+                one_stream(&sim, CallSid::from_u128(base + s as u128), s, &to, &audio, frames, &late, &mut sent).await;
             // Frames a stream sent before it failed were still sent (the node counts them).
-            (sent_frames.load(std::sync::atomic::Ordering::Relaxed), r)
+            (sent, r)
         });
     }
     let mut out = Streams { streams: plan.streams, ..Default::default() };
     while let Some(r) = tasks.join_next().await {
         match r {
-            Ok((_, Ok(sent))) => {
+            Ok((sent, Ok(()))) => {
                 out.connected += 1;
                 out.frames_sent += sent;
             }
@@ -350,6 +320,45 @@ async fn run_streams(sim: Arc<Simulator>, plan: Plan, base: u128, t0: Instant) -
         out.send_late_max_ms = quantile(&mut late, 1.0);
     }
     out
+}
+
+/// One call with a Media Stream playing `audio` (looped) for `frames` frames, each on its
+/// schedule; `sent` counts the frames that went out, whatever happens after.
+#[allow(clippy::too_many_arguments)]
+async fn one_stream(
+    sim: &Simulator,
+    call: CallSid,
+    s: usize,
+    to: &str,
+    audio: &[u8],
+    frames: u64,
+    late: &Mutex<Vec<f64>>,
+    sent: &mut u64,
+) -> anyhow::Result<()> {
+    let answer = sim.inbound_call(call, &format!("+1628{s:07}"), to).await?;
+    let Some(url) = answer.stream_url else {
+        anyhow::bail!("no <Stream> in the answer ({}): {}", answer.status, answer.body)
+    };
+    let mut ws = sim.connect_stream(&url).await?;
+    let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
+    ws.start(sid, sim.account(), call).await?;
+    let chunks: Vec<&[u8]> = audio.chunks_exact(160).collect();
+    anyhow::ensure!(!chunks.is_empty(), "no audio to send");
+    let mut mine = Vec::with_capacity(frames as usize);
+    let t = Instant::now();
+    for k in 0..frames {
+        let due = t + Duration::from_millis(20 * k);
+        tokio::time::sleep_until(due).await;
+        mine.push(crate::bench::ms(due.elapsed()));
+        ws.send_frame(sid, k, chunks[(k as usize) % chunks.len()]).await?;
+        *sent += 1;
+    }
+    ws.stop(sid, sim.account(), call).await?;
+    ws.close().await;
+    let code = sim.status_callback(call, "completed", 2, Some((frames / 50).max(1) as u32)).await?;
+    anyhow::ensure!(code / 100 == 2, "status callback answered {code}");
+    lock(late).extend(mine);
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             println!("see it: voxgate replay --call {call}");
         }
         Cmd::Load { to, rate, duration, hold_ms, streams, say, voice, metrics, drain, json } => {
+            anyhow::ensure!(rate.is_finite() && rate >= 0.0, "--rate must be a number of calls per second, got {rate}");
             anyhow::ensure!(rate > 0.0 || streams > 0, "nothing to offer: give --rate and/or --streams");
             let audio = if streams > 0 {
                 let voice = parse_voice(&voice)?;
