@@ -20,7 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tokio::sync::Notify;
 use voxgate_protocol::event::{
     AudioShed, CallStatus, CallStatusChanged, CallTimedOut, Event, HangupRequested, MediaBatch, StatusSource,
-    StopReason, StreamStopped,
+    StopReason, StreamDropped, StreamReattachRequested, StreamResumed, StreamStopped,
 };
 use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId, StreamSid, Timestamp};
 use voxgate_storage::{topics, Log};
@@ -51,6 +51,9 @@ pub mod id_kind {
     pub const TRIGGER_CALLBACK: u64 = 22;
     pub const BUDGET_EXCEEDED: u64 = 23;
     pub const BUDGET_ALERT: u64 = 24;
+    pub const STREAM_DROPPED: u64 = 25;
+    pub const STREAM_REATTACH: u64 = 26;
+    pub const STREAM_RESUMED: u64 = 27;
 }
 
 /// Per-call limits.
@@ -62,12 +65,31 @@ pub struct CallConfig {
     pub batch_frames: u32,
     /// Audio the stream queue holds before shedding the oldest.
     pub queue_audio: Duration,
+    /// How many times a call's dropped stream is re-attached (0: never).
+    pub reattach_attempts: u32,
 }
 
 impl Default for CallConfig {
     fn default() -> Self {
-        Self { max_duration: Duration::from_secs(300), batch_frames: 5, queue_audio: Duration::from_secs(2) }
+        Self {
+            max_duration: Duration::from_secs(300),
+            batch_frames: 5,
+            queue_audio: Duration::from_secs(2),
+            reattach_attempts: 3,
+        }
     }
+}
+
+/// What a call actor asks of Twilio's REST API. The node implements it; tests point it at a fake
+/// Twilio. The actor never waits on it: the answer comes back as a message.
+pub trait CallControl: Send + Sync {
+    /// Asks Twilio to connect the call's Media Stream again, with fresh TwiML. Resolves to
+    /// Twilio's final HTTP status, or why the request failed.
+    fn reattach_stream(
+        &self,
+        tenant: AccountSid,
+        call: CallSid,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, String>> + Send>>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -80,8 +102,11 @@ pub enum CallInput {
     Status { status: CallStatus, sequence: Option<u32>, duration_secs: Option<u32> },
     /// The media stream delivered its first audio: the call is answered.
     MediaFlowing,
-    /// The media stream ended.
-    StreamEnded,
+    /// The media stream ended. A stream that ends without Twilio's `stop`
+    /// ([`StopReason::Disconnected`]) was dropped while the call goes on.
+    StreamEnded { reason: StopReason, stream_sid: Option<StreamSid> },
+    /// Twilio answered the request to re-attach the stream after drop `attempt`.
+    ReattachAnswered { attempt: u32, result: Result<u16, String> },
     /// Time passed (the actor's deadline timer).
     Tick,
     /// A stage asked for the call to end (fraud, budget).
@@ -95,6 +120,8 @@ pub enum Effect {
     Record(Event),
     /// Close the media stream (its WebSocket) for this reason.
     CloseStream(StopReason),
+    /// Ask Twilio (REST) to attach a fresh stream to the call after drop `attempt`.
+    Reattach { attempt: u32 },
     /// The call is over: stop the actor.
     Finish,
 }
@@ -107,11 +134,54 @@ pub struct CallCore {
     max_duration: Duration,
     seen_sequences: Vec<u32>,
     finished: bool,
+    max_reattach: u32,
+    drops: u32,
+    /// The drop not yet followed by a new stream.
+    gap: Option<Gap>,
+}
+
+/// A stream dropped and not yet replaced.
+#[derive(Debug, Clone, PartialEq)]
+struct Gap {
+    since: Timestamp,
+    previous: Option<StreamSid>,
 }
 
 impl CallCore {
     pub fn new(initial: CallStatus, received_at: Timestamp, max_duration: Duration) -> Self {
-        Self { status: initial, received_at, max_duration, seen_sequences: Vec::new(), finished: initial.is_terminal() }
+        Self {
+            status: initial,
+            received_at,
+            max_duration,
+            seen_sequences: Vec::new(),
+            finished: initial.is_terminal(),
+            max_reattach: 0,
+            drops: 0,
+            gap: None,
+        }
+    }
+
+    /// Re-attach a dropped stream up to `attempts` times in the call's life.
+    pub fn with_reattach(mut self, attempts: u32) -> Self {
+        self.max_reattach = attempts;
+        self
+    }
+
+    /// A stream started at `at`: if it follows a drop, the gap it closes (for the media log,
+    /// just before the start). Once that is written, [`CallCore::close_gap`].
+    pub fn resumed(&self, stream_sid: StreamSid, at: Timestamp) -> Option<StreamResumed> {
+        let gap = self.gap.as_ref()?;
+        Some(StreamResumed {
+            previous: gap.previous,
+            stream_sid,
+            attempt: self.drops,
+            gap_ms: (at.micros_since(gap.since) / 1000).max(0) as u64,
+        })
+    }
+
+    /// The gap after a drop is on the log: the next stream does not resume it again.
+    pub fn close_gap(&mut self) {
+        self.gap = None;
     }
 
     pub fn status(&self) -> CallStatus {
@@ -159,9 +229,37 @@ impl CallCore {
                     fx.push(Effect::Record(status_event(CallStatus::InProgress, StatusSource::Stream, None, None)));
                 }
             }
-            CallInput::StreamEnded => {
+            CallInput::StreamEnded { reason, stream_sid } => {
                 // The stream can end before Twilio's completed callback; the call lives on until
-                // the callback or the deadline.
+                // the callback or the deadline. Twilio says `stop` when it ends a stream, so a
+                // socket that closed without it was dropped: ask for a fresh one, a few times.
+                if reason == StopReason::Disconnected {
+                    self.drops += 1;
+                    let reattach = self.drops <= self.max_reattach;
+                    fx.push(Effect::Record(Event::StreamDropped(StreamDropped {
+                        stream_sid,
+                        attempt: self.drops,
+                        reattach,
+                    })));
+                    if reattach {
+                        // A stream that drops before its start keeps the gap open from the first drop.
+                        let previous = self.gap.as_ref().map_or(stream_sid, |g| g.previous.or(stream_sid));
+                        let since = self.gap.as_ref().map_or(now, |g| g.since);
+                        self.gap = Some(Gap { since, previous });
+                        fx.push(Effect::Reattach { attempt: self.drops });
+                    }
+                }
+            }
+            CallInput::ReattachAnswered { attempt, result } => {
+                let (twilio_status, error) = match result {
+                    Ok(status) => (Some(status), None),
+                    Err(e) => (None, Some(e)),
+                };
+                fx.push(Effect::Record(Event::StreamReattachRequested(StreamReattachRequested {
+                    attempt,
+                    twilio_status,
+                    error,
+                })));
             }
             CallInput::Hangup { source, reason } => {
                 fx.push(Effect::Record(Event::HangupRequested(HangupRequested { source, reason })));
@@ -287,6 +385,29 @@ impl StreamQueue {
         shed
     }
 
+    /// Puts back, in front of anything queued since, items the log could not take (it cannot
+    /// write just now). The bound still holds: the oldest audio is shed first.
+    pub fn requeue(&self, items: Vec<(Timestamp, StreamItem)>) {
+        let Ok(mut s) = self.state.lock() else { return };
+        for (at, item) in items.into_iter().rev() {
+            if let StreamItem::Audio(b) = &item {
+                s.audio_frames += b.frames;
+            }
+            s.items.push_front((at, item));
+        }
+        let mut shed = 0;
+        while s.audio_frames > self.max_audio_frames {
+            let Some(i) = s.items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))) else {
+                break;
+            };
+            if let Some((_, StreamItem::Audio(b))) = s.items.remove(i) {
+                s.audio_frames -= b.frames;
+                shed += b.frames;
+            }
+        }
+        s.shed_frames += shed;
+    }
+
     /// Takes everything queued, and the frames shed since the last take.
     pub fn take(&self, into: &mut Vec<(Timestamp, StreamItem)>) -> u32 {
         let Ok(mut s) = self.state.lock() else {
@@ -346,14 +467,18 @@ pub enum CallMsg {
     AttachStream { reply: RpcReplyPort<Option<Arc<StreamQueue>>> },
     /// Audio is flowing (first media frame).
     MediaFlowing,
-    /// The WebSocket side is gone; everything it queued is in the queue.
-    StreamEnded,
+    /// The WebSocket side is gone, for this reason; everything it queued is in the queue.
+    StreamEnded { reason: StopReason },
+    /// Twilio answered the request to re-attach the stream after drop `attempt`.
+    Reattached { attempt: u32, result: Result<u16, String> },
     /// Work is waiting in the stream queue.
     Pump,
     /// The deadline timer.
     Tick,
     /// End the call now (a stage asked: fraud, budget); replies once it is recorded.
     Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), String>> },
+    /// Try again what the log could not take (it could not write for a while).
+    Retry,
 }
 
 /// Everything a call actor needs.
@@ -367,6 +492,8 @@ pub struct CallArgs {
     pub clock: Arc<dyn Clock>,
     /// Held for the actor's life and dropped when it ends (the tenant's quota place of the call).
     pub quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Twilio's REST API, for re-attaching a dropped stream (`None`: drops are recorded only).
+    pub control: Option<Arc<dyn CallControl>>,
 }
 
 /// A call actor's state.
@@ -377,12 +504,21 @@ pub struct CallActorState {
     log: Log,
     clock: Arc<dyn Clock>,
     queue: Option<Arc<StreamQueue>>,
+    /// The stream behind `queue` has ended; another may attach.
+    stream_ended: bool,
+    control: Option<Arc<dyn CallControl>>,
     queue_audio: Duration,
     stream_sid: Option<StreamSid>,
     frames: u64,
     pump_task: Option<tokio::task::JoinHandle<()>>,
     drained: Vec<(Timestamp, StreamItem)>,
     encode_buf: Vec<u8>,
+    /// Calls-log events the log could not take yet, in order (it could not write for a while).
+    outbox: Vec<Vec<u8>>,
+    /// A retry is scheduled.
+    retrying: bool,
+    /// The call is over; the actor stops once the outbox is empty.
+    finishing: bool,
     stream_stopped_recorded: bool,
     _quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -408,7 +544,8 @@ impl Actor for CallActor {
     type Arguments = CallArgs;
 
     async fn pre_start(&self, myself: ActorRef<CallMsg>, a: CallArgs) -> Result<CallActorState, ActorProcessingErr> {
-        let core = CallCore::new(a.status, a.received_at, a.config.max_duration);
+        let core =
+            CallCore::new(a.status, a.received_at, a.config.max_duration).with_reattach(a.config.reattach_attempts);
         // The deadline runs on the runtime's timer; the decision is the core's, in event time.
         let remaining = core.deadline().micros_since(a.clock.now()).max(0) as u64;
         myself.send_after(Duration::from_micros(remaining) + Duration::from_millis(5), || CallMsg::Tick);
@@ -420,12 +557,17 @@ impl Actor for CallActor {
             log: a.log,
             clock: a.clock,
             queue: None,
+            stream_ended: false,
+            control: a.control,
             queue_audio: a.config.queue_audio,
             stream_sid: None,
             frames: 0,
             pump_task: None,
             drained: Vec::new(),
             encode_buf: Vec::with_capacity(1024),
+            outbox: Vec::new(),
+            retrying: false,
+            finishing: false,
             stream_stopped_recorded: false,
             _quota_slot: a.quota_slot,
         })
@@ -433,7 +575,7 @@ impl Actor for CallActor {
 
     async fn post_stop(&self, _myself: ActorRef<CallMsg>, s: &mut CallActorState) -> Result<(), ActorProcessingErr> {
         // Whatever the WebSocket queued still reaches the log.
-        if let Err(e) = pump(s).await {
+        if let Err(e) = pump(&_myself, s).await {
             tracing::error!(stage = "call", call_sid = %s.call, tenant = %s.tenant, error = %e, "media lost at call end");
         }
         if let Some(q) = &s.queue {
@@ -457,17 +599,33 @@ impl Actor for CallActor {
         match msg {
             CallMsg::Status { status, sequence, duration_secs, reply } => {
                 let fx = s.core.apply(CallInput::Status { status, sequence, duration_secs }, now);
-                let r = run_effects(&myself, s, fx, now, Some(sequence)).await;
-                let _ = reply.send(r.map_err(|e| e.to_string()));
+                let mut r = run_effects(&myself, s, fx, now, Some(sequence)).await.map_err(|e| e.to_string());
+                // Twilio's retry of this callback finds it applied; it is answered once durable.
+                if r.is_ok() && !drain_outbox(&myself, s).await? {
+                    r = Err(format!("{} call events wait for the event log", s.outbox.len()));
+                }
+                let _ = reply.send(r);
             }
             CallMsg::Tenant(reply) => {
                 let _ = reply.send(s.tenant);
             }
             CallMsg::AttachStream { reply } => {
-                if s.queue.is_some() || s.core.is_finished() {
+                if s.core.is_finished() || (s.queue.is_some() && !s.stream_ended) {
                     let _ = reply.send(None);
                     return Ok(());
                 }
+                if s.queue.is_some() {
+                    // A stream after the previous one ended (a re-attach after a drop): it starts
+                    // afresh, with its own sid, frame count and stop.
+                    pump(&myself, s).await?;
+                    if let Some(t) = s.pump_task.take() {
+                        t.abort();
+                    }
+                    s.stream_sid = None;
+                    s.frames = 0;
+                    s.stream_stopped_recorded = false;
+                }
+                s.stream_ended = false;
                 let q = StreamQueue::new(s.queue_audio);
                 let q2 = q.clone();
                 let me = myself.clone();
@@ -486,10 +644,31 @@ impl Actor for CallActor {
                 let fx = s.core.apply(CallInput::MediaFlowing, now);
                 run_effects(&myself, s, fx, now, None).await?;
             }
-            CallMsg::Pump => pump(s).await?,
-            CallMsg::StreamEnded => {
-                pump(s).await?;
-                let fx = s.core.apply(CallInput::StreamEnded, now);
+            CallMsg::Pump => pump(&myself, s).await?,
+            CallMsg::Retry => {
+                s.retrying = false;
+                if drain_outbox(&myself, s).await? {
+                    pump(&myself, s).await?;
+                    if s.finishing {
+                        myself.stop(Some("call ended".into()));
+                    }
+                }
+            }
+            CallMsg::StreamEnded { reason } => {
+                pump(&myself, s).await?;
+                s.stream_ended = true;
+                if reason == StopReason::Disconnected && !s.core.is_finished() {
+                    metrics::counter!("voxgate_stream_drops_total").increment(1);
+                    tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, stream_sid = ?s.stream_sid, "media stream dropped while the call goes on");
+                }
+                let fx = s.core.apply(CallInput::StreamEnded { reason, stream_sid: s.stream_sid }, now);
+                run_effects(&myself, s, fx, now, None).await?;
+            }
+            CallMsg::Reattached { attempt, result } => {
+                let outcome = if result.as_ref().is_ok_and(|st| (200..300).contains(st)) { "ok" } else { "failed" };
+                metrics::counter!("voxgate_stream_reattach_total", "outcome" => outcome).increment(1);
+                tracing::info!(stage = "call", call_sid = %s.call, tenant = %s.tenant, attempt, ?result, "Twilio answered the stream re-attach");
+                let fx = s.core.apply(CallInput::ReattachAnswered { attempt, result }, now);
                 run_effects(&myself, s, fx, now, None).await?;
             }
             CallMsg::Hangup { source, reason, reply } => {
@@ -531,6 +710,12 @@ async fn run_effects(
                     }
                     (Event::CallTimedOut(_), _) => EventId::derive(id_kind::TIMED_OUT, &[s.call.as_u128()]),
                     (Event::HangupRequested(_), _) => EventId::derive(id_kind::CALL_HANGUP, &[s.call.as_u128()]),
+                    (Event::StreamDropped(d), _) => {
+                        EventId::derive(id_kind::STREAM_DROPPED, &[s.call.as_u128(), u128::from(d.attempt)])
+                    }
+                    (Event::StreamReattachRequested(r), _) => {
+                        EventId::derive(id_kind::STREAM_REATTACH, &[s.call.as_u128(), u128::from(r.attempt)])
+                    }
                     (Event::CallStatusChanged(c), _) => EventId::derive(
                         id_kind::STATUS_INFERRED,
                         &[s.call.as_u128(), c.status as u128, now.as_micros() as u128, n],
@@ -543,24 +728,97 @@ async fn run_effects(
                 s.encode_buf.clear();
                 voxgate_protocol::encode_into(&env, &mut s.encode_buf)
                     .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
-                s.log.append_or_spool(topics::CALLS, s.call.partition_key(), &s.encode_buf).await?;
+                if !s.outbox.is_empty() {
+                    // Behind events still waiting: in order, after them.
+                    s.outbox.push(s.encode_buf.clone());
+                    drain_outbox(myself, s).await?;
+                    continue;
+                }
+                match s.log.append_or_spool(topics::CALLS, s.call.partition_key(), &s.encode_buf).await {
+                    Ok(_) => {}
+                    Err(e) if waits(&e) => {
+                        tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, error = %e, "the event log cannot write; the call's events wait");
+                        s.outbox.push(s.encode_buf.clone());
+                        schedule_retry(myself, s);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Effect::CloseStream(reason) => {
-                pump(s).await?;
+                pump(myself, s).await?;
                 if let Some(q) = &s.queue {
                     q.close(reason.clone());
                 }
                 if s.queue.is_none() || s.stream_sid.is_some() {
-                    record_stream_stopped(s, reason, now).await?;
+                    record_stream_stopped(myself, s, reason, now).await?;
                 }
             }
-            Effect::Finish => myself.stop(Some("call ended".into())),
+            Effect::Reattach { attempt } => {
+                let me = myself.clone();
+                let request = s.control.as_ref().map(|c| c.reattach_stream(s.tenant, s.call));
+                tokio::spawn(async move {
+                    let result = match request {
+                        Some(r) => r.await,
+                        None => Err("no Twilio REST adapter configured".to_owned()),
+                    };
+                    // The call may have ended meanwhile; then nobody needs the answer.
+                    let _ = me.cast(CallMsg::Reattached { attempt, result });
+                });
+            }
+            Effect::Finish => {
+                if s.outbox.is_empty() {
+                    myself.stop(Some("call ended".into()));
+                } else {
+                    // Not before its last events are in the log.
+                    s.finishing = true;
+                }
+            }
         }
     }
     Ok(())
 }
 
+/// A log error the call waits out (the log cannot write for now) rather than fails on.
+fn waits(e: &voxgate_storage::StorageError) -> bool {
+    matches!(e, voxgate_storage::StorageError::Unavailable(_) | voxgate_storage::StorageError::Flush(_))
+}
+
+fn schedule_retry(myself: &ActorRef<CallMsg>, s: &mut CallActorState) {
+    if !s.retrying {
+        s.retrying = true;
+        myself.send_after(Duration::from_millis(500), || CallMsg::Retry);
+    }
+}
+
+/// Appends the events waiting in the outbox, in order; true once it is empty.
+async fn drain_outbox(
+    myself: &ActorRef<CallMsg>,
+    s: &mut CallActorState,
+) -> Result<bool, voxgate_storage::StorageError> {
+    let mut done = 0;
+    let mut result = Ok(());
+    for ev in &s.outbox {
+        match s.log.append_or_spool(topics::CALLS, s.call.partition_key(), ev).await {
+            Ok(_) => done += 1,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    s.outbox.drain(..done);
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if waits(&e) => {
+            schedule_retry(myself, s);
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn record_stream_stopped(
+    myself: &ActorRef<CallMsg>,
     s: &mut CallActorState,
     reason: StopReason,
     now: Timestamp,
@@ -569,11 +827,12 @@ async fn record_stream_stopped(
         return Ok(());
     }
     let ev = Event::StreamStopped(StreamStopped { stream_sid: s.stream_sid, reason, frames: s.frames });
-    append_media_events(s, vec![(now, StreamItem::Control(ev))]).await
+    let items = vec![(now, StreamItem::Control(ev))];
+    write_media(myself, s, items).await
 }
 
 /// Moves everything the WebSocket queued into the media log, in order.
-async fn pump(s: &mut CallActorState) -> Result<(), voxgate_storage::StorageError> {
+async fn pump(myself: &ActorRef<CallMsg>, s: &mut CallActorState) -> Result<(), voxgate_storage::StorageError> {
     let Some(q) = s.queue.clone() else {
         return Ok(());
     };
@@ -601,9 +860,33 @@ async fn pump(s: &mut CallActorState) -> Result<(), voxgate_storage::StorageErro
         s.drained = items;
         return Ok(());
     }
-    let r = append_media_events(s, std::mem::take(&mut items)).await;
+    let r = write_media(myself, s, std::mem::take(&mut items)).await;
     s.drained = items;
     r
+}
+
+/// [`append_media_events`]; when the log cannot write for now, the items go back to the front
+/// of the stream queue (which sheds the oldest audio, and says so, if they wait too long).
+async fn write_media(
+    myself: &ActorRef<CallMsg>,
+    s: &mut CallActorState,
+    items: Vec<(Timestamp, StreamItem)>,
+) -> Result<(), voxgate_storage::StorageError> {
+    let Some(q) = s.queue.clone() else {
+        return append_media_events(s, items).await.map(|_| ());
+    };
+    let saved = (s.frames, s.stream_sid, s.stream_stopped_recorded);
+    match append_media_events(s, items.clone()).await {
+        Ok(()) => Ok(()),
+        Err(e) if waits(&e) => {
+            // Nothing of the batch is in the log: undo what writing it counted.
+            (s.frames, s.stream_sid, s.stream_stopped_recorded) = saved;
+            q.requeue(items);
+            schedule_retry(myself, s);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 async fn append_media_events(
@@ -611,6 +894,8 @@ async fn append_media_events(
     items: Vec<(Timestamp, StreamItem)>,
 ) -> Result<(), voxgate_storage::StorageError> {
     let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(items.len());
+    // The gap this batch closes (a new stream after a drop), in ms.
+    let mut closes_gap = None;
     // The oldest item's arrival: how long audio waits between the WebSocket and the durable log.
     let oldest = items.first().map(|(at, _)| *at);
     for (at, item) in items {
@@ -624,7 +909,26 @@ async fn append_media_events(
             }
             StreamItem::Control(mut ev) => {
                 match &mut ev {
-                    Event::StreamStarted(st) => s.stream_sid = Some(st.stream_sid),
+                    Event::StreamStarted(st) => {
+                        s.stream_sid = Some(st.stream_sid);
+                        // After a drop, the gap goes on the media log just before the new start.
+                        if let Some(r) = s.core.resumed(st.stream_sid, at) {
+                            closes_gap = Some(r.gap_ms);
+                            let id =
+                                EventId::derive(id_kind::STREAM_RESUMED, &[s.call.as_u128(), st.stream_sid.as_u128()]);
+                            let env = Envelope {
+                                event_id: id,
+                                tenant: s.tenant,
+                                call: Some(s.call),
+                                occurred_at: at,
+                                payload: Event::StreamResumed(r),
+                            };
+                            let mut buf = Vec::with_capacity(96);
+                            voxgate_protocol::encode_into(&env, &mut buf)
+                                .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
+                            encoded.push(buf);
+                        }
+                    }
                     Event::StreamStopped(st) => {
                         if s.stream_stopped_recorded {
                             continue;
@@ -645,6 +949,11 @@ async fn append_media_events(
     }
     let key = s.call.partition_key();
     s.log.append_many_or_spool(topics::MEDIA, encoded.iter().map(|b| (key, b.as_slice()))).await?;
+    if let Some(gap_ms) = closes_gap {
+        s.core.close_gap();
+        tracing::info!(stage = "call", call_sid = %s.call, tenant = %s.tenant, gap_ms, "media stream resumed after a drop");
+        metrics::histogram!("voxgate_stream_gap_seconds").record(gap_ms as f64 / 1000.0);
+    }
     if let Some(oldest) = oldest {
         let waited = s.clock.now().as_micros().saturating_sub(oldest.as_micros()).max(0);
         metrics::histogram!("voxgate_media_ingest_seconds").record(waited as f64 / 1e6);
@@ -659,11 +968,17 @@ pub fn control_id(call: CallSid, ev: &Event, at: Timestamp) -> EventId {
         Event::StreamStarted(s) => EventId::derive(id_kind::STREAM_STARTED, &[c, s.stream_sid.as_u128()]),
         Event::Dtmf(d) => EventId::derive(id_kind::DTMF, &[c, u128::from(d.sequence)]),
         Event::StreamMark(m) => EventId::derive(id_kind::MARK, &[c, u128::from(m.sequence)]),
-        Event::StreamStopped(_) => EventId::derive(id_kind::STREAM_STOPPED, &[c]),
-        Event::StreamFault(_) => EventId::derive(id_kind::STREAM_FAULT, &[c]),
+        // A call can have several streams (re-attached after a drop): each stops once.
+        Event::StreamStopped(st) => EventId::derive(id_kind::STREAM_STOPPED, &[c, stream_key(st.stream_sid, at)]),
+        Event::StreamFault(f) => EventId::derive(id_kind::STREAM_FAULT, &[c, stream_key(f.stream_sid, at)]),
         Event::AudioShed(a) => EventId::derive(id_kind::AUDIO_SHED, &[c, u128::from(a.frames), at.as_micros() as u128]),
         _ => EventId::derive(0, &[c]),
     }
+}
+
+/// A stream's part of an id: its sid, or (before its `start`) when it ended.
+fn stream_key(sid: Option<StreamSid>, at: Timestamp) -> u128 {
+    sid.map_or(at.as_micros() as u128, |s| s.as_u128())
 }
 
 /// Builds a media batch from raw µ-law frames.
@@ -834,6 +1149,66 @@ mod tests {
         assert_eq!(statuses(&fx), vec![CallStatus::Completed]);
         assert!(fx.contains(&Effect::Finish));
         assert!(c.apply(CallInput::Tick, t(80)).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_stream_is_reattached_a_few_times_then_only_recorded() {
+        let mut c = CallCore::new(CallStatus::InProgress, t(0), Duration::from_secs(300)).with_reattach(2);
+        let (s1, s2) = (StreamSid::from_u128(1), StreamSid::from_u128(2));
+        // Twilio's stop is no drop.
+        assert!(c.apply(CallInput::StreamEnded { reason: StopReason::Twilio, stream_sid: Some(s1) }, t(1)).is_empty());
+        let fx = c.apply(CallInput::StreamEnded { reason: StopReason::Disconnected, stream_sid: Some(s1) }, t(10));
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Record(Event::StreamDropped(StreamDropped {
+                    stream_sid: Some(s1),
+                    attempt: 1,
+                    reattach: true
+                })),
+                Effect::Reattach { attempt: 1 }
+            ]
+        );
+        let fx = c.apply(CallInput::ReattachAnswered { attempt: 1, result: Err("HTTP 503".into()) }, t(11));
+        assert!(matches!(&fx[..], [Effect::Record(Event::StreamReattachRequested(r))]
+            if r.attempt == 1 && r.twilio_status.is_none() && r.error.as_deref() == Some("HTTP 503")));
+        // The gap closes when the next stream starts, measured from the drop.
+        let gap = c.resumed(s2, t(13)).unwrap();
+        assert_eq!((gap.previous, gap.stream_sid, gap.attempt, gap.gap_ms), (Some(s1), s2, 1, 3000));
+        c.close_gap();
+        assert!(c.resumed(s2, t(14)).is_none());
+        // A stream that drops before its start keeps the gap open from that drop.
+        let fx = c.apply(CallInput::StreamEnded { reason: StopReason::Disconnected, stream_sid: None }, t(20));
+        assert!(fx.contains(&Effect::Reattach { attempt: 2 }));
+        let fx = c.apply(CallInput::StreamEnded { reason: StopReason::Disconnected, stream_sid: None }, t(25));
+        assert_eq!(
+            fx,
+            vec![Effect::Record(Event::StreamDropped(StreamDropped { stream_sid: None, attempt: 3, reattach: false }))],
+            "the attempts are spent"
+        );
+        // Nothing of this ends the call; after the end, drops are not acted on.
+        assert!(!c.is_finished());
+        c.apply(CallInput::Status { status: CallStatus::Completed, sequence: Some(1), duration_secs: Some(30) }, t(30));
+        assert!(c
+            .apply(CallInput::StreamEnded { reason: StopReason::Disconnected, stream_sid: None }, t(31))
+            .is_empty());
+    }
+
+    #[test]
+    fn requeued_items_go_first_and_keep_the_bound() {
+        let q = StreamQueue::new(Duration::from_millis(400)); // 20 frames
+        q.push(t(0), batch(20, 5));
+        q.requeue(vec![(t(0), batch(0, 5)), (t(0), batch(5, 5)), (t(0), batch(10, 5)), (t(0), batch(15, 5))]);
+        let mut out = Vec::new();
+        assert_eq!(q.take(&mut out), 5, "the oldest batch is shed");
+        let seqs: Vec<u64> = out
+            .iter()
+            .filter_map(|(_, i)| match i {
+                StreamItem::Audio(b) => Some(b.first_sequence),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![5, 10, 15, 20]);
     }
 
     fn batch(seq: u64, frames: u32) -> StreamItem {

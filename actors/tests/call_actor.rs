@@ -1,5 +1,6 @@
 //! The call actor over a real event log: stream items reach the media log in order, a writer that
-//! falls behind sheds the oldest audio and records it, and the supervisor outlives its calls.
+//! falls behind sheds the oldest audio and records it, the supervisor outlives its calls, and a
+//! dropped stream is re-attached through Twilio (a fake Twilio here) with the log going on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ractor::{Actor, RpcReplyPort};
 use voxgate_actors::call::{
-    media_batch, CallActor, CallArgs, CallConfig, CallMsg, CallSupervisor, StreamItem, SupervisorMsg,
+    media_batch, CallActor, CallArgs, CallConfig, CallControl, CallMsg, CallSupervisor, StreamItem, SupervisorMsg,
 };
 use voxgate_protocol::event::{CallStatus, Event, StopReason, StreamStarted, StreamStopped};
 use voxgate_protocol::{AccountSid, CallSid, Clock, StreamSid, SystemClock};
@@ -50,6 +51,7 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
         log: log.clone(),
         clock: clock.clone(),
         quota_slot: Some(Box::new(Released(released.clone()))),
+        control: None,
     };
     let actor = ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap();
     let queue = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
@@ -78,7 +80,7 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
             frames: 0,
         })),
     );
-    actor.cast(CallMsg::StreamEnded).unwrap();
+    actor.cast(CallMsg::StreamEnded { reason: StopReason::Twilio }).unwrap();
     let r = ractor::call!(actor, |reply| CallMsg::Status {
         status: CallStatus::Completed,
         sequence: Some(1),
@@ -116,4 +118,150 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
     assert!(CallActor::find(call).is_none());
     assert!(released.load(std::sync::atomic::Ordering::SeqCst), "the quota place is freed when the actor ends");
     assert_eq!(ractor::call!(sup, SupervisorMsg::Active).unwrap(), 0);
+}
+
+/// Twilio's REST API as the actor sees it: answers every re-attach request with `status`.
+struct FakeTwilio {
+    asked: std::sync::Mutex<Vec<CallSid>>,
+    status: u16,
+}
+
+impl CallControl for FakeTwilio {
+    fn reattach_stream(
+        &self,
+        _tenant: AccountSid,
+        call: CallSid,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, String>> + Send>> {
+        self.asked.lock().unwrap().push(call);
+        let status = self.status;
+        Box::pin(async move { Ok(status) })
+    }
+}
+
+fn start(queue: &voxgate_actors::call::StreamQueue, clock: &dyn Clock, sid: StreamSid) {
+    queue.push(
+        clock.now(),
+        StreamItem::Control(Event::StreamStarted(StreamStarted {
+            stream_sid: sid,
+            tracks: vec!["inbound".into()],
+            custom_parameters: vec![],
+        })),
+    );
+}
+
+fn stopped(queue: &voxgate_actors::call::StreamQueue, clock: &dyn Clock, sid: StreamSid, reason: StopReason) {
+    queue.push(
+        clock.now(),
+        StreamItem::Control(Event::StreamStopped(StreamStopped { stream_sid: Some(sid), reason, frames: 0 })),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
+    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let call = CallSid::from_u128(43);
+    let twilio = Arc::new(FakeTwilio { asked: Default::default(), status: 200 });
+    let args = CallArgs {
+        tenant: AccountSid::from_u128(1),
+        call,
+        status: CallStatus::InProgress,
+        received_at: clock.now(),
+        config: CallConfig { reattach_attempts: 1, ..CallConfig::default() },
+        log: log.clone(),
+        clock: clock.clone(),
+        quota_slot: None,
+        control: Some(twilio.clone()),
+    };
+    let actor = ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap();
+
+    // The first stream carries 10 frames, then its socket drops (no `stop`).
+    let q1 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
+    let (s1, s2, s3) = (StreamSid::from_u128(1), StreamSid::from_u128(2), StreamSid::from_u128(3));
+    start(&q1, clock.as_ref(), s1);
+    q1.push(clock.now(), StreamItem::Audio(media_batch(s1, 2, 0, 10, 0, Bytes::from(vec![0x55; 1600]))));
+    stopped(&q1, clock.as_ref(), s1, StopReason::Disconnected);
+    // While the first stream is still attached, a second is refused.
+    assert!(ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().is_none());
+    actor.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected }).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    // Twilio was asked once; the fresh stream attaches and carries the call on.
+    let q2 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
+    start(&q2, clock.as_ref(), s2);
+    q2.push(clock.now(), StreamItem::Audio(media_batch(s2, 2, 0, 5, 0, Bytes::from(vec![0x55; 800]))));
+    stopped(&q2, clock.as_ref(), s2, StopReason::Disconnected);
+    actor.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected }).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The attempts are spent: the drop is recorded, Twilio is not asked again, but a stream that
+    // Twilio attaches on its own is still taken.
+    let q3 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
+    start(&q3, clock.as_ref(), s3);
+    stopped(&q3, clock.as_ref(), s3, StopReason::Twilio);
+    actor.cast(CallMsg::StreamEnded { reason: StopReason::Twilio }).unwrap();
+    let r = ractor::call!(actor, |reply| CallMsg::Status {
+        status: CallStatus::Completed,
+        sequence: Some(1),
+        duration_secs: Some(2),
+        reply
+    });
+    assert_eq!(r.unwrap(), Ok(()));
+    assert_eq!(*twilio.asked.lock().unwrap(), vec![call]);
+
+    let calls = events(&log, topics::CALLS, call);
+    let drops: Vec<(u32, bool)> = calls
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamDropped(d) => Some((d.attempt, d.reattach)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drops, vec![(1, true), (2, false)]);
+    let answers: Vec<_> = calls
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamReattachRequested(r) => Some((r.attempt, r.twilio_status, r.error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![(1, Some(200), None)]);
+
+    let media = events(&log, topics::MEDIA, call);
+    let kinds: Vec<&str> = media.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "stream_started",
+            "media_batch",
+            "stream_stopped",
+            "stream_resumed",
+            "stream_started",
+            "media_batch",
+            "stream_stopped",
+            "stream_started",
+            "stream_stopped"
+        ],
+        "{kinds:?}"
+    );
+    let Event::StreamResumed(gap) = &media[3] else { unreachable!() };
+    assert_eq!((gap.previous, gap.stream_sid, gap.attempt), (Some(s1), s2, 1));
+    assert!(gap.gap_ms < 10_000, "{gap:?}");
+    // Each stream's stop counts its own frames.
+    let stops: Vec<(Option<StreamSid>, StopReason, u64)> = media
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamStopped(s) => Some((s.stream_sid, s.reason.clone(), s.frames)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stops,
+        vec![
+            (Some(s1), StopReason::Disconnected, 10),
+            (Some(s2), StopReason::Disconnected, 5),
+            (Some(s3), StopReason::Twilio, 0)
+        ]
+    );
 }

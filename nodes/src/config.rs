@@ -59,11 +59,13 @@ pub struct CallsFile {
     pub max_duration_secs: u64,
     pub batch_ms: u32,
     pub queue_ms: u32,
+    /// How often a call's dropped Media Stream is re-attached through Twilio's REST API.
+    pub reattach_attempts: u32,
 }
 
 impl Default for CallsFile {
     fn default() -> Self {
-        Self { max_duration_secs: 300, batch_ms: 100, queue_ms: 2000 }
+        Self { max_duration_secs: 300, batch_ms: 100, queue_ms: 2000, reattach_attempts: 3 }
     }
 }
 
@@ -355,6 +357,9 @@ impl Config {
         if f.calls.queue_ms < f.calls.batch_ms {
             return Err(invalid("calls.queue_ms", "must be at least calls.batch_ms".into()));
         }
+        if f.calls.reattach_attempts > 100 {
+            return Err(invalid("calls.reattach_attempts", "must be between 0 and 100".into()));
+        }
         f.transcode.vad.validate().map_err(|e| invalid("transcode.vad", e.to_string()))?;
         if f.stt.workers == 0 || f.stt.workers > 64 {
             return Err(invalid("stt.workers", "must be between 1 and 64".into()));
@@ -486,6 +491,7 @@ impl Config {
                 max_duration: Duration::from_secs(f.calls.max_duration_secs),
                 batch_frames: f.calls.batch_ms / 20,
                 queue_audio: Duration::from_millis(u64::from(f.calls.queue_ms)),
+                reattach_attempts: f.calls.reattach_attempts,
             },
             transcode: f.transcode,
             stt: f.stt,

@@ -17,7 +17,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use serde_json::json;
 use voxgate_actors::call::{id_kind, CallActor, CallArgs, CallMsg, SupervisorMsg};
 use voxgate_protocol::event::{CallReceived, CallRejected, CallStatusChanged, Event, RejectReason, StatusSource};
-use voxgate_protocol::twilio::{signature, twiml, SignedBody, StatusCallback, StreamTwiml, VoiceWebhook};
+use voxgate_protocol::twilio::{signature, twiml, SignedBody, StatusCallback, VoiceWebhook};
 use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId};
 use voxgate_storage::{topics, Log};
 
@@ -40,6 +40,8 @@ pub struct AppState {
     pub health: Arc<Health>,
     pub tenancy: Arc<Tenancy>,
     pub billing: Arc<crate::billing::Billing>,
+    /// Twilio's REST API for the call actors (re-attaching dropped streams).
+    pub control: Arc<dyn voxgate_actors::call::CallControl>,
 }
 
 /// The routes Twilio and operators reach on the main listener.
@@ -175,7 +177,8 @@ async fn append_call_event(
     let bytes = voxgate_protocol::encode(&env);
     state.log.append_or_spool(topics::CALLS, call.partition_key(), &bytes).await.map(|_| ()).map_err(|e| {
         tracing::error!(stage = "ingress", call_sid = %call, tenant = %tenant, error = %e, "event log append failed");
-        twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "event log unavailable; retry")
+        metrics::counter!("voxgate_ingress_log_failures_total").increment(1);
+        twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; nothing was recorded, retry"))
     })
 }
 
@@ -228,17 +231,7 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
     };
     let from_country = hook.from_country.clone().filter(|c| c.len() == 2).unwrap_or_else(|| "unknown".into());
     let session = call.to_string();
-    let stream_url = signature::websocket_url(&state.cfg.public_url, &format!("/api/voice/twilio/stream/{session}"));
-    let tenant_s = account.to_string();
-    let params = [("tenant", tenant_s.as_str()), ("call_sid", session.as_str())];
-    let xml = match twiml::connect_stream(&StreamTwiml {
-        url: &stream_url,
-        name: None,
-        track: None,
-        status_callback: None,
-        status_callback_method: None,
-        parameters: &params,
-    }) {
+    let xml = match crate::stream::answer(&state.cfg.public_url, account, call) {
         Ok(x) => x,
         Err(e) => return twilio_error(StatusCode::INTERNAL_SERVER_ERROR, 20500, e.to_string()),
     };
@@ -312,6 +305,7 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
         log: state.log.clone(),
         clock: state.clock.clone(),
         quota_slot: Some(Box::new(slot)),
+        control: Some(state.control.clone()),
     };
     let started =
         ractor::call!(state.supervisor, |reply: RpcReplyPort<_>| { SupervisorMsg::Start(Box::new(args), reply) });
@@ -362,7 +356,12 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
             Ok(Ok(())) => return StatusCode::NO_CONTENT.into_response(),
             Ok(Err(e)) => {
                 tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, error = %e, "status not recorded");
-                return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "event log unavailable; retry");
+                metrics::counter!("voxgate_ingress_log_failures_total").increment(1);
+                return twilio_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    20503,
+                    format!("event log unavailable: {e}; retry"),
+                );
             }
             // The actor ended between lookup and call: record it directly below.
             Err(_) => {}

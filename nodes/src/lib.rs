@@ -20,3 +20,4 @@ pub mod replay;
 pub mod serve;
 pub mod stream;
 pub mod tenancy;
+pub mod twilio_rest;

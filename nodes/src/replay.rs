@@ -149,6 +149,27 @@ fn describe(ev: &Event) -> String {
             "budget of {} µ spent in {} ({} µ): calls refused until {}",
             b.budget_micros, b.month, b.spent_micros, b.until
         ),
+        Event::StreamDropped(d) => format!(
+            "stream {} dropped (drop {}){}",
+            d.stream_sid.map(|s| s.to_string()).unwrap_or_else(|| "before start".into()),
+            d.attempt,
+            if d.reattach { ", asking Twilio to re-attach" } else { ", no re-attach left" }
+        ),
+        Event::StreamReattachRequested(r) => format!(
+            "re-attach after drop {}: {}",
+            r.attempt,
+            match (&r.twilio_status, &r.error) {
+                (_, Some(e)) => format!("failed, {e}"),
+                (Some(s), None) => format!("Twilio answered HTTP {s}"),
+                (None, None) => "no answer".into(),
+            }
+        ),
+        Event::StreamResumed(r) => format!(
+            "stream {} resumes {} after a {} ms gap",
+            r.stream_sid,
+            r.previous.map(|s| s.to_string()).unwrap_or_else(|| "a stream dropped before start".into()),
+            r.gap_ms
+        ),
     }
 }
 

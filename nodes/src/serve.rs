@@ -329,6 +329,11 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         health,
         tenancy: tenancy.clone(),
         billing,
+        control: Arc::new(crate::twilio_rest::Control {
+            twilio: twilio.clone(),
+            tenancy: tenancy.clone(),
+            public_url: cfg.public_url.clone(),
+        }),
     };
 
     let retention = {

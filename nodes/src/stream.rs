@@ -18,6 +18,7 @@ use voxgate_actors::call::{media_batch, CallActor, CallMsg, StreamItem, StreamQu
 use voxgate_protocol::event::{
     Dtmf, Event, FaultKind, StopReason, StreamFault, StreamMark, StreamStarted, StreamStopped,
 };
+use voxgate_protocol::twilio::twiml::{self, StreamTwiml, TwimlError};
 use voxgate_protocol::twilio::{decode_payload_into, parse_inbound, signature, Inbound, MediaError, SignedBody};
 use voxgate_protocol::{AccountSid, CallSid, Clock, StreamSid};
 
@@ -25,6 +26,23 @@ use crate::ingress::{twilio_error, AppState};
 
 /// Largest WebSocket message accepted (a 20 ms frame is ~400 bytes of JSON).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// The TwiML that points Twilio at the call's Media Stream: the webhook's answer, and the fresh
+/// instructions that re-attach a dropped stream. The session in the URL is the call's sid.
+pub fn answer(public_url: &str, tenant: AccountSid, call: CallSid) -> Result<String, TwimlError> {
+    let session = call.to_string();
+    let url = signature::websocket_url(public_url, &format!("/api/voice/twilio/stream/{session}"));
+    let tenant = tenant.to_string();
+    let params = [("tenant", tenant.as_str()), ("call_sid", session.as_str())];
+    twiml::connect_stream(&StreamTwiml {
+        url: &url,
+        name: None,
+        track: None,
+        status_callback: None,
+        status_callback_method: None,
+        parameters: &params,
+    })
+}
 
 fn ws_error(kind: &'static str) {
     metrics::counter!("twilio_websocket_errors_total", "error_type" => kind).increment(1);
@@ -199,7 +217,7 @@ impl Ingest {
                 }));
             }
         }
-        let _ = self.actor.cast(CallMsg::StreamEnded);
+        let _ = self.actor.cast(CallMsg::StreamEnded { reason: reason.clone() });
         connections.decrement(1.0);
         tracing::info!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, ?reason, "media stream closed");
     }

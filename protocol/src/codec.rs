@@ -210,6 +210,25 @@ mod tests {
                     _ => Event::QuotaWarning(QuotaWarning { active: a, limit: b, code: 53121 }),
                 }
             }),
+            (any::<u32>(), proptest::option::of(any::<u128>()), any::<u64>(), proptest::option::of(".{0,30}"))
+                .prop_map(|(a, prev, gap, err)| match a % 3 {
+                    0 => Event::StreamDropped(StreamDropped {
+                        stream_sid: prev.map(StreamSid::from_u128),
+                        attempt: a,
+                        reattach: a % 2 == 0,
+                    }),
+                    1 => Event::StreamReattachRequested(StreamReattachRequested {
+                        attempt: a,
+                        twilio_status: err.is_none().then_some(200),
+                        error: err,
+                    }),
+                    _ => Event::StreamResumed(StreamResumed {
+                        previous: prev.map(StreamSid::from_u128),
+                        stream_sid: StreamSid::from_u128(gap.into()),
+                        attempt: a,
+                        gap_ms: gap,
+                    }),
+                }),
         ]
     }
 

@@ -199,6 +199,9 @@ pub enum Event {
     UsageTriggerFired(UsageTriggerFired),
     TriggerCallbackAttempted(TriggerCallbackAttempted),
     BudgetExceeded(BudgetExceeded),
+    StreamDropped(StreamDropped),
+    StreamReattachRequested(StreamReattachRequested),
+    StreamResumed(StreamResumed),
 }
 
 impl Event {
@@ -235,6 +238,9 @@ impl Event {
             Self::UsageTriggerFired(_) => "usage_trigger_fired",
             Self::TriggerCallbackAttempted(_) => "trigger_callback_attempted",
             Self::BudgetExceeded(_) => "budget_exceeded",
+            Self::StreamDropped(_) => "stream_dropped",
+            Self::StreamReattachRequested(_) => "stream_reattach_requested",
+            Self::StreamResumed(_) => "stream_resumed",
         }
     }
 
@@ -271,6 +277,9 @@ impl Event {
             Self::UsageTriggerFired(p) => serde_json::to_value(p),
             Self::TriggerCallbackAttempted(p) => serde_json::to_value(p),
             Self::BudgetExceeded(p) => serde_json::to_value(p),
+            Self::StreamDropped(p) => serde_json::to_value(p),
+            Self::StreamReattachRequested(p) => serde_json::to_value(p),
+            Self::StreamResumed(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -455,6 +464,44 @@ pub struct StreamStopped {
     pub reason: StopReason,
     /// Frames received over the stream's life.
     pub frames: u64,
+}
+
+/// The call's Media Stream closed without Twilio's `stop` while the call went on (calls log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamDropped {
+    /// The stream that dropped (`None` if it dropped before its `start`).
+    pub stream_sid: Option<StreamSid>,
+    /// The call's drops so far, this one included.
+    pub attempt: u32,
+    /// Whether voxgate asks Twilio to attach a fresh stream (false once the call's re-attach
+    /// attempts are spent).
+    pub reattach: bool,
+}
+
+/// What Twilio's REST API answered when voxgate asked it to re-attach the call's stream with
+/// fresh TwiML (calls log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamReattachRequested {
+    /// The drop this answers ([`StreamDropped::attempt`]).
+    pub attempt: u32,
+    /// Twilio's final HTTP status, if it answered.
+    pub twilio_status: Option<u16>,
+    /// Why the request failed, if it did.
+    pub error: Option<String>,
+}
+
+/// A new stream started after a drop (media log, just before its `stream_started`): the gap in
+/// the call's audio.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamResumed {
+    /// The stream that dropped.
+    pub previous: Option<StreamSid>,
+    /// The stream that carries the call on.
+    pub stream_sid: StreamSid,
+    /// The drop this ends ([`StreamDropped::attempt`]).
+    pub attempt: u32,
+    /// From the drop to the new stream's `start`, in milliseconds.
+    pub gap_ms: u64,
 }
 
 /// What was wrong with a stream's input.

@@ -18,6 +18,8 @@ pub struct Request {
     /// Path and query.
     pub uri: String,
     pub signature: Option<String>,
+    /// The `Authorization` header (the REST API's basic auth).
+    pub authorization: Option<String>,
     pub body: String,
     pub at: Instant,
 }
@@ -59,6 +61,7 @@ async fn record(
         method: method.to_string(),
         uri: uri.to_string(),
         signature: headers.get("x-twilio-signature").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned),
         body: String::from_utf8_lossy(&body).into_owned(),
         at: Instant::now(),
     };

@@ -597,7 +597,7 @@ async fn mirror_from(
             writes.insert(&record_key(partition, seq - 1), m.payload.as_ref());
             head = seq;
         }
-        t.tree.apply_batch(writes)?;
+        strong.engine()?.trees[ti].apply_batch(writes)?;
         if let Ok(mut next) = part.next.lock() {
             *next = (*next).max(head);
         }

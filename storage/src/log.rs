@@ -12,11 +12,18 @@
 //! `flush` (one fsync for all of them: group commit), then advances each partition's durable head
 //! and wakes the waiters. Readers see only records below the durable head, so no stage ever acts
 //! on an event that a crash could still take back.
+//!
+//! Write failures (the data disk full, an I/O error): sled marks itself failed after one, for
+//! good. The log then refuses ingress appends at once ([`StorageError::Unavailable`]), holds the
+//! stages' appends, cursors and state until it is writable again, and a recovery thread reopens
+//! the database once the disk has room: sled recovers what reached the disk, each partition's
+//! next offset is read back from it, and writes go on. Nothing acknowledged is lost, because an
+//! append is acknowledged only after its flush succeeded.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -40,6 +47,9 @@ pub enum StorageError {
     Locked { dir: String },
     #[error("flush to disk failed: {0}")]
     Flush(String),
+    /// Writes fail (the data disk is full, or it failed) until the log has reopened.
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
     #[error("the log is shut down")]
     Closed,
     #[error("corrupt record key in topic {0:?}")]
@@ -124,7 +134,6 @@ pub(crate) struct Partition {
 
 pub(crate) struct Topic {
     pub(crate) spec: TopicSpec,
-    pub(crate) tree: sled::Tree,
     pub(crate) partitions: Vec<Partition>,
     /// Bumped whenever any partition's durable head moves: consumers wait on it.
     pub(crate) generation: watch::Sender<u64>,
@@ -135,12 +144,80 @@ struct Waiter {
     done: oneshot::Sender<Result<(), StorageError>>,
 }
 
-pub(crate) struct Inner {
+/// sled's handles, replaced together when the database is reopened after a write failure.
+pub(crate) struct Engine {
     db: sled::Db,
-    pub(crate) topics: Vec<Topic>,
-    by_name: HashMap<String, usize>,
+    /// One per topic, in the order of `Inner::topics`.
+    pub(crate) trees: Vec<sled::Tree>,
     cursors: sled::Tree,
     state: sled::Tree,
+}
+
+impl Engine {
+    /// Opens the trees of `specs` on `db` (checking their partition counts), and reads each
+    /// partition's next offset off the disk.
+    fn open(db: sled::Db, specs: &[TopicSpec]) -> Result<(Self, Vec<Vec<u64>>), StorageError> {
+        let meta = db.open_tree("__meta")?;
+        let cursors = db.open_tree("__cursors")?;
+        let state = db.open_tree("__state")?;
+        let mut trees = Vec::with_capacity(specs.len());
+        let mut nexts = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let meta_key = format!("partitions/{}", spec.name);
+            match meta.get(&meta_key)? {
+                Some(v) => {
+                    let on_disk = v
+                        .as_ref()
+                        .try_into()
+                        .map(u32::from_be_bytes)
+                        .map_err(|_| StorageError::CorruptKey(spec.name.clone()))?;
+                    if on_disk != spec.partitions {
+                        return Err(StorageError::PartitionMismatch {
+                            topic: spec.name.clone(),
+                            on_disk,
+                            configured: spec.partitions,
+                        });
+                    }
+                }
+                None => {
+                    meta.insert(&meta_key, &spec.partitions.to_be_bytes())?;
+                }
+            }
+            let tree = db.open_tree(format!("topic/{}", spec.name))?;
+            let mut next = Vec::with_capacity(spec.partitions as usize);
+            for p in 0..spec.partitions {
+                next.push(match tree.scan_prefix(p.to_be_bytes()).next_back() {
+                    Some(kv) => {
+                        let (k, _) = kv?;
+                        offset_of(&k).ok_or_else(|| StorageError::CorruptKey(spec.name.clone()))? + 1
+                    }
+                    None => 0,
+                });
+            }
+            trees.push(tree);
+            nexts.push(next);
+        }
+        Ok((Self { db, trees, cursors, state }, nexts))
+    }
+}
+
+/// A cursor or state write made while the log could not write; applied when it reopens.
+enum Held {
+    Cursor(Vec<u8>, [u8; 8]),
+    State(Vec<u8>, Option<Vec<u8>>),
+}
+
+pub(crate) struct Inner {
+    /// `None` only if a reopen failed (everything answers `Unavailable` until one succeeds).
+    engine: RwLock<Option<Engine>>,
+    dir: PathBuf,
+    cache_bytes: u64,
+    /// Why writes fail, while they do (`None`: writable).
+    failure: watch::Sender<Option<String>>,
+    /// Cursor and state writes held while writes fail, in order.
+    held: Mutex<Vec<Held>>,
+    pub(crate) topics: Vec<Topic>,
+    by_name: HashMap<String, usize>,
     clock: Arc<dyn Clock>,
     commits: Arc<CommitQueue>,
     closed: AtomicBool,
@@ -152,6 +229,130 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Let the committer thread see that the log is gone.
         self.commits.shut_down();
+    }
+}
+
+/// Free space the data disk needs before a failed log tries to reopen.
+const REOPEN_FREE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// sled's handles, read-locked (see [`Log::engine`]).
+pub(crate) struct EngineRef<'a>(RwLockReadGuard<'a, Option<Engine>>);
+
+impl std::ops::Deref for EngineRef<'_> {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        match self.0.as_ref() {
+            Some(e) => e,
+            None => unreachable!("an EngineRef is only made over an open engine"),
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn engine(&self) -> Result<EngineRef<'_>, StorageError> {
+        let g = self.engine.read().map_err(|_| StorageError::Closed)?;
+        if g.is_none() {
+            let why = self.failure.borrow().clone().unwrap_or_else(|| "the database is reopening".into());
+            return Err(StorageError::Unavailable(why));
+        }
+        Ok(EngineRef(g))
+    }
+
+    /// Writes failed: refuse new ones and start reopening once the disk has room. Only the
+    /// first failure counts; a cluster node's local mirror reports its errors as before.
+    fn fail(self: &Arc<Self>, reason: String) {
+        if self.cluster.is_some() {
+            return;
+        }
+        let first = self.failure.send_if_modified(|f| {
+            if f.is_some() {
+                return false;
+            }
+            *f = Some(reason.clone());
+            true
+        });
+        if !first {
+            return;
+        }
+        metrics::counter!("voxgate_log_write_failures_total").increment(1);
+        metrics::gauge!("voxgate_log_writable").set(0.0);
+        tracing::error!(dir = %self.dir.display(), error = %reason, "event log writes failed; new events are refused until the data disk takes writes again");
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("voxgate-log-recover".into()).spawn(move || recover(weak));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the log's recovery thread; restart the node once the disk has room");
+        }
+    }
+
+    /// Closes the failed database and opens it again: sled recovers what reached the disk, each
+    /// partition goes on from the last record on it, and the cursor and state writes held
+    /// meanwhile are applied. Every other use of the log waits for the write lock.
+    fn reopen(&self) -> Result<(), StorageError> {
+        let specs: Vec<TopicSpec> = self.topics.iter().map(|t| t.spec.clone()).collect();
+        let mut g = self.engine.write().map_err(|_| StorageError::Closed)?;
+        // sled holds a lock on its directory: the failed database goes first.
+        drop(g.take());
+        let db = Log::open_db(&self.dir, self.cache_bytes)?;
+        let (engine, nexts) = Engine::open(db, &specs)?;
+        for (t, next) in self.topics.iter().zip(nexts) {
+            for (p, (part, n)) in t.partitions.iter().zip(next).enumerate() {
+                let mut at = part.next.lock().map_err(|_| StorageError::Closed)?;
+                let durable = *part.durable.borrow();
+                if n < durable {
+                    tracing::error!(topic = %t.spec.name, partition = p, durable, on_disk = n, "records acknowledged as durable are missing after the reopen");
+                }
+                // Records inserted but never flushed are gone; the offsets go on from the disk.
+                *at = n;
+                part.durable.send_replace(n);
+            }
+            t.generation.send_modify(|g| *g += 1);
+        }
+        let mut held = self.held.lock().map_err(|_| StorageError::Closed)?;
+        for w in held.drain(..) {
+            match w {
+                Held::Cursor(k, v) => {
+                    engine.cursors.insert(k, &v)?;
+                }
+                Held::State(k, Some(v)) => {
+                    engine.state.insert(k, v)?;
+                }
+                Held::State(k, None) => {
+                    engine.state.remove(k)?;
+                }
+            }
+        }
+        engine.db.flush()?;
+        *g = Some(engine);
+        drop(g);
+        self.failure.send_replace(None);
+        drop(held);
+        metrics::counter!("voxgate_log_reopens_total").increment(1);
+        metrics::gauge!("voxgate_log_writable").set(1.0);
+        tracing::info!(dir = %self.dir.display(), "event log reopened; writes go on");
+        Ok(())
+    }
+}
+
+/// The recovery thread: waits until the data disk has room, then reopens the log.
+fn recover(inner: std::sync::Weak<Inner>) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_secs(2));
+        let Some(strong) = inner.upgrade() else { return };
+        if strong.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let free = fs2::available_space(&strong.dir).unwrap_or(0);
+        if free < REOPEN_FREE_BYTES {
+            continue;
+        }
+        match strong.reopen() {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(dir = %strong.dir.display(), error = %e, "reopening the event log failed; trying again")
+            }
+        }
     }
 }
 
@@ -220,7 +421,7 @@ impl Log {
     ) -> Result<Self, StorageError> {
         let db = Self::open_db(dir, cache_bytes)?;
         Self::check_backend(&db, dir, "sled")?;
-        Self::with_db(db, specs, clock, None)
+        Self::with_db(db, dir, cache_bytes, specs, clock, None)
     }
 
     /// Opens a node's view of the JetStream log at `opts.url`: creates (or checks) the streams
@@ -237,7 +438,7 @@ impl Log {
         let db = Self::open_db(dir, cache_bytes)?;
         Self::check_backend(&db, dir, "jetstream")?;
         let cluster = Cluster::connect(opts, specs, &db).await?;
-        let log = Self::with_db(db, specs, clock, Some(Arc::new(cluster)))?;
+        let log = Self::with_db(db, dir, cache_bytes, specs, clock, Some(Arc::new(cluster)))?;
         let c = log.inner.cluster.clone().ok_or(StorageError::Closed)?;
         // Mirror what this node reads, from where its local copy ends.
         let mut heads = Vec::new();
@@ -250,11 +451,14 @@ impl Log {
                 let part = &t.partitions[p as usize];
                 if *part.durable.borrow() > last {
                     // The server's stream is younger than this copy (a new NATS store): start over.
+                    let engine = log.engine()?;
+                    let tree = &engine.trees[ti];
                     let mut batch = sled::Batch::default();
-                    for kv in t.tree.scan_prefix(p.to_be_bytes()) {
+                    for kv in tree.scan_prefix(p.to_be_bytes()) {
                         batch.remove(kv?.0);
                     }
-                    t.tree.apply_batch(batch)?;
+                    tree.apply_batch(batch)?;
+                    drop(engine);
                     part.durable.send_replace(0);
                     *part.next.lock().map_err(|_| StorageError::Closed)? = 0;
                     tracing::warn!(topic = %t.spec.name, partition = p, "local mirror was ahead of JetStream; rebuilt from the server");
@@ -296,11 +500,14 @@ impl Log {
         // State keys no longer in the bucket were deleted by the other node.
         let fresh = c.load(Bucket::State, &prefix).await?;
         let mut stale = Vec::new();
-        for kv in self.inner.state.scan_prefix(state_key(name, b"")) {
-            stale.push(kv?.0);
-        }
-        for k in stale {
-            self.inner.state.remove(k)?;
+        {
+            let engine = self.engine()?;
+            for kv in engine.state.scan_prefix(state_key(name, b"")) {
+                stale.push(kv?.0);
+            }
+            for k in stale {
+                engine.state.remove(k)?;
+            }
         }
         for (k, v) in fresh {
             self.cache_state(&k, &v)?;
@@ -315,7 +522,7 @@ impl Log {
         };
         let Ok(p) = p.parse::<u32>() else { return Ok(()) };
         if value.len() == 8 && self.topic(topic).is_ok() {
-            self.inner.cursors.insert(cursor_key(name, topic, p), value)?;
+            self.engine()?.cursors.insert(cursor_key(name, topic, p), value)?;
         }
         Ok(())
     }
@@ -325,7 +532,7 @@ impl Log {
         let key: Option<Vec<u8>> =
             (0..hex.len() / 2).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
         if let Some(key) = key {
-            self.inner.state.insert(state_key(stage, &key), value)?;
+            self.engine()?.state.insert(state_key(stage, &key), value)?;
         }
         Ok(())
     }
@@ -404,57 +611,29 @@ impl Log {
 
     fn with_db(
         db: sled::Db,
+        dir: &Path,
+        cache_bytes: u64,
         specs: &[TopicSpec],
         clock: Arc<dyn Clock>,
         cluster: Option<Arc<Cluster>>,
     ) -> Result<Self, StorageError> {
-        let meta = db.open_tree("__meta")?;
-        let cursors = db.open_tree("__cursors")?;
-        let state = db.open_tree("__state")?;
+        let (engine, nexts) = Engine::open(db, specs)?;
         let mut topics = Vec::with_capacity(specs.len());
         let mut by_name = HashMap::new();
-        for spec in specs {
-            let meta_key = format!("partitions/{}", spec.name);
-            match meta.get(&meta_key)? {
-                Some(v) => {
-                    let on_disk = v
-                        .as_ref()
-                        .try_into()
-                        .map(u32::from_be_bytes)
-                        .map_err(|_| StorageError::CorruptKey(spec.name.clone()))?;
-                    if on_disk != spec.partitions {
-                        return Err(StorageError::PartitionMismatch {
-                            topic: spec.name.clone(),
-                            on_disk,
-                            configured: spec.partitions,
-                        });
-                    }
-                }
-                None => {
-                    meta.insert(&meta_key, &spec.partitions.to_be_bytes())?;
-                }
-            }
-            let tree = db.open_tree(format!("topic/{}", spec.name))?;
-            let mut partitions = Vec::with_capacity(spec.partitions as usize);
-            for p in 0..spec.partitions {
-                let next = match tree.scan_prefix(p.to_be_bytes()).next_back() {
-                    Some(kv) => {
-                        let (k, _) = kv?;
-                        offset_of(&k).ok_or_else(|| StorageError::CorruptKey(spec.name.clone()))? + 1
-                    }
-                    None => 0,
-                };
-                partitions.push(Partition { next: Mutex::new(next), durable: watch::channel(next).0 });
-            }
+        for (spec, next) in specs.iter().zip(nexts) {
+            let partitions =
+                next.into_iter().map(|n| Partition { next: Mutex::new(n), durable: watch::channel(n).0 }).collect();
             by_name.insert(spec.name.clone(), topics.len());
-            topics.push(Topic { spec: spec.clone(), tree, partitions, generation: watch::channel(0).0 });
+            topics.push(Topic { spec: spec.clone(), partitions, generation: watch::channel(0).0 });
         }
         let inner = Arc::new(Inner {
-            db,
+            engine: RwLock::new(Some(engine)),
+            dir: dir.to_path_buf(),
+            cache_bytes,
+            failure: watch::channel(None).0,
+            held: Mutex::new(Vec::new()),
             topics,
             by_name,
-            cursors,
-            state,
             clock,
             commits: Arc::new(CommitQueue::default()),
             closed: AtomicBool::new(false),
@@ -465,7 +644,87 @@ impl Log {
             .name("voxgate-log-commit".into())
             .spawn(move || committer(weak, queue))
             .map_err(|e| StorageError::Engine(format!("starting the commit thread: {e}")))?;
+        metrics::gauge!("voxgate_log_writable").set(1.0);
         Ok(Self { inner })
+    }
+
+    /// sled's handles, for the length of one synchronous operation (never across an await: a
+    /// reopen waits for every holder).
+    pub(crate) fn engine(&self) -> Result<EngineRef<'_>, StorageError> {
+        self.inner.engine()
+    }
+
+    /// Why writes fail, while they do.
+    pub fn write_failure(&self) -> Option<String> {
+        self.inner.failure.borrow().clone()
+    }
+
+    /// Whether this log reopens itself after a write failure (the sled backend; a cluster node's
+    /// local mirror does not).
+    fn reopens(&self) -> bool {
+        self.inner.cluster.is_none()
+    }
+
+    /// Waits until the log can write again.
+    async fn writable(&self) {
+        let mut rx = self.inner.failure.subscribe();
+        let _ = rx.wait_for(|f| f.is_none()).await;
+    }
+
+    /// Holds a cursor or state write made while writes fail; true if it was held.
+    fn hold(&self, w: impl FnOnce() -> Held) -> bool {
+        // Checked under the lock the reopen holds while it applies what was held.
+        let Ok(mut h) = self.inner.held.lock() else { return false };
+        if self.inner.failure.borrow().is_none() {
+            return false;
+        }
+        h.push(w());
+        true
+    }
+
+    /// A cursor or state write: to sled, or held while writes fail. A sled error starts the
+    /// failure (and the write is held) on the sled backend.
+    fn write_or_hold(
+        &self,
+        held: impl Fn() -> Held,
+        write: impl FnOnce(&Engine) -> Result<(), sled::Error>,
+    ) -> Result<(), StorageError> {
+        if self.hold(&held) {
+            return Ok(());
+        }
+        let r = write(&*self.engine()?);
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.inner.fail(e.to_string());
+                if self.hold(&held) {
+                    return Ok(());
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// An error after which a stage's write waits for the log to reopen, then goes again.
+    fn held_back(&self, e: &StorageError) -> bool {
+        self.reopens() && matches!(e, StorageError::Flush(_) | StorageError::Unavailable(_))
+    }
+
+    /// A held write for `key`, newest first: `Some(None)` if it deletes.
+    fn held_state(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        let h = self.inner.held.lock().ok()?;
+        h.iter().rev().find_map(|w| match w {
+            Held::State(k, v) if k == key => Some(v.clone()),
+            _ => None,
+        })
+    }
+
+    fn held_cursor(&self, key: &[u8]) -> Option<[u8; 8]> {
+        let h = self.inner.held.lock().ok()?;
+        h.iter().rev().find_map(|w| match w {
+            Held::Cursor(k, v) if k == key => Some(*v),
+            _ => None,
+        })
     }
 
     fn topic(&self, name: &str) -> Result<(usize, &Topic), StorageError> {
@@ -499,15 +758,47 @@ impl Log {
                 self.after_publish(c, ti, &[Position { partition, offset }]).await?;
                 offset
             }
-            None => {
-                let (offset, rx) = self.insert(ti, partition, payload)?;
-                Self::await_durable(rx).await?;
-                offset
-            }
+            // A stage's append waits out a write failure (the log reopens) and goes again.
+            None => loop {
+                match self.append_local(ti, partition, payload).await {
+                    Err(e) if self.held_back(&e) => self.writable().await,
+                    r => break r?,
+                }
+            },
         };
         metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         Ok(Position { partition, offset })
+    }
+
+    /// One append to the local log, once: its offset when durable.
+    async fn append_local(&self, ti: usize, partition: u32, payload: &[u8]) -> Result<u64, StorageError> {
+        let (offset, rx) = self.insert(ti, partition, payload)?;
+        Self::await_durable(rx).await?;
+        Ok(offset)
+    }
+
+    /// Appends `items` to the local log with one flush, once.
+    async fn append_many_local(
+        &self,
+        ti: usize,
+        partitions: u32,
+        items: &[(u64, &[u8])],
+        out: &mut Vec<Position>,
+    ) -> Result<(), StorageError> {
+        out.clear();
+        let mut last = None;
+        for &(key, payload) in items {
+            let partition = partition_for(key, partitions);
+            let (offset, rx) = self.insert(ti, partition, payload)?;
+            out.push(Position { partition, offset });
+            // Earlier inserts are covered by the flush that covers the last one.
+            last = Some(rx);
+        }
+        match last {
+            Some(rx) => Self::await_durable(rx).await,
+            None => Ok(()),
+        }
     }
 
     /// Appends several records (each to its key's partition) and waits for one flush for all.
@@ -528,19 +819,14 @@ impl Log {
                 .record(started.elapsed().as_secs_f64());
             return Ok(out);
         }
-        let mut out = Vec::new();
-        let mut last = None;
-        for (key, payload) in items {
-            let partition = partition_for(key, t.spec.partitions);
-            let (offset, rx) = self.insert(ti, partition, payload)?;
-            out.push(Position { partition, offset });
-            if let Some(prev) = last.replace(rx) {
-                // Earlier inserts are covered by the flush that covers the last one.
-                drop(prev);
+        let items: Vec<(u64, &[u8])> = items.into_iter().collect();
+        let mut out = Vec::with_capacity(items.len());
+        // Like `append`, a stage's batch waits out a write failure and goes again, whole.
+        loop {
+            match self.append_many_local(ti, t.spec.partitions, &items, &mut out).await {
+                Err(e) if self.held_back(&e) => self.writable().await,
+                r => break r?,
             }
-        }
-        if let Some(rx) = last {
-            Self::await_durable(rx).await?;
         }
         metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
@@ -553,7 +839,11 @@ impl Log {
     /// [`Log::append`].
     pub async fn append_or_spool(&self, topic: &str, key: u64, payload: &[u8]) -> Result<Appended, StorageError> {
         let Some(c) = &self.inner.cluster else {
-            return self.append(topic, key, payload).await.map(Appended::Logged);
+            // Ingress answers Twilio now: a write failure is an error at once, not a wait.
+            let (ti, t) = self.topic(topic)?;
+            let partition = partition_for(key, t.spec.partitions);
+            let offset = self.append_local(ti, partition, payload).await?;
+            return Ok(Appended::Logged(Position { partition, offset }));
         };
         let (ti, t) = self.topic(topic)?;
         let partition = partition_for(key, t.spec.partitions);
@@ -588,6 +878,13 @@ impl Log {
     where
         I: IntoIterator<Item = (u64, &'a [u8])>,
     {
+        if self.inner.cluster.is_none() {
+            // As in `append_or_spool`: a write failure is an error at once.
+            let (ti, t) = self.topic(topic)?;
+            let items: Vec<(u64, &[u8])> = items.into_iter().collect();
+            let mut out = Vec::with_capacity(items.len());
+            return self.append_many_local(ti, t.spec.partitions, &items, &mut out).await;
+        }
         let Some(c) = self.inner.cluster.as_ref().filter(|c| c.spool_enabled()) else {
             return self.append_many(topic, items).await.map(|_| ());
         };
@@ -674,6 +971,9 @@ impl Log {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed);
         }
+        if let Some(why) = self.write_failure() {
+            return Err(StorageError::Unavailable(why));
+        }
         let t = &self.inner.topics[ti];
         let part = &t.partitions[partition as usize];
         let now = self.inner.clock.now();
@@ -682,9 +982,15 @@ impl Log {
         value.extend_from_slice(payload);
         let (tx, rx) = oneshot::channel();
         let offset = {
+            // Engine before partition: the order a reopen takes them in.
+            let engine = self.engine()?;
             let mut next = part.next.lock().map_err(|_| StorageError::Closed)?;
             let offset = *next;
-            t.tree.insert(record_key(partition, offset), value)?;
+            if let Err(e) = engine.trees[ti].insert(record_key(partition, offset), value) {
+                drop((next, engine));
+                self.inner.fail(e.to_string());
+                return Err(e.into());
+            }
             *next += 1;
             offset
         };
@@ -696,9 +1002,15 @@ impl Log {
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
-    /// Waits until everything written so far (records and cursors) is on disk.
+    /// Waits until everything written so far (records and cursors) is on disk; while writes
+    /// fail, until the log has reopened and that is so.
     pub async fn sync(&self) -> Result<(), StorageError> {
-        self.sync_local().await?;
+        loop {
+            match self.sync_local().await {
+                Err(e) if self.held_back(&e) => self.writable().await,
+                r => break r?,
+            }
+        }
         match &self.inner.cluster {
             Some(c) => c.flush().await,
             None => Ok(()),
@@ -718,8 +1030,8 @@ impl Log {
 
     /// The oldest offset still kept in a partition (retention moves it forward).
     pub fn first_offset(&self, topic: &str, partition: u32) -> Result<u64, StorageError> {
-        let (_, t) = self.topic(topic)?;
-        match t.tree.scan_prefix(partition.to_be_bytes()).next() {
+        let (ti, _) = self.topic(topic)?;
+        match self.engine()?.trees[ti].scan_prefix(partition.to_be_bytes()).next() {
             Some(kv) => {
                 let (k, _) = kv?;
                 offset_of(&k).ok_or_else(|| StorageError::CorruptKey(topic.to_owned()))
@@ -744,12 +1056,13 @@ impl Log {
         out: &mut Vec<Record>,
     ) -> Result<u64, StorageError> {
         let head = self.durable_head(topic, partition)?;
-        let (_, t) = self.topic(topic)?;
+        let (ti, _) = self.topic(topic)?;
         let mut next = from;
         if from >= head || max == 0 {
             return Ok(from);
         }
-        for kv in t.tree.range(record_key(partition, from)..record_key(partition, head)).take(max) {
+        let engine = self.engine()?;
+        for kv in engine.trees[ti].range(record_key(partition, from)..record_key(partition, head)).take(max) {
             let (k, v) = kv?;
             let offset = offset_of(&k).ok_or_else(|| StorageError::CorruptKey(topic.to_owned()))?;
             if v.len() < 8 {
@@ -790,7 +1103,11 @@ impl Log {
         let (_, t) = self.topic(topic)?;
         (0..t.spec.partitions)
             .map(|p| {
-                Ok(match self.inner.cursors.get(cursor_key(name, topic, p))? {
+                let key = cursor_key(name, topic, p);
+                if let Some(v) = self.held_cursor(&key) {
+                    return Ok(u64::from_be_bytes(v));
+                }
+                Ok(match self.engine()?.cursors.get(key)? {
                     Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0),
                     None => 0,
                 })
@@ -821,7 +1138,9 @@ impl Log {
                 partitions: t.spec.partitions,
             });
         }
-        self.inner.cursors.insert(cursor_key(name, topic, partition), &offset.to_be_bytes())?;
+        let key = cursor_key(name, topic, partition);
+        let value = offset.to_be_bytes();
+        self.write_or_hold(|| Held::Cursor(key.clone(), value), |e| e.cursors.insert(&key, &value).map(|_| ()))?;
         if let Some(c) = &self.inner.cluster {
             c.mark(
                 Bucket::Cursors,
@@ -835,7 +1154,8 @@ impl Log {
     /// Stores a small piece of a stage's state (made durable by the next flush, like
     /// [`Log::store_cursor`]). Keys are namespaced by `stage`.
     pub fn put_state(&self, stage: &str, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
-        self.inner.state.insert(state_key(stage, key), value)?;
+        let k = state_key(stage, key);
+        self.write_or_hold(|| Held::State(k.clone(), Some(value.to_vec())), |e| e.state.insert(&k, value).map(|_| ()))?;
         if let Some(c) = &self.inner.cluster {
             c.mark(Bucket::State, crate::jetstream::state_kv_key(stage, key), Some(value.to_vec()));
         }
@@ -844,12 +1164,17 @@ impl Log {
 
     /// Reads a piece of stage state.
     pub fn get_state(&self, stage: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.inner.state.get(state_key(stage, key))?.map(|v| v.to_vec()))
+        let k = state_key(stage, key);
+        if let Some(v) = self.held_state(&k) {
+            return Ok(v);
+        }
+        Ok(self.engine()?.state.get(k)?.map(|v| v.to_vec()))
     }
 
     /// Removes a piece of stage state.
     pub fn delete_state(&self, stage: &str, key: &[u8]) -> Result<(), StorageError> {
-        self.inner.state.remove(state_key(stage, key))?;
+        let k = state_key(stage, key);
+        self.write_or_hold(|| Held::State(k.clone(), None), |e| e.state.remove(&k).map(|_| ()))?;
         if let Some(c) = &self.inner.cluster {
             c.mark(Bucket::State, crate::jetstream::state_kv_key(stage, key), None);
         }
@@ -859,7 +1184,12 @@ impl Log {
     /// Removes records past their topic's retention, judged at `now`; returns what was removed.
     pub fn apply_retention(&self, now: Timestamp) -> Result<RetentionReport, StorageError> {
         let mut report = RetentionReport::default();
-        for t in &self.inner.topics {
+        if self.write_failure().is_some() {
+            // Nothing is removed while writes fail; the next pass catches up.
+            return Ok(report);
+        }
+        let engine = self.engine()?;
+        for (t, tree) in self.inner.topics.iter().zip(&engine.trees) {
             let r = t.spec.retention;
             if r.max_age.is_none() && r.max_events_per_partition.is_none() {
                 continue;
@@ -870,7 +1200,7 @@ impl Log {
                 let p = p as u32;
                 let head = *part.durable.borrow();
                 let keep_from = r.max_events_per_partition.map(|m| head.saturating_sub(m)).unwrap_or(0);
-                for kv in t.tree.range(record_key(p, 0)..record_key(p, head)) {
+                for kv in tree.range(record_key(p, 0)..record_key(p, head)) {
                     let (k, v) = kv?;
                     let offset = offset_of(&k).ok_or_else(|| StorageError::CorruptKey(t.spec.name.clone()))?;
                     let too_many = offset < keep_from;
@@ -884,7 +1214,7 @@ impl Log {
                     if !(too_many || too_old) {
                         break;
                     }
-                    t.tree.remove(k)?;
+                    tree.remove(k)?;
                     removed += 1;
                 }
             }
@@ -897,12 +1227,16 @@ impl Log {
 
     /// Bytes the log occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.engine()?.db.size_on_disk()?)
     }
 
     /// Flushes and stops accepting appends.
     pub async fn close(&self) -> Result<(), StorageError> {
-        let r = self.sync().await;
+        // A log whose writes fail has nothing more it can make durable.
+        let r = match self.write_failure() {
+            Some(why) => Err(StorageError::Unavailable(why)),
+            None => self.sync().await,
+        };
         self.inner.closed.store(true, Ordering::Release);
         r
     }
@@ -959,7 +1293,13 @@ fn committer(inner: std::sync::Weak<Inner>, queue: Arc<CommitQueue>) {
             return;
         };
         let started = Instant::now();
-        let result = strong.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(e.to_string()));
+        let result = match strong.engine() {
+            Ok(engine) => engine.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(e.to_string())),
+            Err(e) => Err(e),
+        };
+        if let Err(StorageError::Flush(why)) = &result {
+            strong.fail(why.clone());
+        }
         metrics::histogram!("voxgate_log_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("voxgate_log_group_commit_size").record(batch.len() as f64);
         if result.is_ok() {
