@@ -80,6 +80,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
     ok &= active.is_some();
     // A JetStream outage is reported, not failed on: ingress keeps answering from its spool.
     let (backend, cluster) = state.log.backend();
+    // A log that cannot write (the data disk is full) refuses calls until it reopens.
+    let write_failure = state.log.write_failure();
+    ok &= write_failure.is_none();
     let body = json!({
         "status": if ok { "ok" } else { "degraded" },
         "roles": state.health.roles,
@@ -88,7 +91,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "jetstream": cluster.map(|(url, connected)| json!({ "url": url, "connected": connected, "spooled": state.log.spooled() })),
             "data_dir": state.cfg.data_dir.display().to_string(),
             "size_bytes": state.log.size_on_disk().ok(),
-            "free_bytes": free_disk(&state.cfg.data_dir),
+            "free_bytes": state.log.free_bytes(),
+            "writable": write_failure.is_none(),
+            "write_failure": write_failure,
         },
         "stages": stages,
         "stt_model": state.health.stt_model,
@@ -98,20 +103,4 @@ pub async fn health(State(state): State<AppState>) -> Response {
     });
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()
-}
-
-/// Bytes available to this process on the file system holding `path` (statvfs).
-pub fn free_disk(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` is a properly sized out-parameter that
-    // statvfs fills completely when it returns 0.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it initialised `st`.
-    let st = unsafe { st.assume_init() };
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }

@@ -62,7 +62,18 @@ pub enum StorageError {
 
 impl From<sled::Error> for StorageError {
     fn from(e: sled::Error) -> Self {
-        StorageError::Engine(e.to_string())
+        StorageError::Engine(describe(&e))
+    }
+}
+
+/// sled's error in words an operator acts on.
+fn describe(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            format!("the data disk is full ({io})")
+        }
+        sled::Error::Io(io) => format!("I/O error: {io}"),
+        other => other.to_string(),
     }
 }
 
@@ -654,6 +665,11 @@ impl Log {
         self.inner.engine()
     }
 
+    /// Bytes available to this process on the file system of the data directory.
+    pub fn free_bytes(&self) -> Option<u64> {
+        fs2::available_space(&self.inner.dir).ok()
+    }
+
     /// Why writes fail, while they do.
     pub fn write_failure(&self) -> Option<String> {
         self.inner.failure.borrow().clone()
@@ -696,7 +712,7 @@ impl Log {
         match r {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.inner.fail(e.to_string());
+                self.inner.fail(describe(&e));
                 if self.hold(&held) {
                     return Ok(());
                 }
@@ -988,7 +1004,7 @@ impl Log {
             let offset = *next;
             if let Err(e) = engine.trees[ti].insert(record_key(partition, offset), value) {
                 drop((next, engine));
-                self.inner.fail(e.to_string());
+                self.inner.fail(describe(&e));
                 return Err(e.into());
             }
             *next += 1;
@@ -1294,7 +1310,7 @@ fn committer(inner: std::sync::Weak<Inner>, queue: Arc<CommitQueue>) {
         };
         let started = Instant::now();
         let result = match strong.engine() {
-            Ok(engine) => engine.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(e.to_string())),
+            Ok(engine) => engine.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(describe(&e))),
             Err(e) => Err(e),
         };
         if let Err(StorageError::Flush(why)) = &result {
