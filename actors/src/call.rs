@@ -679,6 +679,9 @@ impl Actor for CallActor {
                 r?;
             }
             CallMsg::Tick => {
+                // The call ends at its deadline, even if the timer fires late (or the node was
+                // down then and restored the call).
+                let now = now.min(s.core.deadline());
                 let fx = s.core.apply(CallInput::Tick, now);
                 if fx.is_empty() {
                     let remaining = s.core.deadline().micros_since(now).max(0) as u64;

@@ -16,6 +16,7 @@ pub mod hangup;
 pub mod health;
 pub mod ingress;
 pub mod perimeter;
+pub mod recovery;
 pub mod replay;
 pub mod serve;
 pub mod stream;

@@ -335,6 +335,11 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             public_url: cfg.public_url.clone(),
         }),
     };
+    // Calls a crash left open get their actors back before Twilio can reach this node. In a
+    // cluster another ingress node may hold them.
+    if !clustered && roles.has(Role::Ingress) {
+        crate::recovery::restore(&state).await.context("restoring the calls in progress")?;
+    }
 
     let retention = {
         let log = log.clone();

@@ -285,6 +285,13 @@ impl Tenancy {
     }
 
     /// The quota place of an accepted call, released when dropped.
+    /// The quota place of a call already in progress (restored after a restart): it counts
+    /// again, whatever the quota says now.
+    pub fn resume(&self, tenant: AccountSid, call: CallSid) -> QuotaSlot {
+        lock(&self.gate).quotas.resume(tenant, call);
+        self.slot(tenant, call)
+    }
+
     pub fn slot(&self, tenant: AccountSid, call: CallSid) -> QuotaSlot {
         let (active, limit) = {
             let g = lock(&self.gate);

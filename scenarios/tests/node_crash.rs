@@ -1,7 +1,7 @@
 //! `voxgate serve` SIGKILLed with 100 calls in progress (each with a Media Stream sending audio),
 //! then started again on the same data: every webhook it had acknowledged is on the log, Twilio's
 //! closing callbacks close every call out, and usage is exactly the calls' — and stays so across
-//! another restart.
+//! another restart. Calls whose Twilio never calls back are restored and closed at their deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,4 +85,41 @@ async fn sigkill_with_100_active_calls_loses_no_acknowledged_event() {
     let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
     let node = Node::start_in(dir, node.config_path.clone(), &[]).unwrap();
     assert_eq!(calls_usage(&node).await, after_crash);
+}
+
+/// Calls whose Twilio never calls back after a kill: the restarted node finds them open on the
+/// log, gives them their actors (and quota places) back, and their maximum duration closes them
+/// out at the deadline, not at the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_left_open_by_a_kill_are_closed_out_after_the_restart() {
+    let mut node = Node::start(&config(&format!("{OPEN}[calls]\nmax_duration_secs = 6\n"))).unwrap();
+    let s = sim(&node);
+    let open: Vec<CallSid> = (0..3).map(|i| call(1000 + i)).collect();
+    for (i, c) in open.iter().enumerate() {
+        let a = s.inbound_call(*c, &format!("+1415558{i:04}"), NUMBER).await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(s.status_callback(*c, "in-progress", 1, None).await.unwrap() / 100, 2);
+    }
+    node.kill();
+    let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
+    let mut node = Node::start_in(dir, node.config_path.clone(), &[]).unwrap();
+    let (_, health) = node.get_json("/api/voice/health").await.unwrap();
+    assert_eq!(health["active_calls"], 3, "the open calls are back in progress: {health}");
+
+    // Nobody calls back; the deadline does.
+    node.wait_idle(Duration::from_secs(30)).await.unwrap();
+    let usage = calls_usage(&node).await;
+    assert_eq!(usage["count"], "3", "{usage}");
+    assert_eq!(usage["usage"], "3", "six seconds each, a minute billed each: {usage}");
+    node.stop().unwrap();
+    for c in &open {
+        let events = replay_json(&node, *c);
+        let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == "call_timed_out").count(), 1, "{kinds:?}");
+        let ends: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["kind"] == "call_status_changed" && e["status"] == "completed").collect();
+        assert_eq!(ends.len(), 1, "{kinds:?}");
+        assert_eq!(ends[0]["source"], "voxgate");
+        assert_eq!(ends[0]["duration_secs"], 6, "closed at its deadline: {:?}", ends[0]);
+    }
 }

@@ -95,6 +95,11 @@ impl CallQuotas {
         Admission::Accept { warn }
     }
 
+    /// A call admitted before (by an earlier run of the node) counts as active again.
+    pub fn resume(&mut self, tenant: AccountSid, call: CallSid) {
+        self.tenants.entry(tenant).or_default().active.insert(call);
+    }
+
     /// The call ended: it no longer counts. Unknown calls are ignored.
     pub fn release(&mut self, tenant: AccountSid, call: CallSid, quota: Quota) {
         if let Some(u) = self.tenants.get_mut(&tenant) {
