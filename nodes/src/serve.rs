@@ -373,7 +373,13 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         "/metrics",
         get(move || {
             let h = handle.clone();
-            async move { h.render() }
+            async move {
+                // The node's CPU use, as of this scrape (load tests divide it by the work done).
+                if let Some(cpu) = voxgate_protocol::time::process_cpu_seconds(None) {
+                    metrics::gauge!("voxgate_process_cpu_seconds").set(cpu);
+                }
+                h.render()
+            }
         }),
     );
     let metrics_task = tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });

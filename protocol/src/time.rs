@@ -219,3 +219,38 @@ mod tests {
         }
     }
 }
+
+/// CPU time (user and system, all threads) a process has used so far, in seconds, from
+/// `/proc/{pid}/stat` (`None`: this process). For measuring load, never for decisions. `None` off
+/// Linux or if the process is gone.
+pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    parse_cpu_seconds(&std::fs::read_to_string(path).ok()?)
+}
+
+/// utime + stime of a `/proc/*/stat` line, in seconds (the kernel reports them in USER_HZ ticks,
+/// 100 per second on Linux).
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces; fields are counted after its closing ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_from_a_stat_line() {
+        let line = "4242 (voxgate (x)) S 1 4242 4242 0 -1 4194560 12 0 0 0 250 75 0 0 20 0 9 0 100 0 0";
+        assert_eq!(parse_cpu_seconds(line), Some(3.25));
+        assert_eq!(parse_cpu_seconds("garbage"), None);
+        assert!(process_cpu_seconds(None).is_some());
+    }
+}

@@ -95,6 +95,11 @@ pub struct NodeSide {
     /// Largest and final backlog of each stage, in events.
     pub stage_lag_max: BTreeMap<String, u64>,
     pub stage_lag_end: BTreeMap<String, u64>,
+    /// CPU the node used between the two scrapes (traffic and drain), in seconds, and as cores.
+    pub cpu_seconds: Option<f64>,
+    pub cpu_cores: Option<f64>,
+    /// Node CPU per answered request (webhook or status callback), in microseconds.
+    pub cpu_us_per_request: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -105,6 +110,8 @@ pub struct Report {
     pub status_callbacks: Requests,
     pub streams: Streams,
     pub node: Option<NodeSide>,
+    /// CPU the generator itself used over the run, in cores (it shares the machine).
+    pub generator_cpu_cores: Option<f64>,
 }
 
 #[derive(Default)]
@@ -153,6 +160,7 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
         Some(u) => Some(scrape(&http, u).await?),
         None => None,
     };
+    let (started, own_cpu) = (Instant::now(), voxgate_protocol::time::process_cpu_seconds(None));
     let base = call_base();
     let t0 = Instant::now() + Duration::from_millis(200);
 
@@ -186,6 +194,7 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
         status_callbacks: callbacks.report(secs),
         streams,
         node: None,
+        generator_cpu_cores: None,
     };
 
     // Let the stages catch up, then read what the node says.
@@ -201,6 +210,10 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
     if let Some(s) = sampling {
         s.abort();
     }
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    report.generator_cpu_cores = own_cpu
+        .zip(voxgate_protocol::time::process_cpu_seconds(None))
+        .map(|(before, after)| (after - before) / elapsed);
     if let (Some(url), Some(before)) = (&plan.metrics_url, before) {
         // A failed scrape at the end loses the node's side, not the run's report.
         let after = match scrape(&http, url).await {
@@ -211,6 +224,10 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
             }
         };
         let d = |name: &str| (counter(&after, name) - counter(&before, name)).max(0.0) as u64;
+        let cpu =
+            (counter(&after, "voxgate_process_cpu_seconds") - counter(&before, "voxgate_process_cpu_seconds")).max(0.0);
+        let cpu = (counter(&after, "voxgate_process_cpu_seconds") > 0.0).then_some(cpu);
+        let requests = report.webhooks.ok + report.status_callbacks.ok;
         let (received, shed) = (d("twilio_audio_chunks_received_total"), d("voxgate_audio_shed_frames_total"));
         let hq = |name: &str, q: f64| histogram_quantile(&before, &after, name, q).map(|s| s * 1000.0);
         let mut node = NodeSide {
@@ -225,6 +242,9 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
             transcript_delay_p95_ms: hq("voxgate_transcript_delay_seconds", 0.95),
             stage_lag_max: lag_max.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             stage_lag_end: BTreeMap::new(),
+            cpu_seconds: cpu,
+            cpu_cores: cpu.map(|c| c / elapsed),
+            cpu_us_per_request: cpu.filter(|_| requests > 0).map(|c| c * 1e6 / requests as f64),
         };
         if let Some(url) = &plan.health_url {
             node.stage_lag_end = stage_lags(&http, url).await.unwrap_or_default();
@@ -472,6 +492,13 @@ pub fn table(r: &Report) -> String {
             .map(|(k, v)| format!("{k} {v} (end {})", n.stage_lag_end.get(k).copied().unwrap_or(0)))
             .collect();
         let _ = writeln!(s, "stage lag, max events: {}", lags.join(", "));
+        if let (Some(cpu), Some(cores)) = (n.cpu_seconds, n.cpu_cores) {
+            let per = n.cpu_us_per_request.map_or(String::new(), |u| format!(", {u:.0} µs per request"));
+            let _ = writeln!(s, "node CPU: {cpu:.1} s, {cores:.2} cores{per}");
+        }
+    }
+    if let Some(g) = r.generator_cpu_cores {
+        let _ = writeln!(s, "generator CPU: {g:.2} cores (on the same machine)");
     }
     for e in r.webhooks.errors.iter().chain(&r.status_callbacks.errors).chain(&r.streams.errors) {
         let _ = writeln!(s, "error: {e}");

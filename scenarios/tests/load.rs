@@ -48,6 +48,10 @@ async fn the_load_generator_reports_what_it_offered_and_what_the_node_counted() 
     assert!(n.speech_segments >= 4, "each stream's speech was cut: {n:?}");
     assert!(n.stage_lag_end.values().all(|v| *v == 0), "{n:?}");
     assert!(n.stage_lag_end.contains_key("transcode"), "{n:?}");
+    // The node's CPU over the run, and per request: what a limit is made of.
+    let cpu = n.cpu_seconds.expect("the node reports its CPU");
+    assert!(cpu > 0.0 && n.cpu_us_per_request.is_some_and(|u| u > 0.0), "{n:?}");
+    assert!(r.generator_cpu_cores.is_some_and(|g| g > 0.0), "{r:?}");
 
     // The same through the CLI, with its JSON.
     let json = work.path().join("report.json");
