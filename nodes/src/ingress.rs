@@ -178,7 +178,7 @@ async fn append_call_event(
     state.log.append_or_spool(topics::CALLS, call.partition_key(), &bytes).await.map(|_| ()).map_err(|e| {
         tracing::error!(stage = "ingress", call_sid = %call, tenant = %tenant, error = %e, "event log append failed");
         metrics::counter!("voxgate_ingress_log_failures_total").increment(1);
-        twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; nothing was recorded, retry"))
+        twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; retry"))
     })
 }
 
