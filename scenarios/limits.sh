@@ -7,7 +7,8 @@
 #   scenarios/limits.sh streams 100 500 1000      # concurrent real-time Media Streams, STT off
 #   scenarios/limits.sh talking 1 2 4             # concurrent talking calls, STT on
 #
-# DURATION (default 30 s) sets each step's length; OUT (default target/limits) keeps the JSON.
+# DURATION (default 30 s) sets each step's length; OUT (default target/limits) keeps the JSON;
+# VOXGATE (default the release build) names another voxgate binary, for A/B runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: scenarios/limits.sh webhooks|streams|talking N...}
@@ -46,7 +47,7 @@ account_sid = "$account"
 auth_token = "$token"
 numbers = ["$number"]
 EOF
-  "$bin/voxgate" serve --config "$work/voxgate.toml" --data-dir "$work/data" \
+  "${VOXGATE:-$bin/voxgate}" serve --config "$work/voxgate.toml" --data-dir "$work/data" \
     --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$work/ready" 2>"$work/node.log" &
   pid=$!
   for _ in $(seq 600); do grep -q "voxgate ready" "$work/ready" 2>/dev/null && break; sleep 0.1; done

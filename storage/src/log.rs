@@ -856,9 +856,12 @@ impl Log {
     pub async fn append_or_spool(&self, topic: &str, key: u64, payload: &[u8]) -> Result<Appended, StorageError> {
         let Some(c) = &self.inner.cluster else {
             // Ingress answers Twilio now: a write failure is an error at once, not a wait.
+            let started = Instant::now();
             let (ti, t) = self.topic(topic)?;
             let partition = partition_for(key, t.spec.partitions);
             let offset = self.append_local(ti, partition, payload).await?;
+            metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
+                .record(started.elapsed().as_secs_f64());
             return Ok(Appended::Logged(Position { partition, offset }));
         };
         let (ti, t) = self.topic(topic)?;
@@ -896,10 +899,14 @@ impl Log {
     {
         if self.inner.cluster.is_none() {
             // As in `append_or_spool`: a write failure is an error at once.
+            let started = Instant::now();
             let (ti, t) = self.topic(topic)?;
             let items: Vec<(u64, &[u8])> = items.into_iter().collect();
             let mut out = Vec::with_capacity(items.len());
-            return self.append_many_local(ti, t.spec.partitions, &items, &mut out).await;
+            self.append_many_local(ti, t.spec.partitions, &items, &mut out).await?;
+            metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
+                .record(started.elapsed().as_secs_f64());
+            return Ok(());
         }
         let Some(c) = self.inner.cluster.as_ref().filter(|c| c.spool_enabled()) else {
             return self.append_many(topic, items).await.map(|_| ());
