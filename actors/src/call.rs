@@ -475,7 +475,8 @@ pub enum CallMsg {
     Pump,
     /// The deadline timer.
     Tick,
-    /// End the call now (a stage asked: fraud, budget); replies once it is recorded.
+    /// End the call now (a stage asked: fraud, budget); replies once it is recorded (or, while
+    /// the log cannot write, waits in the call's outbox).
     Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), String>> },
     /// Try again what the log could not take (it could not write for a while).
     Retry,
@@ -517,8 +518,10 @@ pub struct CallActorState {
     outbox: Vec<Vec<u8>>,
     /// A retry is scheduled.
     retrying: bool,
-    /// The call is over; the actor stops once the outbox is empty.
+    /// The call is over; the actor stops once the outbox is empty and no media waits.
     finishing: bool,
+    /// Media went back to the stream queue because the log could not take it.
+    media_pending: bool,
     stream_stopped_recorded: bool,
     _quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -568,6 +571,7 @@ impl Actor for CallActor {
             outbox: Vec::new(),
             retrying: false,
             finishing: false,
+            media_pending: false,
             stream_stopped_recorded: false,
             _quota_slot: a.quota_slot,
         })
@@ -577,6 +581,11 @@ impl Actor for CallActor {
         // Whatever the WebSocket queued still reaches the log.
         if let Err(e) = pump(&_myself, s).await {
             tracing::error!(stage = "call", call_sid = %s.call, tenant = %s.tenant, error = %e, "media lost at call end");
+        }
+        if s.media_pending || !s.outbox.is_empty() {
+            metrics::counter!("voxgate_call_events_lost_total")
+                .increment(s.outbox.len() as u64 + u64::from(s.media_pending));
+            tracing::error!(stage = "call", call_sid = %s.call, tenant = %s.tenant, events = s.outbox.len(), media = s.media_pending, "the call stopped while the event log could not write; its last events are lost");
         }
         if let Some(q) = &s.queue {
             q.close(StopReason::CallEnded);
@@ -616,8 +625,13 @@ impl Actor for CallActor {
                 }
                 if s.queue.is_some() {
                     // A stream after the previous one ended (a re-attach after a drop): it starts
-                    // afresh, with its own sid, frame count and stop.
+                    // afresh, with its own sid, frame count and stop. Not before the previous
+                    // stream's media is in the log (it waits there while the log cannot write).
                     pump(&myself, s).await?;
+                    if s.media_pending {
+                        let _ = reply.send(None);
+                        return Ok(());
+                    }
                     if let Some(t) = s.pump_task.take() {
                         t.abort();
                     }
@@ -649,7 +663,7 @@ impl Actor for CallActor {
                 s.retrying = false;
                 if drain_outbox(&myself, s).await? {
                     pump(&myself, s).await?;
-                    if s.finishing {
+                    if s.finishing && !s.media_pending {
                         myself.stop(Some("call ended".into()));
                     }
                 }
@@ -682,6 +696,10 @@ impl Actor for CallActor {
                 // The call ends at its deadline, even if the timer fires late (or the node was
                 // down then and restored the call).
                 let now = now.min(s.core.deadline());
+                if s.core.is_finished() {
+                    // Over already (its last events wait for the log): no deadline left to keep.
+                    return Ok(());
+                }
                 let fx = s.core.apply(CallInput::Tick, now);
                 if fx.is_empty() {
                     let remaining = s.core.deadline().micros_since(now).max(0) as u64;
@@ -713,12 +731,15 @@ async fn run_effects(
                     }
                     (Event::CallTimedOut(_), _) => EventId::derive(id_kind::TIMED_OUT, &[s.call.as_u128()]),
                     (Event::HangupRequested(_), _) => EventId::derive(id_kind::CALL_HANGUP, &[s.call.as_u128()]),
-                    (Event::StreamDropped(d), _) => {
-                        EventId::derive(id_kind::STREAM_DROPPED, &[s.call.as_u128(), u128::from(d.attempt)])
-                    }
-                    (Event::StreamReattachRequested(r), _) => {
-                        EventId::derive(id_kind::STREAM_REATTACH, &[s.call.as_u128(), u128::from(r.attempt)])
-                    }
+                    // Attempts count from 1 again in a call restored after a restart.
+                    (Event::StreamDropped(d), _) => EventId::derive(
+                        id_kind::STREAM_DROPPED,
+                        &[s.call.as_u128(), u128::from(d.attempt), stream_key(d.stream_sid, now)],
+                    ),
+                    (Event::StreamReattachRequested(r), _) => EventId::derive(
+                        id_kind::STREAM_REATTACH,
+                        &[s.call.as_u128(), u128::from(r.attempt), now.as_micros() as u128],
+                    ),
                     (Event::CallStatusChanged(c), _) => EventId::derive(
                         id_kind::STATUS_INFERRED,
                         &[s.call.as_u128(), c.status as u128, now.as_micros() as u128, n],
@@ -769,7 +790,7 @@ async fn run_effects(
                 });
             }
             Effect::Finish => {
-                if s.outbox.is_empty() {
+                if s.outbox.is_empty() && !s.media_pending {
                     myself.stop(Some("call ended".into()));
                 } else {
                     // Not before its last events are in the log.
@@ -880,11 +901,16 @@ async fn write_media(
     };
     let saved = (s.frames, s.stream_sid, s.stream_stopped_recorded);
     match append_media_events(s, items.clone()).await {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            s.media_pending = false;
+            Ok(())
+        }
         Err(e) if waits(&e) => {
-            // Nothing of the batch is in the log: undo what writing it counted.
+            // The batch is not acknowledged: undo what writing it counted and write it again
+            // later (records of it that did reach the disk come again under the same ids).
             (s.frames, s.stream_sid, s.stream_stopped_recorded) = saved;
             q.requeue(items);
+            s.media_pending = true;
             schedule_retry(myself, s);
             Ok(())
         }
@@ -969,8 +995,9 @@ pub fn control_id(call: CallSid, ev: &Event, at: Timestamp) -> EventId {
     let c = call.as_u128();
     match ev {
         Event::StreamStarted(s) => EventId::derive(id_kind::STREAM_STARTED, &[c, s.stream_sid.as_u128()]),
-        Event::Dtmf(d) => EventId::derive(id_kind::DTMF, &[c, u128::from(d.sequence)]),
-        Event::StreamMark(m) => EventId::derive(id_kind::MARK, &[c, u128::from(m.sequence)]),
+        // Sequence numbers start again on each stream of a call.
+        Event::Dtmf(d) => EventId::derive(id_kind::DTMF, &[c, d.stream_sid.as_u128(), u128::from(d.sequence)]),
+        Event::StreamMark(m) => EventId::derive(id_kind::MARK, &[c, m.stream_sid.as_u128(), u128::from(m.sequence)]),
         // A call can have several streams (re-attached after a drop): each stops once.
         Event::StreamStopped(st) => EventId::derive(id_kind::STREAM_STOPPED, &[c, stream_key(st.stream_sid, at)]),
         Event::StreamFault(f) => EventId::derive(id_kind::STREAM_FAULT, &[c, stream_key(f.stream_sid, at)]),
@@ -1195,6 +1222,23 @@ mod tests {
         assert!(c
             .apply(CallInput::StreamEnded { reason: StopReason::Disconnected, stream_sid: None }, t(31))
             .is_empty());
+    }
+
+    #[test]
+    fn control_ids_are_per_stream() {
+        use voxgate_protocol::event::{Dtmf, StreamMark};
+        let call = CallSid::from_u128(7);
+        let (a, b) = (StreamSid::from_u128(1), StreamSid::from_u128(2));
+        // Twilio numbers each stream's messages from 1: the second stream's must not look like
+        // repeats of the first's.
+        let dtmf = |s| Event::Dtmf(Dtmf { stream_sid: s, digit: "1".into(), sequence: 5 });
+        let mark = |s| Event::StreamMark(StreamMark { stream_sid: s, name: "m".into(), sequence: 5 });
+        let stop =
+            |s| Event::StreamStopped(StreamStopped { stream_sid: Some(s), reason: StopReason::Twilio, frames: 0 });
+        for ev in [dtmf, mark, stop] {
+            assert_ne!(control_id(call, &ev(a), t(1)), control_id(call, &ev(b), t(1)));
+            assert_eq!(control_id(call, &ev(a), t(1)), control_id(call, &ev(a), t(2)), "a retry is the same event");
+        }
     }
 
     #[test]

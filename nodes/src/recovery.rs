@@ -76,10 +76,11 @@ pub async fn restore(state: &AppState) -> anyhow::Result<usize> {
         };
         let started =
             ractor::call!(state.supervisor, |reply: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), reply));
+        // One call that cannot come back must not keep the node from serving the others.
         match started {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => anyhow::bail!("restoring call {call}: {e}"),
-            Err(e) => anyhow::bail!("restoring call {call}: {e}"),
+            Ok(Err(e)) => tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored"),
+            Err(e) => tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored"),
         }
     }
     if !open.is_empty() {

@@ -442,6 +442,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     if let Some((_, _, task)) = analytics {
         task.abort();
     }
+    // A log that cannot write (a full disk) must not hold the stages' shutdown.
+    log.begin_close();
     for c in claimed {
         c.stop().await;
     }

@@ -284,7 +284,6 @@ impl Tenancy {
         lock(&self.gate).decide(attempt)
     }
 
-    /// The quota place of an accepted call, released when dropped.
     /// The quota place of a call already in progress (restored after a restart): it counts
     /// again, whatever the quota says now.
     pub fn resume(&self, tenant: AccountSid, call: CallSid) -> QuotaSlot {
@@ -292,6 +291,7 @@ impl Tenancy {
         self.slot(tenant, call)
     }
 
+    /// The quota place of an accepted call, released when dropped.
     pub fn slot(&self, tenant: AccountSid, call: CallSid) -> QuotaSlot {
         let (active, limit) = {
             let g = lock(&self.gate);

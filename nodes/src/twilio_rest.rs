@@ -31,10 +31,12 @@ impl TwilioRest {
 
     /// Ends the call: `Status=completed`. A 404 (the call is already over) counts as done.
     pub async fn complete_call(&self, tenancy: &Tenancy, tenant: AccountSid, call: CallSid) -> Result<u16, String> {
-        self.update_call(tenancy, tenant, call, &[("Status", "completed")], "ending").await
+        self.update_call(tenancy, tenant, call, &[("Status", "completed")], "ending", true).await
     }
 
-    /// Gives the live call new instructions: `Twiml=…` (a fresh `<Connect><Stream>`).
+    /// Gives the live call new instructions: `Twiml=…` (a fresh `<Connect><Stream>`). A request
+    /// that timed out is not sent again: Twilio may have applied it, and a second redirect would
+    /// tear down the stream the first one attached.
     pub async fn redirect_call(
         &self,
         tenancy: &Tenancy,
@@ -42,11 +44,11 @@ impl TwilioRest {
         call: CallSid,
         twiml: &str,
     ) -> Result<u16, String> {
-        self.update_call(tenancy, tenant, call, &[("Twiml", twiml)], "updating").await
+        self.update_call(tenancy, tenant, call, &[("Twiml", twiml)], "updating", false).await
     }
 
     /// `POST …/Calls/{CA}.json` with `form`, as the tenant, retried on 5xx, 429 and transport
-    /// errors. Returns the final HTTP status.
+    /// errors (timeouts too only if `idempotent`). Returns the final HTTP status.
     async fn update_call(
         &self,
         tenancy: &Tenancy,
@@ -54,6 +56,7 @@ impl TwilioRest {
         call: CallSid,
         form: &[(&str, &str)],
         what: &str,
+        idempotent: bool,
     ) -> Result<u16, String> {
         let token = tenancy.token(tenant).ok_or("unknown tenant")?;
         let url = format!("{}/2010-04-01/Accounts/{tenant}/Calls/{call}.json", self.base);
@@ -79,6 +82,10 @@ impl TwilioRest {
                     return Err(format!("Twilio refused {what} {call}: HTTP {}", resp.status()));
                 }
                 Ok(resp) => last = format!("HTTP {}", resp.status()),
+                Err(e) if e.is_timeout() && !idempotent => {
+                    metrics::counter!("voxgate_twilio_rest_requests_total", "outcome" => "failed").increment(1);
+                    return Err(format!("{what} {call} at Twilio timed out; not sent again: {e}"));
+                }
                 Err(e) => last = e.to_string(),
             }
             metrics::counter!("voxgate_twilio_rest_requests_total", "outcome" => "retry").increment(1);

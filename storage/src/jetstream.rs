@@ -103,7 +103,7 @@ struct Spool {
     tree: sled::Tree,
     /// Held while deciding "spool or publish" and while the forwarder empties the spool.
     gate: Mutex<SpoolGate>,
-    wake: tokio::sync::Notify,
+    wake: std::sync::Arc<tokio::sync::Notify>,
     active: AtomicBool,
 }
 
@@ -242,7 +242,7 @@ impl Cluster {
             Some(Spool {
                 tree,
                 gate: Mutex::new(SpoolGate { next }),
-                wake: tokio::sync::Notify::new(),
+                wake: std::sync::Arc::new(tokio::sync::Notify::new()),
                 active: AtomicBool::new(active),
             })
         } else {
@@ -622,8 +622,11 @@ pub(crate) async fn forward_spool(inner: Weak<Inner>) {
         drop(strong);
         let Some(s) = &c.spool else { return };
         if !s.active.load(Ordering::Acquire) {
-            // Woken by a spooled append, or re-check now and then.
-            let _ = tokio::time::timeout(Duration::from_millis(500), s.wake.notified()).await;
+            // Woken by a spooled append, or re-check now and then. The wait holds no handle on
+            // the database, so a closed log can be opened again at once.
+            let wake = s.wake.clone();
+            drop(c);
+            let _ = tokio::time::timeout(Duration::from_millis(500), wake.notified()).await;
             continue;
         }
         match c.forward().await {

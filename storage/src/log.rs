@@ -218,6 +218,16 @@ enum Held {
     State(Vec<u8>, Option<Vec<u8>>),
 }
 
+impl Held {
+    /// Which value it writes: cursor or state, and the key.
+    fn key(&self) -> (bool, Vec<u8>) {
+        match self {
+            Held::Cursor(k, _) => (true, k.clone()),
+            Held::State(k, _) => (false, k.clone()),
+        }
+    }
+}
+
 pub(crate) struct Inner {
     /// `None` only if a reopen failed (everything answers `Unavailable` until one succeeds).
     engine: RwLock<Option<Engine>>,
@@ -227,6 +237,11 @@ pub(crate) struct Inner {
     failure: watch::Sender<Option<String>>,
     /// Cursor and state writes held while writes fail, in order.
     held: Mutex<Vec<Held>>,
+    /// Cursor and state writes made on sled since the committer's last flush began, the latest
+    /// per key: if that flush fails they are held too, since the failed database takes them along.
+    unflushed: Mutex<HashMap<(bool, Vec<u8>), Held>>,
+    /// The node is shutting down: nothing waits for the log to become writable any more.
+    closing: watch::Sender<bool>,
     pub(crate) topics: Vec<Topic>,
     by_name: HashMap<String, usize>,
     clock: Arc<dyn Clock>,
@@ -310,16 +325,20 @@ impl Inner {
                 let mut at = part.next.lock().map_err(|_| StorageError::Closed)?;
                 let durable = *part.durable.borrow();
                 if n < durable {
+                    // Never hand out an offset a reader has passed.
                     tracing::error!(topic = %t.spec.name, partition = p, durable, on_disk = n, "records acknowledged as durable are missing after the reopen");
                 }
                 // Records inserted but never flushed are gone; the offsets go on from the disk.
+                let n = n.max(durable);
                 *at = n;
                 part.durable.send_replace(n);
             }
             t.generation.send_modify(|g| *g += 1);
         }
         let mut held = self.held.lock().map_err(|_| StorageError::Closed)?;
-        for w in held.drain(..) {
+        // Writes the failed database took along (older), then those held since (newer).
+        let lost = std::mem::take(&mut *self.unflushed.lock().map_err(|_| StorageError::Closed)?);
+        for w in lost.into_values().chain(held.drain(..)) {
             match w {
                 Held::Cursor(k, v) => {
                     engine.cursors.insert(k, &v)?;
@@ -643,6 +662,8 @@ impl Log {
             cache_bytes,
             failure: watch::channel(None).0,
             held: Mutex::new(Vec::new()),
+            unflushed: Mutex::new(HashMap::new()),
+            closing: watch::channel(false).0,
             topics,
             by_name,
             clock,
@@ -681,10 +702,20 @@ impl Log {
         self.inner.cluster.is_none()
     }
 
-    /// Waits until the log can write again.
-    async fn writable(&self) {
-        let mut rx = self.inner.failure.subscribe();
-        let _ = rx.wait_for(|f| f.is_none()).await;
+    /// Waits until the log can write again; false if the node shuts down first.
+    async fn writable(&self) -> bool {
+        let mut failure = self.inner.failure.subscribe();
+        let mut closing = self.inner.closing.subscribe();
+        tokio::select! {
+            r = failure.wait_for(|f| f.is_none()) => r.is_ok(),
+            _ = closing.wait_for(|c| *c) => self.inner.failure.borrow().is_none(),
+        }
+    }
+
+    /// The node is shutting down: appends and syncs stop waiting for a failed log to reopen and
+    /// return its error instead.
+    pub fn begin_close(&self) {
+        self.inner.closing.send_replace(true);
     }
 
     /// Holds a cursor or state write made while writes fail; true if it was held.
@@ -710,7 +741,15 @@ impl Log {
         }
         let r = write(&*self.engine()?);
         match r {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if self.reopens() {
+                    if let Ok(mut u) = self.inner.unflushed.lock() {
+                        let w = held();
+                        u.insert(w.key(), w);
+                    }
+                }
+                Ok(())
+            }
             Err(e) => {
                 self.inner.fail(describe(&e));
                 if self.hold(&held) {
@@ -777,7 +816,11 @@ impl Log {
             // A stage's append waits out a write failure (the log reopens) and goes again.
             None => loop {
                 match self.append_local(ti, partition, payload).await {
-                    Err(e) if self.held_back(&e) => self.writable().await,
+                    Err(e) if self.held_back(&e) => {
+                        if !self.writable().await {
+                            return Err(e);
+                        }
+                    }
                     r => break r?,
                 }
             },
@@ -840,7 +883,11 @@ impl Log {
         // Like `append`, a stage's batch waits out a write failure and goes again, whole.
         loop {
             match self.append_many_local(ti, t.spec.partitions, &items, &mut out).await {
-                Err(e) if self.held_back(&e) => self.writable().await,
+                Err(e) if self.held_back(&e) => {
+                    if !self.writable().await {
+                        return Err(e);
+                    }
+                }
                 r => break r?,
             }
         }
@@ -1011,8 +1058,9 @@ impl Log {
             let offset = *next;
             if let Err(e) = engine.trees[ti].insert(record_key(partition, offset), value) {
                 drop((next, engine));
-                self.inner.fail(describe(&e));
-                return Err(e.into());
+                let why = describe(&e);
+                self.inner.fail(why.clone());
+                return Err(StorageError::Unavailable(why));
             }
             *next += 1;
             offset
@@ -1030,7 +1078,11 @@ impl Log {
     pub async fn sync(&self) -> Result<(), StorageError> {
         loop {
             match self.sync_local().await {
-                Err(e) if self.held_back(&e) => self.writable().await,
+                Err(e) if self.held_back(&e) => {
+                    if !self.writable().await {
+                        return Err(e);
+                    }
+                }
                 r => break r?,
             }
         }
@@ -1316,12 +1368,30 @@ fn committer(inner: std::sync::Weak<Inner>, queue: Arc<CommitQueue>) {
             return;
         };
         let started = Instant::now();
+        // Cursor and state writes this flush covers, kept until it succeeds.
+        let covered = match strong.unflushed.lock() {
+            Ok(mut u) => std::mem::take(&mut *u),
+            Err(_) => HashMap::new(),
+        };
         let result = match strong.engine() {
             Ok(engine) => engine.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(describe(&e))),
             Err(e) => Err(e),
         };
         if let Err(StorageError::Flush(why)) = &result {
             strong.fail(why.clone());
+            // They are gone with the failed database: hold them (oldest first) for the reopen.
+            if strong.failure.borrow().is_some() {
+                if let Ok(mut h) = strong.held.lock() {
+                    h.splice(0..0, covered.into_values());
+                }
+            }
+        } else if result.is_err() {
+            if let Ok(mut u) = strong.unflushed.lock() {
+                for (k, w) in covered {
+                    // A newer write of the same key wins.
+                    u.entry(k).or_insert(w);
+                }
+            }
         }
         metrics::histogram!("voxgate_log_flush_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("voxgate_log_group_commit_size").record(batch.len() as f64);
