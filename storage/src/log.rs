@@ -316,10 +316,21 @@ impl Inner {
     fn reopen(&self) -> Result<(), StorageError> {
         let specs: Vec<TopicSpec> = self.topics.iter().map(|t| t.spec.clone()).collect();
         let mut g = self.engine.write().map_err(|_| StorageError::Closed)?;
-        // sled holds a lock on its directory: the failed database goes first.
+        // sled holds a lock on its directory: the failed database goes first. Its I/O threads may
+        // let go of the directory a moment later, so opening is tried a few times.
         drop(g.take());
-        let db = Log::open_db(&self.dir, self.cache_bytes)?;
-        let (engine, nexts) = Engine::open(db, &specs)?;
+        let mut tries = 0;
+        let (engine, nexts) = loop {
+            match Log::open_db(&self.dir, self.cache_bytes).and_then(|db| Engine::open(db, &specs)) {
+                Ok(opened) => break opened,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, tries, "reopening the event log");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         for (t, next) in self.topics.iter().zip(nexts) {
             for (p, (part, n)) in t.partitions.iter().zip(next).enumerate() {
                 let mut at = part.next.lock().map_err(|_| StorageError::Closed)?;
@@ -1136,7 +1147,12 @@ impl Log {
         if from >= head || max == 0 {
             return Ok(from);
         }
-        let engine = self.engine()?;
+        let engine = match self.engine() {
+            Ok(e) => e,
+            // A failed reopen: nothing new to read until one succeeds.
+            Err(StorageError::Unavailable(_)) => return Ok(from),
+            Err(e) => return Err(e),
+        };
         for kv in engine.trees[ti].range(record_key(partition, from)..record_key(partition, head)).take(max) {
             let (k, v) = kv?;
             let offset = offset_of(&k).ok_or_else(|| StorageError::CorruptKey(topic.to_owned()))?;
