@@ -8,7 +8,8 @@
 #   scenarios/limits.sh talking 1 2 4             # concurrent talking calls, STT on
 #
 # DURATION (default 30 s) sets each step's length; OUT (default target/limits) keeps the JSON;
-# VOXGATE (default the release build) names another voxgate binary, for A/B runs.
+# VOXGATE (default the release build) names another voxgate binary, for A/B runs; CALLS adds
+# lines to the node's [calls] table (e.g. CALLS='batch_ms = 200').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: scenarios/limits.sh webhooks|streams|talking N...}
@@ -35,6 +36,8 @@ public_url = "https://load.voxgate.test"
 [stt]
 enabled = $stt
 model_dir = "$PWD/models/whisper-tiny.en"
+[calls]
+${CALLS:-}
 [quotas]
 max_concurrent_calls = 100000
 calls_per_second = 100000

@@ -50,6 +50,8 @@ struct OpenStream {
     first_offset: u64,
     /// Segments already in the speech log (from before a restart).
     emitted: u32,
+    /// `emitted` moved since its state was last stored.
+    dirty: bool,
 }
 
 struct PartitionState {
@@ -166,6 +168,7 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
                         transcoder: StreamTranscoder::new(&s.config),
                         first_offset: r.offset,
                         emitted,
+                        dirty: false,
                     },
                 );
             }
@@ -196,10 +199,11 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
         metrics::counter!("voxgate_speech_segments_total").increment(out.len() as u64);
     }
     let part = &mut s.partitions[p as usize];
-    for (sid, open) in &part.streams {
-        if open.emitted > 0 {
-            s.log.put_state(STATE, &sid.as_u128().to_be_bytes(), &open.emitted.to_be_bytes())?;
-        }
+    // Only the streams that cut a segment in this batch (with a thousand open streams, storing
+    // every one on each poll was most of the stage's writes).
+    for (sid, open) in part.streams.iter_mut().filter(|(_, o)| o.dirty) {
+        s.log.put_state(STATE, &sid.as_u128().to_be_bytes(), &open.emitted.to_be_bytes())?;
+        open.dirty = false;
     }
     for sid in &finished {
         s.log.delete_state(STATE, &sid.as_u128().to_be_bytes())?;
@@ -225,6 +229,7 @@ fn emit(
             continue; // already in the speech log before a restart
         }
         open.emitted = seg.index + 1;
+        open.dirty = true;
         let mut pcm = Vec::with_capacity(seg.pcm16.len() * 2);
         for x in &seg.pcm16 {
             pcm.extend_from_slice(&x.to_le_bytes());
