@@ -361,8 +361,7 @@ impl StreamQueue {
     /// Queues an item observed at `at`. Audio beyond the bound pushes out the oldest audio.
     /// Returns the frames shed by this push.
     pub fn push(&self, at: Timestamp, item: StreamItem) -> u32 {
-        let mut shed = 0;
-        {
+        let shed = {
             let Ok(mut s) = self.state.lock() else {
                 return 0;
             };
@@ -370,17 +369,8 @@ impl StreamQueue {
                 s.audio_frames += b.frames;
             }
             s.items.push_back((at, item));
-            while s.audio_frames > self.max_audio_frames {
-                let Some(i) = s.items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))) else {
-                    break;
-                };
-                if let Some((_, StreamItem::Audio(b))) = s.items.remove(i) {
-                    s.audio_frames -= b.frames;
-                    shed += b.frames;
-                }
-            }
-            s.shed_frames += shed;
-        }
+            self.keep_bound(&mut s)
+        };
         self.ready.notify_one();
         shed
     }
@@ -395,6 +385,11 @@ impl StreamQueue {
             }
             s.items.push_front((at, item));
         }
+        self.keep_bound(&mut s);
+    }
+
+    /// Sheds the oldest audio until the queue is within its bound; returns the frames shed.
+    fn keep_bound(&self, s: &mut QueueState) -> u32 {
         let mut shed = 0;
         while s.audio_frames > self.max_audio_frames {
             let Some(i) = s.items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))) else {
@@ -406,6 +401,7 @@ impl StreamQueue {
             }
         }
         s.shed_frames += shed;
+        shed
     }
 
     /// Takes everything queued, and the frames shed since the last take.
@@ -851,8 +847,8 @@ async fn record_stream_stopped(
         return Ok(());
     }
     let ev = Event::StreamStopped(StreamStopped { stream_sid: s.stream_sid, reason, frames: s.frames });
-    let items = vec![(now, StreamItem::Control(ev))];
-    write_media(myself, s, items).await
+    let mut items = vec![(now, StreamItem::Control(ev))];
+    write_media(myself, s, &mut items).await
 }
 
 /// Moves everything the WebSocket queued into the media log, in order.
@@ -884,7 +880,8 @@ async fn pump(myself: &ActorRef<CallMsg>, s: &mut CallActorState) -> Result<(), 
         s.drained = items;
         return Ok(());
     }
-    let r = write_media(myself, s, std::mem::take(&mut items)).await;
+    let r = write_media(myself, s, &mut items).await;
+    // Empty again, with its capacity, for the next pump.
     s.drained = items;
     r
 }
@@ -894,14 +891,17 @@ async fn pump(myself: &ActorRef<CallMsg>, s: &mut CallActorState) -> Result<(), 
 async fn write_media(
     myself: &ActorRef<CallMsg>,
     s: &mut CallActorState,
-    items: Vec<(Timestamp, StreamItem)>,
+    items: &mut Vec<(Timestamp, StreamItem)>,
 ) -> Result<(), voxgate_storage::StorageError> {
     let Some(q) = s.queue.clone() else {
-        return append_media_events(s, items).await.map(|_| ());
+        let r = append_media_events(s, items).await;
+        items.clear();
+        return r;
     };
     let saved = (s.frames, s.stream_sid, s.stream_stopped_recorded);
-    match append_media_events(s, items.clone()).await {
+    match append_media_events(s, items).await {
         Ok(()) => {
+            items.clear();
             s.media_pending = false;
             Ok(())
         }
@@ -909,7 +909,7 @@ async fn write_media(
             // The batch is not acknowledged: undo what writing it counted and write it again
             // later (records of it that did reach the disk come again under the same ids).
             (s.frames, s.stream_sid, s.stream_stopped_recorded) = saved;
-            q.requeue(items);
+            q.requeue(std::mem::take(items));
             s.media_pending = true;
             schedule_retry(myself, s);
             Ok(())
@@ -920,7 +920,7 @@ async fn write_media(
 
 async fn append_media_events(
     s: &mut CallActorState,
-    items: Vec<(Timestamp, StreamItem)>,
+    items: &[(Timestamp, StreamItem)],
 ) -> Result<(), voxgate_storage::StorageError> {
     let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(items.len());
     // The gap this batch closes (a new stream after a drop), in ms.
@@ -928,15 +928,18 @@ async fn append_media_events(
     // The oldest item's arrival: how long audio waits between the WebSocket and the durable log.
     let oldest = items.first().map(|(at, _)| *at);
     for (at, item) in items {
+        let at = *at;
+        // Items stay with the caller until the log has them; a batch's payload is shared, not copied.
         let (id, ev) = match item {
             StreamItem::Audio(b) => {
                 s.frames += u64::from(b.frames);
                 (
                     EventId::derive(id_kind::MEDIA_BATCH, &[b.stream_sid.as_u128(), u128::from(b.first_sequence)]),
-                    Event::MediaBatch(b),
+                    Event::MediaBatch(b.clone()),
                 )
             }
-            StreamItem::Control(mut ev) => {
+            StreamItem::Control(ev) => {
+                let mut ev = ev.clone();
                 match &mut ev {
                     Event::StreamStarted(st) => {
                         s.stream_sid = Some(st.stream_sid);

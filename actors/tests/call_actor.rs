@@ -56,14 +56,7 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
     let actor = ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap();
     let queue = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
     let sid = StreamSid::from_u128(9);
-    queue.push(
-        clock.now(),
-        StreamItem::Control(Event::StreamStarted(StreamStarted {
-            stream_sid: sid,
-            tracks: vec!["inbound".into()],
-            custom_parameters: vec![],
-        })),
-    );
+    start(&queue, clock.as_ref(), sid);
     // 2 s of audio arrives while the actor cannot run (this runtime has one thread and we do not
     // yield): the queue holds 400 ms, so 1.6 s must be shed, oldest first.
     for i in 0..20u64 {
@@ -72,22 +65,9 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
             StreamItem::Audio(media_batch(sid, i * 5 + 2, i * 100, 5, 0, Bytes::from(vec![0xFF; 800]))),
         );
     }
-    queue.push(
-        clock.now(),
-        StreamItem::Control(Event::StreamStopped(StreamStopped {
-            stream_sid: Some(sid),
-            reason: StopReason::Twilio,
-            frames: 0,
-        })),
-    );
+    stopped(&queue, clock.as_ref(), sid, StopReason::Twilio);
     actor.cast(CallMsg::StreamEnded { reason: StopReason::Twilio }).unwrap();
-    let r = ractor::call!(actor, |reply| CallMsg::Status {
-        status: CallStatus::Completed,
-        sequence: Some(1),
-        duration_secs: Some(2),
-        reply
-    });
-    assert_eq!(r.unwrap(), Ok(()));
+    complete(&actor).await;
 
     let media = events(&log, topics::MEDIA, call);
     let kinds: Vec<&str> = media.iter().map(|e| e.kind()).collect();
@@ -149,6 +129,17 @@ fn start(queue: &voxgate_actors::call::StreamQueue, clock: &dyn Clock, sid: Stre
     );
 }
 
+/// Twilio's `completed` callback; the call's events are durable when it returns.
+async fn complete(actor: &ractor::ActorRef<CallMsg>) {
+    let r = ractor::call!(actor, |reply| CallMsg::Status {
+        status: CallStatus::Completed,
+        sequence: Some(1),
+        duration_secs: Some(2),
+        reply
+    });
+    assert_eq!(r.unwrap(), Ok(()));
+}
+
 fn stopped(queue: &voxgate_actors::call::StreamQueue, clock: &dyn Clock, sid: StreamSid, reason: StopReason) {
     queue.push(
         clock.now(),
@@ -201,13 +192,7 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
     start(&q3, clock.as_ref(), s3);
     stopped(&q3, clock.as_ref(), s3, StopReason::Twilio);
     actor.cast(CallMsg::StreamEnded { reason: StopReason::Twilio }).unwrap();
-    let r = ractor::call!(actor, |reply| CallMsg::Status {
-        status: CallStatus::Completed,
-        sequence: Some(1),
-        duration_secs: Some(2),
-        reply
-    });
-    assert_eq!(r.unwrap(), Ok(()));
+    complete(&actor).await;
     assert_eq!(*twilio.asked.lock().unwrap(), vec![call]);
 
     let calls = events(&log, topics::CALLS, call);
