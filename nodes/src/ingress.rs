@@ -44,6 +44,31 @@ pub struct AppState {
     pub control: Arc<dyn voxgate_actors::call::CallControl>,
 }
 
+impl AppState {
+    /// Starts the actor of `call` (or finds the running one), holding its quota place.
+    pub async fn start_call(
+        &self,
+        tenant: AccountSid,
+        call: CallSid,
+        status: voxgate_protocol::event::CallStatus,
+        received_at: voxgate_protocol::Timestamp,
+        slot: crate::tenancy::QuotaSlot,
+    ) -> Result<Result<ActorRef<CallMsg>, String>, ractor::RactorErr<SupervisorMsg>> {
+        let args = CallArgs {
+            tenant,
+            call,
+            status,
+            received_at,
+            config: self.cfg.calls.clone(),
+            log: self.log.clone(),
+            clock: self.clock.clone(),
+            quota_slot: Some(Box::new(slot)),
+            control: Some(self.control.clone()),
+        };
+        ractor::call!(self.supervisor, |reply: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), reply))
+    }
+}
+
 /// The routes Twilio and operators reach on the main listener.
 pub fn router(state: AppState) -> Router {
     let twilio = Router::new()
@@ -296,19 +321,7 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
             return r;
         }
     }
-    let args = CallArgs {
-        tenant: account,
-        call,
-        status: hook.call_status,
-        received_at,
-        config: state.cfg.calls.clone(),
-        log: state.log.clone(),
-        clock: state.clock.clone(),
-        quota_slot: Some(Box::new(slot)),
-        control: Some(state.control.clone()),
-    };
-    let started =
-        ractor::call!(state.supervisor, |reply: RpcReplyPort<_>| { SupervisorMsg::Start(Box::new(args), reply) });
+    let started = state.start_call(account, call, hook.call_status, received_at, slot).await;
     if !matches!(started, Ok(Ok(_))) {
         // The call is in the log; Twilio will retry the webhook and the retry starts the actor.
         tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, result = ?started.err(), "call actor did not start");

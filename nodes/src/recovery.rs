@@ -5,8 +5,6 @@
 
 use std::collections::HashMap;
 
-use ractor::RpcReplyPort;
-use voxgate_actors::call::{CallArgs, SupervisorMsg};
 use voxgate_protocol::event::{CallStatus, Event};
 use voxgate_protocol::{AccountSid, CallSid, Timestamp};
 use voxgate_storage::{topics, Log, StorageError};
@@ -63,19 +61,8 @@ pub fn open_calls(log: &Log) -> Result<Vec<(CallSid, OpenCall)>, StorageError> {
 pub async fn restore(state: &AppState) -> anyhow::Result<usize> {
     let open = open_calls(&state.log)?;
     for (call, o) in &open {
-        let args = CallArgs {
-            tenant: o.tenant,
-            call: *call,
-            status: o.status,
-            received_at: o.received_at,
-            config: state.cfg.calls.clone(),
-            log: state.log.clone(),
-            clock: state.clock.clone(),
-            quota_slot: Some(Box::new(state.tenancy.resume(o.tenant, *call))),
-            control: Some(state.control.clone()),
-        };
-        let started =
-            ractor::call!(state.supervisor, |reply: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), reply));
+        let slot = state.tenancy.resume(o.tenant, *call);
+        let started = state.start_call(o.tenant, *call, o.status, o.received_at, slot).await;
         // One call that cannot come back must not keep the node from serving the others.
         match started {
             Ok(Ok(_)) => {}
