@@ -857,18 +857,31 @@ impl Log {
         out: &mut Vec<Position>,
     ) -> Result<(), StorageError> {
         out.clear();
-        let mut last = None;
-        for &(key, payload) in items {
-            let partition = partition_for(key, partitions);
-            let (offset, rx) = self.insert(ti, partition, payload)?;
-            out.push(Position { partition, offset });
-            // Earlier inserts are covered by the flush that covers the last one.
-            last = Some(rx);
-        }
-        match last {
+        match self.insert_many(ti, partitions, items.iter().copied(), Some(out))? {
             Some(rx) => Self::await_durable(rx).await,
             None => Ok(()),
         }
+    }
+
+    /// Inserts `items`, each to its key's partition (their positions into `out`); the receiver of
+    /// the last one covers them all, since one flush makes every earlier insert durable too.
+    fn insert_many<'a>(
+        &self,
+        ti: usize,
+        partitions: u32,
+        items: impl Iterator<Item = (u64, &'a [u8])>,
+        mut out: Option<&mut Vec<Position>>,
+    ) -> Result<Option<oneshot::Receiver<Result<(), StorageError>>>, StorageError> {
+        let mut last = None;
+        for (key, payload) in items {
+            let partition = partition_for(key, partitions);
+            let (offset, rx) = self.insert(ti, partition, payload)?;
+            if let Some(out) = out.as_deref_mut() {
+                out.push(Position { partition, offset });
+            }
+            last = Some(rx);
+        }
+        Ok(last)
     }
 
     /// Appends several records (each to its key's partition) and waits for one flush for all.
@@ -959,9 +972,10 @@ impl Log {
             // As in `append_or_spool`: a write failure is an error at once.
             let started = Instant::now();
             let (ti, t) = self.topic(topic)?;
-            let items: Vec<(u64, &[u8])> = items.into_iter().collect();
-            let mut out = Vec::with_capacity(items.len());
-            self.append_many_local(ti, t.spec.partitions, &items, &mut out).await?;
+            // Inserted before any wait, so nothing of `items` is held across it.
+            if let Some(rx) = self.insert_many(ti, t.spec.partitions, items.into_iter(), None)? {
+                Self::await_durable(rx).await?;
+            }
             metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
                 .record(started.elapsed().as_secs_f64());
             return Ok(());
