@@ -212,8 +212,15 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
     s.progress.set(p, next);
     let commit = part.streams.values().map(|o| o.first_offset).min().unwrap_or(next).min(next);
     s.log.store_cursor(CURSOR, topics::MEDIA, p, commit)?;
-    s.log.sync().await?;
-    Ok(s.records.len() == READ_BATCH)
+    let more = s.records.len() == READ_BATCH;
+    // The speech this batch cut is durable already (`append_many` waited for it), so the cursor
+    // and state may reach the disk with a later flush: a restart before it only cuts the same
+    // segments again, under the same ids. Waiting for a flush per batch while behind held the
+    // stage to one batch per group commit; it syncs once it has caught up.
+    if !more {
+        s.log.sync().await?;
+    }
+    Ok(more)
 }
 
 fn emit(
