@@ -13,6 +13,7 @@
 pub mod jetstream;
 pub mod log;
 pub mod topics;
+mod values;
 
 pub use jetstream::{Appended, ClusterOptions};
 pub use log::{Log, Position, Record, RetentionReport, StorageError, TopicSpec};

@@ -13,6 +13,11 @@
 //! and wakes the waiters. Readers see only records below the durable head, so no stage ever acts
 //! on an event that a crash could still take back.
 //!
+//! Bulk topics (audio, speech) keep their payloads in append-only value files beside sled, and
+//! the tree a 29-byte pointer to each ([`crate::values`]): sled rewrites whole leaf pages, which
+//! for kilobyte records wrote every byte several times. The committer syncs the value files
+//! before each flush.
+//!
 //! Write failures (the data disk full, an I/O error): sled marks itself failed after one, for
 //! good. The log then refuses ingress appends at once ([`StorageError::Unavailable`]), holds the
 //! stages' appends, cursors and state until it is writable again, and a recovery thread reopens
@@ -31,6 +36,10 @@ use voxgate_protocol::{Clock, Timestamp};
 
 use crate::jetstream::{Appended, Bucket, Cluster, ClusterOptions};
 use crate::topics::Retention;
+use crate::values::{Mark, Pointer, Values};
+
+/// In `__meta`: how far the value files were synced at the last good flush ([`Mark`]).
+const VALUES_SYNCED: &str = "values/synced";
 
 /// Errors at the storage boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -54,6 +63,8 @@ pub enum StorageError {
     Closed,
     #[error("corrupt record key in topic {0:?}")]
     CorruptKey(String),
+    #[error("corrupt log: {0}")]
+    Corrupt(String),
     #[error("NATS JetStream: {0}")]
     JetStream(String),
     #[error("data directory {dir} holds a {found} log, not a {wanted} one; use another data directory")]
@@ -83,11 +94,19 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: u32,
     pub retention: Retention,
+    /// Payloads go to the value files, not into sled's tree (audio; on the sled backend).
+    pub bulk: bool,
 }
 
 impl TopicSpec {
     pub fn new(name: &str, partitions: u32, retention: Retention) -> Self {
-        Self { name: name.to_owned(), partitions: partitions.max(1), retention }
+        Self { name: name.to_owned(), partitions: partitions.max(1), retention, bulk: false }
+    }
+
+    /// Marks the topic's payloads as bulk (see [`TopicSpec::bulk`]).
+    pub fn bulk(mut self) -> Self {
+        self.bulk = true;
+        self
     }
 }
 
@@ -98,26 +117,49 @@ pub struct Position {
     pub offset: u64,
 }
 
-/// One record read back from the log. Holds sled's buffer: reading does not copy the payload.
+/// One record read back from the log: `appended_at ‖ payload`. An inline record holds sled's
+/// buffer (reading does not copy it); a bulk one the bytes read from its value file.
 #[derive(Clone)]
 pub struct Record {
     pub partition: u32,
     pub offset: u64,
-    value: sled::IVec,
+    value: Stored,
+}
+
+#[derive(Clone)]
+enum Stored {
+    Inline(sled::IVec),
+    Bulk(bytes::Bytes),
 }
 
 impl Record {
+    fn bytes(&self) -> &[u8] {
+        match &self.value {
+            Stored::Inline(v) => v,
+            Stored::Bulk(b) => b,
+        }
+    }
+
     /// When the record was appended (the log's clock).
     pub fn appended_at(&self) -> Timestamp {
         let mut b = [0u8; 8];
-        b.copy_from_slice(&self.value[..8]);
+        b.copy_from_slice(&self.bytes()[..8]);
         Timestamp(i64::from_be_bytes(b))
     }
 
     /// The record's bytes as appended.
     pub fn payload(&self) -> &[u8] {
-        &self.value[8..]
+        &self.bytes()[8..]
     }
+}
+
+/// When a stored value (inline or pointer) was appended.
+fn stored_appended_at(v: &[u8]) -> Option<i64> {
+    let b = match Pointer::decode(v) {
+        Some(_) => v.get(1..9)?,
+        None => v.get(..8)?,
+    };
+    Some(i64::from_be_bytes(b.try_into().ok()?))
 }
 
 impl std::fmt::Debug for Record {
@@ -134,6 +176,8 @@ impl std::fmt::Debug for Record {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RetentionReport {
     pub removed: HashMap<String, u64>,
+    /// Value files deleted because no record points into them any more.
+    pub value_files_removed: usize,
 }
 
 pub(crate) struct Partition {
@@ -158,6 +202,7 @@ struct Waiter {
 /// sled's handles, replaced together when the database is reopened after a write failure.
 pub(crate) struct Engine {
     db: sled::Db,
+    meta: sled::Tree,
     /// One per topic, in the order of `Inner::topics`.
     pub(crate) trees: Vec<sled::Tree>,
     cursors: sled::Tree,
@@ -165,9 +210,10 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    /// Opens the trees of `specs` on `db` (checking their partition counts), and reads each
-    /// partition's next offset off the disk.
-    fn open(db: sled::Db, specs: &[TopicSpec]) -> Result<(Self, Vec<Vec<u64>>), StorageError> {
+    /// Opens the trees of `specs` on `db` (checking their partition counts), drops the records
+    /// whose values were never synced (with value files), and reads each partition's next offset
+    /// off the disk.
+    fn open(db: sled::Db, specs: &[TopicSpec], values: bool) -> Result<(Self, Vec<Vec<u64>>), StorageError> {
         let meta = db.open_tree("__meta")?;
         let cursors = db.open_tree("__cursors")?;
         let state = db.open_tree("__state")?;
@@ -195,6 +241,10 @@ impl Engine {
                 }
             }
             let tree = db.open_tree(format!("topic/{}", spec.name))?;
+            if values {
+                let synced = meta.get(VALUES_SYNCED)?.and_then(|v| Mark::decode(&v));
+                truncate_unsynced(&tree, spec, synced)?;
+            }
             let mut next = Vec::with_capacity(spec.partitions as usize);
             for p in 0..spec.partitions {
                 next.push(match tree.scan_prefix(p.to_be_bytes()).next_back() {
@@ -208,8 +258,36 @@ impl Engine {
             trees.push(tree);
             nexts.push(next);
         }
-        Ok((Self { db, trees, cursors, state }, nexts))
+        Ok((Self { db, meta, trees, cursors, state }, nexts))
     }
+}
+
+/// Removes, from the end of each partition of `tree`, the records whose values lie past what the
+/// value files were synced to (`synced`; `None`: never). Within a partition values are written
+/// in offset order, so these are a suffix; none of them was acknowledged or shown to a reader (an
+/// acknowledgement waits for a sync that covers it), so dropping them loses nothing and keeps the
+/// offsets dense.
+fn truncate_unsynced(tree: &sled::Tree, spec: &TopicSpec, synced: Option<Mark>) -> Result<(), StorageError> {
+    for p in 0..spec.partitions {
+        let mut dropped = 0u64;
+        for kv in tree.scan_prefix(p.to_be_bytes()).rev() {
+            let (k, v) = kv?;
+            match Pointer::decode(&v) {
+                Some(Ok(ptr)) if synced.is_none_or(|m| ptr.end() > m) => {
+                    tree.remove(k)?;
+                    dropped += 1;
+                }
+                Some(Err(())) => {
+                    return Err(StorageError::Corrupt(format!("bad value pointer in topic {:?}", spec.name)))
+                }
+                _ => break,
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(topic = %spec.name, partition = p, dropped, "dropped records written but never synced before the log was last closed");
+        }
+    }
+    Ok(())
 }
 
 /// A cursor or state write made while the log could not write; applied when it reopens.
@@ -247,6 +325,8 @@ pub(crate) struct Inner {
     clock: Arc<dyn Clock>,
     commits: Arc<CommitQueue>,
     closed: AtomicBool,
+    /// The value files of bulk topics (the sled backend only).
+    values: Option<Values>,
     /// The JetStream log of record, when this node is part of a cluster.
     pub(crate) cluster: Option<Arc<Cluster>>,
 }
@@ -275,6 +355,16 @@ impl std::ops::Deref for EngineRef<'_> {
 }
 
 impl Inner {
+    /// Syncs the value files, records how far, and flushes sled: one group commit.
+    fn flush(&self, engine: &Engine) -> Result<(), StorageError> {
+        if let Some(values) = &self.values {
+            if let Some(mark) = values.sync()? {
+                engine.meta.insert(VALUES_SYNCED, &mark.encode()).map_err(|e| StorageError::Flush(describe(&e)))?;
+            }
+        }
+        engine.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(describe(&e)))
+    }
+
     pub(crate) fn engine(&self) -> Result<EngineRef<'_>, StorageError> {
         let g = self.engine.read().map_err(|_| StorageError::Closed)?;
         if g.is_none() {
@@ -321,7 +411,9 @@ impl Inner {
         drop(g.take());
         let mut tries = 0;
         let (engine, nexts) = loop {
-            match Log::open_db(&self.dir, self.cache_bytes).and_then(|db| Engine::open(db, &specs)) {
+            match Log::open_db(&self.dir, self.cache_bytes)
+                .and_then(|db| Engine::open(db, &specs, self.values.is_some()))
+            {
                 Ok(opened) => break opened,
                 Err(e) if tries < 20 => {
                     tries += 1;
@@ -361,6 +453,10 @@ impl Inner {
                     engine.state.remove(k)?;
                 }
             }
+        }
+        if let Some(v) = &self.values {
+            // Nothing more goes after bytes whose sync may have failed.
+            v.roll()?;
         }
         engine.db.flush()?;
         *g = Some(engine);
@@ -658,7 +754,12 @@ impl Log {
         clock: Arc<dyn Clock>,
         cluster: Option<Arc<Cluster>>,
     ) -> Result<Self, StorageError> {
-        let (engine, nexts) = Engine::open(db, specs)?;
+        // Value files on the sled backend; a cluster node's local trees mirror JetStream inline.
+        let values = match cluster {
+            None => Some(Values::open(&dir.join("values"))?),
+            Some(_) => None,
+        };
+        let (engine, nexts) = Engine::open(db, specs, values.is_some())?;
         let mut topics = Vec::with_capacity(specs.len());
         let mut by_name = HashMap::new();
         for (spec, next) in specs.iter().zip(nexts) {
@@ -680,6 +781,7 @@ impl Log {
             clock,
             commits: Arc::new(CommitQueue::default()),
             closed: AtomicBool::new(false),
+            values,
             cluster,
         });
         let (weak, queue) = (Arc::downgrade(&inner), inner.commits.clone());
@@ -1072,15 +1174,32 @@ impl Log {
         let t = &self.inner.topics[ti];
         let part = &t.partitions[partition as usize];
         let now = self.inner.clock.now();
-        let mut value = Vec::with_capacity(8 + payload.len());
-        value.extend_from_slice(&now.as_micros().to_be_bytes());
-        value.extend_from_slice(payload);
+        let bulk = self.inner.values.as_ref().filter(|_| t.spec.bulk);
+        let inline = || {
+            let mut value = Vec::with_capacity(8 + payload.len());
+            value.extend_from_slice(&now.as_micros().to_be_bytes());
+            value.extend_from_slice(payload);
+            sled::IVec::from(value)
+        };
         let (tx, rx) = oneshot::channel();
         let offset = {
             // Engine before partition: the order a reopen takes them in.
             let engine = self.engine()?;
             let mut next = part.next.lock().map_err(|_| StorageError::Closed)?;
             let offset = *next;
+            // Under the partition's lock, so a partition's values are in the file in offset order.
+            let value = match bulk {
+                Some(v) => match v.append(now.as_micros(), payload) {
+                    Ok(ptr) => sled::IVec::from(&ptr.encode()[..]),
+                    Err(StorageError::Unavailable(why)) => {
+                        drop((next, engine));
+                        self.inner.fail(why.clone());
+                        return Err(StorageError::Unavailable(why));
+                    }
+                    Err(e) => return Err(e),
+                },
+                None => inline(),
+            };
             if let Err(e) = engine.trees[ti].insert(record_key(partition, offset), value) {
                 drop((next, engine));
                 let why = describe(&e);
@@ -1170,10 +1289,20 @@ impl Log {
         for kv in engine.trees[ti].range(record_key(partition, from)..record_key(partition, head)).take(max) {
             let (k, v) = kv?;
             let offset = offset_of(&k).ok_or_else(|| StorageError::CorruptKey(topic.to_owned()))?;
-            if v.len() < 8 {
-                return Err(StorageError::CorruptKey(topic.to_owned()));
-            }
-            out.push(Record { partition, offset, value: v });
+            let value = match Pointer::decode(&v) {
+                None if v.len() >= 8 => Stored::Inline(v),
+                Some(Ok(ptr)) => {
+                    let values = self.inner.values.as_ref().ok_or_else(|| {
+                        StorageError::Corrupt(format!("a record of {topic:?} points into value files this log lacks"))
+                    })?;
+                    let mut buf = Vec::with_capacity(8 + ptr.len as usize);
+                    buf.extend_from_slice(&ptr.appended_at.to_be_bytes());
+                    values.read(&ptr, &mut buf)?;
+                    Stored::Bulk(bytes::Bytes::from(buf))
+                }
+                _ => return Err(StorageError::CorruptKey(topic.to_owned())),
+            };
+            out.push(Record { partition, offset, value });
             next = offset + 1;
         }
         Ok(next)
@@ -1309,11 +1438,8 @@ impl Log {
                     let (k, v) = kv?;
                     let offset = offset_of(&k).ok_or_else(|| StorageError::CorruptKey(t.spec.name.clone()))?;
                     let too_many = offset < keep_from;
-                    let too_old = match (cutoff, v.get(..8)) {
-                        (Some(c), Some(b)) => {
-                            let at = i64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
-                            at < c.as_micros()
-                        }
+                    let too_old = match (cutoff, stored_appended_at(&v)) {
+                        (Some(c), Some(at)) => at < c.as_micros(),
                         _ => false,
                     };
                     if !(too_many || too_old) {
@@ -1327,12 +1453,28 @@ impl Log {
                 report.removed.insert(t.spec.name.clone(), removed);
             }
         }
+        if let Some(values) = &self.inner.values {
+            // A value file goes once no record points into it: the oldest record still kept in
+            // each partition points at the oldest file in use.
+            let mut keep = values.current_file();
+            for (t, tree) in self.inner.topics.iter().zip(&engine.trees).filter(|(t, _)| t.spec.bulk) {
+                for p in 0..t.spec.partitions {
+                    if let Some(kv) = tree.scan_prefix(p.to_be_bytes()).next() {
+                        if let Some(Ok(ptr)) = Pointer::decode(&kv?.1) {
+                            keep = keep.min(ptr.at.file);
+                        }
+                    }
+                }
+            }
+            report.value_files_removed = values.remove_before(keep)?;
+        }
         Ok(report)
     }
 
     /// Bytes the log occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
-        Ok(self.engine()?.db.size_on_disk()?)
+        let values = self.inner.values.as_ref().map_or(0, |v| v.size_on_disk());
+        Ok(self.engine()?.db.size_on_disk()? + values)
     }
 
     /// Flushes and stops accepting appends.
@@ -1404,7 +1546,7 @@ fn committer(inner: std::sync::Weak<Inner>, queue: Arc<CommitQueue>) {
             Err(_) => HashMap::new(),
         };
         let result = match strong.engine() {
-            Ok(engine) => engine.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(describe(&e))),
+            Ok(engine) => strong.flush(&engine),
             Err(e) => Err(e),
         };
         if let Err(StorageError::Flush(why)) = &result {
@@ -1469,5 +1611,30 @@ mod tests {
             counts[partition_for(k, 4) as usize] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pointer_to_bytes_never_synced_is_dropped_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = vec![TopicSpec::new("audio", 1, Retention::default()).bulk()];
+        let clock: Arc<dyn Clock> = Arc::new(voxgate_protocol::SystemClock);
+        let log = Log::open(dir.path(), &specs, clock.clone()).unwrap();
+        for i in 0..3u8 {
+            log.append("audio", 0, &[i; 100]).await.unwrap();
+        }
+        {
+            // What sled's own background flush can do: a pointer on disk whose bytes were never
+            // synced (nor acknowledged).
+            let engine = log.engine().unwrap();
+            let ptr = log.inner.values.as_ref().unwrap().append(0, &[9; 100]).unwrap();
+            engine.trees[0].insert(record_key(0, 3), &ptr.encode()[..]).unwrap();
+            engine.db.flush().unwrap();
+        }
+        drop(log);
+        let log = Log::open(dir.path(), &specs, clock).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(log.read("audio", 0, 0, 10, &mut out).unwrap(), 3);
+        assert_eq!(out.iter().map(|r| r.payload()[0]).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(log.append("audio", 0, b"next").await.unwrap().offset, 3, "offsets stay dense");
     }
 }

@@ -60,13 +60,14 @@ pub const BILLING: &str = "billing";
 /// Default partitions per topic on one machine.
 pub const DEFAULT_PARTITIONS: u32 = 4;
 
-/// The topics of a node with their default retention (calls forever; audio a week).
+/// The topics of a node with their default retention (calls forever; audio a week). Audio and
+/// speech are bulk: their payloads live in the value files.
 pub fn default_specs() -> Vec<TopicSpec> {
     let week = Some(Duration::from_secs(7 * 24 * 3600));
     vec![
         TopicSpec::new(CALLS, DEFAULT_PARTITIONS, Retention::default()),
-        TopicSpec::new(MEDIA, DEFAULT_PARTITIONS, Retention { max_age: week, max_events_per_partition: None }),
-        TopicSpec::new(SPEECH, DEFAULT_PARTITIONS, Retention { max_age: week, max_events_per_partition: None }),
+        TopicSpec::new(MEDIA, DEFAULT_PARTITIONS, Retention { max_age: week, max_events_per_partition: None }).bulk(),
+        TopicSpec::new(SPEECH, DEFAULT_PARTITIONS, Retention { max_age: week, max_events_per_partition: None }).bulk(),
         TopicSpec::new(TRANSCRIPTS, DEFAULT_PARTITIONS, Retention::default()),
         TopicSpec::new(TENANTS, 1, Retention::default()),
         TopicSpec::new(FRAUD, DEFAULT_PARTITIONS, Retention::default()),

@@ -14,7 +14,9 @@ use voxgate_storage::{Log, Retention, TopicSpec};
 const CHILD_ENV: &str = "VOXGATE_CRASH_CHILD_DIR";
 
 fn specs() -> Vec<TopicSpec> {
-    vec![TopicSpec::new("events", 4, Retention::default())]
+    // Bulk: payloads in value files, synced before each flush; truncated after the crash where
+    // sled kept a pointer to bytes that were never synced.
+    vec![TopicSpec::new("events", 4, Retention::default()).bulk()]
 }
 
 fn payload(writer: u64, i: u64) -> Vec<u8> {
