@@ -30,6 +30,10 @@ stt=false
 [ "$stt" = true ] && bash nodes/deploy/fetch-model.sh >/dev/null
 
 for n in "$@"; do
+  # The previous step's writes (hundreds of MB at a thousand streams) are still going to disk in
+  # the background and would slow this step's fsyncs: let them land first.
+  sync
+  sleep 2
   work=$(mktemp -d)
   cat >"$work/voxgate.toml" <<EOF
 public_url = "https://load.voxgate.test"
