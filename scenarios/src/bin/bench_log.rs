@@ -1,6 +1,8 @@
 //! Event-log append throughput with group commit at 1, 16 and 256 concurrent writers, against a
 //! baseline measured in the same run: the same sled database with one flush per append (what a
-//! log without group commit does). Each figure is the median of several runs.
+//! log without group commit does). Then audio-sized records (1 KB media batches, 64 KB speech
+//! segments) on a bulk topic (payloads in value files) against the same records inline in sled's
+//! tree. Each figure is the median of several runs.
 //!
 //! `cargo run --release -p voxgate-scenarios --bin bench_log`
 
@@ -15,10 +17,16 @@ const PAYLOAD: usize = 200;
 const RUNS: usize = 5;
 
 async fn group_commit(writers: usize, per_writer: usize) -> f64 {
+    appends(writers, per_writer, PAYLOAD, false).await
+}
+
+/// Appends/s of `size`-byte records from `writers` tasks, on a bulk topic or inline.
+async fn appends(writers: usize, per_writer: usize, size: usize, bulk: bool) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let log =
-        Log::open(dir.path(), &[TopicSpec::new("bench", 4, Retention::default())], Arc::new(SystemClock)).unwrap();
-    let payload = vec![7u8; PAYLOAD];
+    let spec = TopicSpec::new("bench", 4, Retention::default());
+    let spec = if bulk { spec.bulk() } else { spec };
+    let log = Log::open(dir.path(), &[spec], Arc::new(SystemClock)).unwrap();
+    let payload = vec![7u8; size];
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -84,4 +92,17 @@ async fn main() {
         println!("{writers:>8} {total:>10} {g:>18.0} {b:>22.0} {:>7.1}×", g / b);
     }
     println!("(baseline: one sled flush per append from min(writers, 64) threads; same disk, same run)");
+    println!();
+    println!("audio records, 256 writers, group commit; median of {RUNS} runs");
+    println!("{:>8} {:>10} {:>18} {:>18} {:>8}", "bytes", "events", "value files ev/s", "inline ev/s", "ratio");
+    for (size, total) in [(1_000usize, 51_200usize), (64_000, 5_120)] {
+        let (mut bulk, mut inline) = (Vec::new(), Vec::new());
+        for _ in 0..RUNS {
+            bulk.push(appends(256, total / 256, size, true).await);
+            inline.push(appends(256, total / 256, size, false).await);
+        }
+        let (b, i) = (median(&mut bulk), median(&mut inline));
+        println!("{size:>8} {total:>10} {b:>18.0} {i:>18.0} {:>7.1}×", b / i);
+    }
+    println!("(baseline: the same records inline in sled's tree; same disk, same run)");
 }
