@@ -728,7 +728,23 @@ impl Log {
         Ok(())
     }
 
+    /// Opens sled in `dir`. A lock still held by this process's previous handle (its background
+    /// tasks let go of it a moment after the last handle is dropped) is waited for up to 1 s;
+    /// another process's lock is reported as [`StorageError::Locked`].
     fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
+        let mut tries = 0;
+        loop {
+            match Self::open_db_once(dir, cache_bytes) {
+                Err(StorageError::Locked { .. }) if tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_db_once(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
         sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)

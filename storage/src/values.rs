@@ -101,7 +101,8 @@ impl Pointer {
 
 struct Writer {
     file: u32,
-    handle: Arc<File>,
+    /// Created on the first write (a log only read, as by `voxgate replay`, leaves no file).
+    handle: Option<Arc<File>>,
     len: u64,
     /// Files closed for writing since the last sync (they still need one).
     rolled: Vec<Arc<File>>,
@@ -140,22 +141,12 @@ impl Values {
             let f = OpenOptions::new().read(true).open(&path).map_err(|e| io("opening", &path, e))?;
             files.insert(id, Arc::new(f));
         }
-        // Never append after what a crash may have left at a file's end: a fresh file each open.
+        // Never append after what a crash may have left at a file's end: a fresh file each open,
+        // created on the first write.
         let id = files.keys().next_back().map_or(0, |last| last + 1);
-        let path = dir.join(file_name(id));
-        let f = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(|e| io("creating", &path, e))?,
-        );
-        files.insert(id, f.clone());
         Ok(Self {
             dir: dir.to_path_buf(),
-            writer: Mutex::new(Writer { file: id, handle: f, len: 0, rolled: Vec::new() }),
+            writer: Mutex::new(Writer { file: id, handle: None, len: 0, rolled: Vec::new() }),
             files: RwLock::new(files),
             synced: Mutex::new(Mark { file: id, pos: 0 }),
         })
@@ -169,9 +160,17 @@ impl Values {
         if w.len > 0 && w.len + u64::from(len) > FILE_BYTES {
             self.roll_writer(&mut w)?;
         }
+        let handle = match &w.handle {
+            Some(h) => h.clone(),
+            None => {
+                let h = self.create(w.file)?;
+                w.handle = Some(h.clone());
+                h
+            }
+        };
         let at = Mark { file: w.file, pos: w.len };
         // A failed write leaves `len` where it was: no pointer refers to what it left behind.
-        w.handle
+        handle
             .write_all_at(payload, at.pos)
             .map_err(|e| StorageError::Unavailable(format!("writing a value file: {e}")))?;
         w.len += u64::from(len);
@@ -186,7 +185,17 @@ impl Values {
     }
 
     fn roll_writer(&self, w: &mut Writer) -> Result<(), StorageError> {
-        let id = w.file + 1;
+        // A file never written to stays the one to write.
+        if let Some(old) = w.handle.take() {
+            w.rolled.push(old);
+            w.file += 1;
+            w.len = 0;
+        }
+        Ok(())
+    }
+
+    /// Creates value file `id` for writing and makes it readable.
+    fn create(&self, id: u32) -> Result<Arc<File>, StorageError> {
         let path = self.dir.join(file_name(id));
         let f = Arc::new(
             OpenOptions::new()
@@ -198,11 +207,7 @@ impl Values {
                 .map_err(|e| StorageError::Unavailable(format!("creating {}: {e}", path.display())))?,
         );
         self.files.write().map_err(|_| StorageError::Closed)?.insert(id, f.clone());
-        let old = std::mem::replace(&mut w.handle, f);
-        w.rolled.push(old);
-        w.file = id;
-        w.len = 0;
-        Ok(())
+        Ok(f)
     }
 
     /// Makes every value written so far durable; how far that reached (`None`: nothing new).
@@ -215,7 +220,7 @@ impl Values {
             }
             (mark, w.handle.clone(), std::mem::take(&mut w.rolled))
         };
-        for f in rolled.iter().chain(std::iter::once(&handle)) {
+        for f in rolled.iter().chain(handle.as_ref()) {
             f.sync_data().map_err(|e| StorageError::Flush(format!("syncing a value file: {e}")))?;
         }
         let mut s = self.synced.lock().map_err(|_| StorageError::Closed)?;
@@ -328,10 +333,17 @@ mod tests {
         assert_eq!(v.remove_before(second.at.file).unwrap(), 1);
         assert!(matches!(v.read(&first, &mut Vec::new()), Err(StorageError::Corrupt(_))));
         v.read(&second, &mut Vec::new()).unwrap();
-        // Reopened: the files left are read, and writing goes on in a new one.
+        // Reopened: the files left are read, and writing goes on in a new one, created only once
+        // something is written.
         drop(v);
         let v = Values::open(dir.path()).unwrap();
         assert_eq!(v.current_file(), 2);
         v.read(&second, &mut Vec::new()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        v.roll().unwrap();
+        assert_eq!(v.current_file(), 2, "an unwritten file is not skipped");
+        let third = v.append(3, b"x").unwrap();
+        assert_eq!(third.at.file, 2);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }
