@@ -355,14 +355,24 @@ impl std::ops::Deref for EngineRef<'_> {
 }
 
 impl Inner {
-    /// Syncs the value files, records how far, and flushes sled: one group commit.
-    fn flush(&self, engine: &Engine) -> Result<(), StorageError> {
-        if let Some(values) = &self.values {
-            if let Some(mark) = values.sync()? {
-                engine.meta.insert(VALUES_SYNCED, &mark.encode()).map_err(|e| StorageError::Flush(describe(&e)))?;
+    /// Syncs the value files, records how far, and flushes sled: one group commit. `recorded` is
+    /// the mark the last successful flush made durable (the committer's; `None` after a failure):
+    /// the mark is written again whenever it moved since.
+    fn flush(&self, engine: &Engine, recorded: &mut Option<Mark>) -> Result<(), StorageError> {
+        let mark = match &self.values {
+            Some(values) => {
+                let mark = values.sync()?;
+                if *recorded != Some(mark) {
+                    *recorded = None;
+                    engine.meta.insert(VALUES_SYNCED, &mark.encode()).map_err(|e| StorageError::Flush(describe(&e)))?;
+                }
+                Some(mark)
             }
-        }
-        engine.db.flush().map(|_| ()).map_err(|e| StorageError::Flush(describe(&e)))
+            None => None,
+        };
+        engine.db.flush().map_err(|e| StorageError::Flush(describe(&e)))?;
+        *recorded = mark;
+        Ok(())
     }
 
     pub(crate) fn engine(&self) -> Result<EngineRef<'_>, StorageError> {
@@ -1548,6 +1558,8 @@ impl CommitQueue {
 /// previous flush ran. It holds the log only while flushing, so dropping the last handle closes
 /// the database.
 fn committer(inner: std::sync::Weak<Inner>, queue: Arc<CommitQueue>) {
+    // The value files' mark the last successful flush made durable.
+    let mut recorded = None;
     while let Some(batch) = queue.take() {
         let Some(strong) = inner.upgrade() else {
             for w in batch {
@@ -1562,9 +1574,13 @@ fn committer(inner: std::sync::Weak<Inner>, queue: Arc<CommitQueue>) {
             Err(_) => HashMap::new(),
         };
         let result = match strong.engine() {
-            Ok(engine) => strong.flush(&engine),
+            Ok(engine) => strong.flush(&engine, &mut recorded),
             Err(e) => Err(e),
         };
+        if result.is_err() {
+            // A reopen may follow: write the mark again on the next good flush.
+            recorded = None;
+        }
         if let Err(StorageError::Flush(why)) = &result {
             strong.fail(why.clone());
             // They are gone with the failed database: hold them (oldest first) for the reopen.

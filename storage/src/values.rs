@@ -210,13 +210,13 @@ impl Values {
         Ok(f)
     }
 
-    /// Makes every value written so far durable; how far that reached (`None`: nothing new).
-    pub(crate) fn sync(&self) -> Result<Option<Mark>, StorageError> {
+    /// Makes every value written so far durable; how far that reached.
+    pub(crate) fn sync(&self) -> Result<Mark, StorageError> {
         let (mark, handle, rolled) = {
             let mut w = self.writer.lock().map_err(|_| StorageError::Closed)?;
             let mark = Mark { file: w.file, pos: w.len };
             if *self.synced.lock().map_err(|_| StorageError::Closed)? == mark {
-                return Ok(None);
+                return Ok(mark);
             }
             (mark, w.handle.clone(), std::mem::take(&mut w.rolled))
         };
@@ -227,7 +227,7 @@ impl Values {
         if mark > *s {
             *s = mark;
         }
-        Ok(Some(mark))
+        Ok(mark)
     }
 
     /// Reads the value `p` points at into `out` (appended to it), checking its checksum.
@@ -308,9 +308,9 @@ mod tests {
         let a = v.append(1, b"first value").unwrap();
         let b = v.append(2, &[7u8; 5000]).unwrap();
         assert!(a.end() <= b.at);
-        let mark = v.sync().unwrap().unwrap();
+        let mark = v.sync().unwrap();
         assert_eq!(mark, b.end());
-        assert_eq!(v.sync().unwrap(), None, "nothing new to sync");
+        assert_eq!(v.sync().unwrap(), mark, "nothing new to sync");
         let mut out = Vec::new();
         v.read(&b, &mut out).unwrap();
         assert_eq!(out, vec![7u8; 5000]);
