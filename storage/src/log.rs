@@ -219,6 +219,8 @@ impl Engine {
         let state = db.open_tree("__state")?;
         let mut trees = Vec::with_capacity(specs.len());
         let mut nexts = Vec::with_capacity(specs.len());
+        // How far the value files were synced at the last good flush, read once for all topics.
+        let synced = if values { Some(meta.get(VALUES_SYNCED)?.and_then(|v| Mark::decode(&v))) } else { None };
         for spec in specs {
             let meta_key = format!("partitions/{}", spec.name);
             match meta.get(&meta_key)? {
@@ -241,8 +243,7 @@ impl Engine {
                 }
             }
             let tree = db.open_tree(format!("topic/{}", spec.name))?;
-            if values {
-                let synced = meta.get(VALUES_SYNCED)?.and_then(|v| Mark::decode(&v));
+            if let Some(synced) = synced {
                 truncate_unsynced(&tree, spec, synced)?;
             }
             let mut next = Vec::with_capacity(spec.partitions as usize);
@@ -417,22 +418,11 @@ impl Inner {
         let specs: Vec<TopicSpec> = self.topics.iter().map(|t| t.spec.clone()).collect();
         let mut g = self.engine.write().map_err(|_| StorageError::Closed)?;
         // sled holds a lock on its directory: the failed database goes first. Its I/O threads may
-        // let go of the directory a moment later, so opening is tried a few times.
+        // let go of the directory a moment later, which `open_db` waits for; any other error goes
+        // back to the recovery thread, which tries again.
         drop(g.take());
-        let mut tries = 0;
-        let (engine, nexts) = loop {
-            match Log::open_db(&self.dir, self.cache_bytes)
-                .and_then(|db| Engine::open(db, &specs, self.values.is_some()))
-            {
-                Ok(opened) => break opened,
-                Err(e) if tries < 20 => {
-                    tries += 1;
-                    tracing::debug!(error = %e, tries, "reopening the event log");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (engine, nexts) =
+            Log::open_db(&self.dir, self.cache_bytes).and_then(|db| Engine::open(db, &specs, self.values.is_some()))?;
         for (t, next) in self.topics.iter().zip(nexts) {
             for (p, (part, n)) in t.partitions.iter().zip(next).enumerate() {
                 let mut at = part.next.lock().map_err(|_| StorageError::Closed)?;
