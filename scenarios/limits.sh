@@ -8,8 +8,8 @@
 #   scenarios/limits.sh talking 1 2 4             # concurrent talking calls, STT on
 #
 # DURATION (default 30 s) sets each step's length; OUT (default target/limits) keeps the JSON;
-# VOXGATE (default the release build) names another voxgate binary, for A/B runs; CALLS adds
-# lines to the node's [calls] table (e.g. CALLS='batch_ms = 200').
+# VOXGATE (default the release build) names another voxgate binary and SIM another twilio-sim, for
+# A/B runs; CALLS adds lines to the node's [calls] table (e.g. CALLS='batch_ms = 200').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: scenarios/limits.sh webhooks|streams|talking N...}
@@ -67,7 +67,7 @@ EOF
     *) echo "unknown mode $mode" >&2; kill $pid; exit 2 ;;
   esac
   echo "== $mode $n"
-  "$bin/twilio-sim" --target "http://$listen" --public-url https://load.voxgate.test \
+  "${SIM:-$bin/twilio-sim}" --target "http://$listen" --public-url https://load.voxgate.test \
     --account "$account" --token "$token" load --to "$number" --duration "$duration" \
     --metrics "http://$metrics/metrics" --json "$out/$mode-$n.json" "${load[@]}"
   kill -TERM $pid

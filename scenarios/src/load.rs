@@ -86,6 +86,11 @@ pub struct NodeSide {
     /// From a batch of frames reaching the node to its record being durable (bucket bounds).
     pub media_ingest_p50_ms: Option<f64>,
     pub media_ingest_p99_ms: Option<f64>,
+    /// The node's own time to answer an inbound webhook, from the request reaching its handler
+    /// (`http_request_duration_seconds{endpoint="inbound"}`, bucket bounds). What the generator
+    /// measures beyond this is the network, the kernel and the generator's own scheduling.
+    pub webhook_answer_p50_ms: Option<f64>,
+    pub webhook_answer_p99_ms: Option<f64>,
     pub speech_segments: u64,
     pub transcripts: u64,
     /// From the audio that closed a speech segment reaching the node (end of speech plus the
@@ -230,12 +235,18 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
         let requests = report.webhooks.ok + report.status_callbacks.ok;
         let (received, shed) = (d("twilio_audio_chunks_received_total"), d("voxgate_audio_shed_frames_total"));
         let hq = |name: &str, q: f64| histogram_quantile(&before, &after, name, q).map(|s| s * 1000.0);
+        const INBOUND: &str = "endpoint=\"inbound\"";
+        let hq_where = |name: &str, label: &str, q: f64| {
+            histogram_quantile_where(&before, &after, name, label, q).map(|s| s * 1000.0)
+        };
         let mut node = NodeSide {
             frames_received: received,
             frames_shed: shed,
             frames_lost: report.streams.frames_sent as i64 - received as i64,
             media_ingest_p50_ms: hq("voxgate_media_ingest_seconds", 0.5),
             media_ingest_p99_ms: hq("voxgate_media_ingest_seconds", 0.99),
+            webhook_answer_p50_ms: hq_where("http_request_duration_seconds", INBOUND, 0.5),
+            webhook_answer_p99_ms: hq_where("http_request_duration_seconds", INBOUND, 0.99),
             speech_segments: d("voxgate_speech_segments_total"),
             transcripts: d("voxgate_transcripts_total"),
             transcript_delay_p50_ms: hq("voxgate_transcript_delay_seconds", 0.5),
@@ -409,11 +420,12 @@ pub fn counter(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// The cumulative bucket counts of a histogram (summed over label sets), by upper bound.
-fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+/// The cumulative bucket counts of a histogram, by upper bound, summed over the label sets whose
+/// labels contain `label` (every set when it is empty).
+fn buckets(text: &str, name: &str, label: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{");
     let mut by: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for l in text.lines().filter(|l| l.starts_with(&prefix)) {
+    for l in text.lines().filter(|l| l.starts_with(&prefix) && l.contains(label)) {
         let Some(le) = l.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
         let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
         let Some(n) = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
@@ -427,7 +439,12 @@ fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
 /// The `q`-quantile of what a histogram recorded between two scrapes, as the upper bound of the
 /// bucket it falls in (`None` when nothing was recorded or it falls past the last bound).
 pub fn histogram_quantile(before: &str, after: &str, name: &str, q: f64) -> Option<f64> {
-    let (b, a) = (buckets(before, name), buckets(after, name));
+    histogram_quantile_where(before, after, name, "", q)
+}
+
+/// [`histogram_quantile`] over the label sets that contain `label` (e.g. `endpoint="inbound"`).
+pub fn histogram_quantile_where(before: &str, after: &str, name: &str, label: &str, q: f64) -> Option<f64> {
+    let (b, a) = (buckets(before, name, label), buckets(after, name, label));
     let count = |v: &[(f64, f64)], le: f64| v.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, n)| *n);
     let total = a.last().map(|(le, n)| n - count(&b, *le))?;
     if total <= 0.0 {
@@ -478,6 +495,14 @@ pub fn table(r: &Report) -> String {
             b(n.media_ingest_p50_ms),
             b(n.media_ingest_p99_ms)
         );
+        if n.webhook_answer_p99_ms.is_some() {
+            let _ = writeln!(
+                s,
+                "node: inbound webhook answered (its own histogram) p50 {} ms, p99 {} ms",
+                b(n.webhook_answer_p50_ms),
+                b(n.webhook_answer_p99_ms)
+            );
+        }
         let _ = writeln!(
             s,
             "node: {} speech segments, {} transcripts; segment closed → transcript p50 {} ms, p95 {} ms",
@@ -520,6 +545,19 @@ mod tests {
         assert_eq!(histogram_quantile(BEFORE, AFTER, "x", 0.95), Some(0.1));
         assert_eq!(histogram_quantile(BEFORE, AFTER, "x", 0.999), None);
         assert_eq!(histogram_quantile(AFTER, AFTER, "x", 0.5), None);
+    }
+
+    #[test]
+    fn a_label_picks_its_own_sets_of_a_histogram() {
+        let before = "h_bucket{endpoint=\"inbound\",le=\"0.01\"} 0\nh_bucket{endpoint=\"inbound\",le=\"+Inf\"} 0\n\
+                      h_bucket{endpoint=\"status\",le=\"0.01\"} 0\nh_bucket{endpoint=\"status\",le=\"+Inf\"} 0\n";
+        // 10 inbound answers, all within 10 ms; 10 status answers, all slower.
+        let after = "h_bucket{endpoint=\"inbound\",le=\"0.01\"} 10\nh_bucket{endpoint=\"inbound\",le=\"+Inf\"} 10\n\
+                     h_bucket{endpoint=\"status\",le=\"0.01\"} 0\nh_bucket{endpoint=\"status\",le=\"+Inf\"} 10\n";
+        assert_eq!(histogram_quantile_where(before, after, "h", "endpoint=\"inbound\"", 0.99), Some(0.01));
+        assert_eq!(histogram_quantile_where(before, after, "h", "endpoint=\"status\"", 0.5), None);
+        assert_eq!(histogram_quantile(before, after, "h", 0.4), Some(0.01));
+        assert_eq!(histogram_quantile(before, after, "h", 0.9), None);
     }
 
     #[test]
