@@ -86,8 +86,8 @@ pub struct NodeSide {
     /// From a batch of frames reaching the node to its record being durable (bucket bounds).
     pub media_ingest_p50_ms: Option<f64>,
     pub media_ingest_p99_ms: Option<f64>,
-    /// The node's own time to answer an inbound webhook, from the request reaching its handler
-    /// (`http_request_duration_seconds{endpoint="inbound"}`, bucket bounds). What the generator
+    /// The node's own time to answer an inbound webhook, from its router taking the request to
+    /// the answer (`http_request_duration_seconds{endpoint="inbound"}`, bucket bounds). What the generator
     /// measures beyond this is the network, the kernel and the generator's own scheduling.
     pub webhook_answer_p50_ms: Option<f64>,
     pub webhook_answer_p99_ms: Option<f64>,
@@ -234,11 +234,11 @@ pub async fn run(sim: Arc<Simulator>, plan: Plan) -> anyhow::Result<Report> {
         let cpu = (counter(&after, "voxgate_process_cpu_seconds") > 0.0).then_some(cpu);
         let requests = report.webhooks.ok + report.status_callbacks.ok;
         let (received, shed) = (d("twilio_audio_chunks_received_total"), d("voxgate_audio_shed_frames_total"));
-        let hq = |name: &str, q: f64| histogram_quantile(&before, &after, name, q).map(|s| s * 1000.0);
-        const INBOUND: &str = "endpoint=\"inbound\"";
         let hq_where = |name: &str, label: &str, q: f64| {
             histogram_quantile_where(&before, &after, name, label, q).map(|s| s * 1000.0)
         };
+        let hq = |name: &str, q: f64| hq_where(name, "", q);
+        const INBOUND: &str = "endpoint=\"inbound\"";
         let mut node = NodeSide {
             frames_received: received,
             frames_shed: shed,
@@ -495,7 +495,7 @@ pub fn table(r: &Report) -> String {
             b(n.media_ingest_p50_ms),
             b(n.media_ingest_p99_ms)
         );
-        if n.webhook_answer_p99_ms.is_some() {
+        if r.webhooks.sent > 0 {
             let _ = writeln!(
                 s,
                 "node: inbound webhook answered (its own histogram) p50 {} ms, p99 {} ms",
