@@ -54,6 +54,7 @@ pub mod id_kind {
     pub const STREAM_DROPPED: u64 = 25;
     pub const STREAM_REATTACH: u64 = 26;
     pub const STREAM_RESUMED: u64 = 27;
+    pub const DURATION_IMPLAUSIBLE: u64 = 28;
 }
 
 /// Per-call limits.
@@ -190,6 +191,11 @@ impl CallCore {
 
     pub fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    /// When its webhook was received.
+    pub fn received_at(&self) -> Timestamp {
+        self.received_at
     }
 
     /// When the call must end at the latest.
@@ -457,8 +463,9 @@ pub enum CallMsg {
         duration_secs: Option<u32>,
         reply: RpcReplyPort<Result<(), String>>,
     },
-    /// Which tenant the call belongs to (for checking the stream's signature).
-    Tenant(RpcReplyPort<AccountSid>),
+    /// Whose call this is and since when (for checking a stream's signature and a callback's
+    /// tenant and duration).
+    Identity(RpcReplyPort<CallIdentity>),
     /// The WebSocket for this call opened; the actor hands back the queue to feed.
     AttachStream { reply: RpcReplyPort<Option<Arc<StreamQueue>>> },
     /// Audio is flowing (first media frame).
@@ -476,6 +483,13 @@ pub enum CallMsg {
     Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), String>> },
     /// Try again what the log could not take (it could not write for a while).
     Retry,
+}
+
+/// A call's owner and the time its webhook was received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallIdentity {
+    pub tenant: AccountSid,
+    pub received_at: Timestamp,
 }
 
 /// Everything a call actor needs.
@@ -611,8 +625,8 @@ impl Actor for CallActor {
                 }
                 let _ = reply.send(r);
             }
-            CallMsg::Tenant(reply) => {
-                let _ = reply.send(s.tenant);
+            CallMsg::Identity(reply) => {
+                let _ = reply.send(CallIdentity { tenant: s.tenant, received_at: s.core.received_at() });
             }
             CallMsg::AttachStream { reply } => {
                 if s.core.is_finished() || (s.queue.is_some() && !s.stream_ended) {

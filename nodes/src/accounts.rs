@@ -8,7 +8,9 @@
 //! admin token.
 
 use axum::body::Bytes;
-use axum::extract::State;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -26,7 +28,10 @@ use voxgate_protocol::Event;
 
 use crate::billing::BillingCommandError;
 use crate::ingress::{twilio_error, AppState};
-use crate::tenancy::{new_auth_token, random_bytes, random_u128, AuthError, CommandError, Principal};
+use crate::perimeter::LineLimit;
+use crate::tenancy::{new_auth_token, random_bytes, random_u128, AuthError, CommandError, Principal, Tenancy};
+
+static AUTH_LINES: LineLimit = LineLimit::per_second();
 
 const API: &str = "/2010-04-01";
 
@@ -241,27 +246,61 @@ fn field_name(k: &str) -> &'static str {
 }
 
 /// `ANY /2010-04-01/*`
-pub async fn api(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    match handle(&state, &method, &uri, &headers, &body).await {
+pub async fn api(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let client = crate::perimeter::client_addr(&headers, Some(peer.ip()), &state.cfg.trusted_proxies);
+    let mut resp = match handle(&state, client, &method, &uri, &headers, &body).await {
         Ok((status, _)) if status == StatusCode::NO_CONTENT => status.into_response(),
         Ok((status, v)) => (status, Json(v)).into_response(),
         Err(e) => e.into_response(),
-    }
+    };
+    // Accounts carry their auth token, and every answer here is one tenant's private data: no
+    // proxy or browser cache may keep it.
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 async fn handle(
     state: &AppState,
+    client: Option<IpAddr>,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(StatusCode, Value), ApiError> {
     let t = &state.tenancy;
+    // Guessing is throttled per account name and per client address, before any secret is used.
+    let keys = Tenancy::attempt_keys(headers, client);
+    if let Err(locked) = t.check_lockout(&keys) {
+        metrics::counter!("voxgate_rest_auth_locked_out_total").increment(1);
+        if let Some(suppressed) = AUTH_LINES.admit() {
+            tracing::warn!(path = uri.path(), client = ?client, suppressed, "REST sign-in refused: too many failed attempts");
+        }
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            20429,
+            format!("Too many failed authentication attempts; retry after {} s", locked.retry_after_secs),
+        );
+        e.retry_after = Some(u32::try_from(locked.retry_after_secs).unwrap_or(u32::MAX));
+        return Err(e);
+    }
     let who = t.authenticate(headers).map_err(|e| {
         metrics::counter!("voxgate_rest_auth_failures_total").increment(1);
         match e {
             AuthError::Missing | AuthError::Invalid => {
-                tracing::warn!(path = uri.path(), "REST authentication failed");
+                // A request without credentials is a client asking how to sign in, not a guess.
+                if matches!(e, AuthError::Invalid) {
+                    t.sign_in_failed(&keys);
+                }
+                if let Some(suppressed) = AUTH_LINES.admit() {
+                    tracing::warn!(path = uri.path(), client = ?client, suppressed, "REST authentication failed");
+                }
                 ApiError::new(StatusCode::UNAUTHORIZED, 20003, "Authenticate")
             }
             AuthError::Inactive(sid) => {
@@ -360,7 +399,7 @@ async fn handle(
             if status.is_some() && who == Principal::Tenant(a) {
                 return Err(ApiError::forbidden("changing an account's own status"));
             }
-            t.command(a, |d| d.update_tenant(a, name, status)).await?;
+            t.command(a, |d| d.update_tenant(a, name, status, admin)).await?;
             Ok((StatusCode::OK, t.read(|d| d.tenant(a).map(account_json)).unwrap_or(Value::Null)))
         }
         (Method::GET, Resource::Numbers(a)) => {

@@ -142,10 +142,15 @@ pub struct ConfigFile {
     /// Networks allowed to reach the Twilio-facing endpoints (webhooks, Media Streams); empty =
     /// anyone. CIDR notation, e.g. `["54.172.60.0/23", "127.0.0.1/32"]`.
     pub twilio_allow_cidrs: Vec<String>,
-    /// Take the client address from the first `X-Forwarded-For` entry (behind a trusted proxy).
-    pub trust_forwarded_for: bool,
+    /// Proxies in front of voxgate (CIDR notation): only from these is `X-Forwarded-For`
+    /// believed, walked from the right to the first address that is not one of them.
+    pub trusted_proxies: Vec<String>,
+    /// Replaced by `trusted_proxies`; refused with a message saying so.
+    pub trust_forwarded_for: Option<bool>,
     /// TLS for the main listener: `[tls] cert_file = …, key_file = …` (PEM).
     pub tls: Option<TlsFile>,
+    /// The main listener's deadlines and connection cap.
+    pub http: crate::http_server::HttpFile,
     /// Fraud rules and thresholds (`[fraud]`, per tenant `[fraud.tenants.AC…]`); reloaded on SIGHUP.
     pub fraud: FraudConfig,
     /// Twilio's REST API base URL (ending calls); a fake Twilio in tests.
@@ -188,8 +193,10 @@ impl Default for ConfigFile {
             throttle: ThrottleConfig::default(),
             callers: CallerConfig::default(),
             twilio_allow_cidrs: Vec::new(),
-            trust_forwarded_for: false,
+            trusted_proxies: Vec::new(),
+            trust_forwarded_for: None,
             tls: None,
+            http: crate::http_server::HttpFile::default(),
             fraud: FraudConfig::default(),
             twilio_api_url: "https://api.twilio.com".into(),
             metrics_tenant_labels: 100,
@@ -241,8 +248,9 @@ pub struct Config {
     pub throttle: ThrottleConfig,
     pub callers: CallerConfig,
     pub twilio_allow: Vec<ipnet::IpNet>,
-    pub trust_forwarded_for: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tls: Option<TlsFile>,
+    pub http: crate::http_server::HttpFile,
     pub fraud: FraudConfig,
     pub twilio_api_url: String,
     pub metrics_tenant_labels: usize,
@@ -434,6 +442,7 @@ impl Config {
             }
         }
         f.quotas.validate().map_err(|e| invalid("quotas", e.to_string()))?;
+        f.http.validate().map_err(|e| invalid("http", e))?;
         f.throttle.validate().map_err(|e| invalid("throttle", e))?;
         f.callers.validate().map_err(|e| invalid("callers", e))?;
         f.billing.validate().map_err(|e| invalid("billing", e.to_string()))?;
@@ -472,14 +481,14 @@ impl Config {
         if !(f.twilio_api_url.starts_with("http://") || f.twilio_api_url.starts_with("https://")) {
             return Err(invalid("twilio_api_url", format!("must be an http(s) URL, got {:?}", f.twilio_api_url)));
         }
-        let mut twilio_allow = Vec::with_capacity(f.twilio_allow_cidrs.len());
-        for c in &f.twilio_allow_cidrs {
-            let net = c
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| invalid("twilio_allow_cidrs", format!("{c:?} is not an address or CIDR network")))?;
-            twilio_allow.push(net);
+        let twilio_allow = networks("twilio_allow_cidrs", &f.twilio_allow_cidrs)?;
+        if f.trust_forwarded_for.is_some() {
+            return Err(invalid(
+                "trust_forwarded_for",
+                "was replaced by trusted_proxies = [\"CIDR\", …]: the proxies whose X-Forwarded-For is believed (the first entry is the client's own say)".into(),
+            ));
         }
+        let trusted_proxies = networks("trusted_proxies", &f.trusted_proxies)?;
         Ok(Self {
             public_url,
             listen,
@@ -505,8 +514,9 @@ impl Config {
             throttle: f.throttle,
             callers: f.callers,
             twilio_allow,
-            trust_forwarded_for: f.trust_forwarded_for,
+            trusted_proxies,
             tls: f.tls,
+            http: f.http,
             fraud: f.fraud,
             twilio_api_url: f.twilio_api_url,
             metrics_tenant_labels: f.metrics_tenant_labels.min(10_000),
@@ -524,6 +534,17 @@ impl Config {
 }
 
 pub use voxgate_actors::tenancy::is_e164;
+
+/// Addresses or CIDR networks, named by `key` when one does not parse.
+fn networks(key: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list.iter()
+        .map(|c| {
+            c.parse::<ipnet::IpNet>().or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)).map_err(|_| {
+                ConfigError::Invalid { key: key.into(), reason: format!("{c:?} is not an address or CIDR network") }
+            })
+        })
+        .collect()
+}
 
 fn env_value(v: &str) -> toml::Value {
     match format!("v = {v}").parse::<toml::Table>() {

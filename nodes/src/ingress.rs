@@ -15,8 +15,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ractor::{ActorRef, RpcReplyPort};
 use serde_json::json;
-use voxgate_actors::call::{id_kind, CallActor, CallArgs, CallMsg, SupervisorMsg};
-use voxgate_protocol::event::{CallReceived, CallRejected, CallStatusChanged, Event, RejectReason, StatusSource};
+use voxgate_actors::billing::usage::{duration_bound_secs, observed_secs};
+use voxgate_actors::call::{id_kind, CallActor, CallArgs, CallIdentity, CallMsg, SupervisorMsg};
+use voxgate_protocol::event::{
+    CallDurationImplausible, CallReceived, CallRejected, CallStatusChanged, Event, RejectReason, StatusSource,
+};
 use voxgate_protocol::twilio::{signature, twiml, SignedBody, StatusCallback, VoiceWebhook};
 use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId};
 use voxgate_storage::{topics, Log};
@@ -26,6 +29,9 @@ use crate::health::Health;
 use crate::tenancy::Tenancy;
 use voxgate_actors::tenancy::gate::{CallAttempt, Decision};
 use voxgate_protocol::event::QuotaWarning;
+
+/// Log lines about requests nobody authenticated: at most one a second (metrics count them all).
+static UNAUTHENTICATED_LINES: crate::perimeter::LineLimit = crate::perimeter::LineLimit::per_second();
 
 /// Largest webhook body accepted (Twilio's are a few KB).
 pub const MAX_WEBHOOK_BODY: usize = 64 * 1024;
@@ -82,6 +88,10 @@ pub fn router(state: AppState) -> Router {
         .route("/2010-04-01/{*path}", axum::routing::any(crate::accounts::api))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_WEBHOOK_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.cfg.http.body_timeout(), MAX_WEBHOOK_BODY),
+            crate::http_server::read_body,
+        ))
         .layer(axum::middleware::from_fn(observe))
         .with_state(state)
 }
@@ -165,7 +175,9 @@ fn check_signature(
     }
     let why = if presented.is_some() { "invalid" } else { "missing" };
     metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => endpoint, "reason" => "signature").increment(1);
-    tracing::warn!(tenant = %tenant, endpoint, url = %url, "{why} X-Twilio-Signature (checked against this URL; is public_url right?)");
+    if let Some(suppressed) = UNAUTHENTICATED_LINES.admit() {
+        tracing::warn!(tenant = %tenant, endpoint, url = %url, suppressed, "{why} X-Twilio-Signature (checked against this URL; is public_url right?)");
+    }
     Err(twilio_error(
         StatusCode::FORBIDDEN,
         20003,
@@ -235,15 +247,13 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
     let from = param(&pairs, "From").unwrap_or_default().chars().take(255).collect::<String>();
     let to = param(&pairs, "To").unwrap_or_default().chars().take(255).collect::<String>();
     let Some(token) = state.tenancy.token(account) else {
-        // Unauthenticated (we hold no token for it): refuse and record, never start anything.
+        // Unauthenticated (we hold no token for it): refuse, count, and write nothing — anyone can
+        // send this, with any CallSid, as often as they like.
         metrics::counter!("twilio_calls_total", "status" => "rejected", "from_country" => "unknown").increment(1);
         metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => EP, "reason" => "unknown_tenant")
             .increment(1);
-        tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, "call for an unknown tenant rejected");
-        let ev = Event::CallRejected(CallRejected { from, to, reason: RejectReason::UnknownTenant });
-        let id = EventId::derive(id_kind::CALL_REJECTED, &[call.as_u128()]);
-        if let Err(r) = append_call_event(&state, account, call, id, ev).await {
-            return r;
+        if let Some(suppressed) = UNAUTHENTICATED_LINES.admit() {
+            tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, from = %from, to = %to, suppressed, "call for an unknown tenant rejected (not recorded)");
         }
         return twiml_response(twiml::reject(None));
     };
@@ -333,6 +343,10 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
 }
 
 /// `POST /api/voice/twilio/status`
+///
+/// A valid signature proves only "this tenant": the callback changes a call only when that tenant
+/// owns it. A call of another tenant answers exactly like a call nobody knows, and changes
+/// nothing. A `CallDuration` voxgate does not believe is recorded as such and not billed.
 async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     const EP: &str = "status";
     let (pairs, account, call) = match voice_request(&headers, &body, EP) {
@@ -342,6 +356,9 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
     let Some(token) = state.tenancy.token(account) else {
         metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => EP, "reason" => "unknown_tenant")
             .increment(1);
+        if let Some(suppressed) = UNAUTHENTICATED_LINES.admit() {
+            tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, suppressed, "status callback for an unknown tenant refused");
+        }
         return twilio_error(StatusCode::NOT_FOUND, 20404, format!("unknown account {account}"));
     };
     if let Err(r) = check_signature(&state, account, &token, &uri, &headers, &pairs, EP) {
@@ -351,10 +368,47 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
         Ok(c) => c,
         Err(e) => return bad_request(EP, "invalid_field", e.to_string()),
     };
+    let received_at = match call_owner(&state, call).await {
+        Some(CallIdentity { tenant, received_at }) if tenant == account => received_at,
+        owner => {
+            let reason = if owner.is_some() { "foreign_call" } else { "unknown_call" };
+            metrics::counter!("voxgate_webhook_rejected_total", "endpoint" => EP, "reason" => reason).increment(1);
+            if let Some(suppressed) = FOREIGN_LINES.admit() {
+                tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, reason, suppressed, "status callback for a call this tenant does not own: nothing changed");
+            }
+            // The same answer either way: no probing for other tenants' calls.
+            return twilio_error(StatusCode::NOT_FOUND, 20404, format!("call {call} was not found"));
+        }
+    };
+    // The duration is believed up to what voxgate observed of the call itself.
+    let now = state.clock.now();
+    let max_secs = u32::try_from(state.cfg.calls.max_duration.as_secs()).unwrap_or(u32::MAX);
+    let bound = duration_bound_secs(received_at, now, Some(max_secs));
+    let (duration, implausible) = match (cb.call_duration, &cb.call_duration_invalid) {
+        (_, Some(raw)) => (None, Some(raw.clone())),
+        (Some(d), None) if d > bound => (None, Some(d.to_string())),
+        (d, None) => (d, None),
+    };
+    if let Some(reported) = implausible {
+        metrics::counter!("voxgate_call_duration_implausible_total").increment(1);
+        tracing::warn!(stage = "ingress", tenant = %account, call_sid = %call, reported = %reported, bound_secs = bound, "CallDuration not believed; usage uses the observed duration");
+        let ev = Event::CallDurationImplausible(CallDurationImplausible {
+            reported,
+            observed_secs: observed_secs(received_at, now),
+            bound_secs: bound,
+        });
+        let id = EventId::derive(
+            id_kind::DURATION_IMPLAUSIBLE,
+            &[call.as_u128(), u128::from(cb.sequence_number.unwrap_or(u32::MAX))],
+        );
+        if let Err(r) = append_call_event(&state, account, call, id, ev).await {
+            return r;
+        }
+    }
     if cb.call_status.is_terminal() {
         metrics::counter!("twilio_calls_total", "status" => cb.call_status.as_str(), "from_country" => "all")
             .increment(1);
-        if let Some(d) = cb.call_duration {
+        if let Some(d) = duration {
             metrics::histogram!("twilio_call_duration_seconds").record(f64::from(d));
         }
     }
@@ -362,7 +416,7 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
         let r = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Status {
             status: cb.call_status,
             sequence: cb.sequence_number,
-            duration_secs: cb.call_duration,
+            duration_secs: duration,
             reply,
         });
         match r {
@@ -385,7 +439,7 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
         status: cb.call_status,
         source: StatusSource::Callback,
         sequence: cb.sequence_number,
-        duration_secs: cb.call_duration,
+        duration_secs: duration,
     });
     let id = EventId::derive(
         id_kind::STATUS_CALLBACK,
@@ -394,5 +448,31 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
     match append_call_event(&state, account, call, id, ev).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(r) => r,
+    }
+}
+
+/// Log lines about callbacks for calls the tenant does not own: at most one a second.
+static FOREIGN_LINES: crate::perimeter::LineLimit = crate::perimeter::LineLimit::per_second();
+
+/// Whose call `call` is: its running actor says; else the usage book, which holds every call
+/// received (on any node) that it still remembers. A call the book has not seen may simply not
+/// have reached it yet, so the book is given a moment to catch up with the calls log.
+async fn call_owner(state: &AppState, call: CallSid) -> Option<CallIdentity> {
+    if let Some(actor) = CallActor::find(call) {
+        if let Ok(id) = ractor::call!(actor, CallMsg::Identity) {
+            return Some(id);
+        }
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let known = state.billing.read().usage.call_owner(call);
+        if let Some((tenant, received_at)) = known {
+            return Some(CallIdentity { tenant, received_at });
+        }
+        let behind = crate::health::lag(&state.log, &state.billing.progress(), topics::CALLS).unwrap_or(0) > 0;
+        if !behind || Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

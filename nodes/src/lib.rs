@@ -14,6 +14,7 @@ pub mod config;
 pub mod fraud;
 pub mod hangup;
 pub mod health;
+pub mod http_server;
 pub mod ingress;
 pub mod perimeter;
 pub mod recovery;

@@ -170,6 +170,15 @@ fn describe(ev: &Event) -> String {
             r.previous.map(|s| s.to_string()).unwrap_or_else(|| "a stream dropped before start".into()),
             r.gap_ms
         ),
+        Event::CallDurationImplausible(d) => format!(
+            "CallDuration {:?} not believed (observed {} s, at most {} s): usage uses the observed duration",
+            d.reported, d.observed_secs, d.bound_secs
+        ),
+        Event::OperatorStatusSet(o) => format!(
+            "operator set status {}{}",
+            o.status.as_str(),
+            o.friendly_name.as_ref().map(|n| format!(", name {n:?}")).unwrap_or_default()
+        ),
     }
 }
 

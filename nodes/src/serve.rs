@@ -387,32 +387,11 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     // One line on stdout for scripts and tests that bind port 0.
     println!("voxgate ready listen={addr} metrics={maddr}");
 
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    match &cfg.tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("http server")?,
-        Some(tls) => {
-            // One crypto provider for the process (ring); a second install is harmless.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
-                .await
-                .with_context(|| {
-                    format!("loading TLS certificate {} and key {}", tls.cert_file.display(), tls.key_file.display())
-                })?;
-            let handle = axum_server::Handle::new();
-            let h = handle.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                h.graceful_shutdown(Some(Duration::from_secs(10)));
-            });
-            let std_listener = listener.into_std().context("TLS listener")?;
-            axum_server::from_tcp_rustls(std_listener, rustls)
-                .context("TLS listener")?
-                .handle(handle)
-                .serve(app)
-                .await
-                .context("https server")?;
-        }
-    }
+    let tls = match &cfg.tls {
+        None => None,
+        Some(t) => Some(crate::http_server::tls_config(&t.cert_file, &t.key_file)?),
+    };
+    crate::http_server::serve(listener, router(state), tls, cfg.http, shutdown_signal(), Duration::from_secs(10)).await;
 
     tracing::info!("shutting down: ending calls and flushing the log");
     retention.abort();

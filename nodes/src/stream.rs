@@ -70,7 +70,7 @@ pub async fn upgrade(
         tracing::warn!(stage = "ingress", call_sid = %call, "media stream for a call that is not active");
         return twilio_error(StatusCode::NOT_FOUND, 20404, format!("no active call {call}"));
     };
-    let Ok(tenant) = ractor::call!(actor, CallMsg::Tenant) else {
+    let Ok(voxgate_actors::call::CallIdentity { tenant, .. }) = ractor::call!(actor, CallMsg::Identity) else {
         ws_error("unknown_call");
         return twilio_error(StatusCode::NOT_FOUND, 20404, format!("no active call {call}"));
     };
@@ -106,12 +106,13 @@ pub async fn upgrade(
     };
     let clock = state.clock.clone();
     let batch_frames = state.cfg.calls.batch_frames;
+    let idle = state.cfg.http.stream_idle();
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
             let mut ingest = Ingest::new(call, tenant, queue, actor, clock, batch_frames);
-            ingest.run(socket).await;
+            ingest.run(socket, idle).await;
         })
         .into_response()
 }
@@ -170,18 +171,31 @@ impl Ingest {
         }
     }
 
-    async fn run(&mut self, mut socket: WebSocket) {
+    async fn run(&mut self, mut socket: WebSocket, idle: std::time::Duration) {
         let connections = metrics::gauge!("twilio_websocket_connections");
         connections.increment(1.0);
         tracing::info!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, "media stream connected");
+        // Twilio sends a frame every 20 ms: a stream silent for `idle` is dead (or held open).
+        let mut last_message = std::time::Instant::now();
+        let mut idle_check = tokio::time::interval((idle / 4).max(std::time::Duration::from_millis(50)));
+        idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
             tokio::select! {
+                _ = idle_check.tick() => {
+                    if last_message.elapsed() > idle {
+                        self.fault(FaultKind::Idle, format!("no message for {} s", idle.as_secs()));
+                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "idle".into() }))).await;
+                        // The call goes on: like a drop, the call actor asks Twilio for a new stream.
+                        break None;
+                    }
+                    continue;
+                }
                 reason = self.queue.wait_closed() => {
                     // The call ended (status callback, maximum duration): close our side.
                     let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "call ended".into() }))).await;
                     break Some(reason);
                 }
-                msg = socket.recv() => match msg {
+                msg = socket.recv() => match { last_message = std::time::Instant::now(); msg } {
                     Some(Ok(Message::Text(t))) => match self.on_text(t.as_str()) {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Stopped) => break Some(StopReason::Twilio),

@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap};
 use base64::Engine;
 use voxgate_actors::tenancy::directory::{SeedTenant, TenancyError};
 use voxgate_actors::tenancy::gate::{CallAttempt, Decision, Gate};
+use voxgate_actors::tenancy::lockout::{Key, LockedOut, Lockout};
 use voxgate_actors::tenancy::throttle::{Throttle, Throttled};
 use voxgate_actors::tenancy::{Directory, Sealer, Secret};
 use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, Event, EventId, Timestamp};
@@ -92,6 +93,8 @@ pub struct Tenancy {
     sealer: Sealer,
     admin_token: Option<Secret>,
     throttle: Mutex<Throttle>,
+    /// Failed sign-ins per account name and client address.
+    lockout: Mutex<Lockout>,
     log: Log,
     clock: Arc<dyn Clock>,
     /// One command (or catch-up) at a time; holds the next offset of the `tenants` log to apply,
@@ -124,6 +127,21 @@ impl Drop for QuotaSlot {
         metrics::gauge!("voxgate_tenant_active_calls", "tenant" => self.labels.label(self.tenant))
             .set(f64::from(active));
     }
+}
+
+/// The user name of a Basic `Authorization` header (`admin` for a Bearer token), unchecked.
+fn presented_user(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some("admin".into());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let raw = String::from_utf8_lossy(&raw);
+    Some(raw.split_once(':').map_or(&*raw, |(u, _)| u).to_owned())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -223,6 +241,7 @@ impl Tenancy {
             sealer,
             admin_token: cfg.admin_token.clone(),
             throttle: Mutex::new(Throttle::new(cfg.throttle)),
+            lockout: Mutex::new(Lockout::new(cfg.throttle.lockout())),
             log,
             clock,
             commands: tokio::sync::Mutex::new(applied),
@@ -366,6 +385,29 @@ impl Tenancy {
         }
         tracing::info!(tenant = %tenant, kind = env.payload.kind(), "tenancy change recorded");
         Ok(env)
+    }
+
+    /// The keys a sign-in attempt is counted under: the account name it presents (whatever it
+    /// is, before anything is checked) and the client's address.
+    pub fn attempt_keys(headers: &HeaderMap, client: Option<std::net::IpAddr>) -> Vec<Key> {
+        let mut keys = Vec::with_capacity(2);
+        if let Some(user) = presented_user(headers) {
+            keys.push(Key::account(&user));
+        }
+        if let Some(ip) = client {
+            keys.push(Key::Addr(ip));
+        }
+        keys
+    }
+
+    /// Refuses a sign-in attempt under `keys` while they are locked out.
+    pub fn check_lockout(&self, keys: &[Key]) -> Result<(), LockedOut> {
+        lock(&self.lockout).check(keys, self.clock.now())
+    }
+
+    /// Counts a failed sign-in under `keys`.
+    pub fn sign_in_failed(&self, keys: &[Key]) {
+        lock(&self.lockout).failed(keys, self.clock.now());
     }
 
     /// Who sent this request: HTTP Basic `AccountSid:AuthToken` for a tenant; the admin token as

@@ -202,6 +202,8 @@ pub enum Event {
     StreamDropped(StreamDropped),
     StreamReattachRequested(StreamReattachRequested),
     StreamResumed(StreamResumed),
+    CallDurationImplausible(CallDurationImplausible),
+    OperatorStatusSet(OperatorStatusSet),
 }
 
 impl Event {
@@ -241,6 +243,8 @@ impl Event {
             Self::StreamDropped(_) => "stream_dropped",
             Self::StreamReattachRequested(_) => "stream_reattach_requested",
             Self::StreamResumed(_) => "stream_resumed",
+            Self::CallDurationImplausible(_) => "call_duration_implausible",
+            Self::OperatorStatusSet(_) => "operator_status_set",
         }
     }
 
@@ -280,6 +284,8 @@ impl Event {
             Self::StreamDropped(p) => serde_json::to_value(p),
             Self::StreamReattachRequested(p) => serde_json::to_value(p),
             Self::StreamResumed(p) => serde_json::to_value(p),
+            Self::CallDurationImplausible(p) => serde_json::to_value(p),
+            Self::OperatorStatusSet(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -504,6 +510,21 @@ pub struct StreamResumed {
     pub gap_ms: u64,
 }
 
+/// A status callback's `CallDuration` that voxgate does not believe (calls log, beside the
+/// `call_status_changed` it came with): not a whole number of seconds, or longer than the call
+/// can have lasted by what voxgate observed itself. The reported value is never billed; usage
+/// uses the observed duration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallDurationImplausible {
+    /// `CallDuration` as sent (cut to 32 characters).
+    pub reported: String,
+    /// From the call's webhook to this callback, in whole seconds (rounded up).
+    pub observed_secs: u32,
+    /// The longest duration believed: the observed one or the maximum call duration, whichever
+    /// is shorter, plus a little for rounding.
+    pub bound_secs: u32,
+}
+
 /// What was wrong with a stream's input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -515,6 +536,8 @@ pub enum FaultKind {
     OversizeFrame,
     UnknownCall,
     OutOfOrder,
+    /// Nothing arrived on the stream for `[http] stream_idle_secs`.
+    Idle,
 }
 
 impl FaultKind {
@@ -527,6 +550,7 @@ impl FaultKind {
             Self::OversizeFrame => "oversize_frame",
             Self::UnknownCall => "unknown_call",
             Self::OutOfOrder => "out_of_order",
+            Self::Idle => "idle",
         }
     }
 }
@@ -640,6 +664,15 @@ pub struct TenantUpdated {
     pub status: Option<TenantStatus>,
     #[serde(with = "crate::bytes_b64::option")]
     pub sealed_auth_token: Option<Bytes>,
+}
+
+/// The operator set the envelope tenant's status (tenants log). While the operator holds a tenant
+/// suspended or closed, its parent cannot reactivate it; only the operator can.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorStatusSet {
+    pub status: TenantStatus,
+    /// A new name given in the same request.
+    pub friendly_name: Option<String>,
 }
 
 /// A phone number now belongs to the envelope's tenant.

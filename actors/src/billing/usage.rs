@@ -230,20 +230,33 @@ struct CallState {
     /// The tenant of the call's earliest event, used until its `CallReceived` is seen.
     first: (Mark, AccountSid),
     received: Option<(Mark, Direction, AccountSid)>,
-    /// The earliest terminal status.
-    terminal: Option<(Mark, CallStatus)>,
-    /// The earliest terminal status that carries a duration.
-    timed: Option<(Mark, CallStatus, u32)>,
+    /// Terminal statuses with the tenant that recorded each and the duration it reported; only
+    /// the call's own tenant's count (a callback signed by another tenant never bills this call).
+    /// The earliest few are kept.
+    terminals: Vec<(Mark, AccountSid, CallStatus, Option<u32>)>,
     last_seen: Timestamp,
     /// Speech segments transcribed: segment event id → milliseconds.
     segments: BTreeMap<EventId, u64>,
     filed: Vec<Filed>,
 }
 
-fn keep_min<T>(slot: &mut Option<(Mark, T)>, mark: Mark, v: T) {
-    if slot.as_ref().is_none_or(|(m, _)| mark < *m) {
-        *slot = Some((mark, v));
-    }
+/// Terminal statuses kept per call (a call has one or two; the rest would be noise).
+const MAX_TERMINALS: usize = 8;
+
+/// Seconds a reported `CallDuration` may exceed what voxgate observed (Twilio rounds up; clocks
+/// and delivery differ a little).
+pub const DURATION_GRACE_SECS: u32 = 2;
+
+/// From `received` to `ended` in whole seconds, rounded up (0 when `ended` is earlier).
+pub fn observed_secs(received: Timestamp, ended: Timestamp) -> u32 {
+    u32::try_from(ceil_div(ended.micros_since(received).max(0) as u64, 1_000_000)).unwrap_or(u32::MAX)
+}
+
+/// The longest duration believed for a call seen from `received` to `ended`: what voxgate
+/// observed, or the maximum call duration when that is shorter, plus [`DURATION_GRACE_SECS`].
+pub fn duration_bound_secs(received: Timestamp, ended: Timestamp, max_call_secs: Option<u32>) -> u32 {
+    let observed = observed_secs(received, ended);
+    max_call_secs.map_or(observed, |m| observed.min(m)).saturating_add(DURATION_GRACE_SECS)
 }
 
 impl CallState {
@@ -254,15 +267,19 @@ impl CallState {
         };
         let day = day_of(start);
         let mut out = Vec::new();
-        let authority = match (&self.timed, &self.terminal) {
-            (Some(((at, _), st, secs)), _) => Some((*at, *st, Some(*secs))),
-            (None, Some(((at, _), st))) => Some((*at, *st, None)),
-            (None, None) => None,
-        };
+        let own = || self.terminals.iter().filter(|(_, t, _, _)| *t == tenant);
+        // The earliest terminal status that carries a duration decides; else the earliest one.
+        let authority = own()
+            .filter(|(_, _, _, d)| d.is_some())
+            .min_by_key(|(m, _, _, _)| *m)
+            .or_else(|| own().min_by_key(|(m, _, _, _)| *m))
+            .map(|((at, _), _, st, d)| (*at, *st, *d));
         if let Some((ended, CallStatus::Completed, secs)) = authority {
             let secs = match (secs, &self.received) {
-                (Some(s), _) => u64::from(s),
-                (None, Some(((at, _), _, _))) => ceil_div(ended.micros_since(*at).max(0) as u64, 1_000_000),
+                // Never more than voxgate itself saw of the call.
+                (Some(s), Some(((at, _), _, _))) => u64::from(s.min(duration_bound_secs(*at, ended, None))),
+                (Some(s), None) => u64::from(s),
+                (None, Some(((at, _), _, _))) => u64::from(observed_secs(*at, ended)),
                 (None, None) => 0,
             };
             let category = match self.received.as_ref().map(|r| r.1) {
@@ -411,6 +428,12 @@ impl UsageBook {
         let n = self.calls.len();
         self.calls.retain(|_, c| c.last_seen >= before);
         n - self.calls.len()
+    }
+
+    /// Whose call this is and when its webhook was received, once its `CallReceived` is in the
+    /// book (for calls the book still remembers; see [`UsageBook::prune_calls`]).
+    pub fn call_owner(&self, call: CallSid) -> Option<(AccountSid, Timestamp)> {
+        self.calls.get(&call).and_then(|c| c.received.as_ref()).map(|((at, _), _, t)| (*t, *at))
     }
 
     /// The tenant's parent account, for a subaccount.
@@ -699,8 +722,7 @@ impl UsageBook {
         let st = self.calls.entry(call).or_insert_with(|| CallState {
             first: (mark, env.tenant),
             received: None,
-            terminal: None,
-            timed: None,
+            terminals: Vec::new(),
             last_seen: env.occurred_at,
             segments: BTreeMap::new(),
             filed: Vec::new(),
@@ -713,15 +735,17 @@ impl UsageBook {
             CallInput::Received(dir) => {
                 if st.received.as_ref().is_none_or(|(m, _, _)| mark < *m) {
                     st.received = Some((mark, dir, env.tenant));
+                    st.terminals.retain(|(_, t, _, _)| *t == env.tenant);
                 }
             }
-            CallInput::Terminal(status, Some(secs)) => {
-                if st.timed.as_ref().is_none_or(|(m, _, _)| mark < *m) {
-                    st.timed = Some((mark, status, secs));
+            CallInput::Terminal(status, secs) => {
+                let foreign = st.received.as_ref().is_some_and(|(_, _, t)| *t != env.tenant);
+                if !foreign && !st.terminals.iter().any(|(m, _, _, _)| *m == mark) {
+                    st.terminals.push((mark, env.tenant, status, secs));
+                    st.terminals.sort_by_key(|(m, _, _, _)| *m);
+                    st.terminals.truncate(MAX_TERMINALS);
                 }
-                keep_min(&mut st.terminal, mark, status);
             }
-            CallInput::Terminal(status, None) => keep_min(&mut st.terminal, mark, status),
             CallInput::Transcript { segment, ms } => {
                 st.segments.entry(segment).or_insert(ms);
             }
@@ -896,6 +920,36 @@ mod tests {
         assert_eq!((r.count_unit, r.usage_unit, r.price_unit), ("calls", "minutes", "usd"));
         assert_eq!((r.usage_string(), r.price_string()), ("6".to_string(), "0.051".to_string()));
         assert_eq!(r.description, "Inbound Voice Minutes");
+    }
+
+    #[test]
+    fn only_the_calls_own_tenant_ends_it_and_never_for_longer_than_observed() {
+        let mut book = UsageBook::default();
+        let t = at("2025-01-07", 3600);
+        let w = day("2025-01-07");
+        // Tenant B, holding A's CallSid, reports it completed after an hour: nothing changes.
+        book.apply(&received(A, 1, t, Direction::Inbound));
+        let forged = ended(B, 1, Timestamp(t.0 + 10 * SEC), CallStatus::Completed, Some(3600));
+        assert!(book.apply(&forged).is_empty());
+        assert_eq!(rec(&book, A, Category::CallsInbound, w), (Some(0), 0, 0));
+        assert_eq!(rec(&book, B, Category::CallsInbound, w), (Some(0), 0, 0));
+        assert_eq!(book.call_owner(CallSid::from_u128(1)), Some((A, t)));
+        // A's own callback 30 s after the webhook claims 3,600 s: billed as observed (30 s plus
+        // the grace), one minute.
+        book.apply(&ended(A, 1, Timestamp(t.0 + 30 * SEC), CallStatus::Completed, Some(3600)));
+        assert_eq!(rec(&book, A, Category::CallsInbound, w), (Some(1), 1, 8_500));
+        // A duration not believed (recorded without one): the observed time.
+        book.apply(&received(A, 2, t, Direction::Inbound));
+        book.apply(&ended(A, 2, Timestamp(t.0 + 95 * SEC), CallStatus::Completed, None));
+        assert_eq!(rec(&book, A, Category::CallsInbound, w), (Some(2), 3, 3 * 8_500));
+        // A forged terminal event seen before the call's webhook is dropped once it is.
+        let mut late = UsageBook::default();
+        late.apply(&ended(B, 3, Timestamp(t.0 + 5 * SEC), CallStatus::Completed, Some(5)));
+        late.apply(&received(A, 3, t, Direction::Inbound));
+        assert_eq!(rec(&late, A, Category::CallsInbound, w), (Some(0), 0, 0));
+        assert_eq!(rec(&late, B, Category::CallsInbound, w), (Some(0), 0, 0));
+        assert_eq!(duration_bound_secs(t, Timestamp(t.0 + 10 * SEC + 1), Some(5)), 7);
+        assert_eq!(duration_bound_secs(t, Timestamp(t.0 - SEC), None), DURATION_GRACE_SECS);
     }
 
     #[test]

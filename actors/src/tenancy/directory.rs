@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use voxgate_protocol::event::{
     CallerBlocked, CallerUnblocked, NumberAssigned, NumberReleased, QuotaSet, TenantCreated, TenantStatus,
-    TenantUpdated,
+    OperatorStatusSet, TenantUpdated,
 };
 use voxgate_protocol::{AccountSid, Envelope, Event, PhoneNumberSid, Timestamp};
 
@@ -64,6 +64,8 @@ pub struct TenantRecord {
     pub updated_at: Timestamp,
     /// Declared in the config file (not created over the API).
     pub from_config: bool,
+    /// The operator suspended or closed it: only the operator reactivates it (not its parent).
+    pub operator_hold: bool,
 }
 
 /// One phone number and its owner.
@@ -97,6 +99,8 @@ pub enum TenancyError {
     Closed(AccountSid),
     #[error("the parent account {0} is not active")]
     ParentInactive(AccountSid),
+    #[error("account {0} was suspended by the operator; only the operator can reactivate it")]
+    OperatorHold(AccountSid),
     #[error("account {0} already exists")]
     Exists(AccountSid),
     #[error("phone number {number} already belongs to an account")]
@@ -116,6 +120,7 @@ impl TenancyError {
             Self::SubaccountParent(_) => (21101, 400),
             Self::Closed(_) => (21479, 400),
             Self::ParentInactive(_) => (21476, 400),
+            Self::OperatorHold(_) => (20403, 403),
             Self::Exists(_) => (20409, 409),
             Self::NumberTaken { .. } => (21422, 409),
             Self::ConfigOwned(_) => (20422, 409),
@@ -174,6 +179,7 @@ impl Directory {
                     created_at: Timestamp(0),
                     updated_at: Timestamp(0),
                     from_config: true,
+                    operator_hold: false,
                 },
             );
             for n in &s.numbers {
@@ -296,11 +302,14 @@ impl Directory {
 
     /// A change of name and/or status. Closed is permanent; a subaccount cannot be reactivated
     /// under an inactive parent.
+    /// `by_operator`: the operator (admin token) asks; otherwise the tenant or its parent, who
+    /// cannot reactivate an account the operator holds.
     pub fn update_tenant(
         &self,
         sid: AccountSid,
         friendly_name: Option<&str>,
         status: Option<TenantStatus>,
+        by_operator: bool,
     ) -> Result<Event, TenancyError> {
         let t = self.tenants.get(&sid).ok_or_else(|| TenancyError::NotFound(format!("account {sid}")))?;
         if let Some(n) = friendly_name {
@@ -314,6 +323,15 @@ impl Directory {
                 if s == TenantStatus::Active && p.status != TenantStatus::Active {
                     return Err(TenancyError::ParentInactive(p.sid));
                 }
+            }
+            if by_operator {
+                return Ok(Event::OperatorStatusSet(OperatorStatusSet {
+                    status: s,
+                    friendly_name: friendly_name.map(str::to_owned),
+                }));
+            }
+            if t.operator_hold && s != t.status {
+                return Err(TenancyError::OperatorHold(sid));
             }
         }
         Ok(Event::TenantUpdated(TenantUpdated {
@@ -420,6 +438,7 @@ impl Directory {
                         created_at: at,
                         updated_at: at,
                         from_config: false,
+                        operator_hold: false,
                     },
                 );
             }
@@ -439,6 +458,18 @@ impl Directory {
                     }
                     if let Some(tok) = token {
                         t.auth_token = tok;
+                    }
+                    t.updated_at = at;
+                }
+            }
+            Event::OperatorStatusSet(o) => {
+                if let Some(t) = self.tenants.get_mut(&sid) {
+                    if t.status != TenantStatus::Closed {
+                        t.status = o.status;
+                    }
+                    t.operator_hold = t.status != TenantStatus::Active;
+                    if let Some(n) = &o.friendly_name {
+                        t.friendly_name.clone_from(n);
                     }
                     t.updated_at = at;
                 }
@@ -574,17 +605,29 @@ mod tests {
         assert!(matches!(e, Err(TenancyError::SubaccountParent(_))));
         assert!(matches!(d.create_tenant(B, None, "again", Bytes::new()), Err(TenancyError::Exists(_))));
         // Suspending the parent suspends the subaccount; it cannot be reactivated under it.
-        run(&mut d, A, 5, |d| d.update_tenant(A, None, Some(TenantStatus::Suspended))).unwrap();
+        run(&mut d, A, 5, |d| d.update_tenant(A, None, Some(TenantStatus::Suspended), false)).unwrap();
         assert_eq!(d.effective_status(SUB), Some(TenantStatus::Suspended));
-        assert!(matches!(d.update_tenant(SUB, None, Some(TenantStatus::Active)), Err(TenancyError::ParentInactive(_))));
-        run(&mut d, A, 6, |d| d.update_tenant(A, None, Some(TenantStatus::Active))).unwrap();
+        assert!(matches!(d.update_tenant(SUB, None, Some(TenantStatus::Active), false), Err(TenancyError::ParentInactive(_))));
+        run(&mut d, A, 6, |d| d.update_tenant(A, None, Some(TenantStatus::Active), false)).unwrap();
         assert_eq!(d.effective_status(SUB), Some(TenantStatus::Active));
         // Closed is permanent.
-        run(&mut d, B, 7, |d| d.update_tenant(B, None, Some(TenantStatus::Closed))).unwrap();
-        assert!(matches!(d.update_tenant(B, None, Some(TenantStatus::Active)), Err(TenancyError::Closed(_))));
+        run(&mut d, B, 7, |d| d.update_tenant(B, None, Some(TenantStatus::Closed), false)).unwrap();
+        assert!(matches!(d.update_tenant(B, None, Some(TenantStatus::Active), false), Err(TenancyError::Closed(_))));
+        // The operator's suspension holds against the parent; the operator lifts it.
+        run(&mut d, SUB, 11, |d| d.update_tenant(SUB, None, Some(TenantStatus::Suspended), true)).unwrap();
+        assert_eq!(d.effective_status(SUB), Some(TenantStatus::Suspended));
+        let e = d.update_tenant(SUB, None, Some(TenantStatus::Active), false);
+        assert!(matches!(e, Err(TenancyError::OperatorHold(_))), "{e:?}");
+        run(&mut d, SUB, 12, |d| d.update_tenant(SUB, Some("renamed"), None, false)).unwrap();
+        run(&mut d, SUB, 13, |d| d.update_tenant(SUB, None, Some(TenantStatus::Active), true)).unwrap();
+        assert_eq!(d.effective_status(SUB), Some(TenantStatus::Active));
+        // A parent's own suspension it can lift.
+        run(&mut d, SUB, 14, |d| d.update_tenant(SUB, None, Some(TenantStatus::Suspended), false)).unwrap();
+        run(&mut d, SUB, 15, |d| d.update_tenant(SUB, None, Some(TenantStatus::Active), false)).unwrap();
+        assert_eq!(d.effective_status(SUB), Some(TenantStatus::Active));
         // Length limits name the field.
         let long = "x".repeat(256);
-        let e = d.update_tenant(A, Some(&long), None).unwrap_err();
+        let e = d.update_tenant(A, Some(&long), None, false).unwrap_err();
         assert!(e.to_string().starts_with("FriendlyName: is 256 characters"), "{e}");
     }
 

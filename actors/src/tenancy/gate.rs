@@ -225,7 +225,7 @@ mod tests {
     #[test]
     fn suspended_tenants_are_refused() {
         let mut g = gate();
-        let ev = g.directory.update_tenant(A, None, Some(TenantStatus::Suspended)).unwrap();
+        let ev = g.directory.update_tenant(A, None, Some(TenantStatus::Suspended), false).unwrap();
         let env = Envelope { event_id: EventId(1), tenant: A, call: None, occurred_at: Timestamp(0), payload: ev };
         g.directory.apply(&env, &Sealer::new(&[0; 32])).unwrap();
         assert_eq!(

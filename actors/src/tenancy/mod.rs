@@ -9,6 +9,7 @@
 pub mod callers;
 pub mod directory;
 pub mod gate;
+pub mod lockout;
 pub mod quota;
 pub mod secret;
 pub mod throttle;

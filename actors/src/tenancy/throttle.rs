@@ -22,11 +22,15 @@ pub struct ThrottleConfig {
     pub burst_multiplier: u32,
     /// Averaging window in seconds.
     pub window_secs: u32,
+    /// Failed sign-ins per account name or client address within `auth_window_secs` before
+    /// further attempts are refused with 429 (see [`crate::tenancy::lockout`]).
+    pub auth_failures: u32,
+    pub auth_window_secs: u32,
 }
 
 impl Default for ThrottleConfig {
     fn default() -> Self {
-        Self { requests_per_second: 30, burst_multiplier: 5, window_secs: 5 }
+        Self { requests_per_second: 30, burst_multiplier: 5, window_secs: 5, auth_failures: 10, auth_window_secs: 300 }
     }
 }
 
@@ -41,7 +45,22 @@ impl ThrottleConfig {
         if self.window_secs == 0 || self.window_secs > 60 {
             return Err("window_secs must be between 1 and 60".into());
         }
+        if self.auth_failures == 0 || self.auth_failures > 10_000 {
+            return Err("auth_failures must be between 1 and 10000".into());
+        }
+        if self.auth_window_secs == 0 || self.auth_window_secs > 86_400 {
+            return Err("auth_window_secs must be between 1 and 86400".into());
+        }
         Ok(())
+    }
+
+    /// The sign-in lockout these settings ask for.
+    pub fn lockout(&self) -> crate::tenancy::lockout::LockoutConfig {
+        crate::tenancy::lockout::LockoutConfig {
+            max_failures: self.auth_failures,
+            window_secs: self.auth_window_secs,
+            ..Default::default()
+        }
     }
 
     fn window_limit(&self) -> u64 {
@@ -212,7 +231,7 @@ mod tests {
 
     #[test]
     fn per_second_cap_applies_when_it_is_the_tighter_limit() {
-        let cfg = ThrottleConfig { requests_per_second: 10, burst_multiplier: 2, window_secs: 5 };
+        let cfg = ThrottleConfig { requests_per_second: 10, burst_multiplier: 2, window_secs: 5, ..Default::default() };
         let mut t = Throttle::new(cfg);
         assert_eq!(admitted(&mut t, A, "x", 100, ms(0)), 20, "2 × 10/s within a second");
         assert_eq!(t.check(A, "x", ms(500)).map_err(|e| e.retry_after_secs), Err(1));

@@ -84,6 +84,9 @@ pub struct StatusCallback {
     pub call_status: CallStatus,
     /// `CallDuration` in seconds (terminal events only).
     pub call_duration: Option<u32>,
+    /// `CallDuration` as sent when it is not a whole number of seconds that fits (negative, a
+    /// fraction, text, huge): kept to be recorded as such, never billed (cut to 32 characters).
+    pub call_duration_invalid: Option<String>,
     /// `SequenceNumber` (starts at 0; callbacks may arrive out of order).
     pub sequence_number: Option<u32>,
     /// `Timestamp` (RFC 2822 event time).
@@ -287,7 +290,10 @@ impl StatusCallback {
             account_sid: account_sid(account)?,
             call_sid: call_sid(call)?,
             call_status: call_status(status)?,
-            call_duration: opt_u32(duration, "CallDuration")?,
+            call_duration: opt_u32(duration, "CallDuration").ok().flatten(),
+            call_duration_invalid: opt_u32(duration, "CallDuration")
+                .is_err()
+                .then(|| duration.unwrap_or_default().chars().take(32).collect()),
             sequence_number: opt_u32(sequence, "SequenceNumber")?,
             timestamp: opt_timestamp(timestamp)?,
             from: from.map(str::to_owned),
@@ -449,11 +455,13 @@ mod tests {
 
     #[test]
     fn status_callback_bad_numbers_and_times() {
+        // A duration that is no duration is kept as sent (to be recorded, never billed); the
+        // callback itself still counts.
+        for value in ["-1", "+1", "1.5", "99999999999", "NaN"] {
+            let s = StatusCallback::from_form(&with(status(), "CallDuration", value)).unwrap();
+            assert_eq!((s.call_duration, s.call_duration_invalid.as_deref()), (None, Some(value)));
+        }
         for (name, value) in [
-            ("CallDuration", "-1"),
-            ("CallDuration", "+1"),
-            ("CallDuration", "1.5"),
-            ("CallDuration", "99999999999"),
             ("SequenceNumber", "x"),
             ("Timestamp", "yesterday"),
             ("Timestamp", "Tue, 07 Jan 99999999999999 18:02:11 +0000"),
