@@ -497,6 +497,7 @@ async fn handle(
         }
         (Method::POST, Resource::Triggers(a)) => {
             let new = new_trigger(a, &params)?;
+            check_callback_url(state, &new.callback_url).await?;
             let sid = new.sid;
             state
                 .billing
@@ -513,6 +514,9 @@ async fn handle(
         }
         (Method::POST, Resource::Trigger(a, sid)) => {
             let url = params.get("CallbackUrl").map(str::to_owned);
+            if let Some(u) = &url {
+                check_callback_url(state, u).await?;
+            }
             let method = params
                 .get("CallbackMethod")
                 .map(|m| {
@@ -636,6 +640,14 @@ fn usage_records(
         None => format!("{base}.json"),
     };
     page(items, "usage_records", &path, params)
+}
+
+/// A tenant's `CallbackUrl` must not aim inside the node's network (unless the operator allows).
+async fn check_callback_url(state: &AppState, url: &str) -> Result<(), ApiError> {
+    crate::outbound::check_url(url, state.cfg.allow_private_callbacks).await.map_err(|e| {
+        metrics::counter!("voxgate_outbound_refused_total", "reason" => "at_creation").increment(1);
+        ApiError::invalid("CallbackUrl", e)
+    })
 }
 
 /// `POST …/Usage/Triggers.json`'s parameters as a trigger to create.

@@ -25,14 +25,163 @@ pub const CURSOR: &str = "analytics";
 const TOPICS: [&str; 6] =
     [topics::CALLS, topics::TRANSCRIPTS, topics::TENANTS, topics::FRAUD, topics::ALERTS, topics::BILLING];
 
-/// `[analytics]`: where to publish.
-#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
+/// `[analytics]`: where to publish, how to log in, and what to leave out.
+#[derive(Clone, serde::Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AnalyticsConfig {
     /// e.g. `nats://127.0.0.1:4222`.
     pub nats_url: String,
     #[serde(default = "default_prefix")]
     pub subject_prefix: String,
+    /// Credentials and TLS for the server (`[analytics.auth]`).
+    #[serde(default)]
+    pub auth: voxgate_storage::NatsAuth,
+    /// What leaves voxgate (`[analytics.redact]`, per tenant `[analytics.redact.tenants.AC…]`).
+    #[serde(default)]
+    pub redact: Redact,
+}
+
+impl std::fmt::Debug for AnalyticsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnalyticsConfig")
+            .field("nats_url", &voxgate_storage::redact_url(&self.nats_url))
+            .field("subject_prefix", &self.subject_prefix)
+            .field("auth", &self.auth)
+            .field("redact", &self.redact)
+            .finish()
+    }
+}
+
+/// What happens to one kind of personal data on the analytics subjects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Treatment {
+    /// Published as recorded.
+    #[default]
+    Keep,
+    /// Left out (transcript text becomes null; a phone number becomes `"[redacted]"`).
+    Drop,
+    /// Replaced by a keyed hash (`h:` and 24 hex digits; the key derives from the secrets key), so
+    /// consumers can still count and join on equal values without reading them.
+    Hash,
+}
+
+/// One redaction policy: transcript text and phone numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    pub transcripts: Treatment,
+    pub numbers: Treatment,
+}
+
+/// `[analytics.redact]`: the default policy, and per-tenant ones that replace it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Redact {
+    pub transcripts: Treatment,
+    pub numbers: Treatment,
+    pub tenants: std::collections::BTreeMap<String, Policy>,
+}
+
+impl Redact {
+    /// The policy for `tenant`.
+    pub fn policy(&self, tenant: voxgate_protocol::AccountSid) -> Policy {
+        self.tenants
+            .get(&tenant.to_string())
+            .copied()
+            .unwrap_or(Policy { transcripts: self.transcripts, numbers: self.numbers })
+    }
+
+    /// Checks the tenant keys.
+    pub fn validate(&self) -> Result<(), String> {
+        for k in self.tenants.keys() {
+            voxgate_protocol::AccountSid::parse(k).map_err(|e| format!("redact.tenants.{k}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes an event's JSON fit to leave voxgate: sealed auth tokens never go (whatever the policy),
+/// transcript text and phone numbers as the tenant's policy says. Numbers are found wherever they
+/// appear in a string (`+` and 8 to 15 digits), evidence text included.
+pub fn scrub(v: &mut serde_json::Value, policy: Policy, key: &[u8; 32]) {
+    let Some(m) = v.as_object_mut() else { return };
+    m.remove("sealed_auth_token");
+    if m.get("kind").and_then(|k| k.as_str()) == Some("transcript") {
+        match policy.transcripts {
+            Treatment::Keep => {}
+            Treatment::Drop => {
+                m.insert("text".into(), serde_json::Value::Null);
+            }
+            Treatment::Hash => {
+                if let Some(t) = m.get("text").and_then(|t| t.as_str()).map(|t| keyed_hash(key, t)) {
+                    m.insert("text".into(), t.into());
+                }
+            }
+        }
+    }
+    if policy.numbers != Treatment::Keep {
+        for (_, val) in m.iter_mut() {
+            scrub_numbers(val, policy.numbers, key);
+        }
+    }
+}
+
+fn scrub_numbers(v: &mut serde_json::Value, t: Treatment, key: &[u8; 32]) {
+    match v {
+        serde_json::Value::String(s) => {
+            if let Some(r) = replace_numbers(s, t, key) {
+                *s = r;
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| scrub_numbers(x, t, key)),
+        serde_json::Value::Object(o) => o.iter_mut().for_each(|(_, x)| scrub_numbers(x, t, key)),
+        _ => {}
+    }
+}
+
+/// `s` with every `+` followed by 8 to 15 digits replaced; `None` when there is none.
+fn replace_numbers(s: &str, t: Treatment, key: &[u8; 32]) -> Option<String> {
+    if !s.contains('+') {
+        return None;
+    }
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let (mut i, mut last, mut changed) = (0, 0, false);
+    while i < b.len() {
+        if b[i] == b'+' {
+            let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if (8..=15).contains(&digits) {
+                let number = &s[i..i + 1 + digits];
+                out.push_str(&s[last..i]);
+                match t {
+                    Treatment::Hash => out.push_str(&keyed_hash(key, number)),
+                    _ => out.push_str("[redacted]"),
+                }
+                i += 1 + digits;
+                last = i;
+                changed = true;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    out.push_str(&s[last..]);
+    changed.then_some(out)
+}
+
+/// `h:` and the first 24 hex digits of HMAC-SHA256(key, value).
+fn keyed_hash(key: &[u8; 32], value: &str) -> String {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(value.as_bytes());
+    let d = m.finalize().into_bytes();
+    let mut s = String::with_capacity(26);
+    s.push_str("h:");
+    for b in &d[..12] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
 }
 
 fn default_prefix() -> String {
@@ -51,17 +200,27 @@ pub fn is_public(e: &Event) -> bool {
 
 /// Publishes every public event from the cursor on, then follows the logs until they close.
 /// `connected` tells health whether NATS is reachable.
-pub async fn publish(log: Log, cfg: AnalyticsConfig, connected: Arc<AtomicBool>) -> Result<(), StorageError> {
+pub async fn publish(
+    log: Log,
+    cfg: AnalyticsConfig,
+    key: [u8; 32],
+    connected: Arc<AtomicBool>,
+) -> Result<(), StorageError> {
+    let shown = voxgate_storage::redact_url(&cfg.nats_url);
     let client = loop {
-        match async_nats::ConnectOptions::new()
-            .name("voxgate-analytics")
-            .retry_on_initial_connect()
-            .connect(cfg.nats_url.as_str())
-            .await
-        {
+        let opts = async_nats::ConnectOptions::new().name("voxgate-analytics").retry_on_initial_connect();
+        let opts = match cfg.auth.apply(opts).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(stage = "analytics", url = %shown, error = %e, "NATS settings unusable; retrying in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        match opts.connect(cfg.nats_url.as_str()).await {
             Ok(c) => break c,
             Err(e) => {
-                tracing::error!(stage = "analytics", url = %cfg.nats_url, error = %e, "NATS URL refused; retrying in 5 s");
+                tracing::error!(stage = "analytics", url = %shown, error = %e, "NATS refused the connection; retrying in 5 s");
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
@@ -95,7 +254,10 @@ pub async fn publish(log: Log, cfg: AnalyticsConfig, connected: Arc<AtomicBool>)
                     }
                     let subject = subject(&cfg.subject_prefix, &env);
                     let id = env.event_id.to_string();
-                    let body = event_json(&Entry { topic, env, appended_at: r.appended_at() }).to_string();
+                    let policy = cfg.redact.policy(env.tenant);
+                    let mut json = event_json(&Entry { topic, env, appended_at: r.appended_at() });
+                    scrub(&mut json, policy, &key);
+                    let body = json.to_string();
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert("Nats-Msg-Id", id.as_str());
                     if client.publish_with_headers(subject, headers, body.into()).await.is_err() {
@@ -118,7 +280,7 @@ pub async fn publish(log: Log, cfg: AnalyticsConfig, connected: Arc<AtomicBool>)
             .store(!failed && client.connection_state() == async_nats::connection::State::Connected, Ordering::Release);
         if failed {
             metrics::counter!("voxgate_analytics_publish_failures_total").increment(1);
-            tracing::warn!(stage = "analytics", url = %cfg.nats_url, retry_ms = backoff.as_millis() as u64, "NATS unreachable; events wait in the log");
+            tracing::warn!(stage = "analytics", url = %shown, retry_ms = backoff.as_millis() as u64, "NATS unreachable; events wait in the log");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
             continue;
@@ -144,5 +306,57 @@ pub async fn publish(log: Log, cfg: AnalyticsConfig, connected: Arc<AtomicBool>)
             Ok(false) => return Ok(()),
             _ => continue,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    #[test]
+    fn sealed_tokens_never_leave_and_policies_apply() {
+        let mut v = json!({"kind": "tenant_created", "sealed_auth_token": "c2VjcmV0", "friendly_name": "Acme"});
+        scrub(&mut v, Policy::default(), &KEY);
+        assert!(v.get("sealed_auth_token").is_none(), "{v}");
+
+        let t = json!({"kind": "transcript", "text": "my card is 4111", "tenant": "AC1"});
+        let mut dropped = t.clone();
+        scrub(&mut dropped, Policy { transcripts: Treatment::Drop, numbers: Treatment::Keep }, &KEY);
+        assert_eq!(dropped["text"], serde_json::Value::Null);
+        let mut hashed = t.clone();
+        scrub(&mut hashed, Policy { transcripts: Treatment::Hash, numbers: Treatment::Keep }, &KEY);
+        let h = hashed["text"].as_str().unwrap();
+        assert!(h.starts_with("h:") && h.len() == 26 && !h.contains("4111"), "{h}");
+
+        let call = json!({"kind": "call_received", "from": "+14155550123", "to": "+14155550100",
+                          "evidence": ["12 calls from +14155550123 in 60 s"], "stream_session": "CA1"});
+        let mut d = call.clone();
+        scrub(&mut d, Policy { transcripts: Treatment::Keep, numbers: Treatment::Drop }, &KEY);
+        assert_eq!((d["from"].as_str(), d["to"].as_str()), (Some("[redacted]"), Some("[redacted]")));
+        assert_eq!(d["evidence"][0], "12 calls from [redacted] in 60 s");
+        let mut h = call.clone();
+        scrub(&mut h, Policy { transcripts: Treatment::Keep, numbers: Treatment::Hash }, &KEY);
+        // Equal numbers hash alike (joins still work); the number itself is gone.
+        assert!(h["evidence"][0].as_str().unwrap().contains(h["from"].as_str().unwrap()));
+        assert!(!h.to_string().contains("4155550123"), "{h}");
+        let mut keep = call.clone();
+        scrub(&mut keep, Policy::default(), &KEY);
+        assert_eq!(keep, call);
+    }
+
+    #[test]
+    fn per_tenant_policies_replace_the_default() {
+        let r: Redact = toml::from_str(
+            "numbers = \"hash\"\n[tenants.AC0123456789abcdef0123456789abcdef]\ntranscripts = \"drop\"\n",
+        )
+        .unwrap();
+        r.validate().unwrap();
+        let a = voxgate_protocol::AccountSid::parse("AC0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(r.policy(a), Policy { transcripts: Treatment::Drop, numbers: Treatment::Keep });
+        let b = voxgate_protocol::AccountSid::from_u128(9);
+        assert_eq!(r.policy(b), Policy { transcripts: Treatment::Keep, numbers: Treatment::Hash });
     }
 }

@@ -94,6 +94,8 @@ pub struct Billing {
     tenancy: Arc<Tenancy>,
     twilio: TwilioRest,
     http: reqwest::Client,
+    /// `allow_private_callbacks`: callbacks may go to non-public addresses.
+    allow_private: bool,
     policy: CallbackPolicy,
     /// One trigger command at a time (checks see the previous command's effect).
     commands: tokio::sync::Mutex<()>,
@@ -133,15 +135,14 @@ impl Billing {
         let triggers =
             TriggerBook::with_budgets(&cfg.billing.budgets).map_err(|e| anyhow::anyhow!("billing budgets: {e}"))?;
         let policy = cfg.billing.callbacks;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(policy.timeout_ms))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        // Callback URLs are the tenants': public addresses only, unless the operator allows more.
+        let http = crate::outbound::client(Duration::from_millis(policy.timeout_ms), cfg.allow_private_callbacks)
             .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
         let progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
         Ok(Self {
             progress,
             books: Mutex::new(Books { usage, triggers, deliveries: BTreeMap::new() }),
+            allow_private: cfg.allow_private_callbacks,
             log,
             clock,
             tenancy,
@@ -444,6 +445,10 @@ impl Billing {
         let Some(token) = self.tenancy.token(tenant) else {
             return (None, Some("the account is gone".into()));
         };
+        if let Err(e) = crate::outbound::check_at_delivery(&f.callback_url, self.allow_private) {
+            metrics::counter!("voxgate_outbound_refused_total", "reason" => "not_public").increment(1);
+            return (None, Some(format!("CallbackUrl refused: {e}")));
+        }
         let key = token.expose().as_bytes();
         let req = if f.callback_method.eq_ignore_ascii_case("GET") {
             let query = form(&f.params);

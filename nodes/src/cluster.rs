@@ -104,6 +104,9 @@ pub struct ClusterFile {
     /// Seconds before a dead node's work moves to the others.
     #[serde(default = "default_lease")]
     pub lease_ttl_secs: u64,
+    /// Credentials and TLS for the NATS server (`[cluster.auth]`).
+    #[serde(default)]
+    pub auth: voxgate_storage::NatsAuth,
 }
 
 fn default_prefix() -> String {
@@ -115,18 +118,31 @@ fn default_lease() -> u64 {
 }
 
 /// The cluster settings in force.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClusterConfig {
     pub nats_url: String,
     pub prefix: String,
     pub node: String,
     pub lease_ttl: Duration,
+    pub auth: voxgate_storage::NatsAuth,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("nats_url", &voxgate_storage::redact_url(&self.nats_url))
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("auth", &self.auth)
+            .finish()
+    }
 }
 
 impl ClusterConfig {
     pub fn from_file(f: &ClusterFile) -> Result<Self, String> {
         if !f.nats_url.starts_with("nats://") && !f.nats_url.starts_with("tls://") {
-            return Err(format!("must be a nats:// or tls:// URL, got {:?}", f.nats_url));
+            return Err(format!("must be a nats:// or tls:// URL, got {:?}", voxgate_storage::redact_url(&f.nats_url)));
         }
         if f.prefix.is_empty() || !f.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
             return Err(format!("prefix {:?} must be letters, digits, '_' or '-'", f.prefix));
@@ -146,11 +162,13 @@ impl ClusterConfig {
                 format!("{}-{}", if host.is_empty() { "node" } else { &host }, std::process::id())
             }
         };
+        f.auth.validate().map_err(|e| format!("auth: {e}"))?;
         Ok(Self {
             nats_url: f.nats_url.clone(),
             prefix: f.prefix.clone(),
             node,
             lease_ttl: Duration::from_secs(f.lease_ttl_secs),
+            auth: f.auth.clone(),
         })
     }
 }

@@ -155,6 +155,9 @@ pub struct ConfigFile {
     pub fraud: FraudConfig,
     /// Twilio's REST API base URL (ending calls); a fake Twilio in tests.
     pub twilio_api_url: String,
+    /// Let tenant-given URLs (usage-trigger callbacks) reach loopback, private and link-local
+    /// addresses. Off: they must be public (SSRF protection).
+    pub allow_private_callbacks: bool,
     /// Tenants with their own `tenant` label on metrics; the rest are labelled `other`.
     pub metrics_tenant_labels: usize,
     /// Prices, volume tiers and budgets (`[billing.prices]`, `[billing.budgets]`).
@@ -199,6 +202,7 @@ impl Default for ConfigFile {
             http: crate::http_server::HttpFile::default(),
             fraud: FraudConfig::default(),
             twilio_api_url: "https://api.twilio.com".into(),
+            allow_private_callbacks: false,
             metrics_tenant_labels: 100,
             billing: BillingConfig::default(),
             analytics: None,
@@ -253,6 +257,7 @@ pub struct Config {
     pub http: crate::http_server::HttpFile,
     pub fraud: FraudConfig,
     pub twilio_api_url: String,
+    pub allow_private_callbacks: bool,
     pub metrics_tenant_labels: usize,
     pub billing: BillingConfig,
     pub analytics: Option<crate::analytics::AnalyticsConfig>,
@@ -276,6 +281,15 @@ pub struct Overrides {
 }
 
 const NOT_KEYS: &[&str] = &["CONFIG", "LOG"];
+
+/// Shortest tenant auth token accepted on a node reachable beyond loopback (Twilio's are 32).
+const MIN_EXPOSED_TOKEN: usize = 32;
+
+/// Logs the node rebuilds its state from at start (billing reads calls, transcripts, tenants and
+/// its own log; tenancy the tenants log): no retention on them.
+const REBUILT_FROM: &[&str] = &[topics::CALLS, topics::TRANSCRIPTS, topics::TENANTS, topics::BILLING];
+/// Logs retention may shorten.
+const RETAINABLE: &[&str] = &[topics::MEDIA, topics::SPEECH, topics::FRAUD, topics::ALERTS];
 
 impl Config {
     /// Loads `path` (if any), applies `VOXGATE_*` variables from `env`, then the flags.
@@ -333,6 +347,7 @@ impl Config {
                         prefix: "voxgate".into(),
                         node: None,
                         lease_ttl_secs: 6,
+                        auth: Default::default(),
                     })
                 }
             }
@@ -384,11 +399,26 @@ impl Config {
                 .iter_mut()
                 .find(|t| &t.name == name)
                 .ok_or_else(|| invalid(&format!("log.retention.{name}"), "no such topic".into()))?;
+            // The node rebuilds tenants, usage, triggers and budget stops from these logs at every
+            // start; with no snapshot to start from, removing their records would lose that state.
+            if REBUILT_FROM.contains(&name.as_str()) && (r.max_age.is_some() || r.max_events_per_partition.is_some()) {
+                return Err(invalid(
+                    &format!("log.retention.{name}"),
+                    format!(
+                        "the node rebuilds its state (tenants, usage, triggers, budgets) from the {name} log at every start, so its records are kept; retention applies to {} only",
+                        RETAINABLE.join(", ")
+                    ),
+                ));
+            }
             spec.retention = *r;
         }
         for t in topics.iter_mut().filter(|t| t.name != topics::TENANTS) {
             t.partitions = f.log.partitions;
         }
+        let loopback_only = {
+            let l: SocketAddr = listen;
+            l.ip().is_loopback()
+        };
         let mut tenants = Vec::with_capacity(f.tenants.len());
         for (i, t) in f.tenants.into_iter().enumerate() {
             let key = |k: &str| format!("tenants[{i}].{k}");
@@ -396,6 +426,16 @@ impl Config {
                 AccountSid::parse(&t.account_sid).map_err(|e| invalid(&key("account_sid"), e.to_string()))?;
             if t.auth_token.expose().len() < 8 || t.auth_token.expose().len() > 256 {
                 return Err(invalid(&key("auth_token"), "must be 8 to 256 characters".into()));
+            }
+            // A short token is guessable; it signs every webhook the tenant gets. Only a node that
+            // listens on loopback alone (a laptop demo) may keep one.
+            if t.auth_token.expose().len() < MIN_EXPOSED_TOKEN && !loopback_only {
+                return Err(invalid(
+                    &key("auth_token"),
+                    format!(
+                        "is shorter than {MIN_EXPOSED_TOKEN} characters while the node listens on {listen} (beyond loopback); use the auth token Twilio issued (32 hex digits)"
+                    ),
+                ));
             }
             for n in &t.numbers {
                 if !is_e164(n) {
@@ -450,9 +490,11 @@ impl Config {
             if !a.nats_url.starts_with("nats://") && !a.nats_url.starts_with("tls://") {
                 return Err(invalid(
                     "analytics.nats_url",
-                    format!("must be a nats:// or tls:// URL, got {:?}", a.nats_url),
+                    format!("must be a nats:// or tls:// URL, got {:?}", voxgate_storage::redact_url(&a.nats_url)),
                 ));
             }
+            a.auth.validate().map_err(|e| invalid("analytics.auth", e.to_string()))?;
+            a.redact.validate().map_err(|e| invalid("analytics.redact", e))?;
             if a.subject_prefix.is_empty() || a.subject_prefix.contains([' ', '*', '>']) {
                 return Err(invalid("analytics.subject_prefix", "must be a NATS subject without wildcards".into()));
             }
@@ -519,6 +561,7 @@ impl Config {
             http: f.http,
             fraud: f.fraud,
             twilio_api_url: f.twilio_api_url,
+            allow_private_callbacks: f.allow_private_callbacks,
             metrics_tenant_labels: f.metrics_tenant_labels.min(10_000),
             billing: f.billing,
             analytics: f.analytics,
@@ -644,6 +687,35 @@ mod tests {
         let e =
             Config::load(None, vec![key], &Overrides { roles: Some("stt".into()), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("--nats"), "{e}");
+    }
+
+    #[test]
+    fn short_tokens_only_on_loopback() {
+        let cfg = |listen: &str| {
+            format!(
+                "listen = \"{listen}\"\n[[tenants]]\naccount_sid = \"AC0123456789abcdef0123456789abcdef\"\nauth_token = \"demo-auth-token-change-me\"\n"
+            )
+        };
+        let f = write(&cfg("127.0.0.1:8080"));
+        Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap();
+        let f = write(&cfg("0.0.0.0:8080"));
+        let e = Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("tenants[0].auth_token") && e.to_string().contains("32"), "{e}");
+        // The --listen flag counts, not only the file.
+        let f = write(&cfg("127.0.0.1:8080"));
+        let flags = Overrides { listen: Some("0.0.0.0:0".into()), ..Default::default() };
+        assert!(Config::load(Some(f.path()), vec![], &flags).is_err());
+    }
+
+    #[test]
+    fn retention_on_logs_the_node_rebuilds_from_is_refused() {
+        for topic in ["calls", "tenants", "billing", "transcripts"] {
+            let f = write(&format!("[log.retention.{topic}]\nmax_age_secs = 86400\n"));
+            let e = Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(&format!("log.retention.{topic}")), "{e}");
+        }
+        let f = write("[log.retention.fraud]\nmax_age_secs = 86400\n");
+        Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap();
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct AppState {
     pub billing: Arc<crate::billing::Billing>,
     /// Twilio's REST API for the call actors (re-attaching dropped streams).
     pub control: Arc<dyn voxgate_actors::call::CallControl>,
+    /// The clock tests move forward (`VOXGATE_TEST_CLOCK=manual` only).
+    pub test_clock: Option<Arc<crate::clock::ManualClock>>,
 }
 
 impl AppState {
@@ -82,6 +84,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/voice/twilio/status", post(status))
         .route("/api/voice/twilio/stream/{session}", get(crate::stream::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::perimeter::twilio_allowlist));
+    let mut twilio = twilio;
+    if let Some(c) = state.test_clock.clone() {
+        twilio = twilio.route("/api/voice/test/clock", post(crate::clock::advance).with_state(c));
+    }
     Router::new()
         .merge(twilio)
         .route("/api/voice/health", get(crate::health::health))

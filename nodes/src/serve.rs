@@ -15,7 +15,6 @@ use voxgate_actors::fraud::{FraudEngine, PrefixTable};
 use voxgate_actors::progress::Progress;
 use voxgate_actors::stt::stage::{SttPool, SttStage, SttStageArgs};
 use voxgate_actors::transcode::stage::{TranscodeStage, TranscodeStageArgs};
-use voxgate_protocol::{Clock, SystemClock};
 use voxgate_storage::{topics, Log};
 
 use crate::cluster::{Claimed, Role, Start, Stop};
@@ -133,7 +132,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let handle = install_metrics()?;
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (clock, test_clock) = crate::clock::from_env();
     let roles = cfg.roles.clone();
     let log = match &cfg.cluster {
         None => Log::open_with_cache(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes)
@@ -142,12 +141,13 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             let mut opts = voxgate_storage::ClusterOptions::new(&c.nats_url);
             opts.prefix = c.prefix.clone();
             opts.lease_ttl = c.lease_ttl;
+            opts.auth = c.auth.clone();
             // An ingress node keeps answering Twilio through a NATS outage.
             opts.spool = roles.has(Role::Ingress);
-            tracing::info!(nats = %c.nats_url, node = %c.node, roles = ?roles.names(), "joining the cluster");
+            tracing::info!(nats = %voxgate_storage::redact_url(&c.nats_url), node = %c.node, roles = ?roles.names(), "joining the cluster");
             Log::open_cluster(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes, &opts)
                 .await
-                .with_context(|| format!("joining the JetStream log at {}", c.nats_url))?
+                .with_context(|| format!("joining the JetStream log at {}", voxgate_storage::redact_url(&c.nats_url)))?
         }
     };
     let clustered = cfg.cluster.is_some();
@@ -312,8 +312,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task =
-            tokio::spawn(log_failure("analytics", crate::analytics::publish(log.clone(), a.clone(), up.clone())));
-        (a.nats_url, up, task)
+            tokio::spawn(log_failure("analytics", crate::analytics::publish(log.clone(), a.clone(), tenancy.analytics_key(), up.clone())));
+        (voxgate_storage::redact_url(&a.nats_url), up, task)
     });
     let health = Arc::new(Health {
         stages,
@@ -322,6 +322,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         roles: roles.names(),
     });
     let state = AppState {
+        test_clock,
         cfg: cfg.clone(),
         log: log.clone(),
         clock: clock.clone(),

@@ -298,8 +298,9 @@ impl Ingest {
                 }
                 decode_payload_into(&m.payload_b64, &mut self.scratch)?;
                 self.chunks.increment(1);
-                let contiguous =
-                    self.acc.is_empty() || m.timestamp_ms == self.acc_start_ms + (self.acc.len() as u64) / 8;
+                // Checked: a timestamp near u64::MAX (any client can send one) must not wrap.
+                let contiguous = self.acc.is_empty()
+                    || self.acc_start_ms.checked_add((self.acc.len() as u64) / 8) == Some(m.timestamp_ms);
                 if !contiguous || self.pending_gap > 0 && !self.acc.is_empty() {
                     self.flush_batch();
                 }

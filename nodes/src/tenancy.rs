@@ -91,6 +91,9 @@ pub struct Tenancy {
     pub labels: Arc<TenantLabels>,
     gate: Arc<Mutex<Gate>>,
     sealer: Sealer,
+    /// Keys the hashes analytics puts in place of redacted values (from the secrets key, so every
+    /// node of a cluster hashes alike).
+    analytics_key: [u8; 32],
     admin_token: Option<Secret>,
     throttle: Mutex<Throttle>,
     /// Failed sign-ins per account name and client address.
@@ -127,6 +130,14 @@ impl Drop for QuotaSlot {
         metrics::gauge!("voxgate_tenant_active_calls", "tenant" => self.labels.label(self.tenant))
             .set(f64::from(active));
     }
+}
+
+/// A key for one purpose, derived from the secrets key (HMAC-SHA256).
+fn derive_key(key: &[u8; 32], purpose: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(purpose);
+    m.finalize().into_bytes().into()
 }
 
 /// The user name of a Basic `Authorization` header (`admin` for a Bearer token), unchecked.
@@ -215,7 +226,9 @@ fn write_key(path: &Path, key: &[u8; 32]) -> std::io::Result<()> {
 impl Tenancy {
     /// Seeds the config-file tenants, then replays the `tenants` log.
     pub fn open(cfg: &Config, log: Log, clock: Arc<dyn Clock>) -> Result<Self, TenancyStartError> {
-        let sealer = Sealer::new(&load_secrets_key(cfg)?);
+        let key = load_secrets_key(cfg)?;
+        let sealer = Sealer::new(&key);
+        let analytics_key = derive_key(&key, b"voxgate analytics redaction v1");
         let mut directory = Directory::new(cfg.default_quota);
         let seeds: Vec<SeedTenant> = cfg
             .tenants
@@ -239,6 +252,7 @@ impl Tenancy {
             labels: Arc::new(TenantLabels::new(cfg.metrics_tenant_labels)),
             gate: Arc::new(Mutex::new(Gate::new(directory, cfg.callers.clone()))),
             sealer,
+            analytics_key,
             admin_token: cfg.admin_token.clone(),
             throttle: Mutex::new(Throttle::new(cfg.throttle)),
             lockout: Mutex::new(Lockout::new(cfg.throttle.lockout())),
@@ -348,6 +362,11 @@ impl Tenancy {
     /// Active calls of a tenant as the quota counts them.
     pub fn active_calls(&self, tenant: AccountSid) -> u32 {
         lock(&self.gate).quotas.active(tenant)
+    }
+
+    /// The key analytics hashes redacted values with.
+    pub fn analytics_key(&self) -> [u8; 32] {
+        self.analytics_key
     }
 
     pub fn sealer(&self) -> &Sealer {

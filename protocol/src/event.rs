@@ -605,7 +605,8 @@ pub struct Transcript {
     pub end_ms: u64,
     /// Empty when the decoder's safeguards rejected the output (see `rejected`).
     pub text: String,
-    /// Which model produced it, e.g. `whisper-tiny.en/ct2-f16`.
+    /// Which model produced it: its directory's name and the SHA-256 of its weights, e.g.
+    /// `whisper-tiny.en@sha256:1a5afae06a4db91c` (older logs: `whisper-tiny.en/ct2-f16`).
     pub model: String,
     /// Wall time the model spent on this segment (its share of a batch).
     pub processing_ms: u32,

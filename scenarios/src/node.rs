@@ -101,6 +101,8 @@ impl Node {
             .arg(dir.path().join("data"))
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .env("VOXGATE_STT__MODEL_DIR", model_dir())
+            // Tests move the node's clock forward instead of waiting (`Node::advance_clock`).
+            .env("VOXGATE_TEST_CLOCK", "manual")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -161,6 +163,21 @@ impl Node {
         let status = r.status().as_u16();
         let text = r.text().await?;
         Ok((status, serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))?))
+    }
+
+    /// Moves the node's clock forward by `by` (a call "lasts" that much longer without the test
+    /// waiting for it).
+    pub async fn advance_clock(&self, by: Duration) -> anyhow::Result<()> {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/voice/test/clock", self.url()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("AdvanceMs={}", by.as_millis()))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("advancing the clock: HTTP {}", r.status());
+        }
+        Ok(())
     }
 
     /// The Prometheus text from the metrics listener.

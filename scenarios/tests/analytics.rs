@@ -77,6 +77,7 @@ async fn every_public_event_reaches_a_plain_nats_client_even_across_an_outage() 
 
     let one = CallSid::from_u128(0xe1);
     assert!(s.inbound_call(one, "+14155550031", NUMBER).await.unwrap().body.contains("<Stream"));
+    node.advance_clock(Duration::from_secs(42)).await.unwrap();
     s.status_callback(one, "completed", 1, Some(42)).await.unwrap();
     let mut msgs = reader(&events).await;
     let mut got = Vec::new();
@@ -110,6 +111,7 @@ async fn every_public_event_reaches_a_plain_nats_client_even_across_an_outage() 
     let (port, store) = nats.stop();
     let two = CallSid::from_u128(0xe2);
     assert!(s.inbound_call(two, "+14155550032", NUMBER).await.unwrap().body.contains("<Stream"));
+    node.advance_clock(Duration::from_secs(7)).await.unwrap();
     s.status_callback(two, "completed", 1, Some(7)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -45,10 +45,11 @@ fn metric(scrape: &str, name: &str, labels: &str) -> Option<f64> {
     found
 }
 
-/// An inbound call from `from` that lasts `secs` and completes.
-async fn completed_call(s: &Simulator, n: u128, from: &str, secs: u32) {
+/// An inbound call from `from` that lasts `secs` (by the node's clock) and completes.
+async fn completed_call(node: &Node, s: &Simulator, n: u128, from: &str, secs: u32) {
     let a = s.inbound_call(CallSid::from_u128(n), from, NUMBER).await.unwrap();
     assert!(a.body.contains("<Stream"), "call {n}: {}", a.body);
+    node.advance_clock(Duration::from_secs(secs.into())).await.unwrap();
     let st = s.status_callback(CallSid::from_u128(n), "completed", 1, Some(secs)).await.unwrap();
     assert!((200..300).contains(&st), "call {n}: completed callback answered {st}");
 }
@@ -57,7 +58,11 @@ async fn completed_call(s: &Simulator, n: u128, from: &str, secs: u32) {
 async fn usage_triggers_fire_once_per_period_with_signed_retried_callbacks() {
     // The customer's callback URL fails the first attempt.
     let receiver = Recorder::start(1).await.unwrap();
-    let node = Node::start(&config("[stt]\nenabled = false\n[billing.callbacks]\nfirst_retry_ms = 100\n")).unwrap();
+    // The receiver listens on loopback: the operator allows callbacks there (off by default).
+    let node = Node::start(&config(
+        "allow_private_callbacks = true\n[stt]\nenabled = false\n[billing.callbacks]\nfirst_retry_ms = 100\n",
+    ))
+    .unwrap();
     let cb = format!("{}/usage-alerts?source=voxgate", receiver.url);
 
     // Create: two calls a day.
@@ -124,13 +129,14 @@ async fn usage_triggers_fire_once_per_period_with_signed_retried_callbacks() {
 
     // One call: below the threshold.
     let s = sim(&node);
-    completed_call(&s, 1, "+14155550001", 30).await;
+    completed_call(&node, &s, 1, "+14155550001", 30).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(receiver.requests().is_empty());
 
     // The second call crosses it: the callback comes at once, fails, is retried.
     let a = s.inbound_call(CallSid::from_u128(2), "+14155550002", NUMBER).await.unwrap();
     assert!(a.body.contains("<Stream"));
+    node.advance_clock(Duration::from_secs(45)).await.unwrap();
     let crossed = Instant::now();
     let st = s.status_callback(CallSid::from_u128(2), "completed", 1, Some(45)).await.unwrap();
     assert!((200..300).contains(&st));
@@ -168,7 +174,7 @@ async fn usage_triggers_fire_once_per_period_with_signed_retried_callbacks() {
     assert_eq!(got[0].param("IdempotencyToken"), got[1].param("IdempotencyToken"));
 
     // A third call the same day: the trigger does not fire again.
-    completed_call(&s, 3, "+14155550003", 20).await;
+    completed_call(&node, &s, 3, "+14155550003", 20).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.requests().len(), 2);
     let (_, t) = api(&node, Method::GET, &format!("/Usage/Triggers/{sid}.json"), &[]).await;
@@ -215,9 +221,9 @@ async fn a_spent_budget_refuses_new_calls_and_ends_active_ones() {
     let active = CallSid::from_u128(0xa1);
     assert!(s.inbound_call(active, "+14155550011", NUMBER).await.unwrap().body.contains("<Stream"));
     // One minute: $1.0085, under the budget.
-    completed_call(&s, 0xa2, "+14155550012", 60).await;
+    completed_call(&node, &s, 0xa2, "+14155550012", 60).await;
     // Two more: $1.0255, over it.
-    completed_call(&s, 0xa3, "+14155550013", 100).await;
+    completed_call(&node, &s, 0xa3, "+14155550013", 100).await;
     let ended =
         twilio.wait_for(1, Duration::from_secs(10), |r| r.uri.ends_with(&format!("/Calls/{active}.json"))).await;
     assert_eq!(ended.len(), 1, "the active call was ended at Twilio: {:?}", twilio.requests());
@@ -256,12 +262,23 @@ async fn usage_killed_mid_stream_and_replayed_from_zero_is_exact() {
 
     // Twilio sends calls; the node is SIGKILLed while they flow.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let send = |s: Simulator, from: u32, done: std::sync::Arc<std::sync::atomic::AtomicU32>| async move {
+    // Each call lasts its seconds by the node's clock, moved forward between webhook and callback.
+    let advance = |url: String, secs: u32| async move {
+        reqwest::Client::new()
+            .post(format!("{url}/api/voice/test/clock"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("AdvanceMs={}", u64::from(secs) * 1000))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+    let send = move |s: Simulator, from: u32, done: std::sync::Arc<std::sync::atomic::AtomicU32>| async move {
         for i in from..CALLS {
             let call = CallSid::from_u128(0xb000 + u128::from(i));
             let ok = match s.inbound_call(call, &format!("+1415600{i:04}"), NUMBER).await {
                 Ok(a) if a.status == 200 => {
-                    matches!(s.status_callback(call, "completed", 1, Some(secs(i))).await, Ok(200..=299))
+                    advance(s.target.clone(), secs(i)).await
+                        && matches!(s.status_callback(call, "completed", 1, Some(secs(i))).await, Ok(200..=299))
                 }
                 _ => false,
             };
@@ -283,6 +300,9 @@ async fn usage_killed_mid_stream_and_replayed_from_zero_is_exact() {
     // Restart; Twilio retries what was not acknowledged and sends the rest.
     let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
     let node = Node::start_in(dir, node.config_path.clone(), &[]).unwrap();
+    // The restarted node's clock starts where the first one's had got to (it never runs back).
+    let before_kill: u64 = (0..=reached).map(|i| u64::from(secs(i))).sum();
+    node.advance_clock(Duration::from_secs(before_kill)).await.unwrap();
     assert_eq!(send(sim(&node), reached, done).await, CALLS);
     let mut inbound = Value::Null;
     for _ in 0..200 {
@@ -346,9 +366,9 @@ fn python(node: &Node, args: &[&str]) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_twilio_python_library_reads_records_and_fires_a_trigger() {
     let receiver = Recorder::start(0).await.unwrap();
-    let node = Node::start(&config("[stt]\nenabled = false\n")).unwrap();
+    let node = Node::start(&config("allow_private_callbacks = true\n[stt]\nenabled = false\n")).unwrap();
     let s = sim(&node);
-    completed_call(&s, 0xc1, "+14155550021", 61).await;
+    completed_call(&node, &s, 0xc1, "+14155550021", 61).await;
 
     let v = python(&node, &["records"]);
     let month = v["this_month"].as_array().unwrap();

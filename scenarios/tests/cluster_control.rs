@@ -203,6 +203,7 @@ async fn tenants_and_budget_stops_recorded_on_one_node_act_on_another() {
     for (call, from, secs) in [(0xa2, "+14155550012", 60), (0xa3, "+14155550013", 100)] {
         let call = CallSid::from_u128(call);
         assert!(s.inbound_call(call, from, NUMBER).await.unwrap().body.contains("<Stream"));
+        ingress.advance_clock(Duration::from_secs(secs.into())).await.unwrap();
         assert_eq!(s.status_callback(call, "completed", 1, Some(secs)).await.unwrap() / 100, 2);
     }
     // The ingress node holds the active call: it is ended at Twilio from there.

@@ -4,8 +4,9 @@
 //! Layout on the server (names start with the cluster's `prefix`, default `voxgate`):
 //! - one stream per topic partition, `{prefix}_{topic}_{partition}` on the subject
 //!   `{prefix}.log.{topic}.{partition}`, so a stream sequence is a partition offset plus one and a
-//!   partition keeps one order. Retention is the topic's, enforced by the server (`max_age`,
-//!   `max_msgs_per_subject`). A message is `appended_at (i64 BE µs) ‖ payload`, as in sled, so
+//!   partition keeps one order. Retention is the topic's, applied by voxgate's retention pass
+//!   (which purges the stream below what every stage has read), never by the server's own
+//!   limits. A message is `appended_at (i64 BE µs) ‖ payload`, as in sled, so
 //!   event time comes from the injected clock, not the server's.
 //! - `Nats-Msg-Id` is the envelope's event id ([`voxgate_protocol::peek_event_id`]): an event
 //!   re-sent after a lost ack, a restart or a lease change is stored once (within the stream's
@@ -49,6 +50,8 @@ pub struct ClusterOptions {
     /// A work claim ([`Log::claim`](crate::Log::claim)) not renewed for this long is free for
     /// another node: how long a dead node's work waits before the survivors take it.
     pub lease_ttl: Duration,
+    /// Credentials and TLS for the server.
+    pub auth: crate::nats::NatsAuth,
 }
 
 impl ClusterOptions {
@@ -61,6 +64,7 @@ impl ClusterOptions {
             ack_timeout: Duration::from_secs(2),
             dedup_window: Duration::from_secs(300),
             lease_ttl: Duration::from_secs(6),
+            auth: crate::nats::NatsAuth::default(),
         }
     }
 }
@@ -159,12 +163,17 @@ impl Cluster {
                 return Err(StorageError::JetStream(format!("topic name {:?} is not a NATS token", s.name)));
             }
         }
-        let client = async_nats::ConnectOptions::new()
-            .name("voxgate")
-            .connection_timeout(Duration::from_secs(5))
+        let shown = crate::nats::redact_url(&opts.url);
+        let connect = async_nats::ConnectOptions::new().name("voxgate").connection_timeout(Duration::from_secs(5));
+        let connect = opts
+            .auth
+            .apply(connect)
+            .await
+            .map_err(|e| StorageError::JetStream(format!("NATS settings for {shown}: {e}")))?;
+        let client = connect
             .connect(opts.url.as_str())
             .await
-            .map_err(|e| StorageError::JetStream(format!("connecting to {}: {e}", opts.url)))?;
+            .map_err(|e| StorageError::JetStream(format!("connecting to {shown}: {e}")))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(opts.ack_timeout.max(Duration::from_secs(1)));
         let bucket = |name: &str, history: i64| kv::Config {
@@ -213,16 +222,12 @@ impl Cluster {
                     name: stream_name(&opts.prefix, &spec.name, p),
                     subjects: vec![subject(&opts.prefix, &spec.name, p)],
                     storage: stream::StorageType::File,
-                    max_age: spec.retention.max_age.unwrap_or_default(),
-                    max_messages_per_subject: spec
-                        .retention
-                        .max_events_per_partition
-                        .map(|m| m.min(i64::MAX as u64) as i64)
-                        .unwrap_or(-1),
+                    // No server-side age or count limit: retention is voxgate's, which never
+                    // removes what a stage has not read yet ([`Cluster::purge_below`]).
                     duplicate_window: opts.dedup_window,
                     ..Default::default()
                 };
-                js.get_or_create_stream(config).await.map_err(|e| {
+                js.create_or_update_stream(config).await.map_err(|e| {
                     StorageError::JetStream(format!("stream {}: {e}", stream_name(&opts.prefix, &spec.name, p)))
                 })?;
             }
@@ -249,7 +254,7 @@ impl Cluster {
             None
         };
         Ok(Self {
-            url: opts.url.clone(),
+            url: crate::nats::redact_url(&opts.url),
             client,
             js,
             prefix: opts.prefix.clone(),
@@ -263,6 +268,23 @@ impl Cluster {
             ack_timeout: opts.ack_timeout,
             spool,
         })
+    }
+
+    /// Purges the partition's stream below `offset` (stream sequence `offset + 1` is kept), in the
+    /// background; a failed purge is retried by the next retention pass.
+    pub(crate) fn purge_below(&self, topic: &str, partition: u32, offset: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let js = self.js.clone();
+        let name = stream_name(&self.prefix, topic, partition);
+        rt.spawn(async move {
+            let r = match js.get_stream(name.as_str()).await {
+                Ok(s) => s.purge().sequence(offset.saturating_add(1)).await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = r {
+                tracing::warn!(stream = %name, error = %e, "retention: purging the stream failed; the next pass retries");
+            }
+        });
     }
 
     pub(crate) fn connected(&self) -> bool {

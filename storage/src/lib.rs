@@ -12,9 +12,11 @@
 
 pub mod jetstream;
 pub mod log;
+pub mod nats;
 pub mod topics;
 mod values;
 
 pub use jetstream::{Appended, ClusterOptions};
+pub use nats::{redact_url, NatsAuth};
 pub use log::{Log, Position, Record, RetentionReport, StorageError, TopicSpec};
 pub use topics::Retention;

@@ -1439,6 +1439,7 @@ impl Log {
             return Ok(report);
         }
         let engine = self.engine()?;
+        let lowest = self.lowest_cursors(&engine)?;
         for (t, tree) in self.inner.topics.iter().zip(&engine.trees) {
             let r = t.spec.retention;
             if r.max_age.is_none() && r.max_events_per_partition.is_none() {
@@ -1450,7 +1451,11 @@ impl Log {
                 let p = p as u32;
                 let head = *part.durable.borrow();
                 let keep_from = r.max_events_per_partition.map(|m| head.saturating_sub(m)).unwrap_or(0);
-                for kv in tree.range(record_key(p, 0)..record_key(p, head)) {
+                // Never past a stage that has not read it yet (its cursor is the next offset it
+                // reads): what a stage still needs is kept, however old.
+                let needed_from = lowest.get(&(t.spec.name.clone(), p)).copied().unwrap_or(u64::MAX);
+                let mut removed_here = false;
+                for kv in tree.range(record_key(p, 0)..record_key(p, head.min(needed_from))) {
                     let (k, v) = kv?;
                     let offset = offset_of(&k).ok_or_else(|| StorageError::CorruptKey(t.spec.name.clone()))?;
                     let too_many = offset < keep_from;
@@ -1463,6 +1468,13 @@ impl Log {
                     }
                     tree.remove(k)?;
                     removed += 1;
+                    removed_here = true;
+                }
+                if removed_here {
+                    if let Some(c) = &self.inner.cluster {
+                        let first = tree.scan_prefix(p.to_be_bytes()).next().transpose()?.and_then(|(k, _)| offset_of(&k));
+                        c.purge_below(&t.spec.name, p, first.unwrap_or(head));
+                    }
                 }
             }
             if removed > 0 {
@@ -1485,6 +1497,24 @@ impl Log {
             report.value_files_removed = values.remove_before(keep)?;
         }
         Ok(report)
+    }
+
+    /// The lowest durable cursor on each (topic, partition) that any stage keeps a cursor on.
+    fn lowest_cursors(&self, engine: &Engine) -> Result<HashMap<(String, u32), u64>, StorageError> {
+        let mut lowest: HashMap<(String, u32), u64> = HashMap::new();
+        for kv in engine.cursors.iter() {
+            let (k, v) = kv?;
+            let mut parts = k.splitn(3, |b| *b == 0);
+            let (Some(_name), Some(topic), Some(p)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let (Ok(topic), Ok(p), Ok(v)) =
+                (std::str::from_utf8(topic), <[u8; 4]>::try_from(p), <[u8; 8]>::try_from(v.as_ref()))
+            else {
+                continue;
+            };
+            let e = lowest.entry((topic.to_owned(), u32::from_be_bytes(p))).or_insert(u64::MAX);
+            *e = (*e).min(u64::from_be_bytes(v));
+        }
+        Ok(lowest)
     }
 
     /// Bytes the log occupies on disk.

@@ -61,6 +61,7 @@ suite!(
     partition_count_mismatch_is_refused,
     concurrent_appends_stay_dense,
     retention_by_age_and_count,
+    retention_keeps_what_a_stage_has_not_read,
     state_survives_reopen,
     watch_wakes_readers,
     bulk_topics_read_back_and_age_out,
@@ -173,6 +174,38 @@ async fn retention_by_age_and_count(h: Harness) {
     assert!(out.is_empty());
     // offsets keep growing after retention
     assert_eq!(log.append("aged", 0, b"x").await.unwrap().offset, 5);
+}
+
+async fn retention_keeps_what_a_stage_has_not_read(h: Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = vec![TopicSpec::new(
+        "aged",
+        2,
+        Retention { max_age: Some(Duration::from_secs(60)), max_events_per_partition: Some(1) },
+    )];
+    let log = h.open(dir.path(), &specs, Arc::new(Fixed(1_000_000))).await.unwrap();
+    // A key for each partition.
+    let key = |p: u32| (0u64..).find(|k| log.partition_of("aged", *k).unwrap() == p).unwrap();
+    for i in 0..6u8 {
+        log.append("aged", key(0), &[i]).await.unwrap();
+        log.append("aged", key(1), &[i]).await.unwrap();
+    }
+    // One stage has read partition 0 up to offset 2 and another up to 4; nobody has a cursor on
+    // partition 1.
+    log.commit_cursor("slow", "aged", 0, 2).await.unwrap();
+    log.commit_cursor("fast", "aged", 0, 4).await.unwrap();
+    let r = log.apply_retention(Timestamp(3_600_000_000)).unwrap();
+    // Partition 0 keeps everything from the slowest stage's position; partition 1 is free.
+    assert_eq!(log.first_offset("aged", 0).unwrap(), 2);
+    assert_eq!(log.first_offset("aged", 1).unwrap(), 6);
+    assert_eq!(r.removed.get("aged"), Some(&8));
+    let mut out = Vec::new();
+    log.read("aged", 0, 0, 10, &mut out).unwrap();
+    assert_eq!(out.iter().map(|r| r.payload()[0]).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+    // The slow stage moves on: the next pass removes what it has now read.
+    log.commit_cursor("slow", "aged", 0, 5).await.unwrap();
+    log.apply_retention(Timestamp(3_600_000_000)).unwrap();
+    assert_eq!(log.first_offset("aged", 0).unwrap(), 4);
 }
 
 fn audio(i: u32) -> Vec<u8> {

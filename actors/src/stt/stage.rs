@@ -42,6 +42,29 @@ struct Job {
     reply: oneshot::Sender<Result<(Vec<Transcription>, Duration), String>>,
 }
 
+/// What transcripts record as their model: the model directory's name and the SHA-256 of the
+/// weights actually loaded (`whisper-tiny.en@sha256:1a5afae06a4db91c`), so a transcript names the
+/// exact file that produced it, whatever the directory is called later.
+pub fn model_identity(dir: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let path = dir.join("model.bin");
+    let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let digest = h.finalize();
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "whisper".into());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("{name}@sha256:{hex}"))
+}
+
 /// Whisper workers on dedicated threads, fed through a bounded queue.
 pub struct SttPool {
     jobs: SyncSender<Job>,
@@ -74,7 +97,9 @@ impl SttPool {
                 Err(_) => return Err(PoolError::Gone),
             }
         }
-        Ok(Self { jobs: tx, workers, model_id: "whisper-tiny.en/ct2-f16".into() })
+        let model_id = model_identity(model_dir)
+            .map_err(|reason| PoolError::Model { dir: model_dir.display().to_string(), reason })?;
+        Ok(Self { jobs: tx, workers, model_id })
     }
 
     /// How many workers run.
