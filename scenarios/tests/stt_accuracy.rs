@@ -55,6 +55,10 @@ async fn transcripts_of_phoned_in_speech_are_accurate() {
             .collect();
         let segments = events.iter().filter(|e| e["kind"] == "speech_segment").count();
         assert_eq!(transcripts.len(), segments, "one transcript per segment ({voice})");
+        // Each transcript names the exact weights that produced it (the SHA-256 fetch-model.sh pins).
+        for e in events.iter().filter(|e| e["kind"] == "transcript") {
+            assert_eq!(e["model"], "whisper-tiny.en@sha256:1a5afae06a4db91c", "{e}");
+        }
         // Each sentence gets the text of the segments whose middle lies in its span.
         for (a, b, reference) in &s.utterances {
             let heard: Vec<&str> = transcripts
