@@ -15,6 +15,7 @@ pub mod load;
 pub mod nats;
 pub mod node;
 pub mod recorder;
+pub mod slow;
 pub mod speech;
 pub mod twilio;
 pub mod wer;
