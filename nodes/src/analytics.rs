@@ -209,7 +209,7 @@ pub async fn publish(
     let shown = voxgate_storage::redact_url(&cfg.nats_url);
     let client = loop {
         let opts = async_nats::ConnectOptions::new().name("voxgate-analytics").retry_on_initial_connect();
-        let opts = match cfg.auth.apply(opts).await {
+        let opts = match cfg.auth.with_url_credentials(&cfg.nats_url).apply(opts).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(stage = "analytics", url = %shown, error = %e, "NATS settings unusable; retrying in 5 s");
@@ -217,7 +217,7 @@ pub async fn publish(
                 continue;
             }
         };
-        match opts.connect(cfg.nats_url.as_str()).await {
+        match opts.connect(shown.as_str()).await {
             Ok(c) => break c,
             Err(e) => {
                 tracing::error!(stage = "analytics", url = %shown, error = %e, "NATS refused the connection; retrying in 5 s");

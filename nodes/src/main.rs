@@ -208,8 +208,15 @@ enum NumberCmd {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VOXGATE_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("VOXGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // async-nats writes its whole CONNECT message (password, token) at trace level: never let
+    // that through, whatever the filter asks for.
+    if filter.max_level_hint().is_none_or(|l| l >= tracing::level_filters::LevelFilter::TRACE) {
+        if let Ok(d) = "async_nats=debug".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),

@@ -238,7 +238,14 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callback_urls_cannot_aim_inside() {
     let node = Node::start(&two_tenants("[stt]\nenabled = false\n")).unwrap();
-    let path = format!("/2010-04-01/Accounts/{ACCOUNT}/Usage/Triggers.json");
+    let trigger = |value: &'static str, url: &'static str| {
+        let node = &node;
+        async move {
+            let path = format!("/2010-04-01/Accounts/{ACCOUNT}/Usage/Triggers.json");
+            let params = [("UsageCategory", "calls"), ("TriggerValue", value), ("CallbackUrl", url)];
+            rest(node, Method::POST, &path, ACCOUNT, TOKEN, None, &params).await
+        }
+    };
     for url in [
         "http://127.0.0.1:9/hook",
         "http://localhost:9/hook",
@@ -247,30 +254,12 @@ async fn callback_urls_cannot_aim_inside() {
         "http://10.0.0.7/hook",
         "http://user:pass@192.168.1.1/hook",
     ] {
-        let r = rest(
-            &node,
-            Method::POST,
-            &path,
-            ACCOUNT,
-            TOKEN,
-            None,
-            &[("UsageCategory", "calls"), ("TriggerValue", "1"), ("CallbackUrl", url)],
-        )
-        .await;
+        let r = trigger("1", url).await;
         assert_eq!(r.status, 400, "{url}: {}", r.json);
         assert!(r.json["message"].as_str().unwrap().starts_with("CallbackUrl"), "{url}: {}", r.json);
     }
     // A public address is taken (nothing is sent until the trigger fires) …
-    let r = rest(
-        &node,
-        Method::POST,
-        &path,
-        ACCOUNT,
-        TOKEN,
-        None,
-        &[("UsageCategory", "calls"), ("TriggerValue", "1000"), ("CallbackUrl", "https://54.172.60.1/hook")],
-    )
-    .await;
+    let r = trigger("1000", "https://54.172.60.1/hook").await;
     assert_eq!(r.status, 201, "{}", r.json);
     // … and cannot be moved inside afterwards.
     let sid = r.json["sid"].as_str().unwrap();

@@ -167,11 +167,12 @@ impl Cluster {
         let connect = async_nats::ConnectOptions::new().name("voxgate").connection_timeout(Duration::from_secs(5));
         let connect = opts
             .auth
+            .with_url_credentials(&opts.url)
             .apply(connect)
             .await
             .map_err(|e| StorageError::JetStream(format!("NATS settings for {shown}: {e}")))?;
         let client = connect
-            .connect(opts.url.as_str())
+            .connect(shown.as_str())
             .await
             .map_err(|e| StorageError::JetStream(format!("connecting to {shown}: {e}")))?;
         let mut js = jetstream::new(client.clone());

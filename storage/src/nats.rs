@@ -100,6 +100,35 @@ impl NatsAuth {
         Ok(())
     }
 
+    /// These settings, with the credentials a URL carries (`nats://user:pass@host`, or
+    /// `nats://token@host`) when no other login is configured: async-nats ignores user
+    /// information in URLs, so voxgate takes it out and logs in with it. Connect to
+    /// [`redact_url`] of the URL afterwards.
+    pub fn with_url_credentials(&self, url: &str) -> NatsAuth {
+        let configured = self.user.is_some()
+            || self.token.is_some()
+            || self.nkey_seed.is_some()
+            || self.nkey_seed_file.is_some()
+            || self.creds_file.is_some();
+        let mut out = self.clone();
+        if configured {
+            return out;
+        }
+        let first = url.split(',').next().unwrap_or_default().trim();
+        let rest = first.split_once("://").map_or(first, |(_, r)| r);
+        let Some((userinfo, _)) = rest.rsplit_once('@') else { return out };
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        match userinfo.split_once(':') {
+            Some((u, p)) => {
+                out.user = Some(decode(u));
+                out.password = Some(decode(p));
+            }
+            None if !userinfo.is_empty() => out.token = Some(decode(userinfo)),
+            None => {}
+        }
+        out
+    }
+
     fn tls(&self) -> bool {
         self.tls_required || self.tls_ca_file.is_some() || self.tls_cert_file.is_some()
     }
@@ -154,9 +183,10 @@ pub fn redact_url(url: &str) -> String {
                 Some((s, r)) => (Some(s), r),
                 None => (None, u),
             };
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(authority_end);
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            // User information ends at the last '@' (a password may hold a raw '/').
+            let after_user = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            let authority_end = after_user.find('/').unwrap_or(after_user.len());
+            let (host, path) = after_user.split_at(authority_end);
             match scheme {
                 Some(s) => format!("{s}://{host}{path}"),
                 None => format!("{host}{path}"),
@@ -177,6 +207,20 @@ mod tests {
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(redact_url("a:b@host:1, nats://c:d@h2:2"), "host:1,nats://h2:2");
         assert_eq!(redact_url("nats://u:p%40x@h/path"), "nats://h/path");
+        assert_eq!(redact_url("nats://alice:p/w@host:4222"), "nats://host:4222");
+    }
+
+    #[test]
+    fn url_credentials_become_the_login_unless_one_is_configured() {
+        let a = NatsAuth::default().with_url_credentials("nats://alice:s3%40cret@127.0.0.1:4222");
+        assert_eq!((a.user.as_deref(), a.password.as_deref()), (Some("alice"), Some("s3@cret")));
+        let t = NatsAuth::default().with_url_credentials("tls://tok3n@h:4222");
+        assert_eq!(t.token.as_deref(), Some("tok3n"));
+        let slash = NatsAuth::default().with_url_credentials("nats://alice:p/w@h:4222");
+        assert_eq!(slash.password.as_deref(), Some("p/w"));
+        let configured = NatsAuth { token: Some("x".into()), ..Default::default() };
+        assert_eq!(configured.with_url_credentials("nats://a:b@h"), configured);
+        assert_eq!(NatsAuth::default().with_url_credentials("nats://h:4222"), NatsAuth::default());
     }
 
     #[test]
