@@ -323,6 +323,9 @@ async fn usage_killed_mid_stream_and_replayed_from_zero_is_exact() {
     node.stop().unwrap();
     let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
     let node = Node::start_in(dir, node.config_path.clone(), &[]).unwrap();
+    // Its clock where the last one's was, so "today" is the same day.
+    let total: u64 = before_kill + (reached..CALLS).map(|i| u64::from(secs(i))).sum::<u64>();
+    node.advance_clock(Duration::from_secs(total)).await.unwrap();
     let (_, after) = api(&node, Method::GET, "/Usage/Records.json", &[]).await;
     let strip = |mut v: Value| {
         for r in v["usage_records"].as_array_mut().unwrap() {
