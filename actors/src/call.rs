@@ -20,7 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tokio::sync::Notify;
 use voxgate_protocol::event::{
     AudioShed, CallStatus, CallStatusChanged, CallTimedOut, Event, HangupRequested, MediaBatch, StatusSource,
-    StopReason, StreamDropped, StreamReattachRequested, StreamResumed, StreamStopped,
+    StopReason, StreamDropped, StreamReattachRequested, StreamResumed, StreamStopped, Track,
 };
 use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId, StreamSid, Timestamp};
 use voxgate_storage::{topics, Log};
@@ -1028,16 +1028,17 @@ fn stream_key(sid: Option<StreamSid>, at: Timestamp) -> u128 {
     sid.map_or(at.as_micros() as u128, |s| s.as_u128())
 }
 
-/// Builds a media batch from raw µ-law frames.
+/// Builds a media batch from one track's raw µ-law frames.
 pub fn media_batch(
     stream_sid: StreamSid,
+    track: Track,
     first_sequence: u64,
     start_ms: u64,
     frames: u32,
     gap_frames: u32,
     payload: Bytes,
 ) -> MediaBatch {
-    MediaBatch { stream_sid, first_sequence, start_ms, frames, gap_frames, payload }
+    MediaBatch { stream_sid, first_sequence, start_ms, frames, gap_frames, payload, track }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1278,6 +1279,7 @@ mod tests {
     fn batch(seq: u64, frames: u32) -> StreamItem {
         StreamItem::Audio(media_batch(
             StreamSid::from_u128(1),
+            Track::Inbound,
             seq,
             seq * 20,
             frames,

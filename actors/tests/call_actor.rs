@@ -10,7 +10,7 @@ use ractor::{Actor, RpcReplyPort};
 use voxgate_actors::call::{
     media_batch, CallActor, CallArgs, CallConfig, CallControl, CallMsg, CallSupervisor, StreamItem, SupervisorMsg,
 };
-use voxgate_protocol::event::{CallStatus, Event, StopReason, StreamStarted, StreamStopped};
+use voxgate_protocol::event::{CallStatus, Event, StopReason, StreamStarted, StreamStopped, Track};
 use voxgate_protocol::{AccountSid, CallSid, Clock, StreamSid, SystemClock};
 use voxgate_storage::{topics, Log};
 
@@ -62,7 +62,7 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
     for i in 0..20u64 {
         queue.push(
             clock.now(),
-            StreamItem::Audio(media_batch(sid, i * 5 + 2, i * 100, 5, 0, Bytes::from(vec![0xFF; 800]))),
+            StreamItem::Audio(media_batch(sid, Track::Inbound, i * 5 + 2, i * 100, 5, 0, Bytes::from(vec![0xFF; 800]))),
         );
     }
     stopped(&queue, clock.as_ref(), sid, StopReason::Twilio);
@@ -172,7 +172,7 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
     let q1 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
     let (s1, s2, s3) = (StreamSid::from_u128(1), StreamSid::from_u128(2), StreamSid::from_u128(3));
     start(&q1, clock.as_ref(), s1);
-    q1.push(clock.now(), StreamItem::Audio(media_batch(s1, 2, 0, 10, 0, Bytes::from(vec![0x55; 1600]))));
+    q1.push(clock.now(), StreamItem::Audio(media_batch(s1, Track::Inbound, 2, 0, 10, 0, Bytes::from(vec![0x55; 1600]))));
     stopped(&q1, clock.as_ref(), s1, StopReason::Disconnected);
     // While the first stream is still attached, a second is refused.
     assert!(ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().is_none());
@@ -182,7 +182,7 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
     // Twilio was asked once; the fresh stream attaches and carries the call on.
     let q2 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
     start(&q2, clock.as_ref(), s2);
-    q2.push(clock.now(), StreamItem::Audio(media_batch(s2, 2, 0, 5, 0, Bytes::from(vec![0x55; 800]))));
+    q2.push(clock.now(), StreamItem::Audio(media_batch(s2, Track::Inbound, 2, 0, 5, 0, Bytes::from(vec![0x55; 800]))));
     stopped(&q2, clock.as_ref(), s2, StopReason::Disconnected);
     actor.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected }).unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use voxgate_actors::transcode::{Segment, StreamTranscoder, TranscodeConfig};
-use voxgate_protocol::event::Event;
+use voxgate_protocol::event::{Event, Track};
 use voxgate_protocol::{CallSid, Envelope, EventId, SystemClock};
 use voxgate_storage::{topics, Log, TopicSpec};
 
@@ -83,7 +83,7 @@ fn describe(ev: &Event) -> String {
             c.duration_secs.map(|d| format!(", {d} s")).unwrap_or_default()
         ),
         Event::StreamStarted(s) => format!("{} tracks {:?}", s.stream_sid, s.tracks),
-        Event::MediaBatch(b) => format!("{} frames from {} ms", b.frames, b.start_ms),
+        Event::MediaBatch(b) => format!("{} {} frames from {} ms", b.track.as_str(), b.frames, b.start_ms),
         Event::Dtmf(d) => format!("digit {}", d.digit),
         Event::StreamMark(m) => format!("mark {}", m.name),
         Event::StreamStopped(s) => format!("{:?} after {} frames", s.reason, s.frames),
@@ -91,11 +91,12 @@ fn describe(ev: &Event) -> String {
         Event::AudioShed(a) => format!("{} frames ({} ms) shed", a.frames, a.audio_ms),
         Event::CallTimedOut(t) => format!("maximum duration {} s reached", t.max_duration_secs),
         Event::Transcript(t) => match &t.rejected {
-            Some(r) => format!("segment #{} rejected ({r})", t.segment_index),
-            None => format!("segment #{}: {:?} ({} ms)", t.segment_index, t.text, t.processing_ms),
+            Some(r) => format!("{} segment #{} rejected ({r})", t.track.party(), t.segment_index),
+            None => format!("{}: {:?} (segment #{}, {} ms)", t.track.party(), t.text, t.segment_index, t.processing_ms),
         },
         Event::SpeechSegment(s) => format!(
-            "#{} {:.2}–{:.2} s ({:.2} s of speech)",
+            "{} #{} {:.2}–{:.2} s ({:.2} s of speech)",
+            s.track.as_str(),
             s.index,
             s.start_ms as f64 / 1000.0,
             s.end_ms as f64 / 1000.0,
@@ -191,25 +192,34 @@ pub fn print_human(call: CallSid, entries: &[Entry], out: &mut impl Write) -> st
     let mut i = 0;
     while i < entries.len() {
         let e = &entries[i];
-        if let Event::MediaBatch(b) = &e.env.payload {
-            let mut frames = u64::from(b.frames);
-            let mut gaps = u64::from(b.gap_frames);
-            let mut j = i + 1;
+        if let Event::MediaBatch(_) = &e.env.payload {
+            // Per track: the caller's and the other party's audio.
+            let (mut frames, mut gaps) = ([0u64; 2], 0u64);
+            let mut j = i;
             while let Some(Entry { env: Envelope { payload: Event::MediaBatch(n), .. }, .. }) = entries.get(j) {
-                frames += u64::from(n.frames);
+                frames[usize::from(n.track == Track::Outbound)] += u64::from(n.frames);
                 gaps += u64::from(n.gap_frames);
                 j += 1;
             }
             let last = &entries[j - 1].env.occurred_at;
+            let audio = if frames[1] > 0 {
+                format!(
+                    "inbound {} frames ({:.1} s), outbound {} frames ({:.1} s)",
+                    frames[0],
+                    frames[0] as f64 * 0.02,
+                    frames[1],
+                    frames[1] as f64 * 0.02
+                )
+            } else {
+                format!("{} frames ({:.1} s of audio)", frames[0], frames[0] as f64 * 0.02)
+            };
             writeln!(
                 out,
-                "{}  {:<6} {:<20} {} batches, {} frames ({:.1} s of audio){} until {}",
+                "{}  {:<6} {:<20} {} batches, {audio}{} until {}",
                 e.env.occurred_at,
                 e.topic,
                 "media_batch ×",
                 j - i,
-                frames,
-                frames as f64 * 0.02,
                 if gaps > 0 { format!(", {gaps} frames missing") } else { String::new() },
                 last
             )?;
@@ -229,28 +239,45 @@ pub fn print_human(call: CallSid, entries: &[Entry], out: &mut impl Write) -> st
     Ok(())
 }
 
-/// Runs the transcoder again over the call's recorded audio.
-pub fn retranscode(entries: &[Entry], cfg: &TranscodeConfig) -> Vec<Segment> {
-    let mut t: Option<StreamTranscoder> = None;
+/// Runs the transcoder again over the call's recorded audio, each track on its own; the
+/// segments in the order the stage appends them (a stream's tracks, in time).
+pub fn retranscode(entries: &[Entry], cfg: &TranscodeConfig) -> Vec<(Track, Segment)> {
+    let mut t: [Option<StreamTranscoder>; 2] = [None, None];
     let mut out = Vec::new();
+    let mut cut = Vec::new();
+    let tracks = [Track::Inbound, Track::Outbound];
     for e in entries {
         match &e.env.payload {
-            Event::StreamStarted(_) => t = Some(StreamTranscoder::new(cfg)),
+            Event::StreamStarted(st) => {
+                let named: Vec<Track> = st.tracks.iter().filter_map(|n| Track::parse(n)).collect();
+                for (i, track) in tracks.iter().enumerate() {
+                    let on = named.contains(track) || named.is_empty() && *track == Track::Inbound;
+                    t[i] = on.then(|| StreamTranscoder::new(cfg));
+                }
+            }
             Event::MediaBatch(b) => {
-                if let Some(t) = t.as_mut() {
-                    t.push(b.start_ms, &b.payload, &mut out);
+                let i = usize::from(b.track == Track::Outbound);
+                if let Some(tr) = t[i].as_mut() {
+                    tr.push(b.start_ms, &b.payload, &mut cut);
+                    out.extend(cut.drain(..).map(|s| (b.track, s)));
                 }
             }
             Event::StreamStopped(_) => {
-                if let Some(mut tr) = t.take() {
-                    tr.finish(&mut out);
+                for (i, track) in tracks.iter().enumerate() {
+                    if let Some(mut tr) = t[i].take() {
+                        tr.finish(&mut cut);
+                        out.extend(cut.drain(..).map(|s| (*track, s)));
+                    }
                 }
             }
             _ => {}
         }
     }
-    if let Some(mut tr) = t.take() {
-        tr.finish(&mut out);
+    for (i, track) in tracks.iter().enumerate() {
+        if let Some(mut tr) = t[i].take() {
+            tr.finish(&mut cut);
+            out.extend(cut.drain(..).map(|s| (*track, s)));
+        }
     }
     out
 }
@@ -295,8 +322,14 @@ pub async fn run(
                 .collect();
             let again = retranscode(&entries, transcode);
             let mut differences = 0;
-            for i in 0..recorded.len().max(again.len()) {
-                let (r, a) = (recorded.get(i), again.get(i));
+            // Pair segments by track and index (the log orders them by when each was cut).
+            let mut keys: Vec<(Track, u32)> =
+                recorded.iter().map(|r| (r.track, r.index)).chain(again.iter().map(|(t, a)| (*t, a.index))).collect();
+            keys.sort();
+            keys.dedup();
+            for (track, index) in &keys {
+                let r = recorded.iter().find(|r| r.track == *track && r.index == *index).copied();
+                let a = again.iter().find(|(t, a)| t == track && a.index == *index).map(|(_, a)| a);
                 let same = match (r, a) {
                     (Some(r), Some(a)) => {
                         r.start_ms == a.start_ms
@@ -319,7 +352,7 @@ pub async fn run(
                         out,
                         "{}",
                         serde_json::json!({
-                            "segment": i, "same": same,
+                            "segment": index, "track": track.as_str(), "same": same,
                             "recorded": r.map(|r| [r.start_ms, r.end_ms]),
                             "replayed": a.map(|a| [a.start_ms, a.end_ms]),
                         })
@@ -327,7 +360,8 @@ pub async fn run(
                 } else {
                     writeln!(
                         out,
-                        "segment {i}: recorded {} replayed {} {}",
+                        "{} segment {index}: recorded {} replayed {} {}",
+                        track.as_str(),
                         fmt(r.map(|r| (r.start_ms, r.end_ms))),
                         fmt(a.map(|a| (a.start_ms, a.end_ms))),
                         if same { "same" } else { "DIFFERS" }
@@ -393,10 +427,10 @@ pub async fn run(
             let model_dir = stt_model_dir.context("--stage stt needs the [stt] model_dir of the config")?;
             let segments: Vec<&Entry> =
                 entries.iter().filter(|e| matches!(e.env.payload, Event::SpeechSegment(_))).collect();
-            let recorded: std::collections::HashMap<u32, &voxgate_protocol::event::Transcript> = entries
+            let recorded: std::collections::HashMap<(Track, u32), &voxgate_protocol::event::Transcript> = entries
                 .iter()
                 .filter_map(|e| match &e.env.payload {
-                    Event::Transcript(t) => Some((t.segment_index, t)),
+                    Event::Transcript(t) => Some(((t.track, t.segment_index), t)),
                     _ => None,
                 })
                 .collect();
@@ -411,7 +445,7 @@ pub async fn run(
                     .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
                     .collect();
                 let again = t.transcribe(&clip).map_err(|e| anyhow::anyhow!("segment {}: {e}", seg.index))?;
-                let before = recorded.get(&seg.index).map(|r| r.text.as_str());
+                let before = recorded.get(&(seg.track, seg.index)).map(|r| r.text.as_str());
                 let same = before == Some(again.text.as_str());
                 if !same {
                     differences += 1;
@@ -420,12 +454,13 @@ pub async fn run(
                     writeln!(
                         out,
                         "{}",
-                        serde_json::json!({"segment": seg.index, "same": same, "recorded": before, "replayed": again.text, "rejected": again.rejected})
+                        serde_json::json!({"segment": seg.index, "track": seg.track.as_str(), "same": same, "recorded": before, "replayed": again.text, "rejected": again.rejected})
                     )?;
                 } else {
                     writeln!(
                         out,
-                        "segment {} {}–{} ms: {}\n  recorded: {}\n  replayed: {}",
+                        "{} segment {} {}–{} ms: {}\n  recorded: {}\n  replayed: {}",
+                        seg.track.as_str(),
                         seg.index,
                         seg.start_ms,
                         seg.end_ms,

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use ractor::{ActorRef, RpcReplyPort};
 use voxgate_actors::call::{media_batch, CallActor, CallMsg, StreamItem, StreamQueue};
 use voxgate_protocol::event::{
-    Dtmf, Event, FaultKind, StopReason, StreamFault, StreamMark, StreamStarted, StreamStopped,
+    Dtmf, Event, FaultKind, StopReason, StreamFault, StreamMark, StreamStarted, StreamStopped, Track,
 };
 use voxgate_protocol::twilio::twiml::{self, StreamTwiml, TwimlError};
 use voxgate_protocol::twilio::{decode_payload_into, parse_inbound, signature, Inbound, MediaError, SignedBody};
@@ -125,15 +125,37 @@ struct Ingest {
     clock: Arc<dyn Clock>,
     batch_bytes: usize,
     stream: Option<StreamSid>,
+    /// The tracks the stream's `start` announced (a fork of both tracks, or the caller's only).
+    tracks: [bool; 2],
     scratch: Vec<u8>,
-    acc: Vec<u8>,
-    acc_frames: u32,
-    acc_first_seq: u64,
-    acc_start_ms: u64,
-    pending_gap: u32,
+    /// The batch being built, per track (`inbound`, `outbound`).
+    acc: [TrackBatch; 2],
     next_seq: Option<u64>,
     flowing: bool,
     chunks: metrics::Counter,
+}
+
+/// One track's audio not yet handed to the call actor.
+struct TrackBatch {
+    bytes: Vec<u8>,
+    frames: u32,
+    first_seq: u64,
+    start_ms: u64,
+    /// Frames Twilio skipped (sequence gaps) before this batch.
+    pending_gap: u32,
+}
+
+impl TrackBatch {
+    fn new(capacity: usize) -> Self {
+        Self { bytes: Vec::with_capacity(capacity), frames: 0, first_seq: 0, start_ms: 0, pending_gap: 0 }
+    }
+}
+
+fn track_index(t: Track) -> usize {
+    match t {
+        Track::Inbound => 0,
+        Track::Outbound => 1,
+    }
 }
 
 enum Flow {
@@ -159,12 +181,9 @@ impl Ingest {
             clock,
             batch_bytes,
             stream: None,
+            tracks: [true, false],
             scratch: Vec::with_capacity(1600),
-            acc: Vec::with_capacity(batch_bytes + 1600),
-            acc_frames: 0,
-            acc_first_seq: 0,
-            acc_start_ms: 0,
-            pending_gap: 0,
+            acc: [TrackBatch::new(batch_bytes + 1600), TrackBatch::new(0)],
             next_seq: None,
             flowing: false,
             chunks: metrics::counter!("twilio_audio_chunks_received_total"),
@@ -256,10 +275,13 @@ impl Ingest {
 
     fn on_text(&mut self, text: &str) -> Result<Flow, MediaError> {
         let msg = parse_inbound(text)?;
+        // Sequence numbers count every message of the stream, both tracks together: a gap is
+        // laid on the track of the message after it.
+        let mut gap = 0u32;
         if let Some(seq) = msg.sequence() {
             if let Some(expected) = self.next_seq {
                 if seq > expected {
-                    self.pending_gap = self.pending_gap.saturating_add((seq - expected) as u32);
+                    gap = u32::try_from(seq - expected).unwrap_or(u32::MAX);
                 }
             }
             self.next_seq = Some(seq.saturating_add(1));
@@ -278,6 +300,11 @@ impl Ingest {
                     )));
                 }
                 self.stream = Some(start.stream_sid);
+                let named: Vec<Track> = start.tracks.iter().filter_map(|t| Track::parse(t)).collect();
+                self.tracks = [named.is_empty() || named.contains(&Track::Inbound), named.contains(&Track::Outbound)];
+                if self.tracks[1] && self.acc[1].bytes.capacity() == 0 {
+                    self.acc[1] = TrackBatch::new(self.batch_bytes + 1600);
+                }
                 self.push_control(Event::StreamStarted(StreamStarted {
                     stream_sid: start.stream_sid,
                     tracks: start.tracks,
@@ -292,30 +319,38 @@ impl Ingest {
                 if m.stream_sid != sid {
                     return Err(MediaError::InvalidMessage("media for another stream".into()));
                 }
-                if m.track != "inbound" {
-                    // A Connect stream carries the caller only; other tracks are not ours to keep.
+                let Some(track) = Track::parse(&m.track) else {
+                    return Err(MediaError::InvalidMessage(format!("unknown track {:?}", shown(&m.track))));
+                };
+                let t = track_index(track);
+                if !self.tracks[t] {
+                    // A track the start did not announce is not this stream's to keep.
                     return Ok(Flow::Continue);
                 }
                 decode_payload_into(&m.payload_b64, &mut self.scratch)?;
                 self.chunks.increment(1);
+                let acc = &self.acc[t];
                 // Checked: a timestamp near u64::MAX (any client can send one) must not wrap.
-                let contiguous = self.acc.is_empty()
-                    || self.acc_start_ms.checked_add((self.acc.len() as u64) / 8) == Some(m.timestamp_ms);
-                if !contiguous || self.pending_gap > 0 && !self.acc.is_empty() {
-                    self.flush_batch();
+                let contiguous = acc.bytes.is_empty()
+                    || acc.start_ms.checked_add((acc.bytes.len() as u64) / 8) == Some(m.timestamp_ms);
+                if !contiguous || gap > 0 && !acc.bytes.is_empty() {
+                    self.flush_track(t);
                 }
-                if self.acc.is_empty() {
-                    self.acc_first_seq = m.sequence;
-                    self.acc_start_ms = m.timestamp_ms;
+                let acc = &mut self.acc[t];
+                acc.pending_gap = acc.pending_gap.saturating_add(gap);
+                if acc.bytes.is_empty() {
+                    acc.first_seq = m.sequence;
+                    acc.start_ms = m.timestamp_ms;
                 }
-                self.acc.extend_from_slice(&self.scratch);
-                self.acc_frames += 1;
+                acc.bytes.extend_from_slice(&self.scratch);
+                acc.frames += 1;
+                let full = acc.bytes.len() >= self.batch_bytes;
                 if !self.flowing {
                     self.flowing = true;
                     let _ = self.actor.cast(CallMsg::MediaFlowing);
                 }
-                if self.acc.len() >= self.batch_bytes {
-                    self.flush_batch();
+                if full {
+                    self.flush_track(t);
                 }
                 Ok(Flow::Continue)
             }
@@ -333,15 +368,28 @@ impl Ingest {
         }
     }
 
+    /// Hands both tracks' batches to the call actor (before a control event, or at the end).
     fn flush_batch(&mut self) {
+        self.flush_track(0);
+        self.flush_track(1);
+    }
+
+    fn flush_track(&mut self, t: usize) {
         let Some(sid) = self.stream else { return };
-        if self.acc.is_empty() {
+        let track = if t == 0 { Track::Inbound } else { Track::Outbound };
+        let acc = &mut self.acc[t];
+        if acc.bytes.is_empty() {
             return;
         }
-        let payload = Bytes::from(std::mem::replace(&mut self.acc, Vec::with_capacity(self.batch_bytes + 1600)));
-        let batch = media_batch(sid, self.acc_first_seq, self.acc_start_ms, self.acc_frames, self.pending_gap, payload);
-        self.acc_frames = 0;
-        self.pending_gap = 0;
+        let payload = Bytes::from(std::mem::replace(&mut acc.bytes, Vec::with_capacity(self.batch_bytes + 1600)));
+        let batch = media_batch(sid, track, acc.first_seq, acc.start_ms, acc.frames, acc.pending_gap, payload);
+        acc.frames = 0;
+        acc.pending_gap = 0;
         self.queue.push(self.clock.now(), StreamItem::Audio(batch));
     }
+}
+
+/// At most 32 characters of client input, for messages.
+fn shown(s: &str) -> String {
+    s.chars().take(32).collect()
 }

@@ -1,18 +1,23 @@
 //! The log's byte format: one version byte, then the postcard encoding of an [`Envelope`].
 //!
-//! Golden bytes below pin the format: a change that breaks them breaks every stored log.
+//! Golden bytes below pin the format: a change that breaks them breaks every stored log. Every
+//! version ever written is read: version 1 (before audio and transcripts carried their track) is
+//! decoded by the frozen reader in [`crate::codec_v1`] and upgraded on the way in.
 
 use crate::event::Envelope;
 
 /// The envelope format written today.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+
+/// The oldest format still read.
+pub const OLDEST: u8 = 1;
 
 /// Why bytes from a log could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty event record")]
     Empty,
-    #[error("unsupported event envelope version {0} (this build reads version {VERSION})")]
+    #[error("unsupported event envelope version {0} (this build reads versions {OLDEST} to {VERSION})")]
     Version(u8),
     #[error("corrupt event record: {0}")]
     Corrupt(#[from] postcard::Error),
@@ -36,10 +41,11 @@ pub fn encode(env: &Envelope) -> Vec<u8> {
 /// Decodes one record.
 pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
     let (&v, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if v != VERSION {
-        return Err(CodecError::Version(v));
+    match v {
+        VERSION => Ok(postcard::from_bytes(rest)?),
+        1 => Ok(postcard::from_bytes::<crate::codec_v1::EnvelopeV1>(rest)?.into()),
+        _ => Err(CodecError::Version(v)),
     }
-    Ok(postcard::from_bytes(rest)?)
 }
 
 /// The event id of an encoded envelope, read without decoding the rest (the id is the first
@@ -47,7 +53,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
 /// `Nats-Msg-Id`, so a re-sent event is stored once.
 pub fn peek_event_id(bytes: &[u8]) -> Option<crate::event::EventId> {
     let (&v, rest) = bytes.split_first()?;
-    if v != VERSION {
+    if !(OLDEST..=VERSION).contains(&v) {
         return None;
     }
     postcard::take_from_bytes::<u128>(rest).ok().map(|(id, _)| crate::event::EventId(id))
@@ -91,9 +97,39 @@ mod tests {
         assert_eq!(
             b,
             // version, event id, tenant, call (Some, varint), time (zigzag varint), payload
-            vec![1, 7, 1, 1, 2, 128, 187, 200, 180, 177, 200, 149, 6, 2, 4, 0, 1, 3, 1, 37]
+            vec![2, 7, 1, 1, 2, 128, 187, 200, 180, 177, 200, 149, 6, 2, 4, 0, 1, 3, 1, 37]
         );
         assert_eq!(decode(&b).unwrap(), sample());
+        // Version 1 of the same event still reads.
+        let v1 = vec![1, 7, 1, 1, 2, 128, 187, 200, 180, 177, 200, 149, 6, 2, 4, 0, 1, 3, 1, 37];
+        assert_eq!(decode(&v1).unwrap(), sample());
+        assert_eq!(peek_event_id(&v1), Some(EventId(7)));
+    }
+
+    #[test]
+    fn version_1_audio_and_transcripts_read_as_the_callers() {
+        // A version-1 record is a version-2 one without the trailing track byte.
+        let batch = Envelope {
+            event_id: EventId(9),
+            tenant: AccountSid::from_u128(1),
+            call: Some(CallSid::from_u128(2)),
+            occurred_at: Timestamp(0),
+            payload: Event::MediaBatch(MediaBatch {
+                stream_sid: StreamSid::from_u128(3),
+                first_sequence: 1,
+                start_ms: 20,
+                frames: 1,
+                gap_frames: 0,
+                payload: Bytes::from_static(&[0xff; 4]),
+                track: Track::Outbound,
+            }),
+        };
+        let mut b = encode(&batch);
+        assert_eq!(b.pop(), Some(1), "the track is the last byte (outbound = 1)");
+        b[0] = 1;
+        let read = decode(&b).unwrap();
+        let Event::MediaBatch(m) = read.payload else { panic!("{read:?}") };
+        assert_eq!((m.track, m.frames, m.payload.len()), (Track::Inbound, 1, 4));
     }
 
     #[test]
@@ -116,8 +152,10 @@ mod tests {
             avg_logprob: -0.5,
             no_speech_prob: 0.1,
             rejected: None,
+            track: Track::Outbound,
         });
         assert_eq!(t.payload_json()["text"], "hi");
+        assert_eq!(t.payload_json()["track"], "outbound");
     }
 
     #[test]
@@ -127,6 +165,9 @@ mod tests {
         assert!(matches!(decode(&b), Err(CodecError::Version(9))));
         assert!(matches!(decode(&[]), Err(CodecError::Empty)));
         assert!(matches!(decode(&[1, 200, 200]), Err(CodecError::Corrupt(_))));
+        assert!(matches!(decode(&[2, 200, 200]), Err(CodecError::Corrupt(_))));
+        b[0] = 0;
+        assert!(matches!(decode(&b), Err(CodecError::Version(0))));
     }
 
     fn arb_event() -> impl Strategy<Value = Event> {
@@ -150,6 +191,7 @@ mod tests {
                     frames: (p.len() / 160) as u32,
                     gap_frames: g,
                     payload: Bytes::from(p),
+                    track: if g % 2 == 0 { Track::Inbound } else { Track::Outbound },
                 })),
             (any::<u128>(), any::<u32>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..400)).prop_map(
                 |(s, i, ms, p)| Event::SpeechSegment(SpeechSegment {
@@ -159,6 +201,7 @@ mod tests {
                     end_ms: ms.saturating_add(20),
                     sample_rate: 16_000,
                     pcm16le: Bytes::from(p),
+                    track: if i % 2 == 0 { Track::Inbound } else { Track::Outbound },
                 })
             ),
             (any::<u8>(), ".{0,30}").prop_map(|(k, d)| Event::StreamFault(StreamFault {

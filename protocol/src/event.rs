@@ -431,6 +431,44 @@ pub struct MediaBatch {
     /// Raw µ-law, 8 kHz mono.
     #[serde(with = "crate::bytes_b64")]
     pub payload: Bytes,
+    /// Whose audio: the caller's (`inbound`) or what the call sends them (`outbound`).
+    pub track: Track,
+}
+
+/// A Media Streams track: `inbound` is the audio Twilio receives from the caller, `outbound`
+/// what the call plays or says to them (the app, an agent on a `<Dial>`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Track {
+    #[default]
+    Inbound,
+    Outbound,
+}
+
+impl Track {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+
+    /// Media Streams' `media.track` value (`inbound`, `outbound`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "inbound" | "inbound_track" => Some(Self::Inbound),
+            "outbound" | "outbound_track" => Some(Self::Outbound),
+            _ => None,
+        }
+    }
+
+    /// Who speaks on it in a two-party call: `caller` or `agent`.
+    pub fn party(self) -> &'static str {
+        match self {
+            Self::Inbound => "caller",
+            Self::Outbound => "agent",
+        }
+    }
 }
 
 /// A key press (bidirectional streams).
@@ -591,6 +629,8 @@ pub struct SpeechSegment {
     pub sample_rate: u32,
     #[serde(with = "crate::bytes_b64")]
     pub pcm16le: Bytes,
+    /// The track it was cut from.
+    pub track: Track,
 }
 
 /// What the STT stage heard in one speech segment.
@@ -614,6 +654,8 @@ pub struct Transcript {
     pub no_speech_prob: f32,
     /// Why the text was discarded: `no_speech`, `repetition`, `compression_ratio`, `low_logprob`.
     pub rejected: Option<String>,
+    /// The track the speech was on (`inbound`: the caller; `outbound`: the agent or the app).
+    pub track: Track,
 }
 
 /// A tenant's lifecycle state, as Twilio names it.

@@ -9,6 +9,7 @@
 
 pub mod bytes_b64;
 pub mod codec;
+mod codec_v1;
 pub mod event;
 pub mod ids;
 pub mod time;

@@ -234,6 +234,59 @@ impl MediaStream {
         Ok(report)
     }
 
+    /// `connected` then a `start` announcing both tracks (a `<Start><Stream track="both_tracks">`
+    /// fork).
+    pub async fn start_both(&mut self, stream_sid: StreamSid, account: AccountSid, call: CallSid) -> anyhow::Result<()> {
+        self.send_raw(&media::connected_json()).await?;
+        self.sequence = 1;
+        self.send_raw(&media::start_json_tracks(stream_sid, account, call, &["inbound", "outbound"], &[])).await
+    }
+
+    /// Both tracks as Twilio sends a fork: each 20 ms an `inbound` frame (the caller) and an
+    /// `outbound` one (the other party), the shorter side padded with µ-law silence.
+    pub async fn send_two_tracks(
+        &mut self,
+        stream_sid: StreamSid,
+        inbound: &[u8],
+        outbound: &[u8],
+        pace: Pace,
+    ) -> anyhow::Result<StreamReport> {
+        let period = match pace {
+            Pace::RealTime => Duration::from_millis(20),
+            Pace::Faster(n) => Duration::from_micros(20_000 / u64::from(n.max(1))),
+        };
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut report = StreamReport::default();
+        let frames = inbound.len().max(outbound.len()).div_ceil(160);
+        let silence = [0xFFu8; 160];
+        let frame = |audio: &[u8], i: usize| -> Vec<u8> {
+            let mut f = audio.get(i * 160..).map(|r| r[..r.len().min(160)].to_vec()).unwrap_or_default();
+            f.extend_from_slice(&silence[..160 - f.len()]);
+            f
+        };
+        for i in 0..frames {
+            tick.tick().await;
+            for (track, audio) in [("inbound", inbound), ("outbound", outbound)] {
+                self.sequence += 1;
+                let msg = media::track_media_json(
+                    stream_sid,
+                    track,
+                    self.sequence,
+                    i as u64 + 1,
+                    i as u64 * 20,
+                    &frame(audio, i),
+                );
+                if let Err(e) = self.ws.send(Message::Text(msg.into())).await {
+                    report.closed_by_server = Some(e.to_string());
+                    return Ok(report);
+                }
+                report.frames_sent += 1;
+            }
+        }
+        Ok(report)
+    }
+
     /// One 20 ms `media` message: frame `index` of the stream (timestamp `index × 20` ms).
     pub async fn send_frame(&mut self, stream_sid: StreamSid, index: u64, frame: &[u8]) -> anyhow::Result<()> {
         self.sequence += 1;

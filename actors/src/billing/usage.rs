@@ -857,6 +857,7 @@ mod tests {
             avg_logprob: -0.2,
             no_speech_prob: 0.01,
             rejected: rejected.then(|| "no_speech".into()),
+            track: voxgate_protocol::event::Track::Inbound,
         };
         env(tenant, Some(call), t, call << 16 | u128::from(segment) | 1 << 100, Event::Transcript(p))
     }

@@ -690,6 +690,7 @@ mod tests {
                 avg_logprob: -0.1,
                 no_speech_prob: 0.0,
                 rejected: None,
+                track: voxgate_protocol::event::Track::Inbound,
             }),
         )
     }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
-use voxgate_protocol::event::{Event, Transcript};
-use voxgate_protocol::{Clock, Envelope, EventId};
+use voxgate_protocol::event::{Event, Track, Transcript};
+use voxgate_protocol::{Clock, Envelope, EventId, StreamSid};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
 use super::decode::{Transcriber, Transcription};
@@ -63,6 +63,15 @@ pub fn model_identity(dir: &Path) -> Result<String, String> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "whisper".into());
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!("{name}@sha256:{hex}"))
+}
+
+/// A transcript's id: from its stream, track and segment (the caller's track keeps the ids it
+/// always had).
+pub fn transcript_id(stream_sid: StreamSid, track: Track, index: u32) -> EventId {
+    match track {
+        Track::Inbound => EventId::derive(id_kind::TRANSCRIPT, &[stream_sid.as_u128(), u128::from(index)]),
+        Track::Outbound => EventId::derive(id_kind::TRANSCRIPT, &[stream_sid.as_u128(), u128::from(index), 1]),
+    }
 }
 
 /// Whisper workers on dedicated threads, fed through a bounded queue.
@@ -354,10 +363,11 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             avg_logprob: if t.avg_logprob.is_finite() { t.avg_logprob } else { -100.0 },
             no_speech_prob: if t.no_speech_prob.is_finite() { t.no_speech_prob } else { 0.0 },
             rejected: t.rejected.map(str::to_owned),
+            track: seg.track,
         };
         tracing::info!(call_sid = %call, tenant = %p.env.tenant, stage = "stt", segment = seg.index, text = %ev.text, rejected = ?ev.rejected, ms = share, "transcript");
         let env = Envelope {
-            event_id: EventId::derive(id_kind::TRANSCRIPT, &[seg.stream_sid.as_u128(), u128::from(seg.index)]),
+            event_id: transcript_id(seg.stream_sid, seg.track, seg.index),
             tenant: p.env.tenant,
             call: Some(call),
             occurred_at: p.env.occurred_at,

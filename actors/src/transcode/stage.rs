@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use voxgate_protocol::event::{Event, SpeechSegment};
+use voxgate_protocol::event::{Event, SpeechSegment, Track};
 use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, StreamSid, Timestamp};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
@@ -54,9 +54,32 @@ struct OpenStream {
     dirty: bool,
 }
 
+/// One track of one stream: each has its own transcoder and voice-activity detector.
+type StreamTrack = (StreamSid, Track);
+
 struct PartitionState {
     next: u64,
-    streams: HashMap<StreamSid, OpenStream>,
+    streams: HashMap<StreamTrack, OpenStream>,
+}
+
+/// The stage's state key of a stream's track (the caller's track keeps the key it always had).
+fn state_key(sid: StreamSid, track: Track) -> Vec<u8> {
+    let mut k = sid.as_u128().to_be_bytes().to_vec();
+    if track == Track::Outbound {
+        k.push(1);
+    }
+    k
+}
+
+/// The tracks a stream's `start` announces (`inbound` when it names none).
+fn tracks_of(names: &[String]) -> Vec<Track> {
+    let mut out: Vec<Track> = names.iter().filter_map(|t| Track::parse(t)).collect();
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        out.push(Track::Inbound);
+    }
+    out
 }
 
 /// The stage's state.
@@ -141,7 +164,7 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
     }
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut out_keys: Vec<u64> = Vec::new();
-    let mut finished: Vec<StreamSid> = Vec::new();
+    let mut finished: Vec<StreamTrack> = Vec::new();
     let records = std::mem::take(&mut s.records);
     for r in &records {
         let env = match voxgate_protocol::decode(r.payload()) {
@@ -156,39 +179,44 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
         let Some(call) = env.call else { continue };
         match &env.payload {
             Event::StreamStarted(st) => {
-                let emitted = match s.log.get_state(STATE, &st.stream_sid.as_u128().to_be_bytes())? {
-                    Some(v) => v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0),
-                    None => 0,
-                };
-                part.streams.insert(
-                    st.stream_sid,
-                    OpenStream {
-                        tenant: env.tenant,
-                        call,
-                        transcoder: StreamTranscoder::new(&s.config),
-                        first_offset: r.offset,
-                        emitted,
-                        dirty: false,
-                    },
-                );
+                for track in tracks_of(&st.tracks) {
+                    let emitted = match s.log.get_state(STATE, &state_key(st.stream_sid, track))? {
+                        Some(v) => v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0),
+                        None => 0,
+                    };
+                    part.streams.insert(
+                        (st.stream_sid, track),
+                        OpenStream {
+                            tenant: env.tenant,
+                            call,
+                            transcoder: StreamTranscoder::new(&s.config),
+                            first_offset: r.offset,
+                            emitted,
+                            dirty: false,
+                        },
+                    );
+                }
             }
             Event::MediaBatch(b) => {
-                let Some(open) = part.streams.get_mut(&b.stream_sid) else {
+                let key = (b.stream_sid, b.track);
+                let Some(open) = part.streams.get_mut(&key) else {
                     continue;
                 };
                 s.segments.clear();
                 open.transcoder.push(b.start_ms, &b.payload, &mut s.segments);
-                emit(open, b.stream_sid, env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
+                emit(open, key, env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
             }
             Event::StreamStopped(st) => {
                 let Some(sid) = st.stream_sid else { continue };
-                let Some(mut open) = part.streams.remove(&sid) else {
-                    continue;
-                };
-                s.segments.clear();
-                open.transcoder.finish(&mut s.segments);
-                emit(&mut open, sid, env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
-                finished.push(sid);
+                for track in [Track::Inbound, Track::Outbound] {
+                    let Some(mut open) = part.streams.remove(&(sid, track)) else {
+                        continue;
+                    };
+                    s.segments.clear();
+                    open.transcoder.finish(&mut s.segments);
+                    emit(&mut open, (sid, track), env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
+                    finished.push((sid, track));
+                }
             }
             _ => {}
         }
@@ -201,12 +229,12 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
     let part = &mut s.partitions[p as usize];
     // Only the streams that cut a segment in this batch (with a thousand open streams, storing
     // every one on each poll was most of the stage's writes).
-    for (sid, open) in part.streams.iter_mut().filter(|(_, o)| o.dirty) {
-        s.log.put_state(STATE, &sid.as_u128().to_be_bytes(), &open.emitted.to_be_bytes())?;
+    for (&(sid, track), open) in part.streams.iter_mut().filter(|(_, o)| o.dirty) {
+        s.log.put_state(STATE, &state_key(sid, track), &open.emitted.to_be_bytes())?;
         open.dirty = false;
     }
-    for sid in &finished {
-        s.log.delete_state(STATE, &sid.as_u128().to_be_bytes())?;
+    for &(sid, track) in &finished {
+        s.log.delete_state(STATE, &state_key(sid, track))?;
     }
     part.next = next;
     s.progress.set(p, next);
@@ -225,7 +253,7 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
 
 fn emit(
     open: &mut OpenStream,
-    stream_sid: StreamSid,
+    (stream_sid, track): StreamTrack,
     at: Timestamp,
     segments: &mut Vec<Segment>,
     out: &mut Vec<Vec<u8>>,
@@ -242,8 +270,15 @@ fn emit(
             pcm.extend_from_slice(&x.to_le_bytes());
         }
         metrics::histogram!("voxgate_speech_segment_seconds").record((seg.end_ms - seg.start_ms) as f64 / 1000.0);
+        // The caller's track keeps the ids it always had; the other track's differ.
+        let event_id = match track {
+            Track::Inbound => EventId::derive(id_kind::SPEECH_SEGMENT, &[stream_sid.as_u128(), u128::from(seg.index)]),
+            Track::Outbound => {
+                EventId::derive(id_kind::SPEECH_SEGMENT, &[stream_sid.as_u128(), u128::from(seg.index), 1])
+            }
+        };
         let env = Envelope {
-            event_id: EventId::derive(id_kind::SPEECH_SEGMENT, &[stream_sid.as_u128(), u128::from(seg.index)]),
+            event_id,
             tenant: open.tenant,
             call: Some(open.call),
             occurred_at: at,
@@ -254,6 +289,7 @@ fn emit(
                 end_ms: seg.end_ms,
                 sample_rate: 16_000,
                 pcm16le: Bytes::from(pcm),
+                track,
             }),
         };
         out.push(voxgate_protocol::encode(&env));

@@ -579,12 +579,30 @@ pub fn start_json(
     call_sid: CallSid,
     custom_parameters: &[(&str, &str)],
 ) -> String {
+    start_json_tracks(stream_sid, account_sid, call_sid, &["inbound"], custom_parameters)
+}
+
+/// Simulator: a `start` announcing `tracks` (`["inbound", "outbound"]` for a `both_tracks` fork).
+pub fn start_json_tracks(
+    stream_sid: StreamSid,
+    account_sid: AccountSid,
+    call_sid: CallSid,
+    tracks: &[&str],
+    custom_parameters: &[(&str, &str)],
+) -> String {
     let mut out = String::with_capacity(400);
     head_seq(&mut out, "start", stream_sid, 1);
     let _ = write!(
         out,
-        ",\"start\":{{\"streamSid\":\"{stream_sid}\",\"accountSid\":\"{account_sid}\",\"callSid\":\"{call_sid}\",\"tracks\":[\"inbound\"],\"customParameters\":{{"
+        ",\"start\":{{\"streamSid\":\"{stream_sid}\",\"accountSid\":\"{account_sid}\",\"callSid\":\"{call_sid}\",\"tracks\":["
     );
+    for (i, t) in tracks.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(&mut out, t);
+    }
+    out.push_str("],\"customParameters\":{");
     for (i, (k, v)) in custom_parameters.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -605,11 +623,23 @@ pub fn inbound_media_json(
     timestamp_ms: u64,
     payload: &[u8],
 ) -> String {
+    track_media_json(stream_sid, "inbound", sequence, chunk, timestamp_ms, payload)
+}
+
+/// Simulator: a `media` frame of `track` (`inbound` or `outbound`).
+pub fn track_media_json(
+    stream_sid: StreamSid,
+    track: &str,
+    sequence: u64,
+    chunk: u64,
+    timestamp_ms: u64,
+    payload: &[u8],
+) -> String {
     let mut out = String::with_capacity(160 + payload.len().div_ceil(3) * 4);
     head_seq(&mut out, "media", stream_sid, sequence);
     let _ = write!(
         out,
-        ",\"media\":{{\"track\":\"inbound\",\"chunk\":\"{chunk}\",\"timestamp\":\"{timestamp_ms}\",\"payload\":\""
+        ",\"media\":{{\"track\":\"{track}\",\"chunk\":\"{chunk}\",\"timestamp\":\"{timestamp_ms}\",\"payload\":\""
     );
     STANDARD.encode_string(payload, &mut out);
     out.push_str("\"}}");
