@@ -3,9 +3,10 @@
 //! Layout:
 //! - [`CallCore`]: the pure state machine (queued/ringing → in-progress → a terminal status),
 //!   fed [`CallInput`]s with their event time, answering [`Effect`]s. No runtime needed to test it.
-//! - [`StreamQueue`]: the bounded hand-off between the WebSocket and the actor. It holds about two
-//!   seconds of audio; when the writer falls behind, the oldest audio is shed and counted, so
-//!   latency never snowballs, and control items (start, stop, faults) are never shed.
+//! - [`StreamQueue`]: the bounded hand-off between the WebSocket and the actor, bounded by memory
+//!   and by how long audio may wait (event time), not by a span of audio: a burst is kept whole;
+//!   audio beyond the bounds is shed oldest first and counted, and control items (start, stop,
+//!   faults) are never shed.
 //! - [`CallActor`]: the ractor shell. It applies inputs, appends the resulting events, pumps the
 //!   stream queue into the media log in order, and stops at a terminal status or the deadline.
 //! - [`CallSupervisor`]: spawns call actors linked to itself, keeps the active-call gauge, and
@@ -64,8 +65,13 @@ pub struct CallConfig {
     pub max_duration: Duration,
     /// Frames (20 ms each) per media-log record: 5 ⇒ about 100 ms.
     pub batch_frames: u32,
-    /// Audio the stream queue holds before shedding the oldest.
-    pub queue_audio: Duration,
+    /// Bytes of audio a call's stream queue may hold (both tracks) before the oldest is shed: a
+    /// memory bound, so a burst of late audio (Twilio catching up after a network stall) is kept
+    /// whole while the node has room.
+    pub queue_bytes: usize,
+    /// Audio that has waited this long in the queue (the log could not take it) is stale and
+    /// shed, whatever the room.
+    pub stale_audio: Duration,
     /// How many times a call's dropped stream is re-attached (0: never).
     pub reattach_attempts: u32,
 }
@@ -75,7 +81,8 @@ impl Default for CallConfig {
         Self {
             max_duration: Duration::from_secs(300),
             batch_frames: 5,
-            queue_audio: Duration::from_secs(2),
+            queue_bytes: 4 << 20,
+            stale_audio: Duration::from_secs(60),
             reattach_attempts: 3,
         }
     }
@@ -341,30 +348,34 @@ pub enum StreamItem {
 #[derive(Default)]
 struct QueueState {
     items: VecDeque<(Timestamp, StreamItem)>,
-    audio_frames: u32,
+    audio_bytes: usize,
     shed_frames: u32,
     closed: Option<StopReason>,
 }
 
-/// The bounded queue between a call's WebSocket and its actor.
+/// The bounded queue between a call's WebSocket and its actor: bounded by memory (bytes of
+/// audio) and by staleness (how long audio has waited, in event time), never by a fixed span
+/// of audio, so audio that arrives faster than real time is kept while there is room.
 pub struct StreamQueue {
     state: Mutex<QueueState>,
-    max_audio_frames: u32,
+    max_bytes: usize,
+    stale_us: i64,
     ready: Notify,
     close: Notify,
 }
 
 impl StreamQueue {
-    pub fn new(max_audio: Duration) -> Arc<Self> {
+    pub fn new(max_bytes: usize, stale: Duration) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(QueueState::default()),
-            max_audio_frames: (max_audio.as_millis() / 20).max(1) as u32,
+            max_bytes: max_bytes.max(160),
+            stale_us: i64::try_from(stale.as_micros()).unwrap_or(i64::MAX),
             ready: Notify::new(),
             close: Notify::new(),
         })
     }
 
-    /// Queues an item observed at `at`. Audio beyond the bound pushes out the oldest audio.
+    /// Queues an item observed at `at`. Audio beyond the bounds pushes out the oldest audio.
     /// Returns the frames shed by this push.
     pub fn push(&self, at: Timestamp, item: StreamItem) -> u32 {
         let shed = {
@@ -372,37 +383,45 @@ impl StreamQueue {
                 return 0;
             };
             if let StreamItem::Audio(b) = &item {
-                s.audio_frames += b.frames;
+                s.audio_bytes += b.payload.len();
             }
             s.items.push_back((at, item));
-            self.keep_bound(&mut s)
+            self.keep_bound(&mut s, at)
         };
         self.ready.notify_one();
         shed
     }
 
     /// Puts back, in front of anything queued since, items the log could not take (it cannot
-    /// write just now). The bound still holds: the oldest audio is shed first.
+    /// write just now). The bounds still hold: the oldest audio is shed first.
     pub fn requeue(&self, items: Vec<(Timestamp, StreamItem)>) {
         let Ok(mut s) = self.state.lock() else { return };
+        let newest = items.iter().map(|(at, _)| *at).chain(s.items.iter().map(|(at, _)| *at)).max();
         for (at, item) in items.into_iter().rev() {
             if let StreamItem::Audio(b) = &item {
-                s.audio_frames += b.frames;
+                s.audio_bytes += b.payload.len();
             }
             s.items.push_front((at, item));
         }
-        self.keep_bound(&mut s);
+        if let Some(now) = newest {
+            self.keep_bound(&mut s, now);
+        }
     }
 
-    /// Sheds the oldest audio until the queue is within its bound; returns the frames shed.
-    fn keep_bound(&self, s: &mut QueueState) -> u32 {
+    /// Sheds the oldest audio while the queue holds more than its bytes, or audio older than the
+    /// staleness bound at `now`; returns the frames shed.
+    fn keep_bound(&self, s: &mut QueueState, now: Timestamp) -> u32 {
         let mut shed = 0;
-        while s.audio_frames > self.max_audio_frames {
+        loop {
             let Some(i) = s.items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))) else {
                 break;
             };
+            let stale = now.micros_since(s.items[i].0) > self.stale_us;
+            if s.audio_bytes <= self.max_bytes && !stale {
+                break;
+            }
             if let Some((_, StreamItem::Audio(b))) = s.items.remove(i) {
-                s.audio_frames -= b.frames;
+                s.audio_bytes -= b.payload.len();
                 shed += b.frames;
             }
         }
@@ -416,7 +435,7 @@ impl StreamQueue {
             return 0;
         };
         into.extend(s.items.drain(..));
-        s.audio_frames = 0;
+        s.audio_bytes = 0;
         std::mem::take(&mut s.shed_frames)
     }
 
@@ -518,7 +537,8 @@ pub struct CallActorState {
     /// The stream behind `queue` has ended; another may attach.
     stream_ended: bool,
     control: Option<Arc<dyn CallControl>>,
-    queue_audio: Duration,
+    queue_bytes: usize,
+    stale_audio: Duration,
     stream_sid: Option<StreamSid>,
     frames: u64,
     pump_task: Option<tokio::task::JoinHandle<()>>,
@@ -572,7 +592,8 @@ impl Actor for CallActor {
             queue: None,
             stream_ended: false,
             control: a.control,
-            queue_audio: a.config.queue_audio,
+            queue_bytes: a.config.queue_bytes,
+            stale_audio: a.config.stale_audio,
             stream_sid: None,
             frames: 0,
             pump_task: None,
@@ -650,7 +671,7 @@ impl Actor for CallActor {
                     s.stream_stopped_recorded = false;
                 }
                 s.stream_ended = false;
-                let q = StreamQueue::new(s.queue_audio);
+                let q = StreamQueue::new(s.queue_bytes, s.stale_audio);
                 let q2 = q.clone();
                 let me = myself.clone();
                 s.pump_task = Some(tokio::spawn(async move {
@@ -1261,7 +1282,7 @@ mod tests {
 
     #[test]
     fn requeued_items_go_first_and_keep_the_bound() {
-        let q = StreamQueue::new(Duration::from_millis(400)); // 20 frames
+        let q = StreamQueue::new(20 * 160, Duration::from_secs(60)); // 20 frames
         q.push(t(0), batch(20, 5));
         q.requeue(vec![(t(0), batch(0, 5)), (t(0), batch(5, 5)), (t(0), batch(10, 5)), (t(0), batch(15, 5))]);
         let mut out = Vec::new();
@@ -1290,7 +1311,7 @@ mod tests {
 
     #[test]
     fn queue_sheds_oldest_audio_never_control() {
-        let q = StreamQueue::new(Duration::from_millis(400)); // 20 frames
+        let q = StreamQueue::new(20 * 160, Duration::from_secs(60)); // 20 frames
         q.push(t(0), StreamItem::Control(Event::CallTimedOut(CallTimedOut { max_duration_secs: 1 })));
         let mut shed = 0;
         for i in 0..6 {
@@ -1309,5 +1330,24 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![10, 15, 20, 25], "the two oldest batches were shed");
         assert_eq!(q.take(&mut out), 0);
+    }
+
+    #[test]
+    fn a_burst_is_kept_while_there_is_room_and_only_stale_audio_goes() {
+        // Ten seconds of audio in one burst (a stalled network catching up): all kept.
+        let q = StreamQueue::new(1 << 20, Duration::from_secs(60));
+        let shed: u32 = (0..100).map(|i| q.push(t(0), batch(i * 5, 5))).sum();
+        assert_eq!(shed, 0);
+        let mut out = Vec::new();
+        assert_eq!(q.take(&mut out), 0);
+        assert_eq!(out.len(), 100);
+        // Audio that waited past the staleness bound (the log could not take it) is shed when
+        // newer audio arrives; what is fresh stays.
+        q.push(t(0), batch(1000, 5));
+        q.push(t(30), batch(1005, 5));
+        assert_eq!(q.push(t(61), batch(1010, 5)), 5, "the batch from t=0 is stale at t=61");
+        out.clear();
+        q.take(&mut out);
+        assert_eq!(out.len(), 2);
     }
 }

@@ -47,7 +47,7 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
         call,
         status: CallStatus::Ringing,
         received_at: clock.now(),
-        config: CallConfig { queue_audio: Duration::from_millis(400), ..CallConfig::default() },
+        config: CallConfig { queue_bytes: 400 / 20 * 160, ..CallConfig::default() },
         log: log.clone(),
         clock: clock.clone(),
         quota_slot: Some(Box::new(Released(released.clone()))),

@@ -58,14 +58,27 @@ pub struct TenantFile {
 pub struct CallsFile {
     pub max_duration_secs: u64,
     pub batch_ms: u32,
-    pub queue_ms: u32,
+    /// Memory a call's stream queue may hold, KiB (both tracks): a burst of late audio is kept
+    /// whole while it fits.
+    pub queue_kib: u32,
+    /// Audio that waited this long for the log is stale and shed.
+    pub stale_audio_secs: u32,
+    /// Replaced by `queue_kib` and `stale_audio_secs`; refused with a message saying so.
+    pub queue_ms: Option<u32>,
     /// How often a call's dropped Media Stream is re-attached through Twilio's REST API.
     pub reattach_attempts: u32,
 }
 
 impl Default for CallsFile {
     fn default() -> Self {
-        Self { max_duration_secs: 300, batch_ms: 100, queue_ms: 2000, reattach_attempts: 3 }
+        Self {
+            max_duration_secs: 300,
+            batch_ms: 100,
+            queue_kib: 4096,
+            stale_audio_secs: 60,
+            queue_ms: None,
+            reattach_attempts: 3,
+        }
     }
 }
 
@@ -377,8 +390,17 @@ impl Config {
         if !(20..=1000).contains(&f.calls.batch_ms) || f.calls.batch_ms % 20 != 0 {
             return Err(invalid("calls.batch_ms", "must be a multiple of 20 between 20 and 1000".into()));
         }
-        if f.calls.queue_ms < f.calls.batch_ms {
-            return Err(invalid("calls.queue_ms", "must be at least calls.batch_ms".into()));
+        if f.calls.queue_ms.is_some() {
+            return Err(invalid(
+                "calls.queue_ms",
+                "was replaced by queue_kib (the memory a call's audio queue may hold) and stale_audio_secs (how long audio may wait for the log): audio is no longer shed for arriving fast".into(),
+            ));
+        }
+        if !(16..=1 << 20).contains(&f.calls.queue_kib) {
+            return Err(invalid("calls.queue_kib", "must be between 16 and 1048576".into()));
+        }
+        if !(1..=3600).contains(&f.calls.stale_audio_secs) {
+            return Err(invalid("calls.stale_audio_secs", "must be between 1 and 3600".into()));
         }
         if f.calls.reattach_attempts > 100 {
             return Err(invalid("calls.reattach_attempts", "must be between 0 and 100".into()));
@@ -541,7 +563,8 @@ impl Config {
             calls: CallConfig {
                 max_duration: Duration::from_secs(f.calls.max_duration_secs),
                 batch_frames: f.calls.batch_ms / 20,
-                queue_audio: Duration::from_millis(u64::from(f.calls.queue_ms)),
+                queue_bytes: f.calls.queue_kib as usize * 1024,
+                stale_audio: Duration::from_secs(u64::from(f.calls.stale_audio_secs)),
                 reattach_attempts: f.calls.reattach_attempts,
             },
             transcode: f.transcode,

@@ -99,3 +99,28 @@ async fn a_flooding_and_a_stalled_stream_stay_bounded_and_alone() {
     assert!(events.iter().any(|e| e["kind"] == "call_status_changed" && e["status"] == "completed"), "{events:?}");
     assert!(events.iter().any(|e| e["kind"] == "stream_stopped"), "{events:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_late_audio_at_twenty_times_real_time_loses_nothing() {
+    let mut node = Node::start(&config("[stt]\nenabled = false\n")).unwrap();
+    let s = sim(&node);
+    // Three minutes of both tracks, as Twilio delivers them after a network stall: 20× real time.
+    let call = CallSid::from_u128(0xb0);
+    let a = s.inbound_call(call, "+14155550130", NUMBER).await.unwrap();
+    let mut ws = s.connect_stream(&a.stream_url.unwrap()).await.unwrap();
+    let sid = StreamSid::from_u128(0xb0 ^ 0x5a5a);
+    ws.start_both(sid, s.account(), call).await.unwrap();
+    let caller: Vec<u8> = (0..180 * 8000).map(|i| (i % 251) as u8).collect();
+    let agent: Vec<u8> = (0..180 * 8000).map(|i| (i % 241) as u8).collect();
+    let report = ws.send_two_tracks(sid, &caller, &agent, Pace::Faster(20)).await.unwrap();
+    assert_eq!(report.frames_sent, 2 * 9000);
+    ws.stop(sid, s.account(), call).await.unwrap();
+    ws.closed(Duration::from_secs(30)).await;
+    assert_eq!(s.status_callback(call, "completed", 2, None).await.unwrap() / 100, 2);
+    node.wait_idle(Duration::from_secs(60)).await.unwrap();
+    assert!(node.stop().unwrap().success());
+    let events = replay_json(&node, call);
+    assert!(!events.iter().any(|e| e["kind"] == "audio_shed"), "a burst shed audio");
+    let kept: u64 = events.iter().filter(|e| e["kind"] == "media_batch").map(|e| e["frames"].as_u64().unwrap()).sum();
+    assert_eq!(kept, 18_000, "every frame of both tracks kept");
+}
