@@ -21,6 +21,7 @@ use voxgate_actors::tenancy::callers::CallerConfig;
 use voxgate_actors::tenancy::throttle::ThrottleConfig;
 use voxgate_actors::tenancy::{limits, Quota};
 use voxgate_actors::transcode::TranscodeConfig;
+use voxgate_protocol::event::{HttpMethod, NumberRouting};
 use voxgate_protocol::AccountSid;
 use voxgate_storage::{topics, Retention, TopicSpec};
 
@@ -43,13 +44,66 @@ pub use voxgate_actors::tenancy::Secret;
 pub struct TenantFile {
     pub account_sid: String,
     pub auth_token: Secret,
+    /// `"+1…"`, or `{ number = "+1…", voice_url = "https://app…", … }` for a number whose calls
+    /// the customer's app answers (gateway mode).
     #[serde(default)]
-    pub numbers: Vec<String>,
+    pub numbers: Vec<NumberFile>,
     #[serde(default)]
     pub friendly_name: Option<String>,
     /// Call quotas for this tenant (default: `[quotas]`).
     #[serde(default)]
     pub quota: Option<Quota>,
+}
+
+/// A config-file number: the number alone, or with its routing (IncomingPhoneNumbers' fields).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum NumberFile {
+    Plain(String),
+    Routed(RoutedNumber),
+}
+
+/// A number with Twilio's routing fields, as in the IncomingPhoneNumbers resource.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutedNumber {
+    pub number: String,
+    pub voice_url: Option<String>,
+    pub voice_method: Option<String>,
+    pub voice_fallback_url: Option<String>,
+    pub voice_fallback_method: Option<String>,
+    pub status_callback: Option<String>,
+    pub status_callback_method: Option<String>,
+}
+
+impl NumberFile {
+    fn number(&self) -> &str {
+        match self {
+            Self::Plain(n) => n,
+            Self::Routed(r) => &r.number,
+        }
+    }
+
+    /// The routing, checked; the error names the field.
+    fn routing(&self) -> Result<NumberRouting, String> {
+        let Self::Routed(r) = self else { return Ok(NumberRouting::default()) };
+        let method = |field: &str, m: &Option<String>| -> Result<HttpMethod, String> {
+            match m {
+                None => Ok(HttpMethod::Post),
+                Some(m) => HttpMethod::parse(m).ok_or_else(|| format!("{field} must be GET or POST, got {m:?}")),
+            }
+        };
+        let routing = NumberRouting {
+            voice_url: r.voice_url.clone(),
+            voice_method: method("voice_method", &r.voice_method)?,
+            voice_fallback_url: r.voice_fallback_url.clone(),
+            voice_fallback_method: method("voice_fallback_method", &r.voice_fallback_method)?,
+            status_callback: r.status_callback.clone(),
+            status_callback_method: method("status_callback_method", &r.status_callback_method)?,
+        };
+        voxgate_actors::tenancy::directory::check_routing(&routing).map_err(|e| e.to_string())?;
+        Ok(routing)
+    }
 }
 
 /// `[calls]`
@@ -230,6 +284,8 @@ pub struct Tenant {
     pub account_sid: AccountSid,
     pub auth_token: Secret,
     pub numbers: Vec<String>,
+    /// Each number with its routing (the default, voxgate answers, for a plain number).
+    pub routes: Vec<(String, NumberRouting)>,
     pub friendly_name: Option<String>,
     pub quota: Option<Quota>,
 }
@@ -459,7 +515,20 @@ impl Config {
                     ),
                 ));
             }
-            for n in &t.numbers {
+            let routes: Vec<(String, NumberRouting)> = t
+                .numbers
+                .iter()
+                .map(|n| n.routing().map(|r| (n.number().to_owned(), r)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(&key("numbers"), e))?;
+            let numbers: Vec<String> = routes.iter().map(|(n, _)| n.clone()).collect();
+            for (n, r) in &routes {
+                for url in [&r.voice_url, &r.voice_fallback_url, &r.status_callback].into_iter().flatten() {
+                    crate::outbound::check_at_delivery(url, f.allow_private_callbacks)
+                        .map_err(|e| invalid(&key("numbers"), format!("{n}: {url}: {e}")))?;
+                }
+            }
+            for n in &numbers {
                 if !is_e164(n) {
                     return Err(invalid(
                         &key("numbers"),
@@ -470,7 +539,7 @@ impl Config {
             if tenants.iter().any(|o: &Tenant| o.account_sid == account_sid) {
                 return Err(invalid(&key("account_sid"), format!("{account_sid} is listed twice")));
             }
-            for n in &t.numbers {
+            for n in &numbers {
                 if let Some(o) = tenants.iter().find(|o: &&Tenant| o.numbers.contains(n)) {
                     return Err(invalid(&key("numbers"), format!("{n} already belongs to {}", o.account_sid)));
                 }
@@ -489,7 +558,8 @@ impl Config {
             tenants.push(Tenant {
                 account_sid,
                 auth_token: t.auth_token,
-                numbers: t.numbers,
+                numbers,
+                routes,
                 friendly_name: t.friendly_name,
                 quota: t.quota,
             });
@@ -710,6 +780,31 @@ mod tests {
         let e =
             Config::load(None, vec![key], &Overrides { roles: Some("stt".into()), ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("--nats"), "{e}");
+    }
+
+    #[test]
+    fn numbers_take_twilios_routing_fields() {
+        let f = write(&format!(
+            "allow_private_callbacks = true\n[[tenants]]\naccount_sid = \"AC0123456789abcdef0123456789abcdef\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"+14155550100\", {{ number = \"+14155550101\", voice_url = \"http://127.0.0.1:9000/voice\", voice_method = \"GET\", status_callback = \"http://127.0.0.1:9000/status\" }}]\n"
+        ));
+        let c = Config::load(Some(f.path()), vec![], &Overrides::default()).unwrap();
+        let t = &c.tenants[0];
+        assert_eq!(t.numbers, vec!["+14155550100", "+14155550101"]);
+        assert_eq!(t.routes[0].1, NumberRouting::default());
+        let r = &t.routes[1].1;
+        assert_eq!((r.voice_url.as_deref(), r.voice_method), (Some("http://127.0.0.1:9000/voice"), HttpMethod::Get));
+        assert_eq!(r.status_callback_method, HttpMethod::Post);
+        // Loopback needs the operator's leave; a bad method or scheme is named.
+        let text = std::fs::read_to_string(f.path()).unwrap();
+        for (bad, named) in [
+            (text.replace("allow_private_callbacks = true\n", ""), "tenants[0].numbers"),
+            (text.replace("\"GET\"", "\"PUT\""), "voice_method"),
+            (text.replace("http://127.0.0.1:9000/voice", "ftp://x/voice"), "VoiceUrl"),
+        ] {
+            let g = write(&bad);
+            let e = Config::load(Some(g.path()), vec![], &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains(named), "{e}");
+        }
     }
 
     #[test]

@@ -175,6 +175,13 @@ fn describe(ev: &Event) -> String {
             "CallDuration {:?} not believed (observed {} s, at most {} s): usage uses the observed duration",
             d.reported, d.observed_secs, d.bound_secs
         ),
+        Event::NumberRouted(n) => format!(
+            "{} answered by {} ({}), status callbacks to {}",
+            n.number,
+            n.routing.voice_url.as_deref().unwrap_or("voxgate"),
+            n.routing.voice_method.as_str(),
+            n.routing.status_callback.as_deref().unwrap_or("(none)")
+        ),
         Event::OperatorStatusSet(o) => format!(
             "operator set status {}{}",
             o.status.as_str(),

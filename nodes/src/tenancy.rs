@@ -237,7 +237,7 @@ impl Tenancy {
                 sid: t.account_sid,
                 auth_token: t.auth_token.clone(),
                 friendly_name: t.friendly_name.clone(),
-                numbers: t.numbers.clone(),
+                numbers: t.routes.clone(),
                 quota: t.quota,
             })
             .collect();
@@ -379,13 +379,31 @@ impl Tenancy {
         tenant: AccountSid,
         check: impl FnOnce(&Directory) -> Result<Event, TenancyError>,
     ) -> Result<Envelope, CommandError> {
+        let mut envs = self.command_many(tenant, |d| check(d).map(|e| vec![e])).await?;
+        Ok(envs.remove(0))
+    }
+
+    /// [`Tenancy::command`] for a change that is several events (a number and its routing),
+    /// appended together: all or none.
+    pub async fn command_many(
+        &self,
+        tenant: AccountSid,
+        check: impl FnOnce(&Directory) -> Result<Vec<Event>, TenancyError>,
+    ) -> Result<Vec<Envelope>, CommandError> {
         let mut next = self.commands.lock().await;
         // Checked against everything recorded so far, on any node.
         self.catch_up(&mut next)?;
-        let payload = check(&lock(&self.gate).directory)?;
-        let env =
-            Envelope { event_id: EventId(random_u128()), tenant, call: None, occurred_at: self.clock.now(), payload };
-        let at = self.log.append(topics::TENANTS, 0, &voxgate_protocol::encode(&env)).await?;
+        let payloads = check(&lock(&self.gate).directory)?;
+        let now = self.clock.now();
+        let envs: Vec<Envelope> = payloads
+            .into_iter()
+            .map(|payload| Envelope { event_id: EventId(random_u128()), tenant, call: None, occurred_at: now, payload })
+            .collect();
+        let encoded: Vec<Vec<u8>> = envs.iter().map(voxgate_protocol::encode).collect();
+        let positions = self.log.append_many(topics::TENANTS, encoded.iter().map(|b| (0u64, b.as_slice()))).await?;
+        let Some(at) = positions.last().copied() else {
+            return Ok(envs);
+        };
         // On a cluster the local mirror may show the event a moment after JetStream acknowledged
         // it; then it is applied in log order with whatever another node recorded just before.
         if !self.log.wait_readable(topics::TENANTS, at, std::time::Duration::from_secs(10)).await? {
@@ -396,14 +414,16 @@ impl Tenancy {
         self.catch_up(&mut next)?;
         // A number claimed through another node at the same moment: the log's first claim holds
         // and this one changed nothing, so it is refused as it would have been a moment later.
-        if let Event::NumberAssigned(n) = &env.payload {
-            let ours = lock(&self.gate).directory.number(n.sid).is_some_and(|r| r.tenant == tenant);
-            if !ours {
-                return Err(CommandError::Rule(TenancyError::NumberTaken { number: n.number.clone() }));
+        for env in &envs {
+            if let Event::NumberAssigned(n) = &env.payload {
+                let ours = lock(&self.gate).directory.number(n.sid).is_some_and(|r| r.tenant == tenant);
+                if !ours {
+                    return Err(CommandError::Rule(TenancyError::NumberTaken { number: n.number.clone() }));
+                }
             }
+            tracing::info!(tenant = %tenant, kind = env.payload.kind(), "tenancy change recorded");
         }
-        tracing::info!(tenant = %tenant, kind = env.payload.kind(), "tenancy change recorded");
-        Ok(env)
+        Ok(envs)
     }
 
     /// The keys a sign-in attempt is counted under: the account name it presents (whatever it

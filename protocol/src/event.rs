@@ -204,6 +204,7 @@ pub enum Event {
     StreamResumed(StreamResumed),
     CallDurationImplausible(CallDurationImplausible),
     OperatorStatusSet(OperatorStatusSet),
+    NumberRouted(NumberRouted),
 }
 
 impl Event {
@@ -245,6 +246,7 @@ impl Event {
             Self::StreamResumed(_) => "stream_resumed",
             Self::CallDurationImplausible(_) => "call_duration_implausible",
             Self::OperatorStatusSet(_) => "operator_status_set",
+            Self::NumberRouted(_) => "number_routed",
         }
     }
 
@@ -286,6 +288,7 @@ impl Event {
             Self::StreamResumed(p) => serde_json::to_value(p),
             Self::CallDurationImplausible(p) => serde_json::to_value(p),
             Self::OperatorStatusSet(p) => serde_json::to_value(p),
+            Self::NumberRouted(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -725,6 +728,57 @@ pub struct NumberAssigned {
     /// E.164.
     pub number: String,
     pub friendly_name: String,
+}
+
+/// An HTTP method Twilio uses for a URL it calls (`VoiceMethod`, `StatusCallbackMethod`, …).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    #[default]
+    Post,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+        }
+    }
+
+    /// `GET` or `POST`, any case (Twilio's API accepts both).
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.eq_ignore_ascii_case("GET") {
+            Some(Self::Get)
+        } else if s.eq_ignore_ascii_case("POST") {
+            Some(Self::Post)
+        } else {
+            None
+        }
+    }
+}
+
+/// How a number's calls are answered, in the IncomingPhoneNumbers resource's terms. With a
+/// `voice_url` the number is in gateway mode: voxgate forwards Twilio's webhook to the customer's
+/// app and forks the call's audio; without one voxgate answers the call itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberRouting {
+    pub voice_url: Option<String>,
+    pub voice_method: HttpMethod,
+    pub voice_fallback_url: Option<String>,
+    pub voice_fallback_method: HttpMethod,
+    pub status_callback: Option<String>,
+    pub status_callback_method: HttpMethod,
+}
+
+/// A number's routing was set (tenants log): the whole routing, replacing what it had.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NumberRouted {
+    pub sid: crate::ids::PhoneNumberSid,
+    /// E.164.
+    pub number: String,
+    pub routing: NumberRouting,
 }
 
 /// The envelope's tenant gave up a phone number.

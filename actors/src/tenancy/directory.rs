@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use voxgate_protocol::event::{
     CallerBlocked, CallerUnblocked, NumberAssigned, NumberReleased, QuotaSet, TenantCreated, TenantStatus,
-    OperatorStatusSet, TenantUpdated,
+    NumberRouted, NumberRouting, OperatorStatusSet, TenantUpdated,
 };
 use voxgate_protocol::{AccountSid, Envelope, Event, PhoneNumberSid, Timestamp};
 
@@ -76,6 +76,8 @@ pub struct NumberRecord {
     pub tenant: AccountSid,
     pub friendly_name: String,
     pub created_at: Timestamp,
+    /// Where its calls go: the customer's app (gateway mode) or voxgate itself.
+    pub routing: NumberRouting,
 }
 
 /// A blocked caller.
@@ -129,6 +131,35 @@ impl TenancyError {
     }
 }
 
+/// Checks a number's routing as Twilio would: URLs are http(s) and at most 4000 characters, and a
+/// fallback needs a voice URL (Twilio's 21405). Whether a URL may be reached (public addresses
+/// only) is the node's check.
+pub fn check_routing(r: &NumberRouting) -> Result<(), TenancyError> {
+    for (field, url) in [
+        ("VoiceUrl", &r.voice_url),
+        ("VoiceFallbackUrl", &r.voice_fallback_url),
+        ("StatusCallback", &r.status_callback),
+    ] {
+        if let Some(u) = url {
+            check_len(field, u, limits::URL)?;
+            let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/'))
+                || u.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(TenancyError::Invalid { field, reason: format!("{:?} is not an http(s) URL", shown(u)) });
+            }
+        }
+    }
+    if r.voice_fallback_url.is_some() && r.voice_url.is_none() {
+        return Err(TenancyError::Invalid { field: "VoiceFallbackUrl", reason: "needs a VoiceUrl (21405)".into() });
+    }
+    Ok(())
+}
+
+fn shown(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
 /// Checks a user-provided string against its length limit; the error names the field.
 pub fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), TenancyError> {
     let n = value.chars().count();
@@ -144,7 +175,8 @@ pub struct SeedTenant {
     pub sid: AccountSid,
     pub auth_token: Secret,
     pub friendly_name: Option<String>,
-    pub numbers: Vec<String>,
+    /// Each number with its routing (the config file's `numbers`).
+    pub numbers: Vec<(String, NumberRouting)>,
     pub quota: Option<Quota>,
 }
 
@@ -182,7 +214,7 @@ impl Directory {
                     operator_hold: false,
                 },
             );
-            for n in &s.numbers {
+            for (n, routing) in &s.numbers {
                 let sid = number_sid(n);
                 self.by_number.insert(n.clone(), sid);
                 self.numbers.insert(
@@ -193,6 +225,7 @@ impl Directory {
                         tenant: s.sid,
                         friendly_name: n.clone(),
                         created_at: Timestamp(0),
+                        routing: routing.clone(),
                     },
                 );
             }
@@ -369,6 +402,29 @@ impl Directory {
         }))
     }
 
+    /// `tenant` routes its number `sid` (the number may be one this same command assigns:
+    /// `assigned` names it then).
+    pub fn route_number(
+        &self,
+        tenant: AccountSid,
+        sid: PhoneNumberSid,
+        assigned: Option<&str>,
+        routing: NumberRouting,
+    ) -> Result<Event, TenancyError> {
+        let number = match assigned {
+            Some(n) => n.to_owned(),
+            None => self
+                .numbers
+                .get(&sid)
+                .filter(|n| n.tenant == tenant)
+                .ok_or_else(|| TenancyError::NotFound(format!("phone number {sid}")))?
+                .number
+                .clone(),
+        };
+        check_routing(&routing)?;
+        Ok(Event::NumberRouted(NumberRouted { sid, number, routing }))
+    }
+
     /// `tenant` gives up the number `sid`.
     pub fn release_number(&self, tenant: AccountSid, sid: PhoneNumberSid) -> Result<Event, TenancyError> {
         let n = self
@@ -487,8 +543,14 @@ impl Directory {
                         tenant: sid,
                         friendly_name: n.friendly_name.clone(),
                         created_at: at,
+                        routing: NumberRouting::default(),
                     },
                 );
+            }
+            Event::NumberRouted(r) => {
+                if let Some(n) = self.numbers.get_mut(&r.sid).filter(|n| n.tenant == sid) {
+                    n.routing = r.routing.clone();
+                }
             }
             Event::NumberReleased(n) => {
                 if self.numbers.get(&n.sid).is_some_and(|r| r.tenant == sid) {
@@ -565,7 +627,7 @@ mod tests {
             sid: A,
             auth_token: Secret::new("token-of-a-123456"),
             friendly_name: Some("A".into()),
-            numbers: vec!["+14155550100".into()],
+            numbers: vec![("+14155550100".into(), Default::default())],
             quota: None,
         }]);
         let s = sealer();

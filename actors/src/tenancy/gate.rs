@@ -162,7 +162,7 @@ mod tests {
             sid,
             auth_token: Secret::new("0123456789abcdef"),
             friendly_name: None,
-            numbers: vec![n.into()],
+            numbers: vec![(n.into(), Default::default())],
             quota: None,
         };
         d.seed(&[seed(A, "+14155550100"), seed(B, "+14155550200")]);
