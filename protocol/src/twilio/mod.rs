@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod gateway;
 pub mod media;
 pub mod signature;
 pub mod twiml;
