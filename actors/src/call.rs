@@ -56,6 +56,8 @@ pub mod id_kind {
     pub const STREAM_REATTACH: u64 = 26;
     pub const STREAM_RESUMED: u64 = 27;
     pub const DURATION_IMPLAUSIBLE: u64 = 28;
+    pub const SPEECH_ENDED: u64 = 29;
+    pub const TRANSCRIPTS_ENDED: u64 = 30;
 }
 
 /// Per-call limits.

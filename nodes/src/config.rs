@@ -218,6 +218,8 @@ pub struct ConfigFile {
     pub tls: Option<TlsFile>,
     /// The main listener's deadlines and connection cap.
     pub http: crate::http_server::HttpFile,
+    /// Gateway mode: deadlines toward the customers' apps, the TwiML cache, callback retries.
+    pub gateway: crate::gateway::GatewayFile,
     /// Fraud rules and thresholds (`[fraud]`, per tenant `[fraud.tenants.AC…]`); reloaded on SIGHUP.
     pub fraud: FraudConfig,
     /// Twilio's REST API base URL (ending calls); a fake Twilio in tests.
@@ -267,6 +269,7 @@ impl Default for ConfigFile {
             trust_forwarded_for: None,
             tls: None,
             http: crate::http_server::HttpFile::default(),
+            gateway: crate::gateway::GatewayFile::default(),
             fraud: FraudConfig::default(),
             twilio_api_url: "https://api.twilio.com".into(),
             allow_private_callbacks: false,
@@ -324,6 +327,7 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tls: Option<TlsFile>,
     pub http: crate::http_server::HttpFile,
+    pub gateway: crate::gateway::GatewayFile,
     pub fraud: FraudConfig,
     pub twilio_api_url: String,
     pub allow_private_callbacks: bool,
@@ -575,6 +579,7 @@ impl Config {
         }
         f.quotas.validate().map_err(|e| invalid("quotas", e.to_string()))?;
         f.http.validate().map_err(|e| invalid("http", e))?;
+        f.gateway.validate().map_err(|e| invalid("gateway", e))?;
         f.throttle.validate().map_err(|e| invalid("throttle", e))?;
         f.callers.validate().map_err(|e| invalid("callers", e))?;
         f.billing.validate().map_err(|e| invalid("billing", e.to_string()))?;
@@ -652,6 +657,7 @@ impl Config {
             trusted_proxies,
             tls: f.tls,
             http: f.http,
+            gateway: f.gateway,
             fraud: f.fraud,
             twilio_api_url: f.twilio_api_url,
             allow_private_callbacks: f.allow_private_callbacks,

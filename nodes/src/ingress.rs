@@ -50,6 +50,8 @@ pub struct AppState {
     pub control: Arc<dyn voxgate_actors::call::CallControl>,
     /// The clock tests move forward (`VOXGATE_TEST_CLOCK=manual` only).
     pub test_clock: Option<Arc<crate::clock::ManualClock>>,
+    /// Gateway mode's side toward the customers' apps.
+    pub app: Arc<crate::gateway::App>,
 }
 
 impl AppState {
@@ -138,7 +140,7 @@ async fn not_found(uri: Uri) -> Response {
     twilio_error(StatusCode::NOT_FOUND, 20404, format!("the requested resource {} was not found", uri.path()))
 }
 
-fn twiml_response(xml: String) -> Response {
+pub(crate) fn twiml_response(xml: String) -> Response {
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], xml).into_response()
 }
 
@@ -209,7 +211,7 @@ fn sids(pairs: &[(String, String)], endpoint: &'static str) -> Result<(AccountSi
     Ok((account, call))
 }
 
-async fn append_call_event(
+pub(crate) async fn append_call_event(
     state: &AppState,
     tenant: AccountSid,
     call: CallSid,
@@ -246,6 +248,7 @@ fn voice_request(
 /// `POST /api/voice/twilio/inbound`
 async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     const EP: &str = "inbound";
+    let request_started = Instant::now();
     let (pairs, account, call) = match voice_request(&headers, &body, EP) {
         Ok(r) => r,
         Err(r) => return r,
@@ -277,8 +280,16 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
         Err(e) => return twilio_error(StatusCode::INTERNAL_SERVER_ERROR, 20500, e.to_string()),
     };
 
+    // Gateway mode: the number's calls are the customer's app's to answer.
+    let routing = state
+        .tenancy
+        .read(|d| d.owner_of(&hook.to).filter(|n| n.tenant == account).map(|n| n.routing.clone()))
+        .filter(|r| r.voice_url.is_some());
     if CallActor::find(call).is_some() {
-        // Twilio retried a webhook we already took: same answer, nothing appended twice.
+        // Twilio retried a webhook we already took: the same answer, nothing appended twice.
+        if let Some(r) = routing {
+            return crate::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
+        }
         return twiml_response(xml);
     }
     let received_at = state.clock.now();
@@ -344,7 +355,10 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
         return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "call could not be started; retry");
     }
     metrics::counter!("twilio_calls_total", "status" => "accepted", "from_country" => from_country).increment(1);
-    tracing::info!(stage = "ingress", call_sid = %call, tenant = %account, "call accepted");
+    tracing::info!(stage = "ingress", call_sid = %call, tenant = %account, gateway = routing.is_some(), "call accepted");
+    if let Some(r) = routing {
+        return crate::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
+    }
     twiml_response(xml)
 }
 
@@ -426,7 +440,10 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
             reply,
         });
         match r {
-            Ok(Ok(())) => return StatusCode::NO_CONTENT.into_response(),
+            Ok(Ok(())) => {
+                crate::gateway::forward_status(&state, account, call, &token, &pairs);
+                return StatusCode::NO_CONTENT.into_response();
+            }
             Ok(Err(e)) => {
                 tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, error = %e, "status not recorded");
                 metrics::counter!("voxgate_ingress_log_failures_total").increment(1);
@@ -441,6 +458,21 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
         }
     }
     // No running actor (the call already ended, or another node owns it): record the callback.
+    let recorded = record_status(&state, account, call, &cb, duration).await;
+    if recorded.status() == StatusCode::NO_CONTENT {
+        crate::gateway::forward_status(&state, account, call, &token, &pairs);
+    }
+    recorded
+}
+
+/// Records a status callback the call's actor could not take.
+async fn record_status(
+    state: &AppState,
+    account: AccountSid,
+    call: CallSid,
+    cb: &StatusCallback,
+    duration: Option<u32>,
+) -> Response {
     let ev = Event::CallStatusChanged(CallStatusChanged {
         status: cb.call_status,
         source: StatusSource::Callback,
@@ -451,7 +483,7 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
         id_kind::STATUS_CALLBACK,
         &[call.as_u128(), u128::from(cb.sequence_number.unwrap_or(u32::MAX))],
     );
-    match append_call_event(&state, account, call, id, ev).await {
+    match append_call_event(state, account, call, id, ev).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(r) => r,
     }

@@ -175,6 +175,34 @@ fn describe(ev: &Event) -> String {
             "CallDuration {:?} not believed (observed {} s, at most {} s): usage uses the observed duration",
             d.reported, d.observed_secs, d.bound_secs
         ),
+        Event::AppExchange(x) => format!(
+            "{} {} {} (attempt {}): {}{} in {} ms{}",
+            x.purpose.as_str(),
+            x.method.as_str(),
+            x.url,
+            x.attempt,
+            x.status.map(|s| format!("HTTP {s}")).unwrap_or_else(|| "no answer".into()),
+            x.error_code.map(|c| format!(", error {c}")).unwrap_or_default(),
+            x.latency_ms,
+            x.cache.as_ref().map(|c| format!(", cache {c}")).unwrap_or_default()
+        ),
+        Event::GatewayAnswered(g) => format!(
+            "answered Twilio with the app's TwiML{}{}{} (+{} ms)",
+            g.fork.as_ref().map(|f| format!(", forking {f}")).unwrap_or_else(|| ", no fork".into()),
+            if g.transcriptions.is_empty() { String::new() } else { format!(", {} transcription(s) run here", g.transcriptions.len()) },
+            g.warnings.iter().map(|(c, w)| format!("; warning {c}: {w}")).collect::<String>(),
+            g.added_ms
+        ),
+        Event::TranscriptionStarted(t) => format!(
+            "real-time transcription {} started ({}, {}, partial results {}) → {}",
+            t.sid,
+            t.source,
+            t.track,
+            t.partial_results,
+            t.status_callback_url.as_deref().unwrap_or("(no callback)")
+        ),
+        Event::SpeechEnded(e) => format!("{} track of {} ended after {} segments", e.track.as_str(), e.stream_sid, e.segments),
+        Event::TranscriptionStopped(t) => format!("real-time transcription {} stopped ({})", t.sid, t.reason),
         Event::NumberRouted(n) => format!(
             "{} answered by {} ({}), status callbacks to {}",
             n.number,

@@ -321,8 +321,10 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         nats: analytics.as_ref().map(|(url, up, _)| (url.clone(), up.clone())),
         roles: roles.names(),
     });
+    let app = Arc::new(crate::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
     let state = AppState {
         test_clock,
+        app,
         cfg: cfg.clone(),
         log: log.clone(),
         clock: clock.clone(),
@@ -336,6 +338,28 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             public_url: cfg.public_url.clone(),
         }),
     };
+    // Real-time transcription callbacks to the apps: one node of the cluster sends them.
+    if roles.has(Role::Ingress) {
+        let deps = crate::transcription::Deps {
+            log: log.clone(),
+            tenancy: tenancy.clone(),
+            app: state.app.clone(),
+            clock: clock.clone(),
+        };
+        let start: Start = Box::new(move |_owned: Vec<u32>| {
+            let deps = deps.clone();
+            Box::pin(async move {
+                let task = tokio::spawn(log_failure("transcription", crate::transcription::follow(deps)));
+                let stop: Stop = Box::new(move || {
+                    Box::pin(async move {
+                        task.abort();
+                    })
+                });
+                Ok(stop)
+            })
+        });
+        claimed.push(Claimed::run(&log, "transcription", 1, &node, &[], start).await?);
+    }
     // Calls a crash left open get their actors back before Twilio can reach this node. In a
     // cluster another ingress node may hold them.
     if !clustered && roles.has(Role::Ingress) {

@@ -205,6 +205,11 @@ pub enum Event {
     CallDurationImplausible(CallDurationImplausible),
     OperatorStatusSet(OperatorStatusSet),
     NumberRouted(NumberRouted),
+    AppExchange(AppExchange),
+    GatewayAnswered(GatewayAnswered),
+    TranscriptionStarted(TranscriptionStarted),
+    TranscriptionStopped(TranscriptionStopped),
+    SpeechEnded(SpeechEnded),
 }
 
 impl Event {
@@ -247,6 +252,11 @@ impl Event {
             Self::CallDurationImplausible(_) => "call_duration_implausible",
             Self::OperatorStatusSet(_) => "operator_status_set",
             Self::NumberRouted(_) => "number_routed",
+            Self::AppExchange(_) => "app_exchange",
+            Self::GatewayAnswered(_) => "gateway_answered",
+            Self::TranscriptionStarted(_) => "transcription_started",
+            Self::TranscriptionStopped(_) => "transcription_stopped",
+            Self::SpeechEnded(_) => "speech_ended",
         }
     }
 
@@ -289,6 +299,11 @@ impl Event {
             Self::CallDurationImplausible(p) => serde_json::to_value(p),
             Self::OperatorStatusSet(p) => serde_json::to_value(p),
             Self::NumberRouted(p) => serde_json::to_value(p),
+            Self::AppExchange(p) => serde_json::to_value(p),
+            Self::GatewayAnswered(p) => serde_json::to_value(p),
+            Self::TranscriptionStarted(p) => serde_json::to_value(p),
+            Self::TranscriptionStopped(p) => serde_json::to_value(p),
+            Self::SpeechEnded(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -636,6 +651,17 @@ pub struct SpeechSegment {
     pub track: Track,
 }
 
+/// A stream's track has no more speech (speech log, after its last segment, from the
+/// transcoder; and transcripts log, after its last transcript, from the STT stage): consumers
+/// know every transcript of it is in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechEnded {
+    pub stream_sid: StreamSid,
+    pub track: Track,
+    /// Speech segments the track had.
+    pub segments: u32,
+}
+
 /// What the STT stage heard in one speech segment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transcript {
@@ -779,6 +805,107 @@ pub struct NumberRouted {
     /// E.164.
     pub number: String,
     pub routing: NumberRouting,
+}
+
+/// Why voxgate called the customer's app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppPurpose {
+    /// The voice webhook, forwarded to the number's `VoiceUrl`.
+    Voice,
+    /// The same, to `VoiceFallbackUrl` after the voice URL failed.
+    Fallback,
+    /// Twilio's call status callback, forwarded to the number's `StatusCallback`.
+    StatusCallback,
+    /// A real-time transcription callback voxgate sends in Twilio's place.
+    Transcription,
+}
+
+impl AppPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Voice => "voice",
+            Self::Fallback => "fallback",
+            Self::StatusCallback => "status_callback",
+            Self::Transcription => "transcription",
+        }
+    }
+}
+
+/// One request voxgate sent the customer's app and what came back (calls log): the exchange
+/// between Twilio, voxgate and the app is on the call's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppExchange {
+    pub purpose: AppPurpose,
+    pub method: HttpMethod,
+    pub url: String,
+    /// 1 for the first try; retries count up.
+    pub attempt: u32,
+    /// The app's HTTP status, when it answered.
+    pub status: Option<u16>,
+    pub latency_ms: u32,
+    /// Twilio's code for what went wrong (11200 HTTP error, 11205 timeout, 11215 too many
+    /// redirects, 11750 too large, 12100 not XML, 12102 not `<Response>`, …).
+    pub error_code: Option<u32>,
+    pub error: Option<String>,
+    /// TwiML fetches: `hit`, `revalidated` or `miss` in voxgate's TwiML cache.
+    pub cache: Option<String>,
+    /// The app's answer, cut to 4,000 characters.
+    pub answer: Option<String>,
+    /// Twilio's signature on the request voxgate received was valid (always, for a request that
+    /// gets this far), and voxgate signed this one for the app with the tenant's token.
+    pub twilio_signature_valid: bool,
+    pub signed_for_app: bool,
+    /// What the request delivered, for callbacks: `GT…#SequenceId` for a transcription callback,
+    /// `CallStatus#SequenceNumber` for a status callback.
+    pub reference: Option<String>,
+}
+
+/// What voxgate answered Twilio in gateway mode (calls log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayAnswered {
+    /// The tracks voxgate forked (`both_tracks`, `inbound_track`), or none (no room, or the app
+    /// failed and Twilio hears an error message).
+    pub fork: Option<String>,
+    /// Tracks the app streams itself.
+    pub app_tracks: u32,
+    /// Real-time transcriptions voxgate runs in Twilio's place (their `GT…` sids).
+    pub transcriptions: Vec<String>,
+    /// Relative URLs made absolute.
+    pub absolutized: u32,
+    /// What Twilio would warn about: (code, what).
+    pub warnings: Vec<(u32, String)>,
+    /// voxgate's time on top of the app's, ms (the passthrough's cost).
+    pub added_ms: u32,
+    /// The TwiML Twilio got, cut to 4,000 characters.
+    pub twiml: String,
+}
+
+/// A real-time transcription voxgate runs in Twilio's place started (calls log): from an app's
+/// `<Start><Transcription>` or the REST `Calls/{CA}/Transcriptions.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranscriptionStarted {
+    /// `GT` and 32 hex digits.
+    pub sid: String,
+    pub name: Option<String>,
+    pub status_callback_url: Option<String>,
+    pub status_callback_method: HttpMethod,
+    /// `inbound_track`, `outbound_track` or `both_tracks`.
+    pub track: String,
+    pub partial_results: bool,
+    pub language_code: String,
+    pub inbound_track_label: Option<String>,
+    pub outbound_track_label: Option<String>,
+    /// `twiml` or `rest`.
+    pub source: String,
+}
+
+/// A real-time transcription ended (calls log): stopped by TwiML or REST, or the call ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranscriptionStopped {
+    pub sid: String,
+    /// `twiml`, `rest` or `call_ended`.
+    pub reason: String,
 }
 
 /// The envelope's tenant gave up a phone number.

@@ -275,6 +275,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     let mut new_next = s.next.clone();
     let mut more = false;
     let mut records: Vec<Record> = Vec::new();
+    let mut ended: Vec<Envelope> = Vec::new();
     for p in 0..partitions {
         if s.next[p] == crate::progress::NOT_OURS {
             continue;
@@ -291,6 +292,12 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                     continue;
                 }
             };
+            if let Event::SpeechEnded(e) = &env.payload {
+                // Passed on after this batch's transcripts: the track's last one is in before it.
+                let id = EventId::derive(id_kind::TRANSCRIPTS_ENDED, &[e.stream_sid.as_u128(), e.track as u128]);
+                ended.push(Envelope { event_id: id, ..env.clone() });
+                continue;
+            }
             let Event::SpeechSegment(seg) = &env.payload else { continue };
             if !s.recent.insert(env.event_id) {
                 continue;
@@ -301,6 +308,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         }
     }
     if pending.is_empty() {
+        append_ended(s, &ended).await?;
         if new_next != s.next {
             commit(s, &new_next).await?;
         }
@@ -387,8 +395,22 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             delay.record(now.saturating_sub(at).max(0) as f64 / 1e6);
         }
     }
+    append_ended(s, &ended).await?;
     commit(s, &new_next).await?;
     Ok(more)
+}
+
+/// The tracks whose speech ended, on the transcripts log after their last transcript.
+async fn append_ended(s: &SttState, ended: &[Envelope]) -> Result<(), StorageError> {
+    if ended.is_empty() {
+        return Ok(());
+    }
+    let out: Vec<(u64, Vec<u8>)> = ended
+        .iter()
+        .filter_map(|e| e.call.map(|c| (c.partition_key(), voxgate_protocol::encode(e))))
+        .collect();
+    s.log.append_many(topics::TRANSCRIPTS, out.iter().map(|(k, b)| (*k, b.as_slice()))).await?;
+    Ok(())
 }
 
 async fn commit(s: &mut SttState, next: &[u64]) -> Result<(), StorageError> {

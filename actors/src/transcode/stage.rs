@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use voxgate_protocol::event::{Event, SpeechSegment, Track};
+use voxgate_protocol::event::{Event, SpeechEnded, SpeechSegment, Track};
 use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, StreamSid, Timestamp};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
@@ -215,6 +215,16 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
                     s.segments.clear();
                     open.transcoder.finish(&mut s.segments);
                     emit(&mut open, (sid, track), env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
+                    // After the track's last segment: every transcript of it follows the same way.
+                    let ended = Envelope {
+                        event_id: EventId::derive(id_kind::SPEECH_ENDED, &[sid.as_u128(), track as u128]),
+                        tenant: open.tenant,
+                        call: Some(open.call),
+                        occurred_at: env.occurred_at,
+                        payload: Event::SpeechEnded(SpeechEnded { stream_sid: sid, track, segments: open.emitted }),
+                    };
+                    out.push(voxgate_protocol::encode(&ended));
+                    out_keys.push(open.call.partition_key());
                     finished.push((sid, track));
                 }
             }
