@@ -590,7 +590,7 @@ pub async fn answer(
         ));
         match rewritten {
             Ok(r) => {
-                outcome = Some(r);
+                outcome = Some((r, f.url.clone()));
                 break;
             }
             Err((code, why)) => {
@@ -617,12 +617,12 @@ pub async fn answer(
         }
     }
     let (twiml, answered) = match outcome {
-        Some(r) => {
+        Some((r, base)) => {
             let sids: Vec<String> = (0..r.transcriptions.len()).map(|n| transcription_sid(call, n as u128)).collect();
             for (n, (t, sid)) in r.transcriptions.iter().zip(&sids).enumerate() {
                 events.push((
                     EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n as u128]),
-                    Event::TranscriptionStarted(transcription_started(sid.clone(), t, "twiml")),
+                    Event::TranscriptionStarted(transcription_started(sid.clone(), t, Some(&base), "twiml")),
                 ));
             }
             for (n, name) in r.transcription_stops.iter().enumerate() {
@@ -670,11 +670,18 @@ pub async fn answer(
     crate::ingress::twiml_response(twiml)
 }
 
-fn transcription_started(sid: String, t: &TranscriptionRequest, source: &str) -> TranscriptionStarted {
+/// What the app asked for, its callback URL made absolute against the URL whose answer asked
+/// (Twilio resolves a relative `statusCallbackUrl` against the document's URL).
+fn transcription_started(sid: String, t: &TranscriptionRequest, base: Option<&str>, source: &str) -> TranscriptionStarted {
+    let callback = t.get("statusCallbackUrl").and_then(|u| match (reqwest::Url::parse(u), base) {
+        (Ok(abs), _) => Some(abs.to_string()),
+        (Err(_), Some(base)) => reqwest::Url::parse(base).and_then(|b| b.join(u)).ok().map(|u| u.to_string()),
+        (Err(_), None) => None,
+    });
     TranscriptionStarted {
         sid,
         name: t.get("name").map(str::to_owned),
-        status_callback_url: t.get("statusCallbackUrl").map(str::to_owned),
+        status_callback_url: callback,
         status_callback_method: t.get("statusCallbackMethod").and_then(HttpMethod::parse).unwrap_or_default(),
         track: t.get("track").unwrap_or("both_tracks").to_owned(),
         partial_results: t.get("partialResults").is_some_and(|v| v.eq_ignore_ascii_case("true")),

@@ -8,6 +8,7 @@
 //! traffic at a fixed offered rate, and its report). Must not: reach into voxgate's internals — everything goes
 //! through HTTP, WebSocket and the CLI, as a user's would.
 
+pub mod app;
 pub mod bench;
 pub mod corpus;
 pub mod fixture;

@@ -20,6 +20,8 @@ pub struct Simulator {
     pub account: AccountSid,
     pub auth_token: String,
     http: reqwest::Client,
+    /// The calls it rang: From and To, which Twilio repeats in every status callback.
+    rung: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<CallSid, (String, String)>>>,
 }
 
 /// voxgate's answer to a voice webhook.
@@ -56,6 +58,7 @@ impl Simulator {
             account,
             auth_token: auth_token.to_owned(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client"),
+            rung: Default::default(),
         }
     }
 
@@ -114,6 +117,7 @@ impl Simulator {
 
     /// Rings voxgate: the inbound voice webhook, signed.
     pub async fn inbound_call(&self, call: CallSid, from: &str, to: &str) -> anyhow::Result<Answer> {
+        self.rung.lock().unwrap_or_else(|e| e.into_inner()).insert(call, (from.to_owned(), to.to_owned()));
         let (status, body) =
             self.post_signed("/api/voice/twilio/inbound", &self.inbound_params(call, from, to)).await?;
         let stream_url = extract_attr(&body, "<Stream ", "url");
@@ -135,6 +139,10 @@ impl Simulator {
             ("CallbackSource".into(), "call-progress-events".into()),
             ("SequenceNumber".into(), sequence.to_string()),
         ];
+        if let Some((from, to)) = self.rung.lock().unwrap_or_else(|e| e.into_inner()).get(&call).cloned() {
+            p.push(("From".into(), from));
+            p.push(("To".into(), to));
+        }
         if let Some(d) = duration_secs {
             p.push(("CallDuration".into(), d.to_string()));
             p.push(("Duration".into(), d.div_ceil(60).to_string()));
