@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use voxgate_actors::tenancy::directory::{check_len, TenancyError};
 use voxgate_actors::tenancy::{limits, NumberRecord, Quota, TenantRecord};
 use voxgate_protocol::event::{HttpMethod, NumberRouting, TenantStatus};
-use voxgate_protocol::{AccountSid, PhoneNumberSid, Timestamp};
+use voxgate_protocol::{AccountSid, CallSid, PhoneNumberSid, Timestamp};
 
 use voxgate_actors::billing::{
     CallbackMethod, Category, NewTrigger, Recurring, Trigger, TriggerBy, TriggerError, TriggerSid,
@@ -53,6 +53,10 @@ enum Resource {
     Triggers(AccountSid),
     /// `Usage/Triggers/{UT}.json`.
     Trigger(AccountSid, TriggerSid),
+    /// `Calls/{CA}/Transcriptions.json`: real-time transcription of a running call.
+    CallTranscriptions(AccountSid, CallSid),
+    /// `Calls/{CA}/Transcriptions/{GT…|name}.json`.
+    CallTranscription(AccountSid, CallSid, String),
 }
 
 impl Resource {
@@ -65,6 +69,7 @@ impl Resource {
             Self::UsageRecords(..) => "usage_records",
             Self::Triggers(_) | Self::Trigger(..) => "usage_triggers",
             Self::Invoice(..) => "usage_invoices",
+            Self::CallTranscriptions(..) | Self::CallTranscription(..) => "call_transcriptions",
         }
     }
 
@@ -90,6 +95,13 @@ impl Resource {
             ["Accounts", a, "Usage", "Invoices", m] => Self::Invoice(sid(a)?, m.strip_suffix(".json")?.to_owned()),
             ["Accounts", a, "Usage", "Triggers", t] => {
                 Self::Trigger(sid(a)?, TriggerSid::parse(t.strip_suffix(".json")?).ok()?)
+            }
+            ["Accounts", a, "Calls", c, "Transcriptions.json"] => {
+                Self::CallTranscriptions(sid(a)?, CallSid::parse(c).ok()?)
+            }
+            ["Accounts", a, "Calls", c, "Transcriptions", t] => {
+                let t = percent_decode(t.strip_suffix(".json")?)?;
+                Self::CallTranscription(sid(a)?, CallSid::parse(c).ok()?, t)
             }
             ["Accounts", a, "BlockedNumbers", n] => {
                 let n = n.strip_suffix(".json")?;
@@ -130,6 +142,10 @@ impl ApiError {
 
     fn forbidden(what: &str) -> Self {
         Self::new(StatusCode::FORBIDDEN, 20403, format!("{what} needs the admin token"))
+    }
+
+    fn unavailable(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; retry"))
     }
 
     fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
@@ -346,7 +362,9 @@ async fn handle(
         | Resource::UsageRecords(a, _)
         | Resource::Triggers(a)
         | Resource::Invoice(a, _)
-        | Resource::Trigger(a, _) => Some(*a),
+        | Resource::Trigger(a, _)
+        | Resource::CallTranscriptions(a, _)
+        | Resource::CallTranscription(a, _, _) => Some(*a),
     };
     if let Some(a) = target {
         let exists = t.read(|d| d.tenant(a).is_some());
@@ -569,10 +587,66 @@ async fn handle(
                 .await?;
             Ok((StatusCode::NO_CONTENT, Value::Null))
         }
+        (Method::POST, Resource::CallTranscriptions(a, call)) => {
+            running_call_of(state, a, call, path).await?;
+            if let Some(u) = params.get("StatusCallbackUrl") {
+                check_callback_url(state, u).await?;
+            }
+            if let Some(m) = params.get("StatusCallbackMethod") {
+                HttpMethod::parse(m).ok_or_else(|| ApiError::invalid("StatusCallbackMethod", "must be GET or POST"))?;
+            }
+            if let Some(t) = params.get("Track") {
+                if !matches!(t, "inbound_track" | "outbound_track" | "both_tracks") {
+                    return Err(ApiError::invalid("Track", "must be inbound_track, outbound_track or both_tracks"));
+                }
+            }
+            let started =
+                crate::gateway::start_transcription(state, a, call, &params.0).await.map_err(ApiError::unavailable)?;
+            Ok((StatusCode::CREATED, transcription_json(a, call, &started.sid, started.name.as_deref(), "in-progress", state.clock.now())))
+        }
+        (Method::POST, Resource::CallTranscription(a, call, which)) => {
+            running_call_of(state, a, call, path).await?;
+            if params.get("Status") != Some("stopped") {
+                return Err(ApiError::invalid("Status", "must be stopped"));
+            }
+            crate::gateway::stop_transcription(state, a, call, &which).await.map_err(ApiError::unavailable)?;
+            let (sid, name) = if which.starts_with("GT") { (Some(which.as_str()), None) } else { (None, Some(which.as_str())) };
+            let mut v = transcription_json(a, call, sid.unwrap_or_default(), name, "stopped", state.clock.now());
+            if sid.is_none() {
+                v["sid"] = Value::Null;
+            }
+            Ok((StatusCode::OK, v))
+        }
         (m, _) => {
             Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, 20004, format!("method {m} not allowed on {path}")))
         }
     }
+}
+
+/// The call, when it is the tenant's and still running; a foreign or unknown call is not found
+/// (no probing for other tenants' calls), an ended one is Twilio's 21220.
+async fn running_call_of(state: &AppState, a: AccountSid, call: CallSid, path: &str) -> Result<(), ApiError> {
+    match crate::ingress::call_owner(state, call).await {
+        Some(id) if id.tenant == a => {}
+        _ => return Err(ApiError::not_found(path)),
+    }
+    if state.billing.read().usage.call_ended(call) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, 21220, format!("call {call} is not in progress")));
+    }
+    Ok(())
+}
+
+/// Twilio's `Transcription` resource of a call.
+fn transcription_json(a: AccountSid, call: CallSid, sid: &str, name: Option<&str>, status: &str, now: Timestamp) -> Value {
+    json!({
+        "account_sid": a.to_string(),
+        "call_sid": call.to_string(),
+        "sid": sid,
+        "name": name,
+        "status": status,
+        "date_updated": now.rfc2822(),
+        "uri": format!("{API}/Accounts/{a}/Calls/{call}/Transcriptions/{sid}.json"),
+    })
 }
 
 /// Usage record sub-resources: path name and `subresource_uris` key.

@@ -699,6 +699,18 @@ async fn append_events(
     call: CallSid,
     events: Vec<(EventId, Event)>,
 ) -> Result<(), Response> {
+    append(state, tenant, call, events).await.map_err(|e| {
+        crate::ingress::twilio_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; retry"))
+    })
+}
+
+/// Appends the call's events in one write; a failure is logged and counted.
+async fn append(
+    state: &AppState,
+    tenant: AccountSid,
+    call: CallSid,
+    events: Vec<(EventId, Event)>,
+) -> Result<(), voxgate_storage::StorageError> {
     let now = state.clock.now();
     let encoded: Vec<Vec<u8>> = events
         .into_iter()
@@ -718,11 +730,47 @@ async fn append_events(
         .append_many_or_spool(voxgate_storage::topics::CALLS, encoded.iter().map(|b| (key, b.as_slice())))
         .await
         .map(|_| ())
-        .map_err(|e| {
+        .inspect_err(|e| {
             tracing::error!(stage = "gateway", call_sid = %call, tenant = %tenant, error = %e, "event log append failed");
             metrics::counter!("voxgate_ingress_log_failures_total").increment(1);
-            crate::ingress::twilio_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; retry"))
         })
+}
+
+/// `POST …/Calls/{CA}/Transcriptions.json`: starts real-time transcription of a running call
+/// (REST parameter names are the TwiML attribute names with a capital first letter).
+pub async fn start_transcription(
+    state: &AppState,
+    tenant: AccountSid,
+    call: CallSid,
+    params: &[(String, String)],
+) -> Result<TranscriptionStarted, voxgate_storage::StorageError> {
+    let attributes = params
+        .iter()
+        .map(|(k, v)| {
+            let mut c = k.chars();
+            let k = c.next().map(|f| f.to_ascii_lowercase().to_string() + c.as_str()).unwrap_or_default();
+            (k, v.clone())
+        })
+        .collect();
+    let request = TranscriptionRequest { attributes };
+    let n = crate::tenancy::random_u128();
+    let sid = format!("GT{:032x}", EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n]).0);
+    let started = transcription_started(sid, &request, None, "rest");
+    let id = EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n, 1]);
+    append(state, tenant, call, vec![(id, Event::TranscriptionStarted(started.clone()))]).await?;
+    Ok(started)
+}
+
+/// `POST …/Calls/{CA}/Transcriptions/{GT…|name}.json` with `Status=stopped`.
+pub async fn stop_transcription(
+    state: &AppState,
+    tenant: AccountSid,
+    call: CallSid,
+    which: &str,
+) -> Result<(), voxgate_storage::StorageError> {
+    let id = EventId::derive(id_kind::TRANSCRIPTION_STOPPED, &[call.as_u128(), crate::tenancy::random_u128()]);
+    let ev = Event::TranscriptionStopped(TranscriptionStopped { sid: which.to_owned(), reason: "rest".into() });
+    append(state, tenant, call, vec![(id, ev)]).await
 }
 
 /// Forwards Twilio's status callback, re-signed, to the number's `StatusCallback` (if it has

@@ -495,7 +495,7 @@ static FOREIGN_LINES: crate::perimeter::LineLimit = crate::perimeter::LineLimit:
 /// Whose call `call` is: its running actor says; else the usage book, which holds every call
 /// received (on any node) that it still remembers. A call the book has not seen may simply not
 /// have reached it yet, so the book is given a moment to catch up with the calls log.
-async fn call_owner(state: &AppState, call: CallSid) -> Option<CallIdentity> {
+pub(crate) async fn call_owner(state: &AppState, call: CallSid) -> Option<CallIdentity> {
     if let Some(actor) = CallActor::find(call) {
         if let Ok(id) = ractor::call!(actor, CallMsg::Identity) {
             return Some(id);

@@ -63,8 +63,9 @@ impl Session {
 #[derive(Debug, Clone, Default)]
 struct CallState {
     sessions: Vec<String>,
-    /// Tracks whose speech is forked to voxgate (from the gateway's answer; the caller's by default).
-    tracks: Vec<Track>,
+    /// Tracks whose speech is forked to voxgate (from the gateway's answer; the caller's by
+    /// default: a call voxgate answers itself streams its inbound track).
+    tracks: Option<Vec<Track>>,
     ended: bool,
     speech_ended: BTreeSet<Track>,
 }
@@ -140,11 +141,11 @@ impl Sessions {
             }
             Event::GatewayAnswered(g) => {
                 let c = self.calls.entry(call).or_default();
-                c.tracks = match g.fork.as_deref() {
+                c.tracks = Some(match g.fork.as_deref() {
                     Some("both_tracks") => vec![Track::Inbound, Track::Outbound],
                     Some(_) => vec![Track::Inbound],
                     None => Vec::new(),
-                };
+                });
             }
             Event::CallStatusChanged(st) if st.status.is_terminal() => {
                 if let Some(c) = self.calls.get_mut(&call) {
@@ -196,7 +197,8 @@ impl Sessions {
     /// is in.
     fn maybe_end(&mut self, call: CallSid, at: Timestamp) -> Vec<Delivery> {
         let Some(c) = self.calls.get(&call) else { return Vec::new() };
-        if !c.ended || !c.tracks.iter().all(|t| c.speech_ended.contains(t)) {
+        let tracks = c.tracks.as_deref().unwrap_or(&[Track::Inbound]);
+        if !c.ended || !tracks.iter().all(|t| c.speech_ended.contains(t)) {
             return Vec::new();
         }
         let sids = c.sessions.clone();

@@ -69,3 +69,34 @@ pub fn each_event_once(log: &voxgate_storage::Log, topics: &[&str], mut f: impl 
         }
     }
 }
+
+/// The Python interpreter with the twilio package (`bash .ci/run` makes it: target/py-twilio).
+pub fn twilio_python() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("VOXGATE_TWILIO_PYTHON") {
+        return p.into();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let py = target.join("py-twilio/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run `bash .ci/run` once (it installs the twilio helper library with pip), or set VOXGATE_TWILIO_PYTHON",
+        py.display()
+    );
+    py
+}
+
+/// Runs `py/twilio_client.py` (the official twilio helper library pointed at `node`) as the
+/// tenant; its JSON answer.
+pub fn twilio_client(node: &crate::node::Node, account: &str, token: &str, args: &[&str]) -> serde_json::Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/twilio_client.py");
+    let out = std::process::Command::new(twilio_python())
+        .arg(script)
+        .args([node.url().as_str(), account, token])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "twilio_client.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}

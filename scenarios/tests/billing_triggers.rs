@@ -337,33 +337,8 @@ async fn usage_killed_mid_stream_and_replayed_from_zero_is_exact() {
     println!("{CALLS} calls, {minutes} minutes; killed after call {reached}");
 }
 
-/// The Python interpreter with the twilio package (`bash .ci/run` makes it: target/py-twilio).
-fn twilio_python() -> std::path::PathBuf {
-    if let Ok(p) = std::env::var("VOXGATE_TWILIO_PYTHON") {
-        return p.into();
-    }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let target =
-        std::env::var("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let py = target.join("py-twilio/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: run `bash .ci/run` once (it installs the twilio helper library with pip), or set VOXGATE_TWILIO_PYTHON",
-        py.display()
-    );
-    py
-}
-
 fn python(node: &Node, args: &[&str]) -> Value {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/twilio_usage.py");
-    let out = std::process::Command::new(twilio_python())
-        .arg(script)
-        .args([node.url().as_str(), ACCOUNT, TOKEN])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "twilio_usage.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    voxgate_scenarios::fixture::twilio_client(node, ACCOUNT, TOKEN, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

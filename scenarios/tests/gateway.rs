@@ -203,3 +203,88 @@ async fn when_app_and_fallback_fail_the_caller_hears_twilios_error() {
     let m = node.scrape().await.unwrap();
     assert!(m.contains("voxgate_app_errors_total{purpose=\"voice\",code=\"11200\"} 1"), "{m}");
 }
+
+/// A REST request as the tenant (HTTP Basic with its auth token).
+async fn api(node: &Node, path: &str, params: &[(&str, &str)]) -> (u16, Value) {
+    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(params).finish();
+    let r = reqwest::Client::new()
+        .post(format!("{}/2010-04-01/Accounts/{ACCOUNT}{path}", node.url()))
+        .basic_auth(ACCOUNT, Some(TOKEN))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_twilio_client_routes_a_number_and_transcribes_a_running_call() {
+    let app = CustomerApp::start(TOKEN).await.unwrap();
+    let mut node = Node::start(&gateway_config(&app, false, "")).unwrap();
+    let s = sim(&node);
+    // twilio-python sets the number's routing fields; the gateway routes by them.
+    let number = "+14155550180";
+    let (voice, status, fallback) = (format!("{}/voice", app.url), format!("{}/status", app.url), format!("{}/ivr/voice", app.url));
+    let n = voxgate_scenarios::fixture::twilio_client(&node, ACCOUNT, TOKEN, &["number", number, &voice, &status, &fallback]);
+    assert_eq!((n["voice_url"].as_str(), n["status_callback"].as_str()), (Some(voice.as_str()), Some(status.as_str())), "{n}");
+    assert_eq!((n["voice_fallback_url"].as_str(), n["voice_method"].as_str()), (Some(fallback.as_str()), Some("POST")), "{n}");
+    let call = CallSid::from_u128(0x7e57_0001);
+    let a = s.inbound_call(call, "+14155550199", number).await.unwrap();
+    assert!(a.body.contains("<Start><Stream") && a.body.contains("<Dial"), "{}", a.body);
+    assert_eq!(app.hits_to("/voice").len(), 1);
+
+    // Real-time transcription started over REST on the running call, stopped by its name.
+    let t = voxgate_scenarios::fixture::twilio_client(
+        &node,
+        ACCOUNT,
+        TOKEN,
+        &["transcribe", &call.to_string(), &format!("{}/rest-realtime", app.url), "by-rest"],
+    );
+    assert_eq!((t["status"].as_str(), t["name"].as_str()), (Some("in-progress"), Some("by-rest")), "{t}");
+    let gt = t["sid"].as_str().unwrap().to_owned();
+    assert!(gt.starts_with("GT") && gt.len() == 34, "{t}");
+    let work = tempfile::tempdir().unwrap();
+    let caller =
+        script(&[("Hello, I would like to check the status of my order.", Voice::Espeak("en-us".into()))], 400, 1500, work.path())
+            .unwrap();
+    let mut stream = s.connect_stream(&extract_attr(&a.body, "<Stream ", "url").unwrap()).await.unwrap();
+    let sid = StreamSid::from_u128(0x7e57_5a5a);
+    stream.start_both(sid, s.account(), call).await.unwrap();
+    stream.send_two_tracks(sid, &caller.mulaw, &vec![0xff; caller.mulaw.len()], Pace::Faster(3)).await.unwrap();
+    let rest = |h: &[voxgate_scenarios::app::Hit], event: &str| {
+        h.iter().filter(|x| x.path == "/rest-realtime" && x.param("TranscriptionEvent") == Some(event)).count()
+    };
+    let hits = app.wait_until(Duration::from_secs(120), |h| rest(h, "transcription-content") >= 1).await;
+    let content: Vec<_> = hits.iter().filter(|x| x.path == "/rest-realtime" && x.param("TranscriptionEvent") == Some("transcription-content")).collect();
+    assert!(!content.is_empty(), "no transcript reached the REST session");
+    assert!(content.iter().all(|h| h.param("TranscriptionSid") == Some(gt.as_str()) && h.signature_valid));
+    let stopped = voxgate_scenarios::fixture::twilio_client(&node, ACCOUNT, TOKEN, &["stop", &call.to_string(), "by-rest"]);
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    let hits = app.wait_until(Duration::from_secs(30), |h| rest(h, "transcription-stopped") == 1).await;
+    let events: Vec<&str> =
+        hits.iter().filter(|x| x.path == "/rest-realtime").filter_map(|x| x.param("TranscriptionEvent")).collect();
+    assert_eq!(events.first(), Some(&"transcription-started"), "{events:?}");
+    assert_eq!(events.last(), Some(&"transcription-stopped"), "{events:?}");
+    // The app's own <Transcription> (from its TwiML) runs on, untouched by the REST stop.
+    assert!(!hits.iter().any(|x| x.path == "/realtime" && x.param("TranscriptionEvent") == Some("transcription-stopped")));
+
+    stream.stop(sid, s.account(), call).await.unwrap();
+    stream.closed(Duration::from_secs(10)).await;
+    node.advance_clock(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(s.status_callback(call, "completed", 1, Some(10)).await.unwrap(), 204);
+    // An ended call, an unknown call, a bad status: Twilio's errors, nothing written.
+    let path = format!("/Calls/{call}/Transcriptions.json");
+    let (st, v) = api(&node, &path, &[("StatusCallbackUrl", "https://example.com/t")]).await;
+    assert_eq!((st, v["code"].as_u64()), (400, Some(21220)), "{v}");
+    let (st, _) = api(&node, &format!("/Calls/{}/Transcriptions.json", CallSid::from_u128(0xdead)), &[]).await;
+    assert_eq!(st, 404);
+    let (st, v) = api(&node, &format!("/Calls/{call}/Transcriptions/by-rest.json"), &[("Status", "paused")]).await;
+    assert!(st == 400 || v["code"] == 21220, "{st} {v}");
+    node.wait_idle(Duration::from_secs(60)).await.unwrap();
+    assert!(node.stop().unwrap().success());
+    let events = replay_json(&node, call);
+    assert!(events.iter().any(|e| e["kind"] == "transcription_started" && e["source"] == "rest"));
+    assert!(events.iter().any(|e| e["kind"] == "transcription_stopped" && e["reason"] == "rest"));
+}

@@ -436,6 +436,14 @@ impl UsageBook {
         self.calls.get(&call).and_then(|c| c.received.as_ref()).map(|((at, _), _, t)| (*t, *at))
     }
 
+    /// Whether the call's own tenant has reported it ended.
+    pub fn call_ended(&self, call: CallSid) -> bool {
+        self.calls.get(&call).is_some_and(|c| {
+            let owner = c.received.as_ref().map_or(c.first.1, |r| r.2);
+            c.terminals.iter().any(|t| t.1 == owner)
+        })
+    }
+
     /// The tenant's parent account, for a subaccount.
     pub fn parent(&self, tenant: AccountSid) -> Option<AccountSid> {
         self.accounts.get(&tenant).and_then(|a| a.parent)
