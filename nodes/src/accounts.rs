@@ -602,7 +602,10 @@ async fn handle(
             }
             let started =
                 crate::gateway::start_transcription(state, a, call, &params.0).await.map_err(ApiError::unavailable)?;
-            Ok((StatusCode::CREATED, transcription_json(a, call, &started.sid, started.name.as_deref(), "in-progress", state.clock.now())))
+            Ok((
+                StatusCode::CREATED,
+                transcription_json(a, call, &started.sid, started.name.as_deref(), "in-progress", state.clock.now()),
+            ))
         }
         (Method::POST, Resource::CallTranscription(a, call, which)) => {
             running_call_of(state, a, call, path).await?;
@@ -610,7 +613,8 @@ async fn handle(
                 return Err(ApiError::invalid("Status", "must be stopped"));
             }
             crate::gateway::stop_transcription(state, a, call, &which).await.map_err(ApiError::unavailable)?;
-            let (sid, name) = if which.starts_with("GT") { (Some(which.as_str()), None) } else { (None, Some(which.as_str())) };
+            let (sid, name) =
+                if which.starts_with("GT") { (Some(which.as_str()), None) } else { (None, Some(which.as_str())) };
             let mut v = transcription_json(a, call, sid.unwrap_or_default(), name, "stopped", state.clock.now());
             if sid.is_none() {
                 v["sid"] = Value::Null;
@@ -637,7 +641,14 @@ async fn running_call_of(state: &AppState, a: AccountSid, call: CallSid, path: &
 }
 
 /// Twilio's `Transcription` resource of a call.
-fn transcription_json(a: AccountSid, call: CallSid, sid: &str, name: Option<&str>, status: &str, now: Timestamp) -> Value {
+fn transcription_json(
+    a: AccountSid,
+    call: CallSid,
+    sid: &str,
+    name: Option<&str>,
+    status: &str,
+    now: Timestamp,
+) -> Value {
     json!({
         "account_sid": a.to_string(),
         "call_sid": call.to_string(),
@@ -917,8 +928,14 @@ async fn routing_params(
     params: &Params,
     current: Option<NumberRouting>,
 ) -> Result<Option<NumberRouting>, ApiError> {
-    const FIELDS: [&str; 6] =
-        ["VoiceUrl", "VoiceMethod", "VoiceFallbackUrl", "VoiceFallbackMethod", "StatusCallback", "StatusCallbackMethod"];
+    const FIELDS: [&str; 6] = [
+        "VoiceUrl",
+        "VoiceMethod",
+        "VoiceFallbackUrl",
+        "VoiceFallbackMethod",
+        "StatusCallback",
+        "StatusCallbackMethod",
+    ];
     if !FIELDS.iter().any(|f| params.get(f).is_some()) {
         return Ok(None);
     }

@@ -154,16 +154,7 @@ impl App {
             if let Err(e) = crate::outbound::check_at_delivery(&url, self.allow_private) {
                 return failed(&url, None, 11200, format!("the app's URL is refused: {e}"), started);
             }
-            let (req_url, sig) = signed(token, method, &url, &params);
-            let mut req = match method {
-                HttpMethod::Get => self.http.get(&req_url),
-                HttpMethod::Post => self
-                    .http
-                    .post(&req_url)
-                    .header("content-type", "application/x-www-form-urlencoded; charset=UTF-8")
-                    .body(form(&params)),
-            };
-            req = req.header("x-twilio-signature", sig).header("user-agent", USER_AGENT);
+            let mut req = self.request(token, method, &url, &params);
             if let Some(c) = &cached {
                 if let Some(e) = &c.etag {
                     req = req.header("if-none-match", e);
@@ -181,7 +172,9 @@ impl App {
                 Ok(Err(e)) if e.is_timeout() => {
                     return failed(&url, None, 11205, "the app did not answer in time".into(), started)
                 }
-                Ok(Err(e)) => return failed(&url, None, 11205, format!("the app could not be reached: {}", chain(&e)), started),
+                Ok(Err(e)) => {
+                    return failed(&url, None, 11205, format!("the app could not be reached: {}", chain(&e)), started)
+                }
                 Err(_) => return failed(&url, None, 11205, "the app did not answer in time".into(), started),
             };
             let status = resp.status().as_u16();
@@ -202,7 +195,13 @@ impl App {
                 continue;
             }
             if (300..400).contains(&status) && status != 304 {
-                return failed(&url, Some(status), 11216, format!("HTTP {status} is not a redirect Twilio follows"), started);
+                return failed(
+                    &url,
+                    Some(status),
+                    11216,
+                    format!("HTTP {status} is not a redirect Twilio follows"),
+                    started,
+                );
             }
             if status == 304 {
                 if let Some(c) = cached {
@@ -217,7 +216,13 @@ impl App {
                         latency: started.elapsed(),
                     };
                 }
-                return failed(&url, Some(304), 11200, "304 Not Modified to a request without validators".into(), started);
+                return failed(
+                    &url,
+                    Some(304),
+                    11200,
+                    "304 Not Modified to a request without validators".into(),
+                    started,
+                );
             }
             let headers = resp.headers().clone();
             let body = match read_limited(resp, deadline).await {
@@ -236,7 +241,14 @@ impl App {
             }
             metrics::counter!("voxgate_app_twiml_cache_total", "outcome" => "miss").increment(1);
             self.store(key, &body, &url, &headers, method);
-            return Fetched { url, status: Some(status), body: Some(body), error: None, cache: "miss", latency: started.elapsed() };
+            return Fetched {
+                url,
+                status: Some(status),
+                body: Some(body),
+                error: None,
+                cache: "miss",
+                latency: started.elapsed(),
+            };
         }
         failed(&url, None, 11215, "more than 10 redirects".into(), started)
     }
@@ -257,18 +269,18 @@ impl App {
             .map(str::trim)
             .find_map(|x| x.strip_prefix("s-maxage=").or_else(|| x.strip_prefix("max-age=")))
             .and_then(|v| v.parse::<u64>().ok());
-        let expires = h
-            .get("expires")
-            .and_then(|v| v.to_str().ok())
-            .and_then(voxgate_protocol::Timestamp::parse_rfc2822)
-            .map(|t| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0);
-                Duration::from_secs(u64::try_from(t.as_micros() / 1_000_000 - now).unwrap_or(0))
-            });
-        let lifetime = if directive("no-cache") { Some(Duration::ZERO) } else { max_age.map(Duration::from_secs).or(expires) };
+        let expires =
+            h.get("expires").and_then(|v| v.to_str().ok()).and_then(voxgate_protocol::Timestamp::parse_rfc2822).map(
+                |t| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    Duration::from_secs(u64::try_from(t.as_micros() / 1_000_000 - now).unwrap_or(0))
+                },
+            );
+        let lifetime =
+            if directive("no-cache") { Some(Duration::ZERO) } else { max_age.map(Duration::from_secs).or(expires) };
         let etag = h.get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let last_modified = h.get("last-modified").and_then(|v| v.to_str().ok()).map(str::to_owned);
         // POST answers are cached only when the app says so outright.
@@ -325,23 +337,15 @@ impl App {
             let (status, error) = match crate::outbound::check_at_delivery(url, self.allow_private) {
                 Err(e) => (None, Some((11200, format!("the callback URL is refused: {e}")))),
                 Ok(()) => {
-                    let (req_url, sig) = signed(token, method, url, params);
-                    let mut req = match method {
-                        HttpMethod::Get => self.http.get(&req_url),
-                        HttpMethod::Post => self
-                            .http
-                            .post(&req_url)
-                            .header("content-type", "application/x-www-form-urlencoded; charset=UTF-8")
-                            .body(form(params)),
-                    };
-                    req = req
-                        .header("x-twilio-signature", sig)
-                        .header("user-agent", USER_AGENT)
+                    let req = self
+                        .request(token, method, url, params)
                         .header("i-twilio-idempotency-token", idempotency)
                         .timeout(Duration::from_millis(self.cfg.callback_timeout_ms));
                     match req.send().await {
                         Ok(r) if r.status().is_success() => (Some(r.status().as_u16()), None),
-                        Ok(r) => (Some(r.status().as_u16()), Some((11200, format!("the app answered HTTP {}", r.status())))),
+                        Ok(r) => {
+                            (Some(r.status().as_u16()), Some((11200, format!("the app answered HTTP {}", r.status()))))
+                        }
                         Err(e) if e.is_timeout() => (None, Some((11205, "the app did not answer in time".into()))),
                         Err(e) => (None, Some((11205, format!("the app could not be reached: {}", chain(&e))))),
                     }
@@ -350,8 +354,9 @@ impl App {
             let ok = error.is_none();
             metrics::histogram!("voxgate_app_webhook_seconds", "purpose" => purpose.as_str())
                 .record(started.elapsed().as_secs_f64());
-            if !ok {
-                metrics::counter!("voxgate_app_errors_total", "purpose" => purpose.as_str()).increment(1);
+            if let Some((code, _)) = &error {
+                metrics::counter!("voxgate_app_errors_total", "purpose" => purpose.as_str(), "code" => code.to_string())
+                    .increment(1);
             }
             record(AppExchange {
                 purpose,
@@ -406,6 +411,29 @@ fn with_query(url: &str, params: &[(String, String)]) -> String {
     out
 }
 
+impl App {
+    /// A request to the app as Twilio makes it: signed with the tenant's token for the URL it
+    /// goes to, the parameters in the body (POST) or the query (GET).
+    fn request(
+        &self,
+        token: &str,
+        method: HttpMethod,
+        url: &str,
+        params: &[(String, String)],
+    ) -> reqwest::RequestBuilder {
+        let (req_url, sig) = signed(token, method, url, params);
+        let req = match method {
+            HttpMethod::Get => self.http.get(&req_url),
+            HttpMethod::Post => self
+                .http
+                .post(&req_url)
+                .header("content-type", "application/x-www-form-urlencoded; charset=UTF-8")
+                .body(form(params)),
+        };
+        req.header("x-twilio-signature", sig).header("user-agent", USER_AGENT)
+    }
+}
+
 fn form(params: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new()).extend_pairs(params.iter()).finish()
 }
@@ -420,9 +448,7 @@ fn signed(token: &str, method: HttpMethod, url: &str, params: &[(String, String)
             let sig = signature::compute(Algorithm::Sha1, token.as_bytes(), &full, &[]);
             (full, sig)
         }
-        HttpMethod::Post => {
-            (url.to_owned(), signature::compute(Algorithm::Sha1, token.as_bytes(), url, params))
-        }
+        HttpMethod::Post => (url.to_owned(), signature::compute(Algorithm::Sha1, token.as_bytes(), url, params)),
     }
 }
 
@@ -486,7 +512,10 @@ mod tests {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
         let (url, sig) = signed("12345", HttpMethod::Post, "https://example.com/myapp.php?foo=1&bar=2", &params);
-        assert_eq!((url.as_str(), sig.as_str()), ("https://example.com/myapp.php?foo=1&bar=2", "L/OH5YylLD5NRKLltdqwSvS0BnU="));
+        assert_eq!(
+            (url.as_str(), sig.as_str()),
+            ("https://example.com/myapp.php?foo=1&bar=2", "L/OH5YylLD5NRKLltdqwSvS0BnU=")
+        );
         // A GET carries the parameters in its query, and the signature covers that URL alone.
         let (url, sig) = signed("12345", HttpMethod::Get, "https://example.com/v#ct=1000", &params[..1]);
         assert_eq!(url, "https://example.com/v?CallSid=CA1234567890ABCDE");
@@ -498,9 +527,7 @@ mod tests {
 // The webhook side
 
 use axum::response::Response;
-use voxgate_protocol::event::{
-    Event, GatewayAnswered, NumberRouting, TranscriptionStarted, TranscriptionStopped,
-};
+use voxgate_protocol::event::{Event, GatewayAnswered, NumberRouting, TranscriptionStarted, TranscriptionStopped};
 use voxgate_protocol::twilio::gateway::{rewrite, Fork, TranscriptionRequest};
 use voxgate_protocol::{CallSid, EventId};
 
@@ -548,7 +575,13 @@ pub async fn answer(
     let stream_params = [("tenant", tenant_s.as_str()), ("call_sid", call_s.as_str())];
     let mut attempts: Vec<(AppPurpose, HttpMethod, String, Vec<(String, String)>, Duration)> = Vec::new();
     if let Some(u) = &routing.voice_url {
-        attempts.push((AppPurpose::Voice, routing.voice_method, u.clone(), params.to_vec(), Duration::from_millis(cfg.app_timeout_ms)));
+        attempts.push((
+            AppPurpose::Voice,
+            routing.voice_method,
+            u.clone(),
+            params.to_vec(),
+            Duration::from_millis(cfg.app_timeout_ms),
+        ));
     }
     let mut last_error: Option<(u32, String, String)> = None;
     let mut outcome = None;
@@ -558,13 +591,16 @@ pub async fn answer(
         i += 1;
         let f = app.fetch_twiml(tenant, token.expose(), method, &url, &p, timeout).await;
         app_time += f.latency;
-        metrics::histogram!("voxgate_app_webhook_seconds", "purpose" => purpose.as_str()).record(f.latency.as_secs_f64());
+        metrics::histogram!("voxgate_app_webhook_seconds", "purpose" => purpose.as_str())
+            .record(f.latency.as_secs_f64());
         // A usable answer is TwiML; anything else is an error, as Twilio would see it.
         let rewritten = match (&f.error, &f.body) {
-            (None, Some(body)) => match rewrite(body, &Fork { stream_url: &stream_url, parameters: &stream_params, base_url: &f.url }) {
-                Ok(r) => Ok(r),
-                Err(e) => Err((e.code(), e.to_string())),
-            },
+            (None, Some(body)) => {
+                match rewrite(body, &Fork { stream_url: &stream_url, parameters: &stream_params, base_url: &f.url }) {
+                    Ok(r) => Ok(r),
+                    Err(e) => Err((e.code(), e.to_string())),
+                }
+            }
             (Some(e), _) => Err(e.clone()),
             (None, None) => Err((11200, "the app sent no answer".to_owned())),
         };
@@ -640,7 +676,7 @@ pub async fn answer(
                 transcriptions: sids,
                 absolutized: r.absolutized,
                 warnings: r.warnings.clone(),
-                added_ms: 0,
+                added_us: 0,
                 twiml: cut(&r.twiml, 4000),
             };
             (r.twiml, answered)
@@ -653,7 +689,7 @@ pub async fn answer(
                 transcriptions: Vec::new(),
                 absolutized: 0,
                 warnings: vec![(code, format!("{url}: {why}"))],
-                added_ms: 0,
+                added_us: 0,
                 twiml: APPLICATION_ERROR.to_owned(),
             };
             (APPLICATION_ERROR.to_owned(), answered)
@@ -661,18 +697,24 @@ pub async fn answer(
     };
     let mut answered = answered;
     let added = started.elapsed().saturating_sub(app_time);
-    answered.added_ms = added.as_millis().min(u128::from(u32::MAX)) as u32;
+    answered.added_us = added.as_micros().min(u128::from(u32::MAX)) as u32;
     events.push((EventId::derive(id_kind::GATEWAY_ANSWERED, &[call.as_u128()]), Event::GatewayAnswered(answered)));
     if let Err(r) = append_events(state, tenant, call, events).await {
         return r;
     }
-    metrics::histogram!("voxgate_gateway_added_seconds").record(started.elapsed().saturating_sub(app_time).as_secs_f64());
+    metrics::histogram!("voxgate_gateway_added_seconds")
+        .record(started.elapsed().saturating_sub(app_time).as_secs_f64());
     crate::ingress::twiml_response(twiml)
 }
 
 /// What the app asked for, its callback URL made absolute against the URL whose answer asked
 /// (Twilio resolves a relative `statusCallbackUrl` against the document's URL).
-fn transcription_started(sid: String, t: &TranscriptionRequest, base: Option<&str>, source: &str) -> TranscriptionStarted {
+fn transcription_started(
+    sid: String,
+    t: &TranscriptionRequest,
+    base: Option<&str>,
+    source: &str,
+) -> TranscriptionStarted {
     let callback = t.get("statusCallbackUrl").and_then(|u| match (reqwest::Url::parse(u), base) {
         (Ok(abs), _) => Some(abs.to_string()),
         (Err(_), Some(base)) => reqwest::Url::parse(base).and_then(|b| b.join(u)).ok().map(|u| u.to_string()),

@@ -187,11 +187,11 @@ fn describe(ev: &Event) -> String {
             x.cache.as_ref().map(|c| format!(", cache {c}")).unwrap_or_default()
         ),
         Event::GatewayAnswered(g) => format!(
-            "answered Twilio with the app's TwiML{}{}{} (+{} ms)",
+            "answered Twilio with the app's TwiML{}{}{} (+{:.1} ms)",
             g.fork.as_ref().map(|f| format!(", forking {f}")).unwrap_or_else(|| ", no fork".into()),
             if g.transcriptions.is_empty() { String::new() } else { format!(", {} transcription(s) run here", g.transcriptions.len()) },
             g.warnings.iter().map(|(c, w)| format!("; warning {c}: {w}")).collect::<String>(),
-            g.added_ms
+            f64::from(g.added_us) / 1000.0
         ),
         Event::TranscriptionStarted(t) => format!(
             "real-time transcription {} started ({}, {}, partial results {}) → {}",

@@ -32,6 +32,11 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
         )?
         .set_buckets_for_metric(
+            Matcher::Full("voxgate_app_webhook_seconds".into()),
+            &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0],
+        )?
+        .set_buckets_for_metric(Matcher::Full("voxgate_gateway_added_seconds".into()), &latency)?
+        .set_buckets_for_metric(
             Matcher::Full("voxgate_log_group_commit_size".into()),
             &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
         )?

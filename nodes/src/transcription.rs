@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use voxgate_protocol::event::{AppPurpose, HttpMethod, TranscriptionStarted, Track};
+use voxgate_protocol::event::{AppPurpose, HttpMethod, Track, TranscriptionStarted};
 use voxgate_protocol::{AccountSid, CallSid, Envelope, Event, EventId, Timestamp};
 use voxgate_storage::{topics, Log, StorageError};
 
@@ -121,7 +121,11 @@ impl Sessions {
                 p.push(("Track".into(), t.track.clone()));
                 p.push(("PartialResults".into(), t.partial_results.to_string()));
                 p.push(("LanguageCode".into(), t.language_code.clone()));
-                for (k, v) in [("Name", &t.name), ("InboundTrackLabel", &t.inbound_track_label), ("OutboundTrackLabel", &t.outbound_track_label)] {
+                for (k, v) in [
+                    ("Name", &t.name),
+                    ("InboundTrackLabel", &t.inbound_track_label),
+                    ("OutboundTrackLabel", &t.outbound_track_label),
+                ] {
                     if let Some(v) = v {
                         p.push((k.into(), v.clone()));
                     }
@@ -172,7 +176,8 @@ impl Sessions {
                     let mut p = common(s, env.occurred_at, "transcription-content");
                     p.push(("LanguageCode".into(), s.start.language_code.clone()));
                     p.push(("Track".into(), track_name(t.track).into()));
-                    let data = serde_json::json!({ "transcript": t.text.trim(), "confidence": confidence(t.avg_logprob) });
+                    let data =
+                        serde_json::json!({ "transcript": t.text.trim(), "confidence": confidence(t.avg_logprob) });
                     p.push(("TranscriptionData".into(), data.to_string()));
                     p.push(("Final".into(), "true".into()));
                     out.extend(deliver(s, p));
@@ -233,7 +238,10 @@ impl Sessions {
 
     fn forget_finished(&mut self, call: CallSid) {
         let Some(c) = self.calls.get(&call) else { return };
-        if c.ended && c.sessions.iter().all(|s| self.sessions.get(s).is_none_or(|s| s.stopped)) && !c.sessions.is_empty() {
+        if c.ended
+            && c.sessions.iter().all(|s| self.sessions.get(s).is_none_or(|s| s.stopped))
+            && !c.sessions.is_empty()
+        {
             // Keep the sessions a while (their delivered set matters while callbacks are sent);
             // the call's own state goes.
             for sid in &c.sessions {
@@ -439,11 +447,19 @@ impl Senders {
                     crate::gateway::id_kind::APP_EXCHANGE,
                     &[d.call.as_u128(), 2, hash(&reference), u128::from(x.attempt)],
                 );
-                voxgate_protocol::encode(&Envelope { event_id: id, tenant: d.tenant, call: Some(d.call), occurred_at: now, payload: Event::AppExchange(x) })
+                voxgate_protocol::encode(&Envelope {
+                    event_id: id,
+                    tenant: d.tenant,
+                    call: Some(d.call),
+                    occurred_at: now,
+                    payload: Event::AppExchange(x),
+                })
             })
             .collect();
         let key = d.call.partition_key();
-        if let Err(e) = self.deps.log.append_many_or_spool(topics::CALLS, encoded.iter().map(|b| (key, b.as_slice()))).await {
+        if let Err(e) =
+            self.deps.log.append_many_or_spool(topics::CALLS, encoded.iter().map(|b| (key, b.as_slice()))).await
+        {
             tracing::warn!(stage = "transcription", call_sid = %d.call, error = %e, "transcription callback attempts not recorded");
         }
     }
@@ -473,7 +489,13 @@ mod tests {
     const C: CallSid = CallSid::from_u128(0xc);
 
     fn env(t: i64, payload: Event) -> Envelope {
-        Envelope { event_id: EventId(t as u128), tenant: A, call: Some(C), occurred_at: Timestamp(t * 1_000_000), payload }
+        Envelope {
+            event_id: EventId(t as u128),
+            tenant: A,
+            call: Some(C),
+            occurred_at: Timestamp(t * 1_000_000),
+            payload,
+        }
     }
 
     fn started(track: &str) -> Event {
@@ -523,7 +545,7 @@ mod tests {
             transcriptions: vec!["GT1".into()],
             absolutized: 0,
             warnings: vec![],
-            added_ms: 1,
+            added_us: 1,
             twiml: String::new(),
         })
     }
@@ -537,12 +559,15 @@ mod tests {
         out.extend(s.apply(&env(2, transcript(Track::Inbound, "hello"))));
         out.extend(s.apply(&env(3, transcript(Track::Outbound, "hi there"))));
         // The call ends; the agent's last words are still being transcribed.
-        out.extend(s.apply(&env(4, Event::CallStatusChanged(CallStatusChanged {
-            status: CallStatus::Completed,
-            source: StatusSource::Callback,
-            sequence: None,
-            duration_secs: None,
-        }))));
+        out.extend(s.apply(&env(
+            4,
+            Event::CallStatusChanged(CallStatusChanged {
+                status: CallStatus::Completed,
+                source: StatusSource::Callback,
+                sequence: None,
+                duration_secs: None,
+            }),
+        )));
         let ended = |t| Event::SpeechEnded(SpeechEnded { stream_sid: StreamSid::from_u128(1), track: t, segments: 1 });
         out.extend(s.apply(&env(5, ended(Track::Inbound))));
         assert_eq!(out.len(), 3, "not stopped before the outbound track's end");
@@ -551,7 +576,13 @@ mod tests {
         let events: Vec<&str> = out.iter().map(event_of).collect();
         assert_eq!(
             events,
-            ["transcription-started", "transcription-content", "transcription-content", "transcription-content", "transcription-stopped"]
+            [
+                "transcription-started",
+                "transcription-content",
+                "transcription-content",
+                "transcription-content",
+                "transcription-stopped"
+            ]
         );
         let seqs: Vec<u32> = out.iter().map(|d| d.seq).collect();
         assert_eq!(seqs, [1, 2, 3, 4, 5]);
@@ -575,25 +606,31 @@ mod tests {
         // A restart: the started callback was delivered already.
         let mut again = Sessions::default();
         let mut owed = again.apply(&env(1, started("inbound_track")));
-        owed.extend(again.apply(&env(1, Event::AppExchange(AppExchange {
-            purpose: AppPurpose::Transcription,
-            method: HttpMethod::Post,
-            url: "https://app.example.com/rt".into(),
-            attempt: 1,
-            status: Some(200),
-            latency_ms: 3,
-            error_code: None,
-            error: None,
-            cache: None,
-            answer: None,
-            twilio_signature_valid: true,
-            signed_for_app: true,
-            reference: Some("GT1#1".into()),
-        }))));
+        owed.extend(again.apply(&env(
+            1,
+            Event::AppExchange(AppExchange {
+                purpose: AppPurpose::Transcription,
+                method: HttpMethod::Post,
+                url: "https://app.example.com/rt".into(),
+                attempt: 1,
+                status: Some(200),
+                latency_ms: 3,
+                error_code: None,
+                error: None,
+                cache: None,
+                answer: None,
+                twilio_signature_valid: true,
+                signed_for_app: true,
+                reference: Some("GT1#1".into()),
+            }),
+        )));
         owed.retain(|d| !again.sessions.get(&d.session).is_some_and(|x| x.delivered.contains(&d.seq)));
         assert!(owed.is_empty(), "{owed:?}");
         // Stopped by its name.
-        let out = s.apply(&env(3, Event::TranscriptionStopped(TranscriptionStopped { sid: "live".into(), reason: "twiml".into() })));
+        let out = s.apply(&env(
+            3,
+            Event::TranscriptionStopped(TranscriptionStopped { sid: "live".into(), reason: "twiml".into() }),
+        ));
         assert_eq!(out.iter().map(event_of).collect::<Vec<_>>(), ["transcription-stopped"]);
         assert!(s.apply(&env(4, transcript(Track::Inbound, "late"))).is_empty());
     }

@@ -875,8 +875,9 @@ pub struct GatewayAnswered {
     pub absolutized: u32,
     /// What Twilio would warn about: (code, what).
     pub warnings: Vec<(u32, String)>,
-    /// voxgate's time on top of the app's, ms (the passthrough's cost).
-    pub added_ms: u32,
+    /// voxgate's time on top of the app's until the answer is ready, µs (the passthrough's
+    /// cost, without the durable append of these events).
+    pub added_us: u32,
     /// The TwiML Twilio got, cut to 4,000 characters.
     pub twiml: String,
 }

@@ -72,6 +72,24 @@ pub struct CustomerApp {
 }
 
 /// The IVR's first answer: welcome, a menu, and real-time transcription of both parties.
+/// The conversation of a call to the IVR, synthesized: the caller (espeak-ng) asks about an
+/// order and thanks the agent; the agent (flite) answers in between.
+pub fn conversation(work: &std::path::Path) -> anyhow::Result<(crate::speech::Script, crate::speech::Script)> {
+    use crate::speech::{script, Voice};
+    let caller = script(
+        &[
+            ("Hello, I would like to check the status of my order.", Voice::Espeak("en-us".into())),
+            ("Thank you very much.", Voice::Espeak("en-us".into())),
+        ],
+        400,
+        4500,
+        work,
+    )?;
+    let agent =
+        script(&[("Certainly. Your order was shipped yesterday.", Voice::Flite("slt".into()))], 3400, 2500, work)?;
+    Ok((caller, agent))
+}
+
 pub fn ivr_twiml() -> String {
     r#"<?xml version="1.0" encoding="UTF-8"?>
 <Response>

@@ -35,23 +35,7 @@ async fn a_twilio_app_keeps_its_flow_and_hears_both_sides() {
     let mut node = Node::start(&gateway_config(&app, false, "")).unwrap();
     let s = sim(&node);
     let work = tempfile::tempdir().unwrap();
-    let caller = script(
-        &[
-            ("Hello, I would like to check the status of my order.", Voice::Espeak("en-us".into())),
-            ("Thank you very much.", Voice::Espeak("en-us".into())),
-        ],
-        400,
-        4500,
-        work.path(),
-    )
-    .unwrap();
-    let agent = script(
-        &[("Certainly. Your order was shipped yesterday.", Voice::Flite("slt".into()))],
-        3400,
-        2500,
-        work.path(),
-    )
-    .unwrap();
+    let (caller, agent) = voxgate_scenarios::app::conversation(work.path()).unwrap();
 
     let mut ids = Vec::new();
     for n in 0..calls {
@@ -63,7 +47,11 @@ async fn a_twilio_app_keeps_its_flow_and_hears_both_sides() {
         let fork = a.body.find("<Start><Stream").expect("fork");
         assert!(fork < a.body.find("<Say").unwrap(), "{}", a.body);
         assert!(a.body.contains("track=\"both_tracks\""), "{}", a.body);
-        assert!(a.body.contains(&format!("action=\"{}/ivr/menu\"", app.url)), "relative URLs point at the app: {}", a.body);
+        assert!(
+            a.body.contains(&format!("action=\"{}/ivr/menu\"", app.url)),
+            "relative URLs point at the app: {}",
+            a.body
+        );
         assert!(a.body.contains("<Dial") && !a.body.contains("Transcription"), "{}", a.body);
         // Twilio opens the fork: both parties' audio.
         let url = extract_attr(&a.body, "<Stream ", "url").unwrap();
@@ -80,7 +68,9 @@ async fn a_twilio_app_keeps_its_flow_and_hears_both_sides() {
     // Every session ends with transcription-stopped once the last transcript is in.
     let hits = app
         .wait_until(Duration::from_secs(180), |h| {
-            h.iter().filter(|x| x.path == "/realtime" && x.param("TranscriptionEvent") == Some("transcription-stopped")).count()
+            h.iter()
+                .filter(|x| x.path == "/realtime" && x.param("TranscriptionEvent") == Some("transcription-stopped"))
+                .count()
                 == calls as usize
         })
         .await;
@@ -109,14 +99,19 @@ async fn a_twilio_app_keeps_its_flow_and_hears_both_sides() {
         let (c, a) = (said("inbound_track"), said("outbound_track"));
         assert!(c.contains("order") && c.contains("thank"), "caller: {c}");
         assert!(a.contains("shipped"), "agent: {a}");
-        assert!(rt.iter().filter(|h| h.param("TranscriptionEvent") == Some("transcription-content")).all(|h| h.param("Final") == Some("true")));
+        assert!(rt
+            .iter()
+            .filter(|h| h.param("TranscriptionEvent") == Some("transcription-content"))
+            .all(|h| h.param("Final") == Some("true")));
     }
     node.wait_idle(Duration::from_secs(60)).await.unwrap();
     assert!(node.stop().unwrap().success());
     // The exchange is on the call's record.
     let events = replay_json(&node, ids[0]);
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    for k in ["call_received", "app_exchange", "gateway_answered", "transcription_started", "stream_started", "transcript"] {
+    for k in
+        ["call_received", "app_exchange", "gateway_answered", "transcription_started", "stream_started", "transcript"]
+    {
         assert!(kinds.contains(&k), "{k} missing: {kinds:?}");
     }
     let voice = events.iter().find(|e| e["kind"] == "app_exchange" && e["purpose"] == "voice").unwrap();
@@ -162,7 +157,11 @@ async fn a_misbehaving_app_is_handled_as_twilio_would() {
     assert!(a.body.contains("<Sayy>"), "{}", a.body);
     app.set(Behaviour::OwnStreams);
     let a = ring(6).await;
-    assert!(a.body.contains("track=\"inbound_track\"") && a.body.contains("wss://recorder.example.com/a"), "{}", a.body);
+    assert!(
+        a.body.contains("track=\"inbound_track\"") && a.body.contains("wss://recorder.example.com/a"),
+        "{}",
+        a.body
+    );
     app.set(Behaviour::VoiceBot);
     let a = ring(7).await;
     assert!(a.body.contains("<Start><Stream") && a.body.contains("<Connect><Stream"), "{}", a.body);
@@ -226,10 +225,24 @@ async fn the_official_twilio_client_routes_a_number_and_transcribes_a_running_ca
     let s = sim(&node);
     // twilio-python sets the number's routing fields; the gateway routes by them.
     let number = "+14155550180";
-    let (voice, status, fallback) = (format!("{}/voice", app.url), format!("{}/status", app.url), format!("{}/ivr/voice", app.url));
-    let n = voxgate_scenarios::fixture::twilio_client(&node, ACCOUNT, TOKEN, &["number", number, &voice, &status, &fallback]);
-    assert_eq!((n["voice_url"].as_str(), n["status_callback"].as_str()), (Some(voice.as_str()), Some(status.as_str())), "{n}");
-    assert_eq!((n["voice_fallback_url"].as_str(), n["voice_method"].as_str()), (Some(fallback.as_str()), Some("POST")), "{n}");
+    let (voice, status, fallback) =
+        (format!("{}/voice", app.url), format!("{}/status", app.url), format!("{}/ivr/voice", app.url));
+    let n = voxgate_scenarios::fixture::twilio_client(
+        &node,
+        ACCOUNT,
+        TOKEN,
+        &["number", number, &voice, &status, &fallback],
+    );
+    assert_eq!(
+        (n["voice_url"].as_str(), n["status_callback"].as_str()),
+        (Some(voice.as_str()), Some(status.as_str())),
+        "{n}"
+    );
+    assert_eq!(
+        (n["voice_fallback_url"].as_str(), n["voice_method"].as_str()),
+        (Some(fallback.as_str()), Some("POST")),
+        "{n}"
+    );
     let call = CallSid::from_u128(0x7e57_0001);
     let a = s.inbound_call(call, "+14155550199", number).await.unwrap();
     assert!(a.body.contains("<Start><Stream") && a.body.contains("<Dial"), "{}", a.body);
@@ -246,9 +259,13 @@ async fn the_official_twilio_client_routes_a_number_and_transcribes_a_running_ca
     let gt = t["sid"].as_str().unwrap().to_owned();
     assert!(gt.starts_with("GT") && gt.len() == 34, "{t}");
     let work = tempfile::tempdir().unwrap();
-    let caller =
-        script(&[("Hello, I would like to check the status of my order.", Voice::Espeak("en-us".into()))], 400, 1500, work.path())
-            .unwrap();
+    let caller = script(
+        &[("Hello, I would like to check the status of my order.", Voice::Espeak("en-us".into()))],
+        400,
+        1500,
+        work.path(),
+    )
+    .unwrap();
     let mut stream = s.connect_stream(&extract_attr(&a.body, "<Stream ", "url").unwrap()).await.unwrap();
     let sid = StreamSid::from_u128(0x7e57_5a5a);
     stream.start_both(sid, s.account(), call).await.unwrap();
@@ -257,10 +274,14 @@ async fn the_official_twilio_client_routes_a_number_and_transcribes_a_running_ca
         h.iter().filter(|x| x.path == "/rest-realtime" && x.param("TranscriptionEvent") == Some(event)).count()
     };
     let hits = app.wait_until(Duration::from_secs(120), |h| rest(h, "transcription-content") >= 1).await;
-    let content: Vec<_> = hits.iter().filter(|x| x.path == "/rest-realtime" && x.param("TranscriptionEvent") == Some("transcription-content")).collect();
+    let content: Vec<_> = hits
+        .iter()
+        .filter(|x| x.path == "/rest-realtime" && x.param("TranscriptionEvent") == Some("transcription-content"))
+        .collect();
     assert!(!content.is_empty(), "no transcript reached the REST session");
     assert!(content.iter().all(|h| h.param("TranscriptionSid") == Some(gt.as_str()) && h.signature_valid));
-    let stopped = voxgate_scenarios::fixture::twilio_client(&node, ACCOUNT, TOKEN, &["stop", &call.to_string(), "by-rest"]);
+    let stopped =
+        voxgate_scenarios::fixture::twilio_client(&node, ACCOUNT, TOKEN, &["stop", &call.to_string(), "by-rest"]);
     assert_eq!(stopped["status"], "stopped", "{stopped}");
     let hits = app.wait_until(Duration::from_secs(30), |h| rest(h, "transcription-stopped") == 1).await;
     let events: Vec<&str> =
@@ -268,7 +289,9 @@ async fn the_official_twilio_client_routes_a_number_and_transcribes_a_running_ca
     assert_eq!(events.first(), Some(&"transcription-started"), "{events:?}");
     assert_eq!(events.last(), Some(&"transcription-stopped"), "{events:?}");
     // The app's own <Transcription> (from its TwiML) runs on, untouched by the REST stop.
-    assert!(!hits.iter().any(|x| x.path == "/realtime" && x.param("TranscriptionEvent") == Some("transcription-stopped")));
+    assert!(!hits
+        .iter()
+        .any(|x| x.path == "/realtime" && x.param("TranscriptionEvent") == Some("transcription-stopped")));
 
     stream.stop(sid, s.account(), call).await.unwrap();
     stream.closed(Duration::from_secs(10)).await;

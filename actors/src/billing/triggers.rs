@@ -173,33 +173,8 @@ impl Recurring {
     }
 }
 
-/// How the callback is requested.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum CallbackMethod {
-    Get,
-    Post,
-}
-
-impl CallbackMethod {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Get => "GET",
-            Self::Post => "POST",
-        }
-    }
-
-    /// `GET` or `POST`, any case.
-    pub fn parse(s: &str) -> Option<Self> {
-        if s.eq_ignore_ascii_case("GET") {
-            Some(Self::Get)
-        } else if s.eq_ignore_ascii_case("POST") {
-            Some(Self::Post)
-        } else {
-            None
-        }
-    }
-}
+/// How the callback is requested: `GET` or `POST`, as for any URL Twilio calls.
+pub use voxgate_protocol::event::HttpMethod as CallbackMethod;
 
 /// A trigger to create (the REST `POST …/Usage/Triggers.json`, parsed). The sid comes from the
 /// caller (derived from the creating event) so a replay creates the same trigger.

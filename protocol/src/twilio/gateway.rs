@@ -97,12 +97,66 @@ enum Node {
 
 /// TwiML's verbs and nouns (anything else is an unknown verb, Twilio's warning 12200).
 const KNOWN: &[&str] = &[
-    "Response", "Say", "Play", "Gather", "Dial", "Record", "Redirect", "Reject", "Hangup", "Pause", "Enqueue",
-    "Leave", "Connect", "Start", "Stop", "Pay", "Prompt", "Refer", "Sms", "Message", "Echo", "Queue", "Number",
-    "Client", "Conference", "Sip", "Sim", "Stream", "Siprec", "Transcription", "Parameter", "Config",
-    "VirtualAgent", "Autopilot", "Room", "Application", "Identity", "ConversationRelay", "Language", "Assistant",
-    "AiSession", "Lang", "Prosody", "Break", "Emphasis", "P", "S", "Phoneme", "Sub", "W", "Amazon-effect",
-    "Amazon-domain", "Say-as", "Voice", "ReferSip", "Task", "Body", "Media", "ApplicationSid", "Conversation",
+    "Response",
+    "Say",
+    "Play",
+    "Gather",
+    "Dial",
+    "Record",
+    "Redirect",
+    "Reject",
+    "Hangup",
+    "Pause",
+    "Enqueue",
+    "Leave",
+    "Connect",
+    "Start",
+    "Stop",
+    "Pay",
+    "Prompt",
+    "Refer",
+    "Sms",
+    "Message",
+    "Echo",
+    "Queue",
+    "Number",
+    "Client",
+    "Conference",
+    "Sip",
+    "Sim",
+    "Stream",
+    "Siprec",
+    "Transcription",
+    "Parameter",
+    "Config",
+    "VirtualAgent",
+    "Autopilot",
+    "Room",
+    "Application",
+    "Identity",
+    "ConversationRelay",
+    "Language",
+    "Assistant",
+    "AiSession",
+    "Lang",
+    "Prosody",
+    "Break",
+    "Emphasis",
+    "P",
+    "S",
+    "Phoneme",
+    "Sub",
+    "W",
+    "Amazon-effect",
+    "Amazon-domain",
+    "Say-as",
+    "Voice",
+    "ReferSip",
+    "Task",
+    "Body",
+    "Media",
+    "ApplicationSid",
+    "Conversation",
 ];
 
 /// Attributes that hold a URL Twilio requests (resolved against the document's URL).
@@ -157,7 +211,10 @@ pub fn rewrite(xml: &str, fork: &Fork<'_>) -> Result<Rewritten, TwimlError> {
     match out.fork {
         None => out.warnings.push((
             31941,
-            format!("the app streams {} tracks itself (Twilio allows {MAX_TRACKS}): voxgate cannot fork the call", out.app_tracks),
+            format!(
+                "the app streams {} tracks itself (Twilio allows {MAX_TRACKS}): voxgate cannot fork the call",
+                out.app_tracks
+            ),
         )),
         Some("inbound_track") => out.warnings.push((
             31941,
@@ -167,11 +224,8 @@ pub fn rewrite(xml: &str, fork: &Fork<'_>) -> Result<Rewritten, TwimlError> {
     }
     let mut kept = Vec::with_capacity(children.len() + 1);
     if let Some(track) = out.fork {
-        let mut params: Vec<Node> = fork
-            .parameters
-            .iter()
-            .map(|(n, v)| element("Parameter", &[("name", n), ("value", v)], vec![]))
-            .collect();
+        let mut params: Vec<Node> =
+            fork.parameters.iter().map(|(n, v)| element("Parameter", &[("name", n), ("value", v)], vec![])).collect();
         params.shrink_to_fit();
         let stream = element("Stream", &[("url", fork.stream_url), ("track", track)], params);
         kept.push(element("Start", &[], vec![stream]));
@@ -256,8 +310,7 @@ fn absolutize(node: &mut Node, base: &str, count: &mut u32, warnings: &mut Vec<(
 /// empty, or not a URL at all).
 pub fn resolve(base: &str, value: &str) -> Option<String> {
     let v = value.trim();
-    if v.is_empty() || v.contains("://") || v.starts_with("data:") || v.starts_with("tel:") || v.starts_with("sip:")
-    {
+    if v.is_empty() || v.contains("://") || v.starts_with("data:") || v.starts_with("tel:") || v.starts_with("sip:") {
         return None;
     }
     let base = url::Url::parse(base).ok()?;
