@@ -92,7 +92,14 @@ fn describe(ev: &Event) -> String {
         Event::CallTimedOut(t) => format!("maximum duration {} s reached", t.max_duration_secs),
         Event::Transcript(t) => match &t.rejected {
             Some(r) => format!("{} segment #{} rejected ({r})", t.track.party(), t.segment_index),
-            None => format!("{}: {:?} (segment #{}, {} ms)", t.track.party(), t.text, t.segment_index, t.processing_ms),
+            None => format!(
+                "{}: {:?} (segment #{}, {} ms{})",
+                t.track.party(),
+                t.text,
+                t.segment_index,
+                t.processing_ms,
+                t.doubt.as_ref().map(|d| format!(", doubtful: {d}")).unwrap_or_default()
+            ),
         },
         Event::SpeechSegment(s) => format!(
             "{} #{} {:.2}–{:.2} s ({:.2} s of speech)",

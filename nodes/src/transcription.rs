@@ -527,6 +527,7 @@ mod tests {
             no_speech_prob: 0.0,
             rejected: None,
             track,
+            doubt: None,
         })
     }
 

@@ -153,6 +153,7 @@ mod tests {
             no_speech_prob: 0.1,
             rejected: None,
             track: Track::Outbound,
+            doubt: Some("low_logprob".into()),
         });
         assert_eq!(t.payload_json()["text"], "hi");
         assert_eq!(t.payload_json()["track"], "outbound");

@@ -191,6 +191,7 @@ impl From<TranscriptV1> for e::Transcript {
             no_speech_prob: v.no_speech_prob,
             rejected: v.rejected,
             track: Track::Inbound,
+            doubt: None,
         }
     }
 }

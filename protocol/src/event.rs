@@ -681,10 +681,14 @@ pub struct Transcript {
     pub processing_ms: u32,
     pub avg_logprob: f32,
     pub no_speech_prob: f32,
-    /// Why the text was discarded: `no_speech`, `repetition`, `compression_ratio`, `low_logprob`.
+    /// Why the text was discarded: `no_speech` (silence or noise; older logs also
+    /// `repetition`, `compression_ratio`, `low_logprob`, now kept with a `doubt`).
     pub rejected: Option<String>,
     /// The track the speech was on (`inbound`: the caller; `outbound`: the agent or the app).
     pub track: Track,
+    /// Kept though no decoding attempt passed the checks (after the temperature fallback):
+    /// `repetition`, `compression_ratio` or `low_logprob`.
+    pub doubt: Option<String>,
 }
 
 /// A tenant's lifecycle state, as Twilio names it.

@@ -866,6 +866,7 @@ mod tests {
             no_speech_prob: 0.01,
             rejected: rejected.then(|| "no_speech".into()),
             track: voxgate_protocol::event::Track::Inbound,
+            doubt: None,
         };
         env(tenant, Some(call), t, call << 16 | u128::from(segment) | 1 << 100, Event::Transcript(p))
     }

@@ -691,6 +691,7 @@ mod tests {
                 no_speech_prob: 0.0,
                 rejected: None,
                 track: voxgate_protocol::event::Track::Inbound,
+                doubt: None,
             }),
         )
     }

@@ -15,11 +15,15 @@
 //!    every step, `suppress_ids_begin` — blank and end-of-text — at the first step, and every
 //!    special or timestamp token, i.e. every id after end-of-text), stopping at end-of-text, at a
 //!    token loop, or at a token budget proportional to the audio length;
-//! 5. the result is rejected (empty text, reason in [`Transcription::rejected`]) on a loop, on
-//!    Whisper's no-speech rule or a stricter one (no-speech probability above 0.7 alone), on a
-//!    text without a letter or digit, on a zlib compression ratio above 2.4, or on an average
-//!    log-probability below −1. Greedy decoding has no temperature fallback here: what Whisper
-//!    would re-sample is dropped instead, so silence and noise give no text.
+//! 5. silence is dropped (empty text, [`Transcription::rejected`] = `no_speech`) on Whisper's
+//!    no-speech rule or a stricter one (no-speech probability above 0.7 alone), or on a text
+//!    without a letter or digit: silence and noise give no text;
+//! 6. speech is never dropped: a piece that loops, runs past its token budget, compresses
+//!    (zlib) by more than 2.4 or averages a log-probability below −1 is decoded again with
+//!    Whisper's temperature fallback (sampling at 0.2, 0.4, … 1.0, from a generator seeded by
+//!    the audio itself, so a replay samples the same); the first attempt that passes is kept,
+//!    else the best one (highest average log-probability), with a loop cut to one copy and the
+//!    doubt named in [`Transcription::doubt`].
 //!
 //! [`Transcriber::load`] quantizes the decoder's weights to 8 bits
 //! ([`DEFAULT_DECODER_QUANTIZATION`]); the encoder stays `f32`.
@@ -153,6 +157,10 @@ pub struct DecodeOptions {
     pub encoder_pad_frames: usize,
     /// Most pieces encoded and decoded together.
     pub max_batch: usize,
+    /// Whisper's temperature fallback: a piece that fails the checks (loop, budget, compression
+    /// ratio, log-probability) is decoded again at each of these in turn (sampling); empty
+    /// disables it.
+    pub fallback_temperatures: Vec<f32>,
 }
 
 impl Default for DecodeOptions {
@@ -173,6 +181,7 @@ impl Default for DecodeOptions {
             min_encoder_frames: 1000,
             encoder_pad_frames: 100,
             max_batch: 4,
+            fallback_temperatures: vec![0.2, 0.4, 0.6, 0.8, 1.0],
         }
     }
 }
@@ -209,9 +218,11 @@ pub struct Transcription {
     pub no_speech_prob: f32,
     /// zlib compression ratio of the decoded text (bytes / compressed bytes).
     pub compression_ratio: f32,
-    /// Why the text was dropped: `"no_speech"`, `"repetition"`, `"compression_ratio"` or
-    /// `"low_logprob"`; `None` when kept.
+    /// Why the text was dropped: `"no_speech"` (silence or noise); `None` when kept.
     pub rejected: Option<&'static str>,
+    /// Kept, but no attempt passed the checks: `"repetition"`, `"compression_ratio"` or
+    /// `"low_logprob"` (the best attempt's reason).
+    pub doubt: Option<&'static str>,
 }
 
 /// Why greedy decoding of a piece stopped.
@@ -236,6 +247,25 @@ struct Piece {
     n_logprob: usize,
     no_speech_prob: f32,
     stop: Stop,
+}
+
+/// A piece's verdict under the checks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Pass,
+    /// Silence or noise: no text.
+    NoSpeech,
+    /// Speech the checks doubt: decoded again at a higher temperature, or kept flagged.
+    Doubt(&'static str),
+}
+
+/// A decoded piece with its text and numbers.
+struct Judged {
+    piece: Piece,
+    text: String,
+    avg: f32,
+    ratio: f32,
+    verdict: Verdict,
 }
 
 /// Whisper's special token ids, from the tokenizer.
@@ -281,6 +311,8 @@ pub struct Timings {
     pub tokens: usize,
     /// Pieces (≤ 30 s) decoded.
     pub pieces: usize,
+    /// Pieces decoded again by the temperature fallback (one per retry).
+    pub fallbacks: usize,
 }
 
 impl std::fmt::Debug for Transcriber {
@@ -436,25 +468,61 @@ impl Transcriber {
                     (*c, r.start, a)
                 })
                 .collect();
-            pieces.extend(self.decode_pieces(&audio)?);
+            pieces.extend(self.decode_pieces(&audio, 0.0)?);
         }
-        let mut per_clip: Vec<Vec<Piece>> = vec![Vec::new(); clips.len()];
-        for p in pieces {
-            if let Some(v) = per_clip.get_mut(p.clip) {
-                v.push(p);
+        let mut judged = pieces.into_iter().map(|p| self.judge(p)).collect::<Result<Vec<_>, _>>()?;
+        // Whisper's temperature fallback for the pieces the checks doubt; the first attempt that
+        // passes wins, else the best so far stays.
+        let temperatures = self.options.fallback_temperatures.clone();
+        for t in temperatures {
+            let retry: Vec<usize> =
+                (0..judged.len()).filter(|&i| matches!(judged[i].verdict, Verdict::Doubt(_))).collect();
+            if retry.is_empty() {
+                break;
+            }
+            for chunk in retry.chunks(self.options.max_batch.max(1)) {
+                let audio: Vec<(usize, usize, &[f32])> = chunk
+                    .iter()
+                    .map(|&i| {
+                        let p = &judged[i].piece;
+                        let a = clips.get(p.clip).and_then(|c| c.get(p.start..p.start + p.samples)).unwrap_or(&[]);
+                        (p.clip, p.start, a)
+                    })
+                    .collect();
+                let again = self.decode_pieces(&audio, t)?;
+                for (&i, p) in chunk.iter().zip(again) {
+                    let j = self.judge(p)?;
+                    let better = match j.verdict {
+                        Verdict::Pass => true,
+                        Verdict::Doubt(_) => j.avg > judged[i].avg,
+                        // A re-sample that reads as silence does not make speech silent.
+                        Verdict::NoSpeech => false,
+                    };
+                    if better {
+                        judged[i] = j;
+                    }
+                }
+            }
+            self.timings.fallbacks += retry.len();
+        }
+        let mut per_clip: Vec<Vec<Judged>> = (0..clips.len()).map(|_| Vec::new()).collect();
+        for j in judged {
+            if let Some(v) = per_clip.get_mut(j.piece.clip) {
+                v.push(j);
             }
         }
         let mut out = Vec::with_capacity(clips.len());
         for mut ps in per_clip {
             // Restore time order (spans were sorted by length).
-            ps.sort_by_key(|p| p.start);
-            out.push(self.finish(ps)?);
+            ps.sort_by_key(|j| j.piece.start);
+            out.push(finish(ps));
         }
         Ok(out)
     }
 
-    /// Encodes and greedily decodes a batch of ≤ 30 s pieces `(clip index, start, audio)`.
-    fn decode_pieces(&mut self, audio: &[(usize, usize, &[f32])]) -> Result<Vec<Piece>, DecodeError> {
+    /// Encodes and decodes a batch of ≤ 30 s pieces `(clip index, start, audio)`: greedily at
+    /// temperature 0, else sampling at `temperature` from a generator seeded by each piece's audio.
+    fn decode_pieces(&mut self, audio: &[(usize, usize, &[f32])], temperature: f32) -> Result<Vec<Piece>, DecodeError> {
         let b = audio.len();
         if b == 0 {
             return Ok(Vec::new());
@@ -491,10 +559,19 @@ impl Transcriber {
         let mut eot_lp: Vec<Option<f32>> = vec![None; b];
         let mut stop = vec![Stop::Budget; b];
         let mut active: Vec<usize> = (0..b).collect();
+        let mut rngs: Vec<SplitMix64> = if temperature > 0.0 {
+            audio.iter().map(|(_, _, a)| SplitMix64::seeded(a, temperature)).collect()
+        } else {
+            Vec::new()
+        };
         let mut step = 0usize;
         loop {
             let bias = if step == 0 && self.options.suppress_blank { &self.suppress_begin } else { &self.suppress };
-            let picks = greedy_pick(&logits, bias)?;
+            let picks = if temperature > 0.0 {
+                sample_pick(&logits, bias, temperature, &mut rngs, &active)?
+            } else {
+                greedy_pick(&logits, bias)?
+            };
             let mut keep = Vec::with_capacity(active.len());
             let mut next = Vec::with_capacity(active.len());
             for (i, (&(tok, lp), &p)) in picks.iter().zip(&active).enumerate() {
@@ -511,7 +588,11 @@ impl Transcriber {
                     stop[p] = Stop::Restart;
                     continue;
                 }
-                if is_loop(&tokens[p], &self.options) {
+                if let Some((n, span)) = loop_at(&tokens[p], &self.options) {
+                    // Keep one copy of the repeated n-gram.
+                    let keep_len = tokens[p].len() - span + n;
+                    tokens[p].truncate(keep_len);
+                    lps[p].truncate(keep_len);
                     stop[p] = Stop::Loop;
                     continue;
                 }
@@ -560,75 +641,145 @@ impl Transcriber {
             .collect())
     }
 
-    /// Applies the rejection rules to each piece of a clip and joins the kept ones.
-    fn finish(&self, pieces: Vec<Piece>) -> Result<Transcription, DecodeError> {
+    /// A piece's text and its verdict under the checks.
+    fn judge(&self, p: Piece) -> Result<Judged, DecodeError> {
         let o = &self.options;
-        let mut judged = Vec::with_capacity(pieces.len());
-        for p in pieces {
-            let text = self
-                .tokenizer
-                .decode(&p.tokens, true)
-                .map_err(|e| DecodeError::Detokenize(e.to_string()))?
-                .trim()
-                .to_owned();
-            let avg = p.sum_logprob / p.n_logprob.max(1) as f32;
-            let ratio = compression_ratio(&text);
-            let low_lp = o.logprob_threshold.is_some_and(|t| avg < t);
-            let rejected = if matches!(p.stop, Stop::Loop | Stop::Budget) {
-                Some("repetition")
-            } else if !text.chars().any(char::is_alphanumeric)
-                || o.no_speech_threshold.is_some_and(|t| p.no_speech_prob > t)
-                    && (o.logprob_threshold.is_none() || low_lp)
-                || o.no_speech_strict_threshold.is_some_and(|t| p.no_speech_prob > t)
-            {
-                Some("no_speech")
-            } else if o.compression_ratio_threshold.is_some_and(|t| ratio > t) {
-                Some("compression_ratio")
-            } else if low_lp {
-                Some("low_logprob")
-            } else {
-                None
-            };
-            judged.push((p, text, avg, ratio, rejected));
-        }
-        let kept: Vec<_> = judged.iter().filter(|j| j.4.is_none()).collect();
-        if kept.is_empty() {
-            // Report the longest piece's numbers and reason.
-            let longest = judged.iter().max_by_key(|j| j.0.samples);
-            return Ok(match longest {
-                Some((p, _, avg, ratio, why)) => Transcription {
-                    text: String::new(),
-                    tokens: Vec::new(),
-                    avg_logprob: *avg,
-                    no_speech_prob: p.no_speech_prob,
-                    compression_ratio: *ratio,
-                    rejected: *why,
-                },
-                None => Transcription {
-                    text: String::new(),
-                    tokens: Vec::new(),
-                    avg_logprob: 0.0,
-                    no_speech_prob: 1.0,
-                    compression_ratio: 0.0,
-                    rejected: Some("no_speech"),
-                },
-            });
-        }
-        let text = kept.iter().map(|j| j.1.as_str()).collect::<Vec<_>>().join(" ");
-        let tokens: Vec<u32> = kept.iter().flat_map(|j| j.0.tokens.iter().copied()).collect();
-        let lp: f32 = kept.iter().map(|j| j.0.sum_logprob).sum();
-        let n: usize = kept.iter().map(|j| j.0.n_logprob).sum();
-        let dur: usize = kept.iter().map(|j| j.0.samples).sum();
-        let ns: f32 = kept.iter().map(|j| j.0.no_speech_prob * j.0.samples as f32).sum();
-        Ok(Transcription {
-            compression_ratio: compression_ratio(&text),
-            text,
-            tokens,
-            avg_logprob: lp / n as f32,
-            no_speech_prob: ns / dur.max(1) as f32,
-            rejected: None,
-        })
+        let text = self
+            .tokenizer
+            .decode(&p.tokens, true)
+            .map_err(|e| DecodeError::Detokenize(e.to_string()))?
+            .trim()
+            .to_owned();
+        let avg = p.sum_logprob / p.n_logprob.max(1) as f32;
+        let ratio = compression_ratio(&text);
+        let low_lp = o.logprob_threshold.is_some_and(|t| avg < t);
+        let verdict = if !text.chars().any(char::is_alphanumeric)
+            || o.no_speech_threshold.is_some_and(|t| p.no_speech_prob > t) && (o.logprob_threshold.is_none() || low_lp)
+            || o.no_speech_strict_threshold.is_some_and(|t| p.no_speech_prob > t)
+        {
+            Verdict::NoSpeech
+        } else if matches!(p.stop, Stop::Loop | Stop::Budget) {
+            Verdict::Doubt("repetition")
+        } else if o.compression_ratio_threshold.is_some_and(|t| ratio > t) {
+            Verdict::Doubt("compression_ratio")
+        } else if low_lp {
+            Verdict::Doubt("low_logprob")
+        } else {
+            Verdict::Pass
+        };
+        Ok(Judged { piece: p, text, avg, ratio, verdict })
     }
+}
+
+/// Joins a clip's pieces that hold speech (in time order); silence only when none does.
+fn finish(pieces: Vec<Judged>) -> Transcription {
+    let kept: Vec<&Judged> = pieces.iter().filter(|j| j.verdict != Verdict::NoSpeech).collect();
+    if kept.is_empty() {
+        // Report the longest piece's numbers.
+        let longest = pieces.iter().max_by_key(|j| j.piece.samples);
+        return match longest {
+            Some(j) => Transcription {
+                text: String::new(),
+                tokens: Vec::new(),
+                avg_logprob: j.avg,
+                no_speech_prob: j.piece.no_speech_prob,
+                compression_ratio: j.ratio,
+                rejected: Some("no_speech"),
+                doubt: None,
+            },
+            None => Transcription {
+                text: String::new(),
+                tokens: Vec::new(),
+                avg_logprob: 0.0,
+                no_speech_prob: 1.0,
+                compression_ratio: 0.0,
+                rejected: Some("no_speech"),
+                doubt: None,
+            },
+        };
+    }
+    let text = kept.iter().map(|j| j.text.as_str()).collect::<Vec<_>>().join(" ");
+    let tokens: Vec<u32> = kept.iter().flat_map(|j| j.piece.tokens.iter().copied()).collect();
+    let lp: f32 = kept.iter().map(|j| j.piece.sum_logprob).sum();
+    let n: usize = kept.iter().map(|j| j.piece.n_logprob).sum();
+    let dur: usize = kept.iter().map(|j| j.piece.samples).sum();
+    let ns: f32 = kept.iter().map(|j| j.piece.no_speech_prob * j.piece.samples as f32).sum();
+    let doubt = kept.iter().find_map(|j| match j.verdict {
+        Verdict::Doubt(why) => Some(why),
+        _ => None,
+    });
+    Transcription {
+        compression_ratio: compression_ratio(&text),
+        text,
+        tokens,
+        avg_logprob: lp / n.max(1) as f32,
+        no_speech_prob: ns / dur.max(1) as f32,
+        rejected: None,
+        doubt,
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for the temperature fallback's sampling,
+/// seeded by the audio's samples and the temperature: the same clip samples the same tokens.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn seeded(audio: &[f32], temperature: f32) -> Self {
+        // FNV-1a over the samples' bits.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for x in audio.iter().chain(std::iter::once(&temperature)) {
+            for b in x.to_bits().to_le_bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        Self(h)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Sampling per row of `logits` `(batch, vocab)` after adding `bias`, at `temperature`; row `i`
+/// draws from `rngs[rows[i]]` (its piece's generator); each pick with its log-probability under `log_softmax(logits + bias)`
+/// (Whisper scores the sampled token without the temperature).
+fn sample_pick(
+    logits: &Tensor,
+    bias: &Tensor,
+    temperature: f32,
+    rngs: &mut [SplitMix64],
+    rows: &[usize],
+) -> candle_core::Result<Vec<(u32, f32)>> {
+    let masked = logits.broadcast_add(bias)?;
+    let logp = candle_nn::ops::log_softmax(&masked, D::Minus1)?.to_vec2::<f32>()?;
+    let mut out = Vec::with_capacity(logp.len());
+    for (row, &r) in logp.iter().zip(rows) {
+        let Some(rng) = rngs.get_mut(r) else { break };
+        let inv_t = 1.0 / f64::from(temperature.max(1e-3));
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = row.iter().map(|&l| (f64::from(l - max) * inv_t).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut u = rng.unit() * total;
+        let mut pick = weights.len().saturating_sub(1);
+        for (i, w) in weights.iter().enumerate() {
+            if u < *w {
+                pick = i;
+                break;
+            }
+            u -= w;
+        }
+        out.push((pick as u32, row.get(pick).copied().unwrap_or(f32::NEG_INFINITY)));
+    }
+    Ok(out)
 }
 
 /// Greedy choice per row of `logits` `(batch, vocab)` after adding `bias` `(vocab,)`: the
@@ -645,17 +796,18 @@ fn greedy_pick(logits: &Tensor, bias: &Tensor) -> candle_core::Result<Vec<(u32, 
 }
 
 /// Whether `tokens` ends with an n-gram (n ≤ `loop_max_ngram`) repeated back to back at least
-/// `max(loop_min_repeats, ceil(loop_min_span / n))` times.
-fn is_loop(tokens: &[u32], o: &DecodeOptions) -> bool {
-    (1..=o.loop_max_ngram).any(|n| {
+/// `max(loop_min_repeats, ceil(loop_min_span / n))` times: `Some((n, span))`, the n-gram's
+/// length and the tokens the repeats take.
+fn loop_at(tokens: &[u32], o: &DecodeOptions) -> Option<(usize, usize)> {
+    (1..=o.loop_max_ngram).find_map(|n| {
         let repeats = o.loop_min_repeats.max(o.loop_min_span.div_ceil(n)).max(2);
         let span = n * repeats;
         if tokens.len() < span {
-            return false;
+            return None;
         }
         let tail = &tokens[tokens.len() - span..];
         let gram = &tail[..n];
-        tail.chunks_exact(n).all(|c| c == gram)
+        tail.chunks_exact(n).all(|c| c == gram).then_some((n, span))
     })
 }
 
@@ -817,22 +969,22 @@ mod tests {
     #[test]
     fn loops_need_more_copies_of_shorter_ngrams() {
         let o = opts();
-        assert!(!is_loop(&[7; 19], &o));
-        assert!(is_loop(&[7; 20], &o));
+        assert!(loop_at(&[7; 19], &o).is_none());
+        assert!(loop_at(&[7; 20], &o).is_some());
         let two: Vec<u32> = [1, 2].repeat(9);
-        assert!(!is_loop(&two, &o));
-        assert!(is_loop(&[1, 2].repeat(10), &o));
+        assert!(loop_at(&two, &o).is_none());
+        assert!(loop_at(&[1, 2].repeat(10), &o).is_some());
         let five: Vec<u32> = [3, 1, 4, 1, 5].repeat(3);
-        assert!(!is_loop(&five, &o));
+        assert!(loop_at(&five, &o).is_none());
         let mut five4 = vec![9, 9];
         five4.extend([3, 1, 4, 1, 5].repeat(4));
-        assert!(is_loop(&five4, &o));
+        assert_eq!(loop_at(&five4, &o), Some((5, 20)), "the n-gram and the span its copies take");
         // "no no no no" and "thank you. thank you. thank you." are speech, not loops.
-        assert!(!is_loop(&[8, 8, 8, 8], &o));
-        assert!(!is_loop(&[5, 6, 7].repeat(3), &o));
-        assert!(!is_loop(&[], &o));
+        assert!(loop_at(&[8, 8, 8, 8], &o).is_none());
+        assert!(loop_at(&[5, 6, 7].repeat(3), &o).is_none());
+        assert!(loop_at(&[], &o).is_none());
         let off = DecodeOptions { loop_max_ngram: 0, ..opts() };
-        assert!(!is_loop(&[7; 100], &off));
+        assert!(loop_at(&[7; 100], &off).is_none());
     }
 
     #[test]
@@ -903,6 +1055,30 @@ mod tests {
         assert_eq!(picks[1].0, 0);
         let p = (5.0f32.exp() / (5.0f32.exp() + 2.0)).ln();
         assert!((picks[1].1 - p).abs() < 1e-6, "{picks:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn sampling_is_seeded_by_the_audio_and_never_picks_a_suppressed_token() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // Row 0: tokens 1 and 2 likely, 3 suppressed though its logit is the highest.
+        let logits = Tensor::new(&[[0.0f32, 2.0, 2.0, 9.0], [0.0, 0.0, 0.0, 0.0]], &dev)?;
+        let bias = Tensor::new(&[0.0f32, 0.0, 0.0, f32::NEG_INFINITY], &dev)?;
+        let audio = [0.1f32, -0.2, 0.3];
+        let draw = |audio: &[f32], t: f32| -> candle_core::Result<Vec<u32>> {
+            let mut rngs = vec![SplitMix64::seeded(audio, t), SplitMix64::seeded(&[0.5], t)];
+            (0..200).map(|_| Ok(sample_pick(&logits, &bias, t, &mut rngs, &[0, 1])?[0].0)).collect()
+        };
+        let a = draw(&audio, 1.0)?;
+        assert_eq!(a, draw(&audio, 1.0)?, "the same audio samples the same tokens");
+        assert_ne!(a, draw(&[0.1, -0.2, 0.31], 1.0)?, "other audio, other draws");
+        assert!(!a.contains(&3), "a suppressed token is never drawn");
+        assert!(a.contains(&0) && a.contains(&1) && a.contains(&2), "{a:?}");
+        // Near zero temperature it is the arg-max (token 1 or 2, tied), scored without it.
+        let cold = sample_pick(&logits, &bias, 1e-3, &mut [SplitMix64::seeded(&audio, 0.0)], &[0])?;
+        assert!(matches!(cold[0].0, 1 | 2), "{cold:?}");
+        let lp = (2.0f32.exp() / (1.0 + 2.0 * 2.0f32.exp())).ln();
+        assert!((cold[0].1 - lp).abs() < 1e-5, "{cold:?}");
         Ok(())
     }
 

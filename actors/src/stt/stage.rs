@@ -358,6 +358,9 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         };
         metrics::histogram!("twilio_stt_latency_seconds").record(f64::from(share) / 1000.0);
         metrics::histogram!("twilio_stt_transcript_length_chars").record(t.text.chars().count() as f64);
+        if let Some(why) = t.doubt {
+            metrics::counter!("voxgate_stt_doubtful_total", "reason" => why).increment(1);
+        }
         let ev = Transcript {
             stream_sid: seg.stream_sid,
             segment_index: seg.index,
@@ -372,6 +375,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             no_speech_prob: if t.no_speech_prob.is_finite() { t.no_speech_prob } else { 0.0 },
             rejected: t.rejected.map(str::to_owned),
             track: seg.track,
+            doubt: t.doubt.map(str::to_owned),
         };
         tracing::info!(call_sid = %call, tenant = %p.env.tenant, stage = "stt", segment = seg.index, text = %ev.text, rejected = ?ev.rejected, ms = share, "transcript");
         let env = Envelope {

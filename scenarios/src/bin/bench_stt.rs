@@ -5,20 +5,23 @@
 //! by voxgate's Transcriber one at a time and in batches of 4, and — in the same run, when
 //! `target/fw-venv` exists (see scenarios/fw/requirements.txt) — by faster-whisper on the same
 //! weights in float32, greedy and beam 5. Reported: audio seconds per second, per-clip median,
-//! WER, and the ratios.
+//! WER, and the ratios. voxgate runs three ways in the same run: greedy with the text the checks
+//! doubt dropped (the old policy), greedy with it kept, and the default (Whisper's temperature
+//! fallback, the best attempt kept); with how many clips came back empty or doubted.
 //!
 //! Part 2, end to end through a release `voxgate serve`: C concurrent calls speak at real time;
 //! for each transcript, the time from the end of the speech (known from the script) to the
 //! transcript being durable in the log. p50 and p95 at each concurrency.
 //!
-//! `cargo run --release -p voxgate-scenarios --bin bench_stt -- [SENTENCES] [CONCURRENCY,…]`
+//! `cargo run --release -p voxgate-scenarios --bin bench_stt -- [SENTENCES] [CONCURRENCY,…] [VOICES]`
+//! (VOICES e.g. `flite:slt,espeak:en-us,espeak:en-gb-x-rp,flite:awb`; the default is the first two).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use voxgate_actors::stt::decode::Transcriber;
+use voxgate_actors::stt::decode::{DecodeOptions, Transcriber};
 use voxgate_protocol::{CallSid, StreamSid};
 use voxgate_scenarios::bench::quantile;
 use voxgate_scenarios::corpus::{render_clips, score_fw_jsonl, SENTENCES};
@@ -34,7 +37,18 @@ fn main() -> anyhow::Result<()> {
     let levels: Vec<usize> =
         args.get(2).map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or_else(|| vec![1, 4, 8]);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let voices = [Voice::Flite("slt".into()), Voice::Espeak("en-us".into())];
+    let voices: Vec<Voice> = args
+        .get(3)
+        .map(|a| {
+            a.split(',')
+                .filter_map(|v| match v.split_once(':') {
+                    Some(("flite", n)) => Some(Voice::Flite(n.into())),
+                    Some(("espeak", n)) => Some(Voice::Espeak(n.into())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![Voice::Flite("slt".into()), Voice::Espeak("en-us".into())]);
     let sentences: Vec<&str> = SENTENCES.iter().copied().take(n_sentences).collect();
 
     // ---- Part 1: the model, side by side with faster-whisper.
@@ -47,16 +61,34 @@ fn main() -> anyhow::Result<()> {
     let pcm: Vec<Vec<f32>> = clips.iter().map(|c| c.pcm16k.iter().map(|&s| f32::from(s) / 32768.0).collect()).collect();
     t.transcribe(&pcm[0]).map_err(|e| anyhow::anyhow!("{e}"))?; // warm-up
 
-    let mut single = Vec::new();
-    let mut wer_single = WerByVoice::new();
-    let start = Instant::now();
-    for (c, p) in clips.iter().zip(&pcm) {
-        let s = Instant::now();
-        let r = t.transcribe(p).map_err(|e| anyhow::anyhow!("{e}"))?;
-        single.push(s.elapsed().as_secs_f64());
-        wer_single.score(&c.voice, &c.reference, &r.text);
+    // The old policy and greedy-kept first, then the default (whose figures the rest compare).
+    let defaults = t.options().clone();
+    let greedy = DecodeOptions { fallback_temperatures: Vec::new(), ..defaults.clone() };
+    let mut policies = Vec::new();
+    for (name, options, drop_doubted) in [
+        ("voxgate greedy, doubted text dropped", greedy.clone(), true),
+        ("voxgate greedy, doubted text kept", greedy, false),
+        ("voxgate fallback, best kept (default)", defaults, false),
+    ] {
+        t.set_options(options);
+        let mut times = Vec::new();
+        let mut wer = WerByVoice::new();
+        let (mut empty, mut doubted) = (0, 0);
+        let start = Instant::now();
+        for (c, p) in clips.iter().zip(&pcm) {
+            let s = Instant::now();
+            let r = t.transcribe(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+            times.push(s.elapsed().as_secs_f64());
+            doubted += usize::from(r.doubt.is_some());
+            let text = if drop_doubted && r.doubt.is_some() { "" } else { r.text.as_str() };
+            empty += usize::from(text.is_empty());
+            wer.score(&c.voice, &c.reference, text);
+        }
+        policies.push((name, start.elapsed().as_secs_f64(), times, wer, empty, doubted));
     }
-    let single_total = start.elapsed().as_secs_f64();
+    let Some((_, single_total, mut single, wer_single, empty, doubted)) = policies.pop() else {
+        anyhow::bail!("no run")
+    };
 
     let mut wer_batch = WerByVoice::new();
     let start = Instant::now();
@@ -77,17 +109,26 @@ fn main() -> anyhow::Result<()> {
         voices.len()
     );
     println!("{:<36} {:>12} {:>14} {:>8}", "", "audio s / s", "median clip s", "WER");
+    for (name, total, mut times, wer, empty, doubted) in policies {
+        println!(
+            "{:<36} {:>12.2} {:>14.3} {:>7.1}%   ({empty} empty, {doubted} doubted)",
+            name,
+            audio / total,
+            quantile(&mut times, 0.5),
+            wer.total().counts.rate() * 100.0
+        );
+    }
     let v_speed = audio / single_total;
     println!(
-        "{:<36} {:>12.2} {:>14.3} {:>7.1}%",
-        "voxgate (f32 enc, q8_0 dec), 1 at a time",
+        "{:<36} {:>12.2} {:>14.3} {:>7.1}%   ({empty} empty, {doubted} doubted)",
+        "voxgate fallback (default), 1 at a time",
         v_speed,
         quantile(&mut single, 0.5),
         wer_single.total().counts.rate() * 100.0
     );
     println!(
         "{:<36} {:>12.2} {:>14} {:>7.1}%",
-        "voxgate (f32 enc, q8_0 dec), batches of 4",
+        "voxgate fallback (default), batches of 4",
         audio / batch_total,
         "-",
         wer_batch.total().counts.rate() * 100.0
