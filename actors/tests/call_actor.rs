@@ -172,7 +172,10 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
     let q1 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
     let (s1, s2, s3) = (StreamSid::from_u128(1), StreamSid::from_u128(2), StreamSid::from_u128(3));
     start(&q1, clock.as_ref(), s1);
-    q1.push(clock.now(), StreamItem::Audio(media_batch(s1, Track::Inbound, 2, 0, 10, 0, Bytes::from(vec![0x55; 1600]))));
+    q1.push(
+        clock.now(),
+        StreamItem::Audio(media_batch(s1, Track::Inbound, 2, 0, 10, 0, Bytes::from(vec![0x55; 1600]))),
+    );
     stopped(&q1, clock.as_ref(), s1, StopReason::Disconnected);
     // While the first stream is still attached, a second is refused.
     assert!(ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().is_none());

@@ -105,7 +105,10 @@ pub enum ServeError {
 }
 
 /// A rustls server configuration from PEM files.
-pub fn tls_config(cert_file: &std::path::Path, key_file: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+pub fn tls_config(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     // One crypto provider for the process (ring); a second install is harmless.

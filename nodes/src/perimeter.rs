@@ -98,10 +98,7 @@ impl LineLimit {
     /// `Some(skipped)` when a line may be written now (with how many were skipped since the
     /// last one), `None` when this one is skipped.
     pub fn admit(&self) -> Option<u64> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
             & 0xff_ffff_ffff;
         let mut cur = self.state.load(Ordering::Relaxed);
         loop {

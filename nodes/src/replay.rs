@@ -196,7 +196,11 @@ fn describe(ev: &Event) -> String {
         Event::GatewayAnswered(g) => format!(
             "answered Twilio with the app's TwiML{}{}{} (+{:.1} ms)",
             g.fork.as_ref().map(|f| format!(", forking {f}")).unwrap_or_else(|| ", no fork".into()),
-            if g.transcriptions.is_empty() { String::new() } else { format!(", {} transcription(s) run here", g.transcriptions.len()) },
+            if g.transcriptions.is_empty() {
+                String::new()
+            } else {
+                format!(", {} transcription(s) run here", g.transcriptions.len())
+            },
             g.warnings.iter().map(|(c, w)| format!("; warning {c}: {w}")).collect::<String>(),
             f64::from(g.added_us) / 1000.0
         ),
@@ -208,7 +212,9 @@ fn describe(ev: &Event) -> String {
             t.partial_results,
             t.status_callback_url.as_deref().unwrap_or("(no callback)")
         ),
-        Event::SpeechEnded(e) => format!("{} track of {} ended after {} segments", e.track.as_str(), e.stream_sid, e.segments),
+        Event::SpeechEnded(e) => {
+            format!("{} track of {} ended after {} segments", e.track.as_str(), e.stream_sid, e.segments)
+        }
         Event::TranscriptionStopped(t) => format!("real-time transcription {} stopped ({})", t.sid, t.reason),
         Event::NumberRouted(n) => format!(
             "{} answered by {} ({}), status callbacks to {}",

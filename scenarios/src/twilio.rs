@@ -244,7 +244,12 @@ impl MediaStream {
 
     /// `connected` then a `start` announcing both tracks (a `<Start><Stream track="both_tracks">`
     /// fork).
-    pub async fn start_both(&mut self, stream_sid: StreamSid, account: AccountSid, call: CallSid) -> anyhow::Result<()> {
+    pub async fn start_both(
+        &mut self,
+        stream_sid: StreamSid,
+        account: AccountSid,
+        call: CallSid,
+    ) -> anyhow::Result<()> {
         self.send_raw(&media::connected_json()).await?;
         self.sequence = 1;
         self.send_raw(&media::start_json_tracks(stream_sid, account, call, &["inbound", "outbound"], &[])).await

@@ -165,7 +165,10 @@ async fn nothing_unauthenticated_is_written_and_guessing_is_throttled() {
         assert!(r.body.contains("<Reject"), "{}", r.body);
     }
     let m = node.scrape().await.unwrap();
-    assert_eq!(metric(&m, "voxgate_webhook_rejected_total{endpoint=\"inbound\",reason=\"unknown_tenant\"}"), Some(300.0));
+    assert_eq!(
+        metric(&m, "voxgate_webhook_rejected_total{endpoint=\"inbound\",reason=\"unknown_tenant\"}"),
+        Some(300.0)
+    );
     assert_eq!(metric(&m, "voxgate_log_append_seconds_count{topic=\"calls\"}").unwrap_or(0.0), 0.0, "{m}");
 
     let me = format!("/2010-04-01/Accounts/{ACCOUNT}.json");
@@ -207,8 +210,9 @@ async fn nothing_unauthenticated_is_written_and_guessing_is_throttled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_counts_only_from_trusted_proxies() {
     let allow = "twilio_allow_cidrs = [\"203.0.113.0/24\"]\n";
-    let behind = Node::start(&config(&format!("{allow}trusted_proxies = [\"127.0.0.1/32\"]\n[stt]\nenabled = false\n")))
-        .unwrap();
+    let behind =
+        Node::start(&config(&format!("{allow}trusted_proxies = [\"127.0.0.1/32\"]\n[stt]\nenabled = false\n")))
+            .unwrap();
     let exposed = Node::start(&config(&format!("{allow}[stt]\nenabled = false\n"))).unwrap();
     let post = |node: &Node, fwd: &str| {
         let url = format!("{}/api/voice/twilio/inbound", node.url());
@@ -281,8 +285,9 @@ async fn callback_urls_cannot_aim_inside() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_suspension_holds_against_the_parent() {
     let node = Node::start(&two_tenants("[stt]\nenabled = false\n")).unwrap();
-    let r = rest(&node, Method::POST, "/2010-04-01/Accounts.json", "admin", ADMIN, None, &[("ParentAccountSid", ACCOUNT)])
-        .await;
+    let r =
+        rest(&node, Method::POST, "/2010-04-01/Accounts.json", "admin", ADMIN, None, &[("ParentAccountSid", ACCOUNT)])
+            .await;
     assert_eq!(r.status, 201, "{}", r.json);
     assert_eq!(r.headers["cache-control"], "no-store");
     let sub = r.json["sid"].as_str().unwrap().to_owned();

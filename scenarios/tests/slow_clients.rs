@@ -79,10 +79,11 @@ async fn stalled_connections_are_closed_while_calls_go_on() {
 async fn trickled_bodies_and_idle_connections_are_closed() {
     // The idle deadline shorter than the header one: the idle watchdog, not hyper's header
     // timer, closes the quiet keep-alive connection.
-    let node = Node::start(&config(&LIMITS.replace("idle_timeout_secs = 2", "idle_timeout_secs = 1").replace(
-        "header_read_timeout_ms = 2000",
-        "header_read_timeout_ms = 10000",
-    )))
+    let node = Node::start(&config(
+        &LIMITS
+            .replace("idle_timeout_secs = 2", "idle_timeout_secs = 1")
+            .replace("header_read_timeout_ms = 2000", "header_read_timeout_ms = 10000"),
+    ))
     .unwrap();
     // A complete header announcing 100 bytes of body, then 10 of them: 408 at the body deadline.
     let mut c = TcpStream::connect(node.addr).await.unwrap();

@@ -198,7 +198,9 @@ async fn tenants_are_separated_over_rest_and_webhooks() {
     assert_eq!(r.json["voxgate_status_callback"], format!("{PUBLIC}/api/voice/twilio/status"));
     // The customer's app behind it (gateway mode): Twilio's routing fields, validated.
     let number = accounts(&format!("/IncomingPhoneNumbers/{pn}.json"), &b);
-    for (field, bad) in [("VoiceUrl", "ftp://app.example.com/voice"), ("VoiceUrl", "http://127.0.0.1/voice"), ("VoiceMethod", "PUT")] {
+    for (field, bad) in
+        [("VoiceUrl", "ftp://app.example.com/voice"), ("VoiceUrl", "http://127.0.0.1/voice"), ("VoiceMethod", "PUT")]
+    {
         let r = rest(&node, Method::POST, &number, Auth::Basic(&b, &b_token), &[(field, bad)]).await;
         assert_eq!(r.status, 400, "{field}={bad}: {}", r.json);
         assert!(r.json["message"].as_str().unwrap().starts_with(field), "{}", r.json);
@@ -208,15 +210,29 @@ async fn tenants_are_separated_over_rest_and_webhooks() {
         Method::POST,
         &number,
         Auth::Basic(&b, &b_token),
-        &[("VoiceUrl", "https://54.172.60.1/voice"), ("VoiceMethod", "GET"), ("StatusCallback", "https://54.172.60.1/status")],
+        &[
+            ("VoiceUrl", "https://54.172.60.1/voice"),
+            ("VoiceMethod", "GET"),
+            ("StatusCallback", "https://54.172.60.1/status"),
+        ],
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.json);
-    assert_eq!((r.json["voice_url"].as_str(), r.json["voice_method"].as_str()), (Some("https://54.172.60.1/voice"), Some("GET")));
+    assert_eq!(
+        (r.json["voice_url"].as_str(), r.json["voice_method"].as_str()),
+        (Some("https://54.172.60.1/voice"), Some("GET"))
+    );
     assert_eq!(r.json["status_callback"], "https://54.172.60.1/status");
     assert_eq!(r.json["voice_fallback_method"], "POST");
     // A fallback alone is refused as Twilio refuses it; clearing the app returns the number to voxgate.
-    let r = rest(&node, Method::POST, &number, Auth::Basic(&b, &b_token), &[("VoiceUrl", ""), ("VoiceFallbackUrl", "https://54.172.60.1/f")]).await;
+    let r = rest(
+        &node,
+        Method::POST,
+        &number,
+        Auth::Basic(&b, &b_token),
+        &[("VoiceUrl", ""), ("VoiceFallbackUrl", "https://54.172.60.1/f")],
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.json);
     let r = rest(&node, Method::POST, &number, Auth::Basic(&b, &b_token), &[("VoiceUrl", "")]).await;
     assert_eq!((r.status, &r.json["voice_url"]), (200, &Value::Null), "{}", r.json);

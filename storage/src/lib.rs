@@ -17,6 +17,6 @@ pub mod topics;
 mod values;
 
 pub use jetstream::{Appended, ClusterOptions};
-pub use nats::{redact_url, NatsAuth};
 pub use log::{Log, Position, Record, RetentionReport, StorageError, TopicSpec};
+pub use nats::{redact_url, NatsAuth};
 pub use topics::Retention;

@@ -1472,7 +1472,8 @@ impl Log {
                 }
                 if removed_here {
                     if let Some(c) = &self.inner.cluster {
-                        let first = tree.scan_prefix(p.to_be_bytes()).next().transpose()?.and_then(|(k, _)| offset_of(&k));
+                        let first =
+                            tree.scan_prefix(p.to_be_bytes()).next().transpose()?.and_then(|(k, _)| offset_of(&k));
                         c.purge_below(&t.spec.name, p, first.unwrap_or(head));
                     }
                 }

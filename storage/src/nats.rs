@@ -88,8 +88,11 @@ impl NatsAuth {
             ("tls_key_file", &self.tls_key_file),
         ] {
             if let Some(p) = p {
-                std::fs::metadata(p)
-                    .map_err(|source| NatsAuthError::File { what, path: p.display().to_string(), source })?;
+                std::fs::metadata(p).map_err(|source| NatsAuthError::File {
+                    what,
+                    path: p.display().to_string(),
+                    source,
+                })?;
             }
         }
         if let Some(seed) = &self.nkey_seed {
@@ -134,7 +137,10 @@ impl NatsAuth {
     }
 
     /// `opts` with these credentials and TLS settings.
-    pub async fn apply(&self, mut opts: async_nats::ConnectOptions) -> Result<async_nats::ConnectOptions, NatsAuthError> {
+    pub async fn apply(
+        &self,
+        mut opts: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, NatsAuthError> {
         if let (Some(u), Some(p)) = (&self.user, &self.password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
@@ -145,7 +151,11 @@ impl NatsAuth {
             (Some(s), _) => Some(s.trim().to_owned()),
             (None, Some(p)) => Some(
                 std::fs::read_to_string(p)
-                    .map_err(|source| NatsAuthError::File { what: "nkey_seed_file", path: p.display().to_string(), source })?
+                    .map_err(|source| NatsAuthError::File {
+                        what: "nkey_seed_file",
+                        path: p.display().to_string(),
+                        source,
+                    })?
                     .trim()
                     .to_owned(),
             ),
@@ -155,10 +165,11 @@ impl NatsAuth {
             opts = opts.nkey(seed);
         }
         if let Some(p) = &self.creds_file {
-            opts = opts
-                .credentials_file(p)
-                .await
-                .map_err(|source| NatsAuthError::File { what: "creds_file", path: p.display().to_string(), source })?;
+            opts = opts.credentials_file(p).await.map_err(|source| NatsAuthError::File {
+                what: "creds_file",
+                path: p.display().to_string(),
+                source,
+            })?;
         }
         if let Some(ca) = &self.tls_ca_file {
             opts = opts.add_root_certificates(ca.clone());

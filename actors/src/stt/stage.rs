@@ -409,10 +409,8 @@ async fn append_ended(s: &SttState, ended: &[Envelope]) -> Result<(), StorageErr
     if ended.is_empty() {
         return Ok(());
     }
-    let out: Vec<(u64, Vec<u8>)> = ended
-        .iter()
-        .filter_map(|e| e.call.map(|c| (c.partition_key(), voxgate_protocol::encode(e))))
-        .collect();
+    let out: Vec<(u64, Vec<u8>)> =
+        ended.iter().filter_map(|e| e.call.map(|c| (c.partition_key(), voxgate_protocol::encode(e)))).collect();
     s.log.append_many(topics::TRANSCRIPTS, out.iter().map(|(k, b)| (*k, b.as_slice()))).await?;
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use voxgate_protocol::event::{
-    CallerBlocked, CallerUnblocked, NumberAssigned, NumberReleased, QuotaSet, TenantCreated, TenantStatus,
-    NumberRouted, NumberRouting, OperatorStatusSet, TenantUpdated,
+    CallerBlocked, CallerUnblocked, NumberAssigned, NumberReleased, NumberRouted, NumberRouting, OperatorStatusSet,
+    QuotaSet, TenantCreated, TenantStatus, TenantUpdated,
 };
 use voxgate_protocol::{AccountSid, Envelope, Event, PhoneNumberSid, Timestamp};
 
@@ -669,7 +669,10 @@ mod tests {
         // Suspending the parent suspends the subaccount; it cannot be reactivated under it.
         run(&mut d, A, 5, |d| d.update_tenant(A, None, Some(TenantStatus::Suspended), false)).unwrap();
         assert_eq!(d.effective_status(SUB), Some(TenantStatus::Suspended));
-        assert!(matches!(d.update_tenant(SUB, None, Some(TenantStatus::Active), false), Err(TenancyError::ParentInactive(_))));
+        assert!(matches!(
+            d.update_tenant(SUB, None, Some(TenantStatus::Active), false),
+            Err(TenancyError::ParentInactive(_))
+        ));
         run(&mut d, A, 6, |d| d.update_tenant(A, None, Some(TenantStatus::Active), false)).unwrap();
         assert_eq!(d.effective_status(SUB), Some(TenantStatus::Active));
         // Closed is permanent.

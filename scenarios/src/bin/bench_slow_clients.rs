@@ -56,7 +56,14 @@ async fn main() -> anyhow::Result<()> {
         a99.push(p99);
         rss.push((rss_kib(pid).unwrap_or(0) as f64 - before as f64) / 1024.0);
         drop(held);
-        println!("round {}: quiet p50/p99 {:.3}/{:.3} ms, stalled {:.3}/{:.3} ms", r + 1, q50[r as usize], q99[r as usize], p50, p99);
+        println!(
+            "round {}: quiet p50/p99 {:.3}/{:.3} ms, stalled {:.3}/{:.3} ms",
+            r + 1,
+            q50[r as usize],
+            q99[r as usize],
+            p50,
+            p99
+        );
     }
     let (q50, q99, a50, a99) = (median(&mut q50), median(&mut q99), median(&mut a50), median(&mut a99));
     println!("webhook answer, release build, {CALLS} sequential calls per run, medians of {rounds} rounds");
