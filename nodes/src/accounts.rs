@@ -604,7 +604,14 @@ async fn handle(
                 crate::gateway::start_transcription(state, a, call, &params.0).await.map_err(ApiError::unavailable)?;
             Ok((
                 StatusCode::CREATED,
-                transcription_json(a, call, &started.sid, started.name.as_deref(), "in-progress", state.clock.now()),
+                transcription_json(
+                    a,
+                    call,
+                    Some(&started.sid),
+                    started.name.as_deref(),
+                    "in-progress",
+                    state.clock.now(),
+                ),
             ))
         }
         (Method::POST, Resource::CallTranscription(a, call, which)) => {
@@ -613,13 +620,10 @@ async fn handle(
                 return Err(ApiError::invalid("Status", "must be stopped"));
             }
             crate::gateway::stop_transcription(state, a, call, &which).await.map_err(ApiError::unavailable)?;
+            // Stopped by its sid or by its name (the path says which).
             let (sid, name) =
                 if which.starts_with("GT") { (Some(which.as_str()), None) } else { (None, Some(which.as_str())) };
-            let mut v = transcription_json(a, call, sid.unwrap_or_default(), name, "stopped", state.clock.now());
-            if sid.is_none() {
-                v["sid"] = Value::Null;
-            }
-            Ok((StatusCode::OK, v))
+            Ok((StatusCode::OK, transcription_json(a, call, sid, name, "stopped", state.clock.now())))
         }
         (m, _) => {
             Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, 20004, format!("method {m} not allowed on {path}")))
@@ -640,11 +644,11 @@ async fn running_call_of(state: &AppState, a: AccountSid, call: CallSid, path: &
     Ok(())
 }
 
-/// Twilio's `Transcription` resource of a call.
+/// Twilio's `Transcription` resource of a call (its `uri` names it by sid, else by name).
 fn transcription_json(
     a: AccountSid,
     call: CallSid,
-    sid: &str,
+    sid: Option<&str>,
     name: Option<&str>,
     status: &str,
     now: Timestamp,
@@ -656,7 +660,7 @@ fn transcription_json(
         "name": name,
         "status": status,
         "date_updated": now.rfc2822(),
-        "uri": format!("{API}/Accounts/{a}/Calls/{call}/Transcriptions/{sid}.json"),
+        "uri": format!("{API}/Accounts/{a}/Calls/{call}/Transcriptions/{}.json", sid.or(name).unwrap_or_default()),
     })
 }
 

@@ -796,7 +796,7 @@ pub async fn start_transcription(
         .collect();
     let request = TranscriptionRequest { attributes };
     let n = crate::tenancy::random_u128();
-    let sid = format!("GT{:032x}", EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n]).0);
+    let sid = transcription_sid(call, n);
     let started = transcription_started(sid, &request, None, "rest");
     let id = EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n, 1]);
     append(state, tenant, call, vec![(id, Event::TranscriptionStarted(started.clone()))]).await?;

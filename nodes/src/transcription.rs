@@ -598,6 +598,29 @@ mod tests {
     }
 
     #[test]
+    fn a_call_voxgate_answers_itself_stops_after_the_callers_last_transcript() {
+        // No gateway answer: the call streams the caller's track only.
+        let mut s = Sessions::default();
+        let mut out = s.apply(&env(1, started("both_tracks")));
+        out.extend(s.apply(&env(
+            2,
+            Event::CallStatusChanged(CallStatusChanged {
+                status: CallStatus::Completed,
+                source: StatusSource::Callback,
+                sequence: None,
+                duration_secs: None,
+            }),
+        )));
+        assert_eq!(out.len(), 1, "not stopped before the caller's speech has ended");
+        out.extend(s.apply(&env(3, transcript(Track::Inbound, "last words"))));
+        let ended =
+            Event::SpeechEnded(SpeechEnded { stream_sid: StreamSid::from_u128(1), track: Track::Inbound, segments: 1 });
+        out.extend(s.apply(&env(4, ended)));
+        let events: Vec<&str> = out.iter().map(event_of).collect();
+        assert_eq!(events, ["transcription-started", "transcription-content", "transcription-stopped"]);
+    }
+
+    #[test]
     fn tracks_names_stops_and_what_was_delivered_are_honoured() {
         let mut s = Sessions::default();
         let mut out = s.apply(&env(1, started("inbound_track")));
