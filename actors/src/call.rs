@@ -58,6 +58,8 @@ pub mod id_kind {
     pub const DURATION_IMPLAUSIBLE: u64 = 28;
     pub const SPEECH_ENDED: u64 = 29;
     pub const TRANSCRIPTS_ENDED: u64 = 30;
+    pub const SPEECH_PROGRESS: u64 = 31;
+    pub const PARTIAL_TRANSCRIPT: u64 = 32;
 }
 
 /// Per-call limits.

@@ -195,7 +195,7 @@ pub fn subject(prefix: &str, env: &voxgate_protocol::Envelope) -> String {
 
 /// Whether an event is published (audio is not).
 pub fn is_public(e: &Event) -> bool {
-    !matches!(e, Event::MediaBatch(_) | Event::SpeechSegment(_))
+    !matches!(e, Event::MediaBatch(_) | Event::SpeechSegment(_) | Event::SpeechProgress(_))
 }
 
 /// Publishes every public event from the cursor on, then follows the logs until they close.

@@ -148,11 +148,20 @@ pub struct SttFile {
     pub workers: usize,
     /// Most segments transcribed in one batch (across calls).
     pub max_batch: usize,
+    /// Partial results: decode segments still open (every `[transcode.vad] progress_ms`) while
+    /// no final waits, as `partial_transcript` events and `Final=false` real-time transcription.
+    pub partials: bool,
 }
 
 impl Default for SttFile {
     fn default() -> Self {
-        Self { enabled: true, model_dir: PathBuf::from("./models/whisper-tiny.en"), workers: 1, max_batch: 4 }
+        Self {
+            enabled: true,
+            model_dir: PathBuf::from("./models/whisper-tiny.en"),
+            workers: 1,
+            max_batch: 4,
+            partials: true,
+        }
     }
 }
 

@@ -51,6 +51,7 @@ pub fn event_json(e: &Entry) -> serde_json::Value {
             let n = match &e.env.payload {
                 Event::MediaBatch(b) => b.payload.len(),
                 Event::SpeechSegment(s) => s.pcm16le.len(),
+                Event::SpeechProgress(p) => p.pcm16le.len(),
                 _ => 0,
             };
             v.insert(size.into(), n.into());
@@ -215,6 +216,22 @@ fn describe(ev: &Event) -> String {
         Event::SpeechEnded(e) => {
             format!("{} track of {} ended after {} segments", e.track.as_str(), e.stream_sid, e.segments)
         }
+        Event::SpeechProgress(p) => format!(
+            "{} #{} open, heard {:.2}–{:.2} s{}",
+            p.track.as_str(),
+            p.index,
+            p.start_ms as f64 / 1000.0,
+            p.end_ms as f64 / 1000.0,
+            if p.paused { ", paused" } else { "" }
+        ),
+        Event::PartialTranscript(t) => format!(
+            "{} (partial {} of segment #{}{}): {:?}",
+            t.track.party(),
+            t.sequence,
+            t.segment_index,
+            if t.stable { ", stable" } else { "" },
+            t.text
+        ),
         Event::TranscriptionStopped(t) => format!("real-time transcription {} stopped ({})", t.sid, t.reason),
         Event::NumberRouted(n) => format!(
             "{} answered by {} ({}), status callbacks to {}",

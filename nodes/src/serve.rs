@@ -289,6 +289,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         tracing::info!(model_dir = %cfg.stt.model_dir.display(), workers, load_ms = loaded.elapsed().as_millis() as u64, "whisper model loaded");
         let (l, pool, progress, max_batch) = (log.clone(), Arc::new(pool), stt_progress.clone(), cfg.stt.max_batch);
         let stt_clock = clock.clone();
+        let partials = cfg.stt.partials;
         let start: Start = Box::new(move |owned: Vec<u32>| {
             let args = SttStageArgs {
                 log: l.clone(),
@@ -297,6 +298,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
                 max_batch,
                 partitions: Some(owned),
                 clock: stt_clock.clone(),
+                partials,
             };
             Box::pin(async move {
                 let (actor, done) = Actor::spawn(None, SttStage, args).await.context("starting the stt stage")?;

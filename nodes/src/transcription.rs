@@ -2,7 +2,8 @@
 //! <Transcription statusCallbackUrl=…>` in its TwiML, or `POST …/Calls/{CA}/Transcriptions.json`)
 //! gets Twilio's transcription callbacks from voxgate: `transcription-started`, one
 //! `transcription-content` per final transcript of the tracks it asked for (`TranscriptionData`
-//! with `transcript` and `confidence`, `Final=true`), and `transcription-stopped` when it is
+//! with `transcript` and `confidence`, `Final=true`; with `partialResults`, the interim ones as
+//! they come, `Final=false`), and `transcription-stopped` when it is
 //! stopped or the call ends — after the last transcript of the call's speech is in (the STT
 //! stage's `speech_ended` says so). Each session's callbacks go in order, signed with the tenant's
 //! token, retried; every attempt is an `app_exchange` event with the session and `SequenceId` as
@@ -180,6 +181,25 @@ impl Sessions {
                         serde_json::json!({ "transcript": t.text.trim(), "confidence": confidence(t.avg_logprob) });
                     p.push(("TranscriptionData".into(), data.to_string()));
                     p.push(("Final".into(), "true".into()));
+                    out.extend(deliver(s, p));
+                }
+            }
+            Event::PartialTranscript(t) => {
+                if t.text.trim().is_empty() {
+                    return out;
+                }
+                let sids = self.calls.get(&call).map(|c| c.sessions.clone()).unwrap_or_default();
+                for sid in sids {
+                    let Some(s) = self.sessions.get_mut(&sid) else { continue };
+                    if s.stopped || !s.start.partial_results || !s.wants(t.track) || env.occurred_at < s.started_at {
+                        continue;
+                    }
+                    let mut p = common(s, env.occurred_at, "transcription-content");
+                    p.push(("LanguageCode".into(), s.start.language_code.clone()));
+                    p.push(("Track".into(), track_name(t.track).into()));
+                    let data = serde_json::json!({ "transcript": t.text.trim() });
+                    p.push(("TranscriptionData".into(), data.to_string()));
+                    p.push(("Final".into(), "false".into()));
                     out.extend(deliver(s, p));
                 }
             }
@@ -363,6 +383,7 @@ fn catch_up(log: &Log, sessions: &mut Sessions, next: &mut [Vec<u64>]) -> Result
                             | Event::CallStatusChanged(_)
                             | Event::SpeechEnded(_)
                             | Event::Transcript(_)
+                            | Event::PartialTranscript(_)
                             | Event::AppExchange(_)
                     );
                     if relevant {
@@ -595,6 +616,41 @@ mod tests {
         assert_eq!(param(&out[1], "Final"), Some("true"));
         assert!(param(&out[0], "Timestamp").unwrap().ends_with('Z'));
         assert_eq!(s.active(), 0);
+    }
+
+    #[test]
+    fn partial_results_go_only_to_sessions_that_asked_for_them() {
+        let partial = |text: &str| {
+            Event::PartialTranscript(voxgate_protocol::event::PartialTranscript {
+                stream_sid: StreamSid::from_u128(1),
+                track: Track::Inbound,
+                segment_index: 0,
+                start_ms: 0,
+                end_ms: 500,
+                text: text.into(),
+                stable: true,
+                sequence: 1,
+            })
+        };
+        for wanted in [false, true] {
+            let mut s = Sessions::default();
+            let Event::TranscriptionStarted(mut st) = started("inbound_track") else { unreachable!() };
+            st.partial_results = wanted;
+            let mut out = s.apply(&env(1, Event::TranscriptionStarted(st)));
+            out.extend(s.apply(&env(2, partial("hello"))));
+            out.extend(s.apply(&env(3, partial(" "))));
+            out.extend(s.apply(&env(3, transcript(Track::Inbound, "hello there"))));
+            let finals: Vec<Option<&str>> = out[1..].iter().map(|d| param(d, "Final")).collect();
+            if wanted {
+                assert_eq!(finals, [Some("false"), Some("true")]);
+                let data: serde_json::Value =
+                    serde_json::from_str(param(&out[1], "TranscriptionData").unwrap()).unwrap();
+                assert_eq!(data["transcript"], "hello");
+                assert_eq!(out.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2, 3]);
+            } else {
+                assert_eq!(finals, [Some("true")]);
+            }
+        }
     }
 
     #[test]

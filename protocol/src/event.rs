@@ -210,6 +210,8 @@ pub enum Event {
     TranscriptionStarted(TranscriptionStarted),
     TranscriptionStopped(TranscriptionStopped),
     SpeechEnded(SpeechEnded),
+    SpeechProgress(SpeechProgress),
+    PartialTranscript(PartialTranscript),
 }
 
 impl Event {
@@ -257,6 +259,8 @@ impl Event {
             Self::TranscriptionStarted(_) => "transcription_started",
             Self::TranscriptionStopped(_) => "transcription_stopped",
             Self::SpeechEnded(_) => "speech_ended",
+            Self::SpeechProgress(_) => "speech_progress",
+            Self::PartialTranscript(_) => "partial_transcript",
         }
     }
 
@@ -304,6 +308,8 @@ impl Event {
             Self::TranscriptionStarted(p) => serde_json::to_value(p),
             Self::TranscriptionStopped(p) => serde_json::to_value(p),
             Self::SpeechEnded(p) => serde_json::to_value(p),
+            Self::SpeechProgress(p) => serde_json::to_value(p),
+            Self::PartialTranscript(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -660,6 +666,46 @@ pub struct SpeechEnded {
     pub track: Track,
     /// Speech segments the track had.
     pub segments: u32,
+}
+
+/// Audio of a speech segment that is still open (speech log, from the transcoder), so the STT
+/// stage can decode before the segment closes: pieces of a segment follow each other
+/// (`[from_ms, end_ms)`, the first from `start_ms`), then the segment itself. A segment that
+/// closes at a pause ends exactly where that pause's piece ends, with the same audio.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechProgress {
+    pub stream_sid: StreamSid,
+    pub track: Track,
+    /// The index the segment will have when it closes.
+    pub index: u32,
+    /// The open segment's first sample (stream time, ms).
+    pub start_ms: u64,
+    /// This piece's span.
+    pub from_ms: u64,
+    pub end_ms: u64,
+    /// The speaker paused here: if the pause lasts the VAD's hangover, the segment ends at
+    /// `end_ms` (the STT stage decodes it now: a speculative final).
+    pub paused: bool,
+    /// 16 kHz PCM16 little-endian of `[from_ms, end_ms)`.
+    #[serde(with = "crate::bytes_b64")]
+    pub pcm16le: Bytes,
+}
+
+/// What the STT stage has heard so far of a segment still open (transcripts log): interim, not
+/// final, not billed; the segment's [`Transcript`] replaces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialTranscript {
+    pub stream_sid: StreamSid,
+    pub track: Track,
+    pub segment_index: u32,
+    /// The audio heard so far (stream time, ms).
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub text: String,
+    /// The previous partial of this segment is a prefix of this one (the hypothesis only grew).
+    pub stable: bool,
+    /// 1, 2, … per segment.
+    pub sequence: u32,
 }
 
 /// What the STT stage heard in one speech segment.

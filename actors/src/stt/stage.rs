@@ -6,8 +6,20 @@
 //! are busy, new segments queue in the log, so the next read batches them: throughput adapts to
 //! load without a timer. Transcript ids derive from the segment (stream, index), so a restart that
 //! repeats a segment produces an identical event.
+//!
+//! Segments still open reach the stage as pieces ([`SpeechProgress`]). The stage keeps each
+//! track's open segment so far and decodes it
+//! * at a pause (a speculative final): if the pause lasts, the segment that closes has exactly
+//!   that audio and its transcript is the one already decoded, appended as soon as the segment is
+//!   read, without waiting for Whisper; if speech resumes, the decode is dropped;
+//! * at the other pieces, when partial results are on and no final is waiting: a
+//!   [`PartialTranscript`] (interim, not final, not billed). A partial is dropped, never queued,
+//!   when the workers have finals to do.
+//!
+//! What is kept of open segments lives in memory only: after a restart the stage decodes the
+//! segments it did not see the start of when they close.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -15,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
-use voxgate_protocol::event::{Event, Track, Transcript};
+use voxgate_protocol::event::{Event, PartialTranscript, SpeechProgress, SpeechSegment, Track, Transcript};
 use voxgate_protocol::{Clock, Envelope, EventId, StreamSid};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
@@ -37,7 +49,7 @@ pub enum PoolError {
     Gone,
 }
 
-struct Job {
+struct PoolJob {
     clips: Vec<Vec<f32>>,
     reply: oneshot::Sender<Result<(Vec<Transcription>, Duration), String>>,
 }
@@ -76,7 +88,7 @@ pub fn transcript_id(stream_sid: StreamSid, track: Track, index: u32) -> EventId
 
 /// Whisper workers on dedicated threads, fed through a bounded queue.
 pub struct SttPool {
-    jobs: SyncSender<Job>,
+    jobs: SyncSender<PoolJob>,
     workers: usize,
     model_id: String,
 }
@@ -86,7 +98,7 @@ impl SttPool {
     /// every worker is ready, so a bad model fails at start-up, not on the first call.
     pub fn start(model_dir: &Path, workers: usize) -> Result<Self, PoolError> {
         let workers = workers.max(1);
-        let (tx, rx) = sync_channel::<Job>(workers * 2);
+        let (tx, rx) = sync_channel::<PoolJob>(workers * 2);
         let rx = Arc::new(Mutex::new(rx));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         for i in 0..workers {
@@ -126,7 +138,7 @@ impl SttPool {
         let (reply, rx) = oneshot::channel();
         let jobs = self.jobs.clone();
         // The queue is bounded: wait for room off the runtime.
-        tokio::task::spawn_blocking(move || jobs.send(Job { clips, reply }))
+        tokio::task::spawn_blocking(move || jobs.send(PoolJob { clips, reply }))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|_| "stt workers are gone".to_string())?;
@@ -134,7 +146,7 @@ impl SttPool {
     }
 }
 
-fn worker(dir: PathBuf, jobs: Arc<Mutex<Receiver<Job>>>, ready: std::sync::mpsc::Sender<Result<(), String>>) {
+fn worker(dir: PathBuf, jobs: Arc<Mutex<Receiver<PoolJob>>>, ready: std::sync::mpsc::Sender<Result<(), String>>) {
     let mut t = match Transcriber::load(&dir) {
         Ok(t) => {
             let _ = ready.send(Ok(()));
@@ -178,6 +190,8 @@ pub struct SttStageArgs {
     pub partitions: Option<Vec<u32>>,
     /// The node's clock (for the transcript delay metric only; no decision reads it).
     pub clock: Arc<dyn Clock>,
+    /// Decode open segments for partial results while the workers are free.
+    pub partials: bool,
 }
 
 /// The stage's state.
@@ -190,6 +204,51 @@ pub struct SttState {
     watcher: tokio::task::JoinHandle<()>,
     recent: RecentIds,
     clock: Arc<dyn Clock>,
+    partials: bool,
+    /// Each track's open segment, as its pieces told it.
+    open: HashMap<(StreamSid, Track), Heard>,
+}
+
+/// What to do with an open segment at the end of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Nothing,
+    /// Its speaker paused: decode it now, it may be the final.
+    Speculative,
+    /// Decode it for a partial result if a worker is free.
+    Partial,
+}
+
+/// A track's open segment so far.
+struct Heard {
+    tenant: voxgate_protocol::AccountSid,
+    call: voxgate_protocol::CallSid,
+    occurred_at: voxgate_protocol::Timestamp,
+    index: u32,
+    start_ms: u64,
+    end_ms: u64,
+    /// 16 kHz audio of `[start_ms, end_ms)`.
+    pcm: Vec<f32>,
+    want: Want,
+    /// A decode of the audio up to a pause.
+    speculative: Option<Speculative>,
+    partials: u32,
+    last_partial: String,
+}
+
+struct Speculative {
+    end_ms: u64,
+    samples: usize,
+    result: Transcription,
+    took_ms: u32,
+}
+
+/// One clip sent to the workers.
+enum Job {
+    /// A closed segment: `pending[i]`.
+    Final(usize),
+    /// An open segment's audio up to `end_ms`.
+    Open { key: (StreamSid, Track), index: u32, start_ms: u64, end_ms: u64, samples: usize, speculative: bool },
 }
 
 /// Recently transcribed segment ids, to skip a segment that appears twice in the log.
@@ -239,6 +298,8 @@ impl Actor for SttStage {
             watcher,
             recent: RecentIds { set: HashSet::new(), order: VecDeque::new(), cap: 4096 },
             clock: args.clock,
+            partials: args.partials,
+            open: HashMap::new(),
         })
     }
 
@@ -264,6 +325,97 @@ impl Actor for SttStage {
 struct Pending {
     env: Envelope,
     clip: Vec<f32>,
+    /// Decoded already at the pause where it ended.
+    ready: Option<(Transcription, u32)>,
+}
+
+/// Takes a piece of an open segment into what the stage has heard of it.
+fn take_piece(open: &mut HashMap<(StreamSid, Track), Heard>, env: &Envelope, p: &SpeechProgress, partials: bool) {
+    let Some(call) = env.call else { return };
+    let key = (p.stream_sid, p.track);
+    let same = |h: &Heard| h.index == p.index && h.start_ms == p.start_ms;
+    match open.get_mut(&key) {
+        Some(h) if same(h) && h.end_ms == p.from_ms => {
+            h.pcm.extend(pcm_f32(&p.pcm16le));
+            h.end_ms = p.end_ms;
+        }
+        Some(h) if same(h) && p.end_ms <= h.end_ms => return, // read again after a restart
+        _ if p.from_ms == p.start_ms => {
+            if let Some(old) = open.remove(&key) {
+                wasted(&old);
+            }
+            open.insert(
+                key,
+                Heard {
+                    tenant: env.tenant,
+                    call,
+                    occurred_at: env.occurred_at,
+                    index: p.index,
+                    start_ms: p.start_ms,
+                    end_ms: p.end_ms,
+                    pcm: pcm_f32(&p.pcm16le).collect(),
+                    want: Want::Nothing,
+                    speculative: None,
+                    partials: 0,
+                    last_partial: String::new(),
+                },
+            );
+        }
+        _ => {
+            // The segment's start was read before a restart: it is decoded when it closes.
+            if let Some(old) = open.remove(&key) {
+                wasted(&old);
+            }
+            return;
+        }
+    }
+    if let Some(h) = open.get_mut(&key) {
+        h.occurred_at = env.occurred_at;
+        h.want = if p.paused {
+            Want::Speculative
+        } else if partials {
+            Want::Partial
+        } else {
+            Want::Nothing
+        };
+    }
+}
+
+fn wasted(h: &Heard) {
+    if h.speculative.is_some() {
+        metrics::counter!("voxgate_stt_speculative_total", "outcome" => "dropped").increment(1);
+    }
+}
+
+fn pcm_f32(pcm16le: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    pcm16le.chunks_exact(2).map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+}
+
+/// The decode of `seg` made at the pause where it ended, if the segment is exactly that audio.
+fn speculated(
+    open: &mut HashMap<(StreamSid, Track), Heard>,
+    seg: &SpeechSegment,
+    clip: &[f32],
+) -> Option<(Transcription, u32)> {
+    let key = (seg.stream_sid, seg.track);
+    let h = open.remove(&key)?;
+    if h.index > seg.index {
+        open.insert(key, h); // a later segment's pieces (cannot happen in order; kept to be safe)
+        return None;
+    }
+    let spec = h.speculative.as_ref()?;
+    let fits = h.index == seg.index
+        && h.start_ms == seg.start_ms
+        && spec.end_ms == seg.end_ms
+        && spec.samples == clip.len()
+        && h.pcm.get(..spec.samples) == Some(clip);
+    if !fits {
+        wasted(&h);
+        return None;
+    }
+    metrics::counter!("voxgate_stt_speculative_total", "outcome" => "used").increment(1);
+    let spec = h.speculative?;
+    Some((spec.result, spec.took_ms))
 }
 
 /// Reads a batch of segments from every partition, transcribes them, appends the transcripts.
@@ -292,20 +444,115 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                     continue;
                 }
             };
-            if let Event::SpeechEnded(e) = &env.payload {
-                // Passed on after this batch's transcripts: the track's last one is in before it.
-                let id = EventId::derive(id_kind::TRANSCRIPTS_ENDED, &[e.stream_sid.as_u128(), e.track as u128]);
-                ended.push(Envelope { event_id: id, ..env.clone() });
-                continue;
+            match &env.payload {
+                Event::SpeechEnded(e) => {
+                    if let Some(old) = s.open.remove(&(e.stream_sid, e.track)) {
+                        wasted(&old);
+                    }
+                    // Passed on after this batch's transcripts: the track's last one is in before it.
+                    let id = EventId::derive(id_kind::TRANSCRIPTS_ENDED, &[e.stream_sid.as_u128(), e.track as u128]);
+                    ended.push(Envelope { event_id: id, ..env.clone() });
+                }
+                Event::SpeechProgress(piece) => take_piece(&mut s.open, &env, piece, s.partials),
+                Event::SpeechSegment(seg) => {
+                    if !s.recent.insert(env.event_id) {
+                        continue;
+                    }
+                    let clip: Vec<f32> = pcm_f32(&seg.pcm16le).collect();
+                    let ready = speculated(&mut s.open, seg, &clip);
+                    pending.push(Pending { env, clip, ready });
+                }
+                _ => {}
             }
-            let Event::SpeechSegment(seg) = &env.payload else { continue };
-            if !s.recent.insert(env.event_id) {
-                continue;
-            }
-            let clip =
-                seg.pcm16le.chunks_exact(2).map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0).collect();
-            pending.push(Pending { env, clip });
         }
+    }
+
+    // Finals first; then the open segments whose speaker paused; partials only while no final
+    // waits and a worker would be idle.
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut clips: Vec<Vec<f32>> = Vec::new();
+    for (i, p) in pending.iter_mut().enumerate() {
+        if p.ready.is_none() {
+            jobs.push(Job::Final(i));
+            clips.push(std::mem::take(&mut p.clip));
+        }
+    }
+    let finals = jobs.len();
+    let mut partials_dropped = 0u64;
+    for (key, h) in s.open.iter_mut() {
+        let want = std::mem::replace(&mut h.want, Want::Nothing);
+        let speculative = match want {
+            Want::Nothing => continue,
+            Want::Speculative => true,
+            Want::Partial if finals == 0 && jobs.len() < s.pool.workers() => false,
+            Want::Partial => {
+                partials_dropped += 1;
+                continue;
+            }
+        };
+        jobs.push(Job::Open {
+            key: *key,
+            index: h.index,
+            start_ms: h.start_ms,
+            end_ms: h.end_ms,
+            samples: h.pcm.len(),
+            speculative,
+        });
+        clips.push(h.pcm.clone());
+    }
+    if partials_dropped > 0 {
+        metrics::counter!("voxgate_stt_partials_dropped_total").increment(partials_dropped);
+    }
+
+    let results = if clips.is_empty() { Vec::new() } else { transcribe(&s.pool, clips).await };
+
+    let mut partial_out: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (job, r) in jobs.into_iter().zip(results) {
+        match job {
+            Job::Final(i) => pending[i].ready = r,
+            Job::Open { key, index, start_ms, end_ms, samples, speculative } => {
+                let Some((t, took_ms)) = r else { continue };
+                let Some(h) = s.open.get_mut(&key) else { continue };
+                if h.index != index || h.start_ms != start_ms {
+                    continue;
+                }
+                if speculative {
+                    if h.speculative.is_some() {
+                        metrics::counter!("voxgate_stt_speculative_total", "outcome" => "dropped").increment(1);
+                    }
+                    h.speculative = Some(Speculative { end_ms, samples, result: t.clone(), took_ms });
+                }
+                if s.partials && t.rejected.is_none() && !t.text.is_empty() && t.text != h.last_partial {
+                    h.partials += 1;
+                    let ev = PartialTranscript {
+                        stream_sid: key.0,
+                        track: key.1,
+                        segment_index: index,
+                        start_ms,
+                        end_ms,
+                        stable: t.text.starts_with(h.last_partial.as_str()),
+                        text: t.text.clone(),
+                        sequence: h.partials,
+                    };
+                    h.last_partial = t.text;
+                    let env = Envelope {
+                        event_id: EventId::derive(
+                            id_kind::PARTIAL_TRANSCRIPT,
+                            &[key.0.as_u128(), u128::from(index), u128::from(end_ms), key.1 as u128],
+                        ),
+                        tenant: h.tenant,
+                        call: Some(h.call),
+                        occurred_at: h.occurred_at,
+                        payload: Event::PartialTranscript(ev),
+                    };
+                    partial_out.push((h.call.partition_key(), voxgate_protocol::encode(&env)));
+                }
+            }
+        }
+    }
+    if !partial_out.is_empty() {
+        s.log.append_many(topics::TRANSCRIPTS, partial_out.iter().map(|(k, b)| (*k, b.as_slice()))).await?;
+        metrics::counter!("voxgate_partial_transcripts_total").increment(partial_out.len() as u64);
     }
     if pending.is_empty() {
         append_ended(s, &ended).await?;
@@ -315,46 +562,15 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         return Ok(more);
     }
 
-    // Split across the workers; each batch goes through the encoder together.
-    let workers = s.pool.workers().min(pending.len()).max(1);
-    let chunk = pending.len().div_ceil(workers);
-    let mut clips: Vec<Vec<f32>> = pending.iter_mut().map(|p| std::mem::take(&mut p.clip)).collect();
-    let mut jobs = Vec::new();
-    while !clips.is_empty() {
-        let rest = clips.split_off(chunk.min(clips.len()));
-        let batch = std::mem::replace(&mut clips, rest);
-        let n = batch.len();
-        let pool = s.pool.clone();
-        jobs.push((n, tokio::spawn(async move { pool.transcribe(batch).await })));
-    }
-    let mut results: Vec<Option<(Transcription, u32)>> = Vec::with_capacity(pending.len());
-    for (n, job) in jobs {
-        let outcome = match job.await {
-            Ok(r) => r,
-            Err(e) => Err(e.to_string()),
-        };
-        match outcome {
-            Ok((ts, took)) => {
-                let share = (took.as_millis() as u64 / n.max(1) as u64) as u32;
-                results.extend(ts.into_iter().map(|t| Some((t, share))));
-            }
-            Err(why) => {
-                metrics::counter!("twilio_stt_errors_total", "error_type" => "model").increment(n as u64);
-                tracing::error!(stage = "stt", segments = n, error = %why, "transcription failed");
-                results.extend((0..n).map(|_| None));
-            }
-        }
-    }
-
     let model = s.pool.model_id().to_owned();
     let mut out: Vec<(u64, Vec<u8>)> = Vec::with_capacity(pending.len());
     let mut closed_at: Vec<i64> = Vec::with_capacity(pending.len());
-    for (p, r) in pending.iter().zip(results) {
+    for p in pending {
         let Event::SpeechSegment(seg) = &p.env.payload else { continue };
         let Some(call) = p.env.call else { continue };
-        let (t, share) = match r {
+        let (t, share) = match p.ready {
             Some(x) => x,
-            None => continue, // recorded as an error above; the segment stays in the speech log for replay
+            None => continue, // recorded as an error; the segment stays in the speech log for replay
         };
         metrics::histogram!("twilio_stt_latency_seconds").record(f64::from(share) / 1000.0);
         metrics::histogram!("twilio_stt_transcript_length_chars").record(t.text.chars().count() as f64);
@@ -402,6 +618,43 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     append_ended(s, &ended).await?;
     commit(s, &new_next).await?;
     Ok(more)
+}
+
+/// Transcribes clips split across the workers (each batch goes through the encoder together);
+/// one result per clip, in order, with its share of the batch's time in ms (`None`: failed,
+/// counted and logged).
+async fn transcribe(pool: &Arc<SttPool>, mut clips: Vec<Vec<f32>>) -> Vec<Option<(Transcription, u32)>> {
+    let total = clips.len();
+    let workers = pool.workers().min(total).max(1);
+    let chunk = total.div_ceil(workers);
+    let mut batches = Vec::new();
+    while !clips.is_empty() {
+        let rest = clips.split_off(chunk.min(clips.len()));
+        let batch = std::mem::replace(&mut clips, rest);
+        let n = batch.len();
+        let pool = pool.clone();
+        batches.push((n, tokio::spawn(async move { pool.transcribe(batch).await })));
+    }
+    let mut results = Vec::with_capacity(total);
+    for (n, job) in batches {
+        let outcome = match job.await {
+            Ok(r) => r,
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok((ts, took)) => {
+                let share = (took.as_millis() as u64 / n.max(1) as u64) as u32;
+                results.extend(ts.into_iter().map(|t| Some((t, share))));
+            }
+            Err(why) => {
+                metrics::counter!("twilio_stt_errors_total", "error_type" => "model").increment(n as u64);
+                tracing::error!(stage = "stt", segments = n, error = %why, "transcription failed");
+                results.extend((0..n).map(|_| None));
+            }
+        }
+    }
+    results.resize_with(total, || None);
+    results
 }
 
 /// The tracks whose speech ended, on the transcripts log after their last transcript.

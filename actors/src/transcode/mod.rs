@@ -35,7 +35,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use resample::{Upsampler2x, DELAY_SAMPLES_16K, DELAY_SAMPLES_8K};
-pub use vad::{Vad, VadConfig, SAMPLES_PER_MS};
+pub use vad::{Mark, Vad, VadConfig, SAMPLES_PER_MS};
 
 /// Configuration errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,6 +76,23 @@ impl Segment {
     }
 }
 
+/// A piece of a segment still open (see [`VadConfig::progress`]): its pieces, in order, are
+/// its audio so far; a segment that closes at a pause has exactly the audio of its pieces up to
+/// that pause's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// The index the segment will have.
+    pub index: u32,
+    /// The segment's first sample (ms).
+    pub start_ms: u64,
+    /// This piece: `[from_ms, end_ms)`.
+    pub from_ms: u64,
+    pub end_ms: u64,
+    pub paused: bool,
+    /// 16 kHz mono PCM of `[from_ms, end_ms)`.
+    pub pcm16: Vec<i16>,
+}
+
 /// Gaps in `start_ms` up to this long are filled with silence; longer ones resync.
 pub const MAX_GAP_MS: u64 = 2_000;
 /// `start_ms` values above this are clamped (keeps sample positions far from `u64::MAX`).
@@ -110,6 +127,10 @@ pub struct StreamTranscoder {
     /// Span of recent gap fill, `[lo, hi)`.
     fill: Option<(u64, u64)>,
     spans: Vec<vad::Span>,
+    marks: Vec<Mark>,
+    /// The open segment's start and where its last piece ended.
+    piece: Option<(u64, u64)>,
+    progress: Vec<Piece>,
     next_index: u32,
     samples_in: u64,
     samples_filled: u64,
@@ -135,6 +156,9 @@ impl StreamTranscoder {
             frame_pos: 0,
             fill: None,
             spans: Vec::new(),
+            marks: Vec::new(),
+            piece: None,
+            progress: Vec::new(),
             next_index: 0,
             samples_in: 0,
             samples_filled: 0,
@@ -188,6 +212,13 @@ impl StreamTranscoder {
     pub fn finish(&mut self, out: &mut Vec<Segment>) {
         self.flush_run(out);
         self.buf16.clear();
+    }
+
+    /// Moves the pieces of open segments cut since the last call to `into`, in order. A piece
+    /// of segment `i` comes after segment `i − 1` and before segment `i` (order them by index,
+    /// pieces first, to interleave them with the segments of the same pushes).
+    pub fn take_progress(&mut self, into: &mut Vec<Piece>) {
+        into.append(&mut self.progress);
     }
 
     /// mu-law samples received (including dropped overlaps), for metrics.
@@ -307,6 +338,36 @@ impl StreamTranscoder {
             if !self.spans.is_empty() {
                 self.emit_spans(out);
             }
+            self.vad.take_marks(&mut self.marks);
+            if !self.marks.is_empty() {
+                self.emit_marks();
+            }
+        }
+    }
+
+    fn emit_marks(&mut self) {
+        let end = self.aligned_end();
+        for m in self.marks.drain(..) {
+            let from = match self.piece {
+                Some((start, upto)) if start == m.seg_start => upto,
+                _ => m.seg_start,
+            };
+            debug_assert!(from >= self.buf_start && m.upto <= end, "{m:?}");
+            let (s, e) = (from.max(self.buf_start), m.upto.min(end));
+            if e <= s {
+                continue;
+            }
+            let a = ((s - self.buf_start) * 2) as usize;
+            let b = ((e - self.buf_start) * 2) as usize;
+            self.progress.push(Piece {
+                index: self.next_index,
+                start_ms: m.seg_start / SAMPLES_PER_MS,
+                from_ms: s / SAMPLES_PER_MS,
+                end_ms: e / SAMPLES_PER_MS,
+                paused: m.paused,
+                pcm16: self.buf16[a..b].to_vec(),
+            });
+            self.piece = Some((m.seg_start, e));
         }
     }
 

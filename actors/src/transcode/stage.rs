@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use voxgate_protocol::event::{Event, SpeechEnded, SpeechSegment, Track};
+use voxgate_protocol::event::{Event, SpeechEnded, SpeechProgress, SpeechSegment, Track};
 use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, StreamSid, Timestamp};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
-use super::{Segment, StreamTranscoder, TranscodeConfig};
+use super::{Piece, Segment, StreamTranscoder, TranscodeConfig};
 use crate::call::id_kind;
 use crate::progress::Progress;
 
@@ -91,6 +91,7 @@ pub struct TranscodeState {
     watcher: tokio::task::JoinHandle<()>,
     records: Vec<Record>,
     segments: Vec<Segment>,
+    pieces: Vec<Piece>,
 }
 
 /// The transcode stage actor.
@@ -122,6 +123,7 @@ impl Actor for TranscodeStage {
             watcher,
             records: Vec::new(),
             segments: Vec::new(),
+            pieces: Vec::new(),
         })
     }
 
@@ -204,7 +206,8 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
                 };
                 s.segments.clear();
                 open.transcoder.push(b.start_ms, &b.payload, &mut s.segments);
-                emit(open, key, env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
+                open.transcoder.take_progress(&mut s.pieces);
+                emit(open, key, env.occurred_at, &mut s.segments, &mut s.pieces, &mut out, &mut out_keys);
             }
             Event::StreamStopped(st) => {
                 let Some(sid) = st.stream_sid else { continue };
@@ -214,7 +217,16 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
                     };
                     s.segments.clear();
                     open.transcoder.finish(&mut s.segments);
-                    emit(&mut open, (sid, track), env.occurred_at, &mut s.segments, &mut out, &mut out_keys);
+                    open.transcoder.take_progress(&mut s.pieces);
+                    emit(
+                        &mut open,
+                        (sid, track),
+                        env.occurred_at,
+                        &mut s.segments,
+                        &mut s.pieces,
+                        &mut out,
+                        &mut out_keys,
+                    );
                     // After the track's last segment: every transcript of it follows the same way.
                     let ended = Envelope {
                         event_id: EventId::derive(id_kind::SPEECH_ENDED, &[sid.as_u128(), track as u128]),
@@ -261,24 +273,86 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
     Ok(more)
 }
 
+/// Appends the segments and the pieces of open segments cut by one push, in the order they were
+/// cut (a segment's pieces before it).
 fn emit(
     open: &mut OpenStream,
-    (stream_sid, track): StreamTrack,
+    key: StreamTrack,
     at: Timestamp,
     segments: &mut Vec<Segment>,
+    pieces: &mut Vec<Piece>,
     out: &mut Vec<Vec<u8>>,
     keys: &mut Vec<u64>,
 ) {
+    let mut pieces = pieces.drain(..).peekable();
     for seg in segments.drain(..) {
+        while let Some(p) = pieces.next_if(|p| p.index <= seg.index) {
+            emit_piece(open, key, at, p, out, keys);
+        }
+        emit_segment(open, key, at, seg, out, keys);
+    }
+    for p in pieces {
+        emit_piece(open, key, at, p, out, keys);
+    }
+}
+
+fn emit_piece(
+    open: &OpenStream,
+    (stream_sid, track): StreamTrack,
+    at: Timestamp,
+    p: Piece,
+    out: &mut Vec<Vec<u8>>,
+    keys: &mut Vec<u64>,
+) {
+    if p.index < open.emitted {
+        return; // its segment was in the speech log before a restart
+    }
+    let env = Envelope {
+        event_id: EventId::derive(
+            id_kind::SPEECH_PROGRESS,
+            &[stream_sid.as_u128(), u128::from(p.index), u128::from(p.end_ms), track as u128],
+        ),
+        tenant: open.tenant,
+        call: Some(open.call),
+        occurred_at: at,
+        payload: Event::SpeechProgress(SpeechProgress {
+            stream_sid,
+            track,
+            index: p.index,
+            start_ms: p.start_ms,
+            from_ms: p.from_ms,
+            end_ms: p.end_ms,
+            paused: p.paused,
+            pcm16le: pcm_bytes(&p.pcm16),
+        }),
+    };
+    metrics::counter!("voxgate_speech_pieces_total", "paused" => if p.paused { "true" } else { "false" }).increment(1);
+    out.push(voxgate_protocol::encode(&env));
+    keys.push(open.call.partition_key());
+}
+
+fn pcm_bytes(pcm16: &[i16]) -> Bytes {
+    let mut pcm = Vec::with_capacity(pcm16.len() * 2);
+    for x in pcm16 {
+        pcm.extend_from_slice(&x.to_le_bytes());
+    }
+    Bytes::from(pcm)
+}
+
+fn emit_segment(
+    open: &mut OpenStream,
+    (stream_sid, track): StreamTrack,
+    at: Timestamp,
+    seg: Segment,
+    out: &mut Vec<Vec<u8>>,
+    keys: &mut Vec<u64>,
+) {
+    {
         if seg.index < open.emitted {
-            continue; // already in the speech log before a restart
+            return; // already in the speech log before a restart
         }
         open.emitted = seg.index + 1;
         open.dirty = true;
-        let mut pcm = Vec::with_capacity(seg.pcm16.len() * 2);
-        for x in &seg.pcm16 {
-            pcm.extend_from_slice(&x.to_le_bytes());
-        }
         metrics::histogram!("voxgate_speech_segment_seconds").record((seg.end_ms - seg.start_ms) as f64 / 1000.0);
         // The caller's track keeps the ids it always had; the other track's differ.
         let event_id = match track {
@@ -298,7 +372,7 @@ fn emit(
                 start_ms: seg.start_ms,
                 end_ms: seg.end_ms,
                 sample_rate: 16_000,
-                pcm16le: Bytes::from(pcm),
+                pcm16le: pcm_bytes(&seg.pcm16),
                 track,
             }),
         };

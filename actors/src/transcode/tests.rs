@@ -8,7 +8,8 @@ use super::synth::SignalBuilder;
 use super::*;
 
 const PRE_ROLL: i64 = 200;
-const HANGOVER: i64 = 400;
+/// Audio a segment keeps after its speech (`tail_ms`).
+const TAIL: i64 = 120;
 
 /// Feeds `bytes` in batches of `batch` bytes, `start_ms` = base + floor(offset / 8), then
 /// finishes.
@@ -60,12 +61,12 @@ fn spans(segs: &[Segment]) -> Vec<(u64, u64)> {
     segs.iter().map(|s| (s.start_ms, s.end_ms)).collect()
 }
 
-/// One segment per speech piece, edges within ±60 ms of (onset − pre-roll, offset + hangover).
+/// One segment per speech piece, edges within ±60 ms of (onset − pre-roll, offset + tail).
 fn assert_one_segment_per_burst(segs: &[Segment], bursts: &[(u64, u64)]) {
     assert_eq!(segs.len(), bursts.len(), "segments {:?} for bursts {bursts:?}", spans(segs));
     for (s, &(on, off)) in segs.iter().zip(bursts) {
         let ds = s.start_ms as i64 - (on as i64 - PRE_ROLL);
-        let de = s.end_ms as i64 - (off as i64 + HANGOVER);
+        let de = s.end_ms as i64 - (off as i64 + TAIL);
         assert!(ds.abs() <= 60, "start {} vs onset {on}", s.start_ms);
         assert!(de.abs() <= 60, "end {} vs offset {off}", s.end_ms);
     }
@@ -140,7 +141,7 @@ fn continuous_speech_longer_than_max_segment_is_cut() {
     assert!((segs[0].start_ms as i64 - 800).abs() <= 60);
     assert_eq!(segs[0].duration_ms(), cfg.vad.max_segment_ms as u64);
     assert_eq!(segs[1].start_ms, segs[0].end_ms, "the cut loses nothing");
-    assert!((segs[1].end_ms as i64 - 21_400).abs() <= 60);
+    assert!((segs[1].end_ms as i64 - (21_000 + TAIL)).abs() <= 60);
     let reference = reference16(&bytes);
     for s in &segs {
         assert_aligned(s, &reference, 0);
@@ -161,7 +162,7 @@ fn steady_noise_is_not_speech() {
     let segs = run(&cfg, &sig.mulaw(), 0, 800);
     assert_eq!(segs.len(), 1, "{:?}", spans(&segs));
     assert_eq!(segs[0].start_ms, 1_800);
-    let adapted_after = segs[0].end_ms - HANGOVER as u64 - 2_000;
+    let adapted_after = segs[0].end_ms - TAIL as u64 - 2_000;
     assert!((3_800..=5_200).contains(&adapted_after), "floor adapted after {adapted_after} ms");
 }
 
@@ -184,6 +185,57 @@ fn any_batch_size_gives_the_same_segments() {
     tc.finish(&mut out);
     assert_eq!(out, whole);
     assert_eq!((tc.samples_filled(), tc.samples_dropped()), (0, 0));
+}
+
+/// Feeds like `run`, and also collects the pieces of open segments.
+fn run_with_progress(cfg: &TranscodeConfig, bytes: &[u8], base_ms: u64, batch: usize) -> (Vec<Segment>, Vec<Piece>) {
+    let mut tc = StreamTranscoder::new(cfg);
+    let (mut out, mut pieces) = (Vec::new(), Vec::new());
+    for (i, chunk) in bytes.chunks(batch).enumerate() {
+        tc.push(base_ms + (i * batch / 8) as u64, chunk, &mut out);
+        tc.take_progress(&mut pieces);
+    }
+    tc.finish(&mut out);
+    tc.take_progress(&mut pieces);
+    (out, pieces)
+}
+
+#[test]
+fn the_pieces_of_a_segment_are_its_audio_and_a_pause_piece_ends_where_it_ends() {
+    let cfg = TranscodeConfig::default();
+    // Two utterances with a 250 ms pause inside the first (bridged by the hangover).
+    let sig = SignalBuilder::new(9)
+        .silence(700)
+        .speech(1_300, -20.0)
+        .silence(250)
+        .speech(700, -20.0)
+        .silence(800)
+        .speech(900, -24.0)
+        .silence(700);
+    let bytes = sig.mulaw();
+    let (segs, pieces) = run_with_progress(&cfg, &bytes, 0, bytes.len());
+    assert_eq!(segs.len(), 2, "{:?}", spans(&segs));
+    let reference = reference16(&bytes);
+    for seg in &segs {
+        let mine: Vec<&Piece> = pieces.iter().filter(|p| p.index == seg.index).collect();
+        assert!(mine.len() >= 2, "segment {}: {} pieces", seg.index, mine.len());
+        let mut at = seg.start_ms;
+        for p in &mine {
+            assert_eq!((p.start_ms, p.from_ms), (seg.start_ms, at), "pieces follow each other");
+            let (a, b) = ((p.from_ms * 16) as usize, (p.end_ms * 16) as usize);
+            assert!(p.pcm16 == reference[a..b], "a piece is the stream's audio at its times");
+            at = p.end_ms;
+        }
+        let last = mine.last().unwrap();
+        assert!(last.paused);
+        assert_eq!(last.end_ms, seg.end_ms, "the segment ends where its last pause piece ends");
+    }
+    // The pause inside the first utterance made a paused piece that is not the end.
+    assert!(pieces.iter().any(|p| p.index == 0 && p.paused && p.end_ms < segs[0].end_ms));
+    // Any batching gives the same pieces.
+    for batch in [160, 333, 800, 4_097] {
+        assert_eq!(run_with_progress(&cfg, &bytes, 0, batch), (segs.clone(), pieces.clone()), "batch {batch}");
+    }
 }
 
 /// 20 ms frames of `bytes` with their start times.
@@ -239,7 +291,7 @@ fn a_long_gap_closes_the_segment_and_resyncs() {
     assert_aligned(&out[0], &reference16(before), 0);
     // …and the rest starts at the resync point (no audio before it to pre-roll).
     assert_eq!(out[1].start_ms, 5_000);
-    assert!((out[1].end_ms as i64 - (5_000 + 2_000 + HANGOVER)).abs() <= 60);
+    assert!((out[1].end_ms as i64 - (5_000 + 2_000 + TAIL)).abs() <= 60);
     assert_aligned(&out[1], &reference16(after), 5_000);
 }
 

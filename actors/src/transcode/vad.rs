@@ -51,8 +51,18 @@ pub struct VadConfig {
     pub min_energy_dbfs: f32,
     /// Consecutive speech frames that open a segment (1..=100; 3 by default).
     pub start_frames: u32,
-    /// Silence kept open after the last speech frame (0..=10 000; 400 by default).
+    /// Silence after the last speech frame that ends a segment (0..=10 000; 400 by default).
     pub hangover_ms: u32,
+    /// Audio a segment keeps after its last speech frame (0..=`hangover_ms`; 120 by default):
+    /// the segment ends there, though its end is decided only after the hangover. When
+    /// `progress` is on, a pause this long hands the segment so far to STT at once (a
+    /// speculative final), and the segment, if the pause lasts, has exactly that audio.
+    pub tail_ms: u32,
+    /// Hand the open segment's audio to STT while it is open: at pauses (see `tail_ms`) and
+    /// every `progress_ms` of speech (partial results).
+    pub progress: bool,
+    /// Interval of the pieces of an open segment (100..=10 000; 500 by default).
+    pub progress_ms: u32,
     /// Audio kept before the first speech frame (0..=5 000; 200 by default).
     pub pre_roll_ms: u32,
     /// Segments whose speech (first to last speech frame) is shorter are dropped (200 by default).
@@ -69,6 +79,9 @@ impl Default for VadConfig {
             min_energy_dbfs: -50.0,
             start_frames: 3,
             hangover_ms: 400,
+            tail_ms: 120,
+            progress: true,
+            progress_ms: 500,
             pre_roll_ms: 200,
             min_speech_ms: 200,
             max_segment_ms: 15_000,
@@ -82,6 +95,7 @@ const MIN_ENERGY_DBFS: (f32, f32) = (-120.0, 0.0);
 const START_FRAMES: (u32, u32) = (1, 100);
 const HANGOVER_MS: (u32, u32) = (0, 10_000);
 const PRE_ROLL_MS: (u32, u32) = (0, 5_000);
+const PROGRESS_MS: (u32, u32) = (100, 10_000);
 const MAX_SEGMENT_MS: (u32, u32) = (1_000, 3_600_000);
 
 fn bad(field: &'static str, message: String) -> TranscodeError {
@@ -110,6 +124,8 @@ impl VadConfig {
         check_f32("min_energy_dbfs", self.min_energy_dbfs, MIN_ENERGY_DBFS)?;
         check_u32("start_frames", self.start_frames, START_FRAMES)?;
         check_u32("hangover_ms", self.hangover_ms, HANGOVER_MS)?;
+        check_u32("tail_ms", self.tail_ms, (0, self.hangover_ms))?;
+        check_u32("progress_ms", self.progress_ms, PROGRESS_MS)?;
         check_u32("pre_roll_ms", self.pre_roll_ms, PRE_ROLL_MS)?;
         check_u32("max_segment_ms", self.max_segment_ms, MAX_SEGMENT_MS)?;
         if self.min_speech_ms > self.max_segment_ms {
@@ -139,6 +155,9 @@ impl VadConfig {
             min_energy_dbfs: f(self.min_energy_dbfs, d.min_energy_dbfs, MIN_ENERGY_DBFS),
             start_frames: u(self.start_frames, START_FRAMES),
             hangover_ms: u(self.hangover_ms, HANGOVER_MS),
+            tail_ms: self.tail_ms.min(u(self.hangover_ms, HANGOVER_MS)),
+            progress: self.progress,
+            progress_ms: u(self.progress_ms, PROGRESS_MS),
             pre_roll_ms: u(self.pre_roll_ms, PRE_ROLL_MS),
             min_speech_ms: self.min_speech_ms,
             max_segment_ms: u(self.max_segment_ms, MAX_SEGMENT_MS),
@@ -162,6 +181,16 @@ pub struct Span {
     pub end: u64,
 }
 
+/// A point in an open segment where its audio so far goes to STT: `[seg_start, upto)` is the
+/// segment's audio up to here (in 8 kHz samples of stream time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub seg_start: u64,
+    pub upto: u64,
+    /// The speaker paused: if the pause lasts the hangover, the segment ends at `upto`.
+    pub paused: bool,
+}
+
 /// Frame mean-square energy of 16-bit samples, normalised to full scale (1.0 = 0 dBFS).
 pub fn frame_energy(samples: &[i16]) -> f64 {
     if samples.is_empty() {
@@ -182,6 +211,8 @@ pub struct Vad {
     frame_len: u64,
     start_frames: u32,
     hangover: u64,
+    tail: u64,
+    progress_every: Option<u64>,
     pre_roll: u64,
     min_speech: u64,
     max_segment: u64,
@@ -202,6 +233,11 @@ pub struct Vad {
     seg_start: u64,
     onset: u64,
     last_speech_end: u64,
+    /// Where the open segment's last mark was.
+    last_mark: u64,
+    /// The current pause was marked.
+    paused_marked: bool,
+    marks: Vec<Mark>,
 }
 
 impl Vad {
@@ -215,6 +251,8 @@ impl Vad {
             frame_len: c.frame_samples(),
             start_frames: c.start_frames,
             hangover: c.hangover_ms as u64 * ms,
+            tail: c.tail_ms as u64 * ms,
+            progress_every: c.progress.then_some(c.progress_ms as u64 * ms),
             pre_roll: c.pre_roll_ms as u64 * ms,
             min_speech: c.min_speech_ms as u64 * ms,
             max_segment: c.max_segment_ms as u64 * ms,
@@ -232,7 +270,15 @@ impl Vad {
             seg_start: 0,
             onset: 0,
             last_speech_end: 0,
+            last_mark: 0,
+            paused_marked: false,
+            marks: Vec::new(),
         }
+    }
+
+    /// Moves the marks made since the last call to `into` (none unless `progress` is on).
+    pub fn take_marks(&mut self, into: &mut Vec<Mark>) {
+        into.append(&mut self.marks);
     }
 
     /// Samples per frame.
@@ -287,8 +333,12 @@ impl Vad {
         if self.active {
             if speech {
                 self.last_speech_end = end;
+                self.paused_marked = false;
             }
             self.advance(end, false, out);
+            if self.active {
+                self.mark(end, speech);
+            }
         } else if speech {
             if self.run_len == 0 {
                 self.run_start = pos;
@@ -301,7 +351,12 @@ impl Vad {
                 self.onset = self.run_start;
                 self.seg_start = self.run_start.saturating_sub(self.pre_roll).max(self.min_start);
                 self.last_speech_end = end;
+                self.last_mark = self.seg_start;
+                self.paused_marked = false;
                 self.advance(end, false, out);
+                if self.active {
+                    self.mark(end, true);
+                }
             }
         } else {
             self.run_len = 0;
@@ -322,11 +377,12 @@ impl Vad {
     fn advance(&mut self, now: u64, forced: bool, out: &mut Vec<Span>) {
         while self.active {
             let hang_end = self.last_speech_end.saturating_add(self.hangover);
+            let tail_end = self.last_speech_end.saturating_add(self.tail);
             let close_at = if forced {
-                let c = now.min(hang_end);
+                let c = now.min(tail_end);
                 Some(c - c % SAMPLES_PER_MS)
             } else if now >= hang_end {
-                Some(hang_end)
+                Some(tail_end)
             } else {
                 None
             };
@@ -348,14 +404,45 @@ impl Vad {
         }
     }
 
+    /// Whether the open segment, closed at `end`, would be kept.
+    fn would_keep(&self, end: u64) -> bool {
+        let speech = self.last_speech_end.min(end).saturating_sub(self.onset);
+        // A continuation of a cut segment is kept if it has any speech at all.
+        if self.continued {
+            speech > 0
+        } else {
+            speech >= self.min_speech
+        }
+    }
+
+    /// Marks the open segment at a pause (once per pause) or every `progress_every` of audio,
+    /// when it would be kept if it closed there.
+    fn mark(&mut self, now: u64, speech: bool) {
+        let Some(every) = self.progress_every else { return };
+        if self.last_mark < self.seg_start {
+            self.last_mark = self.seg_start; // cut: a new segment
+        }
+        let tail_end = self.last_speech_end.saturating_add(self.tail);
+        if !speech && !self.paused_marked && now >= tail_end && self.tail < self.hangover {
+            self.paused_marked = true;
+            if tail_end > self.last_mark && self.would_keep(tail_end) {
+                self.marks.push(Mark { seg_start: self.seg_start, upto: tail_end, paused: true });
+                self.last_mark = tail_end;
+            }
+            return;
+        }
+        // Nothing new to hear during a pause.
+        if !self.paused_marked && now >= self.last_mark.saturating_add(every) && self.would_keep(now) {
+            self.marks.push(Mark { seg_start: self.seg_start, upto: now, paused: false });
+            self.last_mark = now;
+        }
+    }
+
     fn close(&mut self, end: u64, out: &mut Vec<Span>) {
         if end <= self.seg_start {
             return;
         }
-        let speech = self.last_speech_end.min(end).saturating_sub(self.onset);
-        // A continuation of a cut segment is kept if it has any speech at all.
-        let keep = if self.continued { speech > 0 } else { speech >= self.min_speech };
-        if keep {
+        if self.would_keep(end) {
             out.push(Span { start: self.seg_start, end });
             // The next segment's pre-roll must not overlap this one.
             self.min_start = self.min_start.max(end);
@@ -423,7 +510,9 @@ mod tests {
         let cfg = VadConfig::default();
         // 1 s at -60, 1 s at -20, 2 s at -60.
         let segs = run(&cfg, &levels(&[(-60.0, 50), (-20.0, 50), (-60.0, 100)]));
-        assert_eq!(segs, vec![(1_000 - 200, 2_000 + 400)]);
+        assert_eq!(segs, vec![(1_000 - 200, 2_000 + 120)], "the segment keeps tail_ms after the speech");
+        let legacy = VadConfig { tail_ms: 400, ..cfg };
+        assert_eq!(run(&legacy, &levels(&[(-60.0, 50), (-20.0, 50), (-60.0, 100)])), vec![(800, 2_400)]);
     }
 
     #[test]
@@ -439,7 +528,7 @@ mod tests {
 
     #[test]
     fn hangover_bridges_pauses() {
-        let cfg = VadConfig::default();
+        let cfg = VadConfig { tail_ms: 400, ..VadConfig::default() };
         let segs = run(&cfg, &levels(&[(-60.0, 50), (-20.0, 20), (-60.0, 15), (-20.0, 20), (-60.0, 50)]));
         assert_eq!(segs, vec![(800, 2_100 + 400)]);
         let segs = run(&cfg, &levels(&[(-60.0, 50), (-20.0, 20), (-60.0, 25), (-20.0, 20), (-60.0, 50)]));
@@ -467,8 +556,56 @@ mod tests {
         let segs = run(&cfg, &l);
         assert_eq!(segs[0], (800, 2_800));
         assert_eq!(segs[1], (2_800, 4_800));
-        assert_eq!(segs[2], (4_800, 5_980 + 400));
+        assert_eq!(segs[2], (4_800, 5_980 + 120));
         assert_eq!(segs.len(), 3);
+    }
+
+    /// Feeds frames like `run`; returns the segments and marks in ms, in the order they came.
+    fn run_marks(cfg: &VadConfig, levels: &[f64]) -> Vec<(char, u64, u64)> {
+        let mut vad = Vad::new(cfg);
+        vad.start_run(0);
+        let (mut out, mut marks, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        let fl = vad.frame_len();
+        for (i, &l) in levels.iter().enumerate() {
+            vad.frame(i as u64 * fl, db(l), true, &mut out);
+            all.extend(out.drain(..).map(|s: Span| ('S', s.start / 8, s.end / 8)));
+            vad.take_marks(&mut marks);
+            all.extend(marks.drain(..).map(|m: Mark| (if m.paused { 'P' } else { 'M' }, m.seg_start / 8, m.upto / 8)));
+        }
+        vad.flush(levels.len() as u64 * fl, &mut out);
+        all.extend(out.drain(..).map(|s: Span| ('S', s.start / 8, s.end / 8)));
+        all
+    }
+
+    #[test]
+    fn a_pause_marks_the_segment_where_it_will_end() {
+        let cfg = VadConfig::default();
+        // 1 s of speech, a 300 ms pause (shorter than the hangover), 1 s of speech, silence.
+        let got = run_marks(&cfg, &levels(&[(-60.0, 50), (-20.0, 50), (-60.0, 15), (-20.0, 50), (-60.0, 50)]));
+        assert_eq!(
+            got,
+            vec![
+                ('M', 800, 1_300),
+                ('M', 800, 1_800),
+                ('P', 800, 2_120), // the pause: speech resumes, so it is not the end
+                ('M', 800, 2_620),
+                ('M', 800, 3_120),
+                ('P', 800, 3_420), // the end: the segment below ends exactly here
+                ('S', 800, 3_420),
+            ]
+        );
+        // A blip too short to keep is never handed on.
+        assert_eq!(run_marks(&cfg, &levels(&[(-60.0, 50), (-20.0, 5), (-60.0, 50)])), vec![]);
+        // Off: no marks.
+        let off = VadConfig { progress: false, ..cfg };
+        assert_eq!(run_marks(&off, &levels(&[(-60.0, 50), (-20.0, 50), (-60.0, 50)])), vec![('S', 800, 2_120)]);
+    }
+
+    #[test]
+    fn tail_is_at_most_the_hangover() {
+        let cfg = VadConfig { tail_ms: 500, ..VadConfig::default() };
+        assert!(cfg.validate().is_err());
+        assert_eq!(cfg.sanitized().tail_ms, 400);
     }
 
     #[test]
@@ -486,7 +623,7 @@ mod tests {
         assert_eq!(segs.len(), 1);
         let (s, e) = segs[0];
         assert_eq!(s, 800);
-        let speech_end = e - 400;
+        let speech_end = e - 120;
         assert!((4_900..=5_100).contains(&speech_end), "{segs:?}");
         // Steady noise from the start: never speech.
         assert!(run(&cfg, &levels(&[(-30.0, 500)])).is_empty());
