@@ -13,8 +13,14 @@
 //! for each transcript, the time from the end of the speech (known from the script) to the
 //! transcript being durable in the log. p50 and p95 at each concurrency.
 //!
-//! `cargo run --release -p voxgate-scenarios --bin bench_stt -- [SENTENCES] [CONCURRENCY,…] [VOICES]`
-//! (VOICES e.g. `flite:slt,espeak:en-us,espeak:en-gb-x-rp,flite:awb`; the default is the first two).
+//! Also in part 2: partial results (how many per final, the interval between a segment's
+//! partials), and how many finals were decoded already at the pause where they ended.
+//!
+//! `cargo run --release -p voxgate-scenarios --bin bench_stt -- [e2e] [SENTENCES] [CONCURRENCY,…] [VOICES]`
+//! (VOICES e.g. `flite:slt,espeak:en-us,espeak:en-gb-x-rp,flite:awb`; the default is the first two;
+//! `e2e` runs part 2 alone). `BENCH_STT_VARIANTS` runs part 2 once per `;`-separated TOML
+//! snippet added to the node's config (e.g. `[transcode.vad]\nhangover_ms = 300`); `base` is the
+//! config as shipped.
 
 use std::path::Path;
 use std::process::Command;
@@ -32,7 +38,11 @@ use voxgate_scenarios::twilio::Pace;
 use voxgate_scenarios::wer::WerByVoice;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let e2e_only = args.get(1).is_some_and(|a| a == "e2e");
+    if e2e_only {
+        args.remove(1);
+    }
     let n_sentences: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(24);
     let levels: Vec<usize> =
         args.get(2).map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or_else(|| vec![1, 4, 8]);
@@ -50,6 +60,10 @@ fn main() -> anyhow::Result<()> {
         })
         .unwrap_or_else(|| vec![Voice::Flite("slt".into()), Voice::Espeak("en-us".into())]);
     let sentences: Vec<&str> = SENTENCES.iter().copied().take(n_sentences).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    if e2e_only {
+        return rt.block_on(end_to_end(&levels, &sentences));
+    }
 
     // ---- Part 1: the model, side by side with faster-whisper.
     let clips_dir = root.join("target/bench-stt-clips");
@@ -165,7 +179,6 @@ fn main() -> anyhow::Result<()> {
     println!("WER per voice, voxgate one at a time:\n{}", wer_single.table());
 
     // ---- Part 2: end to end, end of speech → transcript durable.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(end_to_end(&levels, &sentences))
 }
 
@@ -175,15 +188,38 @@ async fn end_to_end(levels: &[usize], sentences: &[&str]) -> anyhow::Result<()> 
     let voices = [Voice::Flite("slt".into()), Voice::Espeak("en-us".into())];
     let per_call = 6.min(sentences.len());
     println!("end to end at real time, release voxgate, {per_call} sentences per call (1.5 s apart)");
-    println!("{:>6} {:>12} {:>22} {:>22}", "calls", "transcripts", "speech end → p50 ms", "speech end → p95 ms");
+    let variants: Vec<String> = std::env::var("BENCH_STT_VARIANTS")
+        .map(|v| {
+            v.split(';').map(|x| if x.trim() == "base" { String::new() } else { x.replace("\\n", "\n") }).collect()
+        })
+        .unwrap_or_else(|_| vec![String::new()]);
+    for variant in &variants {
+        println!("config: {}", if variant.is_empty() { "as shipped".to_string() } else { variant.replace('\n', " ") });
+        one_config(levels, sentences, &voices, per_call, variant, work.path()).await?;
+    }
+    Ok(())
+}
+
+async fn one_config(
+    levels: &[usize],
+    sentences: &[&str],
+    voices: &[Voice],
+    per_call: usize,
+    variant: &str,
+    work: &Path,
+) -> anyhow::Result<()> {
+    println!(
+        "{:>6} {:>12} {:>10} {:>10} {:>10} {:>16} {:>16}",
+        "calls", "transcripts", "p50 ms", "p95 ms", "max ms", "partials/final", "partial gap p50"
+    );
     for &calls in levels {
-        let mut node = Node::start(&config(""))?;
+        let mut node = Node::start(&config(variant))?;
         let mut tasks = Vec::new();
         for c in 0..calls {
             let v = voices[c % voices.len()].clone();
             let lines: Vec<(&str, Voice)> =
                 (0..per_call).map(|i| (sentences[(c + i) % sentences.len()], v.clone())).collect();
-            let s = script(&lines, 500, 1500, work.path())?;
+            let s = script(&lines, 500, 1500, work)?;
             let sim = sim(&node);
             let call = CallSid::from_u128(0xbe_0000 + (calls * 1000 + c) as u128);
             tasks.push(tokio::spawn(async move {
@@ -205,10 +241,22 @@ async fn end_to_end(levels: &[usize], sentences: &[&str]) -> anyhow::Result<()> 
             done.push(t.await??);
         }
         node.wait_idle(Duration::from_secs(600)).await?;
+        let metrics = node.scrape().await.unwrap_or_default();
         node.stop()?;
         let mut lat = Vec::new();
+        let (mut partials, mut gaps) = (0usize, Vec::new());
         for (call, t0, utterances) in &done {
-            for e in replay_json(&node, *call).iter().filter(|e| e["kind"] == "transcript") {
+            let events = replay_json(&node, *call);
+            let mut last: std::collections::HashMap<(String, u64), i64> = Default::default();
+            for e in events.iter().filter(|e| e["kind"] == "partial_transcript") {
+                partials += 1;
+                let key = (e["track"].to_string(), e["segment_index"].as_u64().unwrap_or(0));
+                let at = e["appended_at_us"].as_i64().unwrap_or(0);
+                if let Some(prev) = last.insert(key, at) {
+                    gaps.push((at - prev) as f64 / 1000.0);
+                }
+            }
+            for e in events.iter().filter(|e| e["kind"] == "transcript") {
                 let (s0, s1) = (e["start_ms"].as_u64().unwrap_or(0), e["end_ms"].as_u64().unwrap_or(0));
                 let appended = e["appended_at_us"].as_i64().unwrap_or(0);
                 // The utterance this segment holds: the last speech end inside the segment.
@@ -218,8 +266,29 @@ async fn end_to_end(levels: &[usize], sentences: &[&str]) -> anyhow::Result<()> 
                 }
             }
         }
-        println!("{calls:>6} {:>12} {:>22.0} {:>22.0}", lat.len(), quantile(&mut lat, 0.5), quantile(&mut lat, 0.95));
+        let finals = lat.len();
+        println!(
+            "{calls:>6} {finals:>12} {:>10.0} {:>10.0} {:>10.0} {:>16.2} {:>16.0}",
+            quantile(&mut lat, 0.5),
+            quantile(&mut lat, 0.95),
+            quantile(&mut lat, 1.0),
+            partials as f64 / finals.max(1) as f64,
+            if gaps.is_empty() { f64::NAN } else { quantile(&mut gaps, 0.5) }
+        );
+        let counter = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        println!(
+            "       speculative finals used {} / dropped {}; partials dropped for finals {}",
+            counter("voxgate_stt_speculative_total{outcome=\"used\"}"),
+            counter("voxgate_stt_speculative_total{outcome=\"dropped\"}"),
+            counter("voxgate_stt_partials_dropped_total")
+        );
     }
-    println!("(latency includes the VAD's 400 ms hangover, which decides that speech has ended)");
+    println!("(end of speech is the end of each sentence's audio; the segment's end is decided after [transcode.vad] hangover_ms of silence)");
     Ok(())
 }
