@@ -70,7 +70,7 @@ async fn a_call_flows_through_the_log_and_speech_is_cut_where_it_is() {
         .collect();
     assert_eq!(segs.len(), s.utterances.len(), "segments {segs:?} for utterances {:?}", s.utterances);
     for ((start, end), (a, b, text)) in segs.iter().zip(&s.utterances) {
-        // Pre-roll (200 ms) before the onset, hangover (400 ms) after the end, a frame or two of slack.
+        // Pre-roll (200 ms) before the onset, the tail (120 ms) after the end, a frame or two of slack.
         assert!(*start + 300 >= *a && *start <= a + 100, "segment {start}–{end} vs speech {a}–{b} ({text})");
         assert!(*end + 100 >= *b && *end <= b + 600, "segment {start}–{end} vs speech {a}–{b} ({text})");
     }
