@@ -149,7 +149,8 @@ pub struct SttFile {
     /// Most segments transcribed in one batch (across calls).
     pub max_batch: usize,
     /// Partial results: decode segments still open (every `[transcode.vad] progress_ms`) while
-    /// no final waits, as `partial_transcript` events and `Final=false` real-time transcription.
+    /// no final waits, as `partial_transcript` events and `Final=false` real-time transcription
+    /// (needs `[transcode.vad] progress`; off by default: a partial in flight delays finals).
     pub partials: bool,
 }
 

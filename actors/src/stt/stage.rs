@@ -9,9 +9,9 @@
 //!
 //! Segments still open reach the stage as pieces ([`SpeechProgress`]). The stage keeps each
 //! track's open segment so far and decodes it
-//! * at a pause (a speculative final): if the pause lasts, the segment that closes has exactly
-//!   that audio and its transcript is the one already decoded, appended as soon as the segment is
-//!   read, without waiting for Whisper; if speech resumes, the decode is dropped;
+//! * at a pause (a speculative final), unless finals wait: if the pause lasts, the segment that
+//!   closes has exactly that audio and its transcript is the one already decoded, appended as soon
+//!   as the segment is read, without waiting for Whisper; if speech resumes, the decode is dropped;
 //! * at the other pieces, when partial results are on and no final is waiting: a
 //!   [`PartialTranscript`] (interim, not final, not billed). A partial is dropped, never queued,
 //!   when the workers have finals to do.
@@ -467,8 +467,8 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         }
     }
 
-    // Finals first; then the open segments whose speaker paused; partials only while no final
-    // waits and a worker would be idle.
+    // Finals alone when there are any (work on open segments would only delay them); else the
+    // open segments whose speaker paused; partials only while a worker would be idle.
     let mut jobs: Vec<Job> = Vec::new();
     let mut clips: Vec<Vec<f32>> = Vec::new();
     for (i, p) in pending.iter_mut().enumerate() {
@@ -478,12 +478,16 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         }
     }
     let finals = jobs.len();
-    let mut partials_dropped = 0u64;
+    let (mut partials_dropped, mut speculative_skipped) = (0u64, 0u64);
     for (key, h) in s.open.iter_mut() {
         let want = std::mem::replace(&mut h.want, Want::Nothing);
         let speculative = match want {
             Want::Nothing => continue,
-            Want::Speculative => true,
+            Want::Speculative if finals == 0 => true,
+            Want::Speculative => {
+                speculative_skipped += 1;
+                continue;
+            }
             Want::Partial if finals == 0 && jobs.len() < s.pool.workers() => false,
             Want::Partial => {
                 partials_dropped += 1;
@@ -499,6 +503,9 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             speculative,
         });
         clips.push(h.pcm.clone());
+    }
+    if speculative_skipped > 0 {
+        metrics::counter!("voxgate_stt_speculative_total", "outcome" => "skipped").increment(speculative_skipped);
     }
     if partials_dropped > 0 {
         metrics::counter!("voxgate_stt_partials_dropped_total").increment(partials_dropped);

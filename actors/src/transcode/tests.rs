@@ -202,7 +202,8 @@ fn run_with_progress(cfg: &TranscodeConfig, bytes: &[u8], base_ms: u64, batch: u
 
 #[test]
 fn the_pieces_of_a_segment_are_its_audio_and_a_pause_piece_ends_where_it_ends() {
-    let cfg = TranscodeConfig::default();
+    let mut cfg = TranscodeConfig::default();
+    cfg.vad.progress = true;
     // Two utterances with a 250 ms pause inside the first (bridged by the hangover).
     let sig = SignalBuilder::new(9)
         .silence(700)

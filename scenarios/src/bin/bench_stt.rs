@@ -280,7 +280,7 @@ async fn one_config(
                 .lines()
                 .filter(|l| l.starts_with(name))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
+                .fold(0.0, |a, b| a + b)
         };
         println!(
             "       speculative finals used {} / dropped {}; partials dropped for finals {}",
