@@ -161,7 +161,7 @@ impl Default for SttFile {
             model_dir: PathBuf::from("./models/whisper-tiny.en"),
             workers: 1,
             max_batch: 4,
-            partials: true,
+            partials: false,
         }
     }
 }
