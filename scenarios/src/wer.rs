@@ -424,6 +424,36 @@ pub fn wer(reference: &str, hypothesis: &str) -> WerCounts {
     count(&align(&normalize(reference), &normalize(hypothesis)))
 }
 
+/// Whether a normalized word is a number word (`zero` … `ninety`, as [`normalize`] writes
+/// numbers): digits of account, phone and zip numbers, amounts, times.
+pub fn is_number_word(w: &str) -> bool {
+    !w.is_empty() && (ONES.contains(&w) || TENS.contains(&w))
+}
+
+/// The errors on number words alone: of the reference's number words, those substituted or
+/// deleted, and number words inserted (or put in place of another word); `ref_words` counts the
+/// reference's number words. Phone calls carry account numbers, amounts and dates, so these are
+/// reported apart from the overall WER.
+pub fn number_errors(edits: &[Edit]) -> WerCounts {
+    let mut c = WerCounts::default();
+    for e in edits {
+        match e {
+            Edit::Match(r) => c.ref_words += usize::from(is_number_word(r)),
+            Edit::Sub(r, _) if is_number_word(r) => {
+                c.subs += 1;
+                c.ref_words += 1;
+            }
+            Edit::Sub(_, h) | Edit::Ins(h) => c.ins += usize::from(is_number_word(h)),
+            Edit::Del(r) if is_number_word(r) => {
+                c.dels += 1;
+                c.ref_words += 1;
+            }
+            Edit::Del(_) => {}
+        }
+    }
+    c
+}
+
 /// The alignment as one line: matches as words, errors as `[ref→hyp]`, `[-ref]`, `[+hyp]`.
 pub fn diff(reference: &str, hypothesis: &str) -> String {
     let edits = align(&normalize(reference), &normalize(hypothesis));
@@ -446,6 +476,8 @@ pub fn diff(reference: &str, hypothesis: &str) -> String {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GroupTotals {
     pub counts: WerCounts,
+    /// The same on number words alone ([`number_errors`]).
+    pub numbers: WerCounts,
     /// Sentences added.
     pub sentences: usize,
     /// Of those, transcribed without any error.
@@ -478,8 +510,12 @@ impl WerByVoice {
 
     /// Scores `hypothesis` against `reference` and adds it under `voice`; returns its counts.
     pub fn score(&mut self, voice: &str, reference: &str, hypothesis: &str) -> WerCounts {
-        let c = wer(reference, hypothesis);
+        let edits = align(&normalize(reference), &normalize(hypothesis));
+        let c = count(&edits);
         self.add(voice, c);
+        if let Some(g) = self.groups.get_mut(voice) {
+            g.numbers += number_errors(&edits);
+        }
         c
     }
 
@@ -491,31 +527,35 @@ impl WerByVoice {
     pub fn total(&self) -> GroupTotals {
         self.groups.values().fold(GroupTotals::default(), |mut t, g| {
             t.counts += g.counts;
+            t.numbers += g.numbers;
             t.sentences += g.sentences;
             t.exact += g.exact;
             t
         })
     }
 
-    /// A Markdown table: voice, sentences, exact, words, S, D, I, WER; then the total.
+    /// A Markdown table: voice, sentences, exact, words, S, D, I, WER, the number words and
+    /// their error rate; then the total.
     pub fn table(&self) -> String {
         let mut s = String::from(
-            "| voice | sentences | exact | ref words | subs | dels | ins | WER |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| voice | sentences | exact | ref words | subs | dels | ins | WER | number words | number WER |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         let total = self.total();
         for (name, g) in self.groups.iter().map(|(k, v)| (k.as_str(), v)).chain(std::iter::once(("all", &total))) {
             let c = g.counts;
             let _ = writeln!(
                 s,
-                "| {name} | {} | {} | {} | {} | {} | {} | {:.1}% |",
+                "| {name} | {} | {} | {} | {} | {} | {} | {:.1}% | {} | {:.1}% |",
                 g.sentences,
                 g.exact,
                 c.ref_words,
                 c.subs,
                 c.dels,
                 c.ins,
-                100.0 * c.rate()
+                100.0 * c.rate(),
+                g.numbers.ref_words,
+                100.0 * g.numbers.rate()
             );
         }
         s
@@ -669,7 +709,27 @@ mod tests {
         let sum: WerCounts = t.groups.values().map(|g| g.counts).sum();
         assert_eq!(sum, all.counts);
         let table = t.table();
-        assert!(table.contains("| flite:slt | 2 | 1 | 6 | 0 | 1 | 0 | 16.7% |"), "{table}");
-        assert!(table.contains("| all | 3 | 1 | 10 | 1 | 1 | 1 | 30.0% |"), "{table}");
+        assert!(table.contains("| flite:slt | 2 | 1 | 6 | 0 | 1 | 0 | 16.7% | 0 | 0.0% |"), "{table}");
+        assert!(table.contains("| all | 3 | 1 | 10 | 1 | 1 | 1 | 30.0% | 0 | 0.0% |"), "{table}");
+    }
+
+    #[test]
+    fn number_words_are_counted_apart() {
+        let e = |r: &str, h: &str| number_errors(&align(&normalize(r), &normalize(h)));
+        // "four seven two nine one": one digit wrong, one lost; "is" is not a number word.
+        assert_eq!(
+            e("My order number is 47291.", "My order number is four seven three nine."),
+            WerCounts { subs: 1, dels: 1, ins: 0, ref_words: 5 }
+        );
+        // A digit string merged into a two-digit number: "five five" read as "fifty five".
+        assert_eq!(e("five five", "fifty five"), WerCounts { subs: 1, dels: 0, ins: 0, ref_words: 2 });
+        // A number where the reference has a word counts as inserted; word errors do not count.
+        assert_eq!(e("for you", "four you"), WerCounts { subs: 0, dels: 0, ins: 1, ref_words: 0 });
+        assert_eq!(e("the cat", "a dog"), WerCounts::default());
+        let mut t = WerByVoice::new();
+        t.score("v", "zip nine four one zero seven", "zip nine four one zero seven");
+        t.score("v", "forty five dollars", "forty dollars");
+        assert_eq!(t.total().numbers, WerCounts { subs: 0, dels: 1, ins: 0, ref_words: 7 });
+        assert!(t.table().contains("| all | 2 | 1 | 9 | 0 | 1 | 0 | 11.1% | 7 | 14.3% |"), "{}", t.table());
     }
 }

@@ -35,6 +35,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
@@ -95,6 +96,9 @@ pub enum DecodeError {
     /// The tokenizer could not turn the tokens back into text.
     #[error("detokenizing: {0}")]
     Detokenize(String),
+    /// The caller cancelled the work ([`Transcriber::transcribe_batch_unless`]).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl From<candle_core::Error> for DecodeError {
@@ -444,6 +448,17 @@ impl Transcriber {
     /// Transcribes several clips; pieces of similar length are encoded and decoded together in
     /// batches of up to [`DecodeOptions::max_batch`]. Results are in the order of `clips`.
     pub fn transcribe_batch(&mut self, clips: &[&[f32]]) -> Result<Vec<Transcription>, DecodeError> {
+        self.transcribe_batch_unless(clips, None)
+    }
+
+    /// Like [`Transcriber::transcribe_batch`], but gives up with [`DecodeError::Cancelled`] as
+    /// soon as `cancel` is set (checked before the encoder and at every decoder step), so work
+    /// that became pointless stops within one step.
+    pub fn transcribe_batch_unless(
+        &mut self,
+        clips: &[&[f32]],
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<Transcription>, DecodeError> {
         for (c, clip) in clips.iter().enumerate() {
             if let Some(s) = clip.iter().position(|x| !x.is_finite()) {
                 return Err(DecodeError::NonFinite { clip: c, sample: s });
@@ -468,7 +483,7 @@ impl Transcriber {
                     (*c, r.start, a)
                 })
                 .collect();
-            pieces.extend(self.decode_pieces(&audio, 0.0)?);
+            pieces.extend(self.decode_pieces(&audio, 0.0, cancel)?);
         }
         let mut judged = pieces.into_iter().map(|p| self.judge(p)).collect::<Result<Vec<_>, _>>()?;
         // Whisper's temperature fallback for the pieces the checks doubt; the first attempt that
@@ -489,7 +504,7 @@ impl Transcriber {
                         (p.clip, p.start, a)
                     })
                     .collect();
-                let again = self.decode_pieces(&audio, t)?;
+                let again = self.decode_pieces(&audio, t, cancel)?;
                 for (&i, p) in chunk.iter().zip(again) {
                     let j = self.judge(p)?;
                     let better = match j.verdict {
@@ -522,10 +537,19 @@ impl Transcriber {
 
     /// Encodes and decodes a batch of ≤ 30 s pieces `(clip index, start, audio)`: greedily at
     /// temperature 0, else sampling at `temperature` from a generator seeded by each piece's audio.
-    fn decode_pieces(&mut self, audio: &[(usize, usize, &[f32])], temperature: f32) -> Result<Vec<Piece>, DecodeError> {
+    fn decode_pieces(
+        &mut self,
+        audio: &[(usize, usize, &[f32])],
+        temperature: f32,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<Piece>, DecodeError> {
+        let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
         let b = audio.len();
         if b == 0 {
             return Ok(Vec::new());
+        }
+        if cancelled() {
+            return Err(DecodeError::Cancelled);
         }
         let max_frames = self.model.max_frames();
         let t0 = std::time::Instant::now();
@@ -605,6 +629,9 @@ impl Transcriber {
             }
             if keep.is_empty() {
                 break;
+            }
+            if cancelled() {
+                return Err(DecodeError::Cancelled);
             }
             if keep.len() != active.len() {
                 st.retain(&keep)?;
@@ -1224,6 +1251,21 @@ mod tests {
         println!("{:.1} s: wer {w:.2} {:?}", pcm.len() as f32 / 16_000.0, r.text);
         assert_eq!(r.rejected, None);
         assert!(w <= 0.15, "wer {w}: {:?}", r.text);
+    }
+
+    #[test]
+    fn cancelled_work_stops_and_uncancelled_work_is_unchanged() {
+        let mut t = transcriber();
+        let pcm = telephone_speech(Voice::Flite, SENTENCES[0]);
+        let plain = t.transcribe_batch(&[&pcm]).unwrap_or_else(|e| panic!("{e}"));
+        let flag = AtomicBool::new(false);
+        let same = t.transcribe_batch_unless(&[&pcm], Some(&flag)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(same[0].tokens, plain[0].tokens);
+        t.take_timings();
+        flag.store(true, Ordering::Relaxed);
+        let e = t.transcribe_batch_unless(&[&pcm], Some(&flag)).err();
+        assert!(matches!(e, Some(DecodeError::Cancelled)), "{e:?}");
+        assert_eq!(t.take_timings().decoder_steps, 0, "nothing decoded once cancelled");
     }
 
     #[test]

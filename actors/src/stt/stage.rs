@@ -16,11 +16,16 @@
 //!   [`PartialTranscript`] (interim, not final, not billed). A partial is dropped, never queued,
 //!   when the workers have finals to do.
 //!
+//! Finals come first: open segments are decoded only in batches of their own, and a segment that
+//! closes meanwhile (other than one being decoded at its pause) cancels that batch at the next
+//! decoder step, so a final never waits behind work on open segments.
+//!
 //! What is kept of open segments lives in memory only: after a restart the stage decodes the
 //! segments it did not see the start of when they close.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,7 +56,20 @@ pub enum PoolError {
 
 struct PoolJob {
     clips: Vec<Vec<f32>>,
-    reply: oneshot::Sender<Result<(Vec<Transcription>, Duration), String>>,
+    /// Set when the work became pointless (finals arrived while open segments decode).
+    cancel: Option<Arc<AtomicBool>>,
+    reply: oneshot::Sender<Result<(Vec<Transcription>, Duration), JobError>>,
+}
+
+/// Why a batch gave no transcripts.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The caller cancelled it.
+    #[error("cancelled")]
+    Cancelled,
+    /// The model failed, or the workers are gone.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What transcripts record as their model: the model directory's name and the SHA-256 of the
@@ -133,16 +151,21 @@ impl SttPool {
         &self.model_id
     }
 
-    /// Transcribes clips (16 kHz mono f32) as one batch on a free worker.
-    pub async fn transcribe(&self, clips: Vec<Vec<f32>>) -> Result<(Vec<Transcription>, Duration), String> {
+    /// Transcribes clips (16 kHz mono f32) as one batch on a free worker; gives up, as
+    /// [`JobError::Cancelled`], once `cancel` is set.
+    pub async fn transcribe(
+        &self,
+        clips: Vec<Vec<f32>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<(Vec<Transcription>, Duration), JobError> {
         let (reply, rx) = oneshot::channel();
         let jobs = self.jobs.clone();
         // The queue is bounded: wait for room off the runtime.
-        tokio::task::spawn_blocking(move || jobs.send(PoolJob { clips, reply }))
+        tokio::task::spawn_blocking(move || jobs.send(PoolJob { clips, cancel, reply }))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|_| "stt workers are gone".to_string())?;
-        rx.await.map_err(|_| "stt worker dropped the job".to_string())?
+            .map_err(|e| JobError::Failed(e.to_string()))?
+            .map_err(|_| JobError::Failed("stt workers are gone".into()))?;
+        rx.await.map_err(|_| JobError::Failed("stt worker dropped the job".into()))?
     }
 }
 
@@ -168,7 +191,13 @@ fn worker(dir: PathBuf, jobs: Arc<Mutex<Receiver<PoolJob>>>, ready: std::sync::m
         };
         let started = Instant::now();
         let refs: Vec<&[f32]> = job.clips.iter().map(|c| c.as_slice()).collect();
-        let r = t.transcribe_batch(&refs).map(|v| (v, started.elapsed())).map_err(|e| e.to_string());
+        let r =
+            t.transcribe_batch_unless(&refs, job.cancel.as_deref()).map(|v| (v, started.elapsed())).map_err(
+                |e| match e {
+                    super::decode::DecodeError::Cancelled => JobError::Cancelled,
+                    e => JobError::Failed(e.to_string()),
+                },
+            );
         let _ = job.reply.send(r);
     }
 }
@@ -511,14 +540,47 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         metrics::counter!("voxgate_stt_partials_dropped_total").increment(partials_dropped);
     }
 
-    let results = if clips.is_empty() { Vec::new() } else { transcribe(&s.pool, clips).await };
+    // Open segments alone (no final waits): a final that arrives meanwhile cancels them, so it
+    // waits at most one decoder step, unless it is the segment being decoded at its pause.
+    let mut cancelled = false;
+    let results = if clips.is_empty() {
+        Vec::new()
+    } else if finals == 0 {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let expected: HashSet<(StreamSid, Track, u32, u64)> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Open { key, index, end_ms, speculative: true, .. } => Some((key.0, key.1, *index, *end_ms)),
+                _ => None,
+            })
+            .collect();
+        let work = transcribe(&s.pool, clips, Some(cancel.clone()));
+        tokio::pin!(work);
+        let watch = cancel_on_finals(&s.log, &new_next, &expected, &cancel);
+        tokio::pin!(watch);
+        let results = tokio::select! {
+            r = &mut work => r,
+            () = &mut watch => work.await,
+        };
+        cancelled = cancel.load(Ordering::Relaxed);
+        results
+    } else {
+        transcribe(&s.pool, clips, None).await
+    };
 
     let mut partial_out: Vec<(u64, Vec<u8>)> = Vec::new();
     for (job, r) in jobs.into_iter().zip(results) {
         match job {
             Job::Final(i) => pending[i].ready = r,
             Job::Open { key, index, start_ms, end_ms, samples, speculative } => {
-                let Some((t, took_ms)) = r else { continue };
+                let Some((t, took_ms)) = r else {
+                    if cancelled && speculative {
+                        metrics::counter!("voxgate_stt_speculative_total", "outcome" => "cancelled").increment(1);
+                    } else if cancelled {
+                        metrics::counter!("voxgate_stt_partials_dropped_total").increment(1);
+                    }
+                    continue;
+                };
                 let Some(h) = s.open.get_mut(&key) else { continue };
                 if h.index != index || h.start_ms != start_ms {
                     continue;
@@ -630,7 +692,11 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
 /// Transcribes clips split across the workers (each batch goes through the encoder together);
 /// one result per clip, in order, with its share of the batch's time in ms (`None`: failed,
 /// counted and logged).
-async fn transcribe(pool: &Arc<SttPool>, mut clips: Vec<Vec<f32>>) -> Vec<Option<(Transcription, u32)>> {
+async fn transcribe(
+    pool: &Arc<SttPool>,
+    mut clips: Vec<Vec<f32>>,
+    cancel: Option<Arc<AtomicBool>>,
+) -> Vec<Option<(Transcription, u32)>> {
     let total = clips.len();
     let workers = pool.workers().min(total).max(1);
     let chunk = total.div_ceil(workers);
@@ -640,20 +706,22 @@ async fn transcribe(pool: &Arc<SttPool>, mut clips: Vec<Vec<f32>>) -> Vec<Option
         let batch = std::mem::replace(&mut clips, rest);
         let n = batch.len();
         let pool = pool.clone();
-        batches.push((n, tokio::spawn(async move { pool.transcribe(batch).await })));
+        let cancel = cancel.clone();
+        batches.push((n, tokio::spawn(async move { pool.transcribe(batch, cancel).await })));
     }
     let mut results = Vec::with_capacity(total);
     for (n, job) in batches {
         let outcome = match job.await {
             Ok(r) => r,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(JobError::Failed(e.to_string())),
         };
         match outcome {
             Ok((ts, took)) => {
                 let share = (took.as_millis() as u64 / n.max(1) as u64) as u32;
                 results.extend(ts.into_iter().map(|t| Some((t, share))));
             }
-            Err(why) => {
+            Err(JobError::Cancelled) => results.extend((0..n).map(|_| None)),
+            Err(JobError::Failed(why)) => {
                 metrics::counter!("twilio_stt_errors_total", "error_type" => "model").increment(n as u64);
                 tracing::error!(stage = "stt", segments = n, error = %why, "transcription failed");
                 results.extend((0..n).map(|_| None));
@@ -662,6 +730,48 @@ async fn transcribe(pool: &Arc<SttPool>, mut clips: Vec<Vec<f32>>) -> Vec<Option
     }
     results.resize_with(total, || None);
     results
+}
+
+/// Returns (after setting `cancel`) once a segment that needs a final becomes durable past
+/// `next` — any but one in `expected` (stream, track, index, end), the segments being decoded
+/// at their pause; never returns otherwise.
+async fn cancel_on_finals(
+    log: &Log,
+    next: &[u64],
+    expected: &HashSet<(StreamSid, Track, u32, u64)>,
+    cancel: &AtomicBool,
+) {
+    let Ok(mut rx) = log.watch(topics::SPEECH) else { return std::future::pending().await };
+    let mut from = next.to_vec();
+    let mut records: Vec<Record> = Vec::new();
+    loop {
+        rx.borrow_and_update();
+        for (p, at) in from.iter_mut().enumerate() {
+            if *at == crate::progress::NOT_OURS {
+                continue;
+            }
+            loop {
+                records.clear();
+                let Ok(to) = log.read(topics::SPEECH, p as u32, *at, 64, &mut records) else { break };
+                *at = to;
+                for r in &records {
+                    let Ok(env) = voxgate_protocol::decode(r.payload()) else { continue };
+                    if let Event::SpeechSegment(seg) = &env.payload {
+                        if !expected.contains(&(seg.stream_sid, seg.track, seg.index, seg.end_ms)) {
+                            cancel.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+                if records.len() < 64 {
+                    break;
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// The tracks whose speech ended, on the transcripts log after their last transcript.

@@ -54,11 +54,15 @@ pub struct VadConfig {
     /// Silence after the last speech frame that ends a segment (0..=10 000; 400 by default).
     pub hangover_ms: u32,
     /// Audio a segment keeps after its last speech frame (0..=`hangover_ms`; 120 by default):
-    /// the segment ends there, though its end is decided only after the hangover. When
-    /// `progress` is on, a pause this long hands the segment so far to STT at once (a
-    /// speculative final), and the segment, if the pause lasts, has exactly that audio.
+    /// the segment ends there, though its end is decided only after the hangover.
     pub tail_ms: u32,
-    /// Hand the open segment's audio to STT while it is open: at pauses (see `tail_ms`) and
+    /// With `progress` on, silence after the last speech frame that counts as a pause
+    /// (0..=`hangover_ms`, at least `tail_ms` in effect; 200 by default): the segment so far, up to `tail_ms` after the
+    /// speech, goes to STT at once (a speculative final), and the segment, if the pause lasts
+    /// the hangover, has exactly that audio. Shorter pauses, common inside a sentence, are not
+    /// decoded in vain.
+    pub pause_ms: u32,
+    /// Hand the open segment's audio to STT while it is open: at pauses (see `pause_ms`) and
     /// every `progress_ms` of speech (partial results). Off by default: measured with bench_stt,
     /// it takes one call's final from 747 to 464 ms (p50) but, while the STT stage decodes one
     /// batch at a time, the pauses decoded in vain slow finals at 4 calls and more.
@@ -82,6 +86,7 @@ impl Default for VadConfig {
             start_frames: 3,
             hangover_ms: 400,
             tail_ms: 120,
+            pause_ms: 200,
             progress: false,
             progress_ms: 500,
             pre_roll_ms: 200,
@@ -127,6 +132,7 @@ impl VadConfig {
         check_u32("start_frames", self.start_frames, START_FRAMES)?;
         check_u32("hangover_ms", self.hangover_ms, HANGOVER_MS)?;
         check_u32("tail_ms", self.tail_ms, (0, self.hangover_ms))?;
+        check_u32("pause_ms", self.pause_ms, (0, self.hangover_ms))?;
         check_u32("progress_ms", self.progress_ms, PROGRESS_MS)?;
         check_u32("pre_roll_ms", self.pre_roll_ms, PRE_ROLL_MS)?;
         check_u32("max_segment_ms", self.max_segment_ms, MAX_SEGMENT_MS)?;
@@ -158,6 +164,9 @@ impl VadConfig {
             start_frames: u(self.start_frames, START_FRAMES),
             hangover_ms: u(self.hangover_ms, HANGOVER_MS),
             tail_ms: self.tail_ms.min(u(self.hangover_ms, HANGOVER_MS)),
+            pause_ms: self
+                .pause_ms
+                .clamp(self.tail_ms.min(u(self.hangover_ms, HANGOVER_MS)), u(self.hangover_ms, HANGOVER_MS)),
             progress: self.progress,
             progress_ms: u(self.progress_ms, PROGRESS_MS),
             pre_roll_ms: u(self.pre_roll_ms, PRE_ROLL_MS),
@@ -214,6 +223,7 @@ pub struct Vad {
     start_frames: u32,
     hangover: u64,
     tail: u64,
+    pause: u64,
     progress_every: Option<u64>,
     pre_roll: u64,
     min_speech: u64,
@@ -254,6 +264,7 @@ impl Vad {
             start_frames: c.start_frames,
             hangover: c.hangover_ms as u64 * ms,
             tail: c.tail_ms as u64 * ms,
+            pause: c.pause_ms as u64 * ms,
             progress_every: c.progress.then_some(c.progress_ms as u64 * ms),
             pre_roll: c.pre_roll_ms as u64 * ms,
             min_speech: c.min_speech_ms as u64 * ms,
@@ -425,7 +436,8 @@ impl Vad {
             self.last_mark = self.seg_start; // cut: a new segment
         }
         let tail_end = self.last_speech_end.saturating_add(self.tail);
-        if !speech && !self.paused_marked && now >= tail_end && self.tail < self.hangover {
+        let pause_end = self.last_speech_end.saturating_add(self.pause);
+        if !speech && !self.paused_marked && now >= pause_end && self.pause < self.hangover {
             self.paused_marked = true;
             if tail_end > self.last_mark && self.would_keep(tail_end) {
                 self.marks.push(Mark { seg_start: self.seg_start, upto: tail_end, paused: true });
@@ -433,7 +445,10 @@ impl Vad {
             }
             return;
         }
-        // Nothing new to hear during a pause.
+        // Nothing new to hear in silence past the tail (the pause mark, if it comes, ends there).
+        if !speech && now > tail_end {
+            return;
+        }
         if !self.paused_marked && now >= self.last_mark.saturating_add(every) && self.would_keep(now) {
             self.marks.push(Mark { seg_start: self.seg_start, upto: now, paused: false });
             self.last_mark = now;
@@ -601,6 +616,25 @@ mod tests {
         // Off: no marks.
         let off = VadConfig { progress: false, ..cfg };
         assert_eq!(run_marks(&off, &levels(&[(-60.0, 50), (-20.0, 50), (-60.0, 50)])), vec![('S', 800, 2_120)]);
+    }
+
+    #[test]
+    fn pauses_shorter_than_pause_ms_are_not_marked() {
+        let cfg = VadConfig { progress: true, ..VadConfig::default() };
+        // 1 s of speech, a 160 ms pause, 1 s of speech, silence.
+        let input = levels(&[(-60.0, 50), (-20.0, 50), (-60.0, 8), (-20.0, 50), (-60.0, 50)]);
+        let paused = |c: &VadConfig| run_marks(c, &input).into_iter().filter(|m| m.0 == 'P').collect::<Vec<_>>();
+        // By default (200 ms) only the end is a pause; it still ends where the segment does.
+        assert_eq!(paused(&cfg), vec![('P', 800, 2_000 + 160 + 1_000 + 120)]);
+        // With pause_ms = tail_ms the short pause is marked too, at tail_ms after its speech.
+        let eager = VadConfig { pause_ms: 120, ..cfg };
+        assert_eq!(paused(&eager), vec![('P', 800, 2_120), ('P', 800, 3_280)]);
+        // No periodic mark in the silence between tail_ms and pause_ms: the pieces stay contiguous
+        // and the pause piece ends where the segment ends.
+        let all = run_marks(&cfg, &input);
+        assert_eq!(all.last(), Some(&('S', 800, 3_280)), "{all:?}");
+        assert_eq!(paused(&VadConfig { pause_ms: 0, ..eager }), paused(&eager), "a pause is at least tail_ms");
+        assert!(VadConfig { pause_ms: 401, ..VadConfig::default() }.validate().is_err(), "above the hangover");
     }
 
     #[test]

@@ -122,30 +122,33 @@ fn main() -> anyhow::Result<()> {
         sentences.len(),
         voices.len()
     );
-    println!("{:<36} {:>12} {:>14} {:>8}", "", "audio s / s", "median clip s", "WER");
+    println!("{:<36} {:>12} {:>14} {:>8} {:>8}", "", "audio s / s", "median clip s", "WER", "numbers");
     for (name, total, mut times, wer, empty, doubted) in policies {
         println!(
-            "{:<36} {:>12.2} {:>14.3} {:>7.1}%   ({empty} empty, {doubted} doubted)",
+            "{:<36} {:>12.2} {:>14.3} {:>7.1}% {:>7.1}%   ({empty} empty, {doubted} doubted)",
             name,
             audio / total,
             quantile(&mut times, 0.5),
-            wer.total().counts.rate() * 100.0
+            wer.total().counts.rate() * 100.0,
+            wer.total().numbers.rate() * 100.0
         );
     }
     let v_speed = audio / single_total;
     println!(
-        "{:<36} {:>12.2} {:>14.3} {:>7.1}%   ({empty} empty, {doubted} doubted)",
+        "{:<36} {:>12.2} {:>14.3} {:>7.1}% {:>7.1}%   ({empty} empty, {doubted} doubted)",
         "voxgate fallback (default), 1 at a time",
         v_speed,
         quantile(&mut single, 0.5),
-        wer_single.total().counts.rate() * 100.0
+        wer_single.total().counts.rate() * 100.0,
+        wer_single.total().numbers.rate() * 100.0
     );
     println!(
-        "{:<36} {:>12.2} {:>14} {:>7.1}%",
+        "{:<36} {:>12.2} {:>14} {:>7.1}% {:>7.1}%",
         "voxgate fallback (default), batches of 4",
         audio / batch_total,
         "-",
-        wer_batch.total().counts.rate() * 100.0
+        wer_batch.total().counts.rate() * 100.0,
+        wer_batch.total().numbers.rate() * 100.0
     );
 
     let python = root.join("target/fw-venv/bin/python");
@@ -162,11 +165,12 @@ fn main() -> anyhow::Result<()> {
             for (mode, m) in &modes {
                 let speed = m.audio_seconds / m.decode_seconds.max(1e-9);
                 println!(
-                    "{:<36} {:>12.2} {:>14} {:>7.1}%   (voxgate one-at-a-time is {:.2}× its speed)",
+                    "{:<36} {:>12.2} {:>14} {:>7.1}% {:>7.1}%   (voxgate one-at-a-time is {:.2}× its speed)",
                     format!("faster-whisper f32, {mode}"),
                     speed,
                     "-",
                     m.wer.total().counts.rate() * 100.0,
+                    m.wer.total().numbers.rate() * 100.0,
                     v_speed / speed
                 );
             }
@@ -210,7 +214,7 @@ async fn one_config(
 ) -> anyhow::Result<()> {
     println!(
         "{:>6} {:>12} {:>10} {:>10} {:>10} {:>16} {:>16}",
-        "calls", "transcripts", "p50 ms", "p95 ms", "max ms", "partials/final", "partial gap p50"
+        "calls", "sentences", "p50 ms", "p95 ms", "max ms", "partials/final", "partial gap p50"
     );
     for &calls in levels {
         let mut node = Node::start(&config(variant))?;
@@ -245,6 +249,7 @@ async fn one_config(
         node.stop()?;
         let mut lat = Vec::new();
         let (mut partials, mut gaps) = (0usize, Vec::new());
+        let (mut segments, mut sentences_heard) = (0usize, 0usize);
         for (call, t0, utterances) in &done {
             let events = replay_json(&node, *call);
             let mut last: std::collections::HashMap<(String, u64), i64> = Default::default();
@@ -256,13 +261,22 @@ async fn one_config(
                     gaps.push((at - prev) as f64 / 1000.0);
                 }
             }
-            for e in events.iter().filter(|e| e["kind"] == "transcript") {
-                let (s0, s1) = (e["start_ms"].as_u64().unwrap_or(0), e["end_ms"].as_u64().unwrap_or(0));
-                let appended = e["appended_at_us"].as_i64().unwrap_or(0);
-                // The utterance this segment holds: the last speech end inside the segment.
-                let end = utterances.iter().filter(|(a, b, _)| *a < s1 && *b > s0).map(|(_, b, _)| *b).max();
-                if let Some(end) = end {
-                    lat.push((appended - (t0 + end as i64 * 1000)) as f64 / 1000.0);
+            let finals: Vec<(u64, u64, i64)> = events
+                .iter()
+                .filter(|e| e["kind"] == "transcript")
+                .map(|e| {
+                    let (s0, s1) = (e["start_ms"].as_u64().unwrap_or(0), e["end_ms"].as_u64().unwrap_or(0));
+                    (s0, s1, e["appended_at_us"].as_i64().unwrap_or(0))
+                })
+                .collect();
+            // Each sentence's final: the transcript of the last segment it overlaps (a sentence
+            // split at a pause inside it is heard in full only then).
+            for (a, b, _) in utterances {
+                let over: Vec<&(u64, u64, i64)> = finals.iter().filter(|(s0, s1, _)| *a < *s1 && *b > *s0).collect();
+                segments += over.len();
+                sentences_heard += usize::from(!over.is_empty());
+                if let Some((_, _, appended)) = over.iter().max_by_key(|(_, s1, _)| *s1) {
+                    lat.push((appended - (t0 + *b as i64 * 1000)) as f64 / 1000.0);
                 }
             }
         }
@@ -283,9 +297,12 @@ async fn one_config(
                 .fold(0.0, |a, b| a + b)
         };
         println!(
-            "       speculative finals used {} / dropped {}; partials dropped for finals {}",
+            "       segments per sentence {:.2}; speculative finals used {} / dropped {} / cancelled {} / skipped {}; partials dropped for finals {}",
+            segments as f64 / sentences_heard.max(1) as f64,
             counter("voxgate_stt_speculative_total{outcome=\"used\"}"),
             counter("voxgate_stt_speculative_total{outcome=\"dropped\"}"),
+            counter("voxgate_stt_speculative_total{outcome=\"cancelled\"}"),
+            counter("voxgate_stt_speculative_total{outcome=\"skipped\"}"),
             counter("voxgate_stt_partials_dropped_total")
         );
     }
