@@ -152,6 +152,8 @@ pub struct SttFile {
     /// no final waits, as `partial_transcript` events and `Final=false` real-time transcription
     /// (needs `[transcode.vad] progress`; off by default: a partial in flight delays finals).
     pub partials: bool,
+    /// Beam search width for finals (1: greedy). Partial results always decode greedily.
+    pub beam_size: usize,
 }
 
 impl Default for SttFile {
@@ -162,6 +164,7 @@ impl Default for SttFile {
             workers: 1,
             max_batch: 4,
             partials: false,
+            beam_size: 1,
         }
     }
 }
@@ -481,6 +484,9 @@ impl Config {
         }
         if f.stt.max_batch == 0 || f.stt.max_batch > 64 {
             return Err(invalid("stt.max_batch", "must be between 1 and 64".into()));
+        }
+        if f.stt.beam_size == 0 || f.stt.beam_size > 16 {
+            return Err(invalid("stt.beam_size", "must be between 1 (greedy) and 16".into()));
         }
         if f.log.partitions == 0 || f.log.partitions > 1024 {
             return Err(invalid("log.partitions", "must be between 1 and 1024".into()));

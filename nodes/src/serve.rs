@@ -283,7 +283,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let dir = cfg.stt.model_dir.clone();
         let workers = cfg.stt.workers;
         let loaded = Instant::now();
-        let pool = tokio::task::spawn_blocking(move || SttPool::start(&dir, workers))
+        let options = voxgate_actors::stt::decode::DecodeOptions { beam_size: cfg.stt.beam_size, ..Default::default() };
+        let pool = tokio::task::spawn_blocking(move || SttPool::start(&dir, workers, options))
             .await
             .context("starting the stt workers")??;
         tracing::info!(model_dir = %cfg.stt.model_dir.display(), workers, load_ms = loaded.elapsed().as_millis() as u64, "whisper model loaded");

@@ -165,6 +165,11 @@ pub struct DecodeOptions {
     /// ratio, log-probability) is decoded again at each of these in turn (sampling); empty
     /// disables it.
     pub fallback_temperatures: Vec<f32>,
+    /// Hypotheses kept by beam search at temperature 0 (Whisper's `beam_size`, patience 1:
+    /// a piece ends when this many hypotheses reached end-of-text, and the one with the best
+    /// average log-probability per token wins); 1 decodes greedily. The fallback temperatures
+    /// sample, as in Whisper.
+    pub beam_size: usize,
 }
 
 impl Default for DecodeOptions {
@@ -186,6 +191,7 @@ impl Default for DecodeOptions {
             encoder_pad_frames: 100,
             max_batch: 4,
             fallback_temperatures: vec![0.2, 0.4, 0.6, 0.8, 1.0],
+            beam_size: 1,
         }
     }
 }
@@ -578,6 +584,26 @@ impl Transcriber {
 
         let budgets: Vec<usize> = audio.iter().map(|(_, _, a)| self.options.token_budget(a.len())).collect();
         let max_ctx = self.model.config().max_target_positions;
+        if temperature <= 0.0 && self.options.beam_size > 1 {
+            let (found, beam_steps, beam_fed) = self.beam_search(st, logits, &budgets, cancel)?;
+            let t3 = std::time::Instant::now();
+            self.account(audio, frames, t0, t1, t2, t3, steps + beam_steps, fed + beam_fed);
+            return Ok(audio
+                .iter()
+                .zip(found)
+                .zip(no_speech)
+                .map(|(((clip, start, a), h), no_speech_prob)| Piece {
+                    clip: *clip,
+                    start: *start,
+                    samples: a.len(),
+                    sum_logprob: h.sum,
+                    n_logprob: h.lps.len() + usize::from(h.stop == Stop::EndOfText),
+                    tokens: h.tokens,
+                    no_speech_prob,
+                    stop: h.stop,
+                })
+                .collect());
+        }
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut lps: Vec<Vec<f32>> = vec![Vec::new(); b];
         let mut eot_lp: Vec<Option<f32>> = vec![None; b];
@@ -643,15 +669,7 @@ impl Transcriber {
             step += 1;
         }
         let t3 = std::time::Instant::now();
-        let tm = &mut self.timings;
-        tm.mel += t1 - t0;
-        tm.encoder += t2 - t1;
-        tm.decoder += t3 - t2;
-        tm.audio_seconds += audio.iter().map(|(_, _, a)| a.len() as f64 / SAMPLE_RATE as f64).sum::<f64>();
-        tm.encoder_frames += b * frames;
-        tm.decoder_steps += steps;
-        tm.tokens += fed;
-        tm.pieces += b;
+        self.account(audio, frames, t0, t1, t2, t3, steps, fed);
         Ok(audio
             .iter()
             .enumerate()
@@ -666,6 +684,167 @@ impl Transcriber {
                 stop: stop[p],
             })
             .collect())
+    }
+
+    /// Adds one batch's work to the timings.
+    #[allow(clippy::too_many_arguments)]
+    fn account(
+        &mut self,
+        audio: &[(usize, usize, &[f32])],
+        frames: usize,
+        t0: std::time::Instant,
+        t1: std::time::Instant,
+        t2: std::time::Instant,
+        t3: std::time::Instant,
+        steps: usize,
+        fed: usize,
+    ) {
+        let tm = &mut self.timings;
+        tm.mel += t1 - t0;
+        tm.encoder += t2 - t1;
+        tm.decoder += t3 - t2;
+        tm.audio_seconds += audio.iter().map(|(_, _, a)| a.len() as f64 / SAMPLE_RATE as f64).sum::<f64>();
+        tm.encoder_frames += audio.len() * frames;
+        tm.decoder_steps += steps;
+        tm.tokens += fed;
+        tm.pieces += audio.len();
+    }
+
+    /// Beam search (Whisper's, patience 1) from the logits after the prompt, one row per piece:
+    /// each piece keeps [`DecodeOptions::beam_size`] hypotheses, every step extends each by its
+    /// `beam + 1` most likely tokens and keeps the `beam` best continuations by summed
+    /// log-probability; one that ends (end-of-text, or a loop or restart, cut as in greedy
+    /// decoding) is set aside, and the piece is done when `beam` are, or at its token budget.
+    /// The hypotheses of a piece share its encoder output ([`DecoderState::expand`]).
+    /// Returns the chosen hypothesis per piece, the decoder steps and the tokens fed.
+    fn beam_search(
+        &mut self,
+        mut st: super::model::DecoderState,
+        first: Tensor,
+        budgets: &[usize],
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Vec<Hyp>, usize, usize), DecodeError> {
+        let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+        let beam = self.options.beam_size.max(1);
+        let sp = self.specials;
+        let max_ctx = self.model.config().max_target_positions;
+        let b = budgets.len();
+        // Per piece: live hypotheses (slot → hypothesis; `None` pads a slot), ended ones.
+        let mut live: Vec<Vec<Option<Hyp>>> = (0..b).map(|_| vec![Some(Hyp::default())]).collect();
+        let mut ended: Vec<Vec<Hyp>> = vec![Vec::new(); b];
+        // Pieces still decoding, in the state's group order.
+        let mut groups: Vec<usize> = (0..b).collect();
+        let mut logits = first;
+        let (mut steps, mut fed) = (0usize, 0usize);
+        let mut step = 0usize;
+        loop {
+            let bias = if step == 0 && self.options.suppress_blank { &self.suppress_begin } else { &self.suppress };
+            let logp = candle_nn::ops::log_softmax(&logits.broadcast_add(bias)?, D::Minus1)?;
+            let (rows, vocab) = logp.dims2()?;
+            let logp = logp.flatten_all()?.to_vec1::<f32>()?;
+            // Row of slot `j` of the piece in group `g`: one row per piece before the first expansion.
+            let row_of = |g: usize, j: usize| if step == 0 { g } else { g * beam + j };
+            let mut next_groups = Vec::with_capacity(groups.len());
+            let mut keep_rows: Vec<usize> = Vec::with_capacity(groups.len() * beam);
+            let mut next_tokens: Vec<u32> = Vec::with_capacity(groups.len() * beam);
+            for (g, &p) in groups.iter().enumerate() {
+                // Candidates: (score, slot, token, logprob), best first; ties by slot, token.
+                let mut cands: Vec<(f32, usize, u32, f32)> = Vec::with_capacity(live[p].len() * (beam + 1));
+                for (j, h) in live[p].iter().enumerate() {
+                    let Some(h) = h else { continue };
+                    let r = row_of(g, j);
+                    let Some(row) = logp.get(r * vocab..(r + 1) * vocab) else {
+                        return Err(DecodeError::Detokenize(format!("beam row {r} outside {rows} logits rows")));
+                    };
+                    for (tok, lp) in top_k(row, beam + 1) {
+                        cands.push((h.sum + lp, j, tok, lp));
+                    }
+                }
+                cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+                let mut next: Vec<(usize, Hyp, u32)> = Vec::with_capacity(beam);
+                for (score, j, tok, lp) in cands {
+                    if next.len() >= beam || ended[p].len() >= beam {
+                        break;
+                    }
+                    let Some(parent) = live[p].get(j).and_then(Option::as_ref) else { continue };
+                    let mut h = parent.clone();
+                    h.sum = score;
+                    if tok == sp.eot {
+                        h.stop = Stop::EndOfText;
+                        ended[p].push(h);
+                        continue;
+                    }
+                    h.tokens.push(tok);
+                    h.lps.push(lp);
+                    if let Some(cut) = restart_at(&h.tokens, self.options.restart_min_tokens) {
+                        h.cut(cut, Stop::Restart);
+                        ended[p].push(h);
+                        continue;
+                    }
+                    if let Some((n, span)) = loop_at(&h.tokens, &self.options) {
+                        let keep_len = h.tokens.len() - span + n;
+                        h.cut(keep_len, Stop::Loop);
+                        ended[p].push(h);
+                        continue;
+                    }
+                    next.push((j, h, tok));
+                }
+                // All live hypotheses have the same length: the budget ends them together.
+                let full = next.first().is_some_and(|(_, h, _)| h.tokens.len() >= budgets[p]) || st.len() + 1 > max_ctx;
+                if ended[p].len() >= beam || next.is_empty() || full {
+                    if ended[p].is_empty() || full && ended[p].iter().all(|h| h.stop != Stop::EndOfText) {
+                        ended[p].extend(next.into_iter().map(|(_, mut h, _)| {
+                            h.stop = Stop::Budget;
+                            h
+                        }));
+                    }
+                    live[p].clear();
+                    continue;
+                }
+                next_groups.push(p);
+                let mut slots: Vec<Option<Hyp>> = Vec::with_capacity(beam);
+                for k in 0..beam {
+                    // Fewer continuations than slots (loops set aside): pad with a copy of the
+                    // best, fed but never extended.
+                    let (j, h, tok) = match next.get(k) {
+                        Some((j, h, tok)) => (*j, Some(h.clone()), *tok),
+                        None => (next[0].0, None, next[0].2),
+                    };
+                    keep_rows.push(g * beam + j);
+                    next_tokens.push(tok);
+                    slots.push(h);
+                }
+                live[p] = slots;
+            }
+            if next_groups.is_empty() {
+                break;
+            }
+            if cancelled() {
+                return Err(DecodeError::Cancelled);
+            }
+            if step == 0 {
+                st.expand(beam)?;
+            }
+            st.retain(&keep_rows)?;
+            groups = next_groups;
+            fed += next_tokens.len();
+            steps += 1;
+            logits = self.model.decode_step(&mut st, &next_tokens)?;
+            step += 1;
+        }
+        // Whisper's ranking: the best average log-probability per token among the hypotheses
+        // that ended at end-of-text (or a restart); any if none did.
+        let chosen = ended
+            .into_iter()
+            .map(|hs| {
+                let score = |h: &Hyp| h.sum / h.tokens.len().max(1) as f32;
+                let clean = |h: &Hyp| matches!(h.stop, Stop::EndOfText | Stop::Restart);
+                let pool: Vec<&Hyp> =
+                    if hs.iter().any(clean) { hs.iter().filter(|h| clean(h)).collect() } else { hs.iter().collect() };
+                pool.into_iter().max_by(|a, b| score(a).total_cmp(&score(b))).cloned().unwrap_or_default()
+            })
+            .collect();
+        Ok((chosen, steps, fed))
     }
 
     /// A piece's text and its verdict under the checks.
@@ -744,6 +923,46 @@ fn finish(pieces: Vec<Judged>) -> Transcription {
         rejected: None,
         doubt,
     }
+}
+
+/// One beam-search hypothesis: its text tokens, their log-probabilities and their sum (with
+/// end-of-text's when it ended there).
+#[derive(Debug, Clone)]
+struct Hyp {
+    tokens: Vec<u32>,
+    lps: Vec<f32>,
+    sum: f32,
+    stop: Stop,
+}
+
+impl Default for Hyp {
+    fn default() -> Self {
+        Self { tokens: Vec::new(), lps: Vec::new(), sum: 0.0, stop: Stop::Budget }
+    }
+}
+
+impl Hyp {
+    /// Cuts to the first `len` tokens (a loop or a restart).
+    fn cut(&mut self, len: usize, stop: Stop) {
+        self.tokens.truncate(len);
+        self.lps.truncate(len);
+        self.sum = self.lps.iter().sum();
+        self.stop = stop;
+    }
+}
+
+/// The `k` largest entries of `row` with their indices, best first (ties: lower index first).
+fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &x) in row.iter().enumerate() {
+        if best.len() == k && best.last().is_some_and(|&(_, w)| x <= w) || x == f32::NEG_INFINITY {
+            continue;
+        }
+        let at = best.partition_point(|&(_, w)| w >= x);
+        best.insert(at, (i as u32, x));
+        best.truncate(k);
+    }
+    best
 }
 
 /// A small deterministic generator (SplitMix64) for the temperature fallback's sampling,
@@ -1230,6 +1449,41 @@ mod tests {
                 assert!(wer(s, &b.text) <= wer(s, &a.text) + 0.2, "{s:?}: {a:?} vs {b:?}");
             }
         }
+    }
+
+    #[test]
+    fn beam_search_transcribes_alone_and_in_batches() {
+        let mut t = transcriber();
+        let clips: Vec<(&str, Vec<f32>)> = [
+            (Voice::Espeak, SENTENCES[0]),
+            (Voice::Flite, SENTENCES[2]),
+            (Voice::Espeak, SENTENCES[3]),
+            (Voice::Flite, SENTENCES[4]),
+        ]
+        .into_iter()
+        .map(|(v, s)| (s, telephone_speech(v, s)))
+        .collect();
+        let refs: Vec<&[f32]> = clips.iter().map(|c| c.1.as_slice()).collect();
+        let greedy = t.transcribe_batch(&refs).unwrap_or_else(|e| panic!("{e}"));
+        t.set_options(DecodeOptions { beam_size: 4, max_batch: 1, ..DecodeOptions::default() });
+        let alone = t.transcribe_batch(&refs).unwrap_or_else(|e| panic!("{e}"));
+        t.take_timings();
+        t.set_options(DecodeOptions { beam_size: 4, max_batch: 4, ..DecodeOptions::default() });
+        let batched = t.transcribe_batch(&refs).unwrap_or_else(|e| panic!("{e}"));
+        let tm = t.take_timings();
+        let (mut w_greedy, mut w_beam) = (0.0, 0.0);
+        for (((s, _), g), (a, b)) in clips.iter().zip(&greedy).zip(alone.iter().zip(&batched)) {
+            println!("{s:?}\n  greedy {:?} {:.2}\n  beam   {:?} {:.2}", g.text, g.avg_logprob, a.text, a.avg_logprob);
+            assert_eq!(a.rejected, None, "{a:?}");
+            assert!(!a.tokens.is_empty());
+            // Hypotheses of four pieces in one batch decode as they do alone.
+            assert!(wer(s, &b.text) <= wer(s, &a.text) + 0.1, "{s:?}: alone {a:?} vs batched {b:?}");
+            w_greedy += wer(s, &g.text);
+            w_beam += wer(s, &a.text);
+        }
+        println!("wer greedy {w_greedy:.2} beam {w_beam:.2}; batched {tm:?}");
+        assert!(w_beam <= w_greedy + 0.15, "beam search lost words: {w_beam} vs greedy {w_greedy}");
+        assert!(tm.tokens > tm.decoder_steps, "the hypotheses decode together");
     }
 
     #[test]

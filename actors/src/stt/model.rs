@@ -155,6 +155,24 @@ impl Attention {
         self.out.forward(&wv)
     }
 
+    /// Cross-attention of single-position rows `x` (R, 1, d) grouped `group` rows per entry of
+    /// `kt` (R/group, h, hd, S) and `v`: each group's queries are stacked as query positions
+    /// against their shared keys, so the encoder output is never copied per row.
+    fn attend_grouped(&self, x: &Tensor, kt: &Tensor, v: &Tensor, group: usize) -> candle_core::Result<Tensor> {
+        let (r, n, d) = x.dims3()?;
+        if n != 1 || r % group != 0 {
+            candle_core::bail!("grouped attention takes one position per row in whole groups, got {:?}", x.dims());
+        }
+        let b = r / group;
+        // (R, 1, d) → (b, g, h, hd) → (b, h, g, hd)
+        let q = (self.query.forward(x)? * (self.head_dim as f64).powf(-0.5))?;
+        let q = q.reshape((b, group, self.n_head, self.head_dim))?.transpose(1, 2)?.contiguous()?;
+        let w = candle_nn::ops::softmax_last_dim(&q.matmul(kt)?)?;
+        // (b, h, g, hd) → (b, g, h, hd) → (R, 1, d)
+        let wv = w.matmul(v)?.transpose(1, 2)?.reshape((r, 1, d))?;
+        self.out.forward(&wv)
+    }
+
     /// Plain self-attention over `x` (the encoder: no cache, no mask).
     fn forward_full(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let q = self.queries(x)?;
@@ -256,6 +274,9 @@ pub struct DecoderState {
     cache: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
     batch: usize,
+    /// Rows per cross-attention entry: row `r` attends to encoder output `r / group`. Beam
+    /// search decodes several hypotheses of one piece without copying its encoder keys/values.
+    group: usize,
 }
 
 impl DecoderState {
@@ -276,6 +297,11 @@ impl DecoderState {
 
     /// Keep only the given rows (indices into the current batch, in the order given), e.g. to
     /// drop sequences that reached end-of-text. Subsequent steps take one token per kept row.
+    /// A row may be kept more than once (beam search continues a hypothesis several ways).
+    ///
+    /// After [`DecoderState::expand`], rows come in groups sharing an encoder output: each run
+    /// of `group` consecutive kept rows must come from one group (rows of a piece stay with
+    /// their piece; whole pieces may be dropped).
     pub fn retain(&mut self, rows: &[usize]) -> Result<(), ModelError> {
         if rows.is_empty() {
             return Err(ModelError::Input("retain: no rows kept".into()));
@@ -286,22 +312,63 @@ impl DecoderState {
         if rows.len() == self.batch && rows.iter().enumerate().all(|(i, &r)| i == r) {
             return Ok(());
         }
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let g = self.group;
+        if rows.len() % g != 0 {
+            return Err(ModelError::Input(format!("retain: {} rows are not whole groups of {g}", rows.len())));
+        }
+        let mut groups: Vec<u32> = Vec::with_capacity(rows.len() / g);
+        for run in rows.chunks_exact(g) {
+            let first = run[0] / g;
+            if run.iter().any(|&r| r / g != first) {
+                return Err(ModelError::Input(format!("retain: rows {run:?} mix groups of {g}")));
+            }
+            groups.push(first as u32);
+        }
         let device = self.cross.first().map(|(k, _)| k.device().clone());
         let Some(device) = device else {
             self.batch = rows.len();
             return Ok(());
         };
-        let idx = Tensor::new(idx.as_slice(), &device)?;
-        for (k, v) in self.cross.iter_mut() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        let cross_rows = self.batch / g;
+        if groups.len() != cross_rows || groups.iter().enumerate().any(|(i, &r)| i as u32 != r) {
+            let idx = Tensor::new(groups.as_slice(), &device)?;
+            for (k, v) in self.cross.iter_mut() {
+                *k = k.index_select(&idx, 0)?;
+                *v = v.index_select(&idx, 0)?;
+            }
         }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &device)?;
         for (k, v) in self.cache.iter_mut().flatten() {
             *k = k.index_select(&idx, 0)?;
             *v = v.index_select(&idx, 0)?;
         }
         self.batch = rows.len();
+        Ok(())
+    }
+
+    /// Gives every row `group` copies (rows `r·group .. (r+1)·group`), all attending to row
+    /// `r`'s encoder output, which is not copied. Only once, from one row per encoder output.
+    pub fn expand(&mut self, group: usize) -> Result<(), ModelError> {
+        if group == 0 || self.group != 1 {
+            return Err(ModelError::Input(format!(
+                "expand: group {group} on a state already grouped by {}",
+                self.group
+            )));
+        }
+        if group == 1 {
+            return Ok(());
+        }
+        let rows: Vec<u32> = (0..self.batch as u32).flat_map(|r| std::iter::repeat_n(r, group)).collect();
+        if let Some((k, _)) = self.cross.first() {
+            let idx = Tensor::new(rows.as_slice(), k.device())?;
+            for (k, v) in self.cache.iter_mut().flatten() {
+                *k = k.index_select(&idx, 0)?;
+                *v = v.index_select(&idx, 0)?;
+            }
+        }
+        self.batch *= group;
+        self.group = group;
         Ok(())
     }
 }
@@ -475,7 +542,7 @@ impl Whisper {
             let (k, v) = attn.keys_values(&xa)?;
             cross.push((k.t()?.contiguous()?, v));
         }
-        Ok(DecoderState { cross, cache: vec![None; self.dec_blocks.len()], len: 0, batch: b })
+        Ok(DecoderState { cross, cache: vec![None; self.dec_blocks.len()], len: 0, batch: b, group: 1 })
     }
 
     /// Feeds new tokens and returns the logits of the last new position, `(batch, vocab)`.
@@ -523,8 +590,13 @@ impl Whisper {
             *cache = Some((k, v));
             x = (x + a)?;
             if let Some((attn, ln)) = &block.cross {
-                let q = attn.queries(&ln.forward(&x)?)?;
-                x = (&x + attn.attend(&q, ck, cv, None)?)?;
+                let a = if state.group == 1 {
+                    let q = attn.queries(&ln.forward(&x)?)?;
+                    attn.attend(&q, ck, cv, None)?
+                } else {
+                    attn.attend_grouped(&ln.forward(&x)?, ck, cv, state.group)?
+                };
+                x = (&x + a)?;
             }
             x = block.mlp(&x, self.gelu)?;
         }
@@ -684,6 +756,52 @@ mod tests {
         let d = max_abs_diff(&logits, &want)?;
         assert!(d < 1e-4, "after retain: differ by {d}");
         assert_eq!(st.batch(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn grouped_rows_share_the_encoder_output_and_decode_as_copies_would() -> TestResult {
+        let cfg = small_config();
+        let vm = random_weights(&cfg)?;
+        let model = Whisper::load(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg)?;
+        let mel = Tensor::randn(0f32, 1.0, (2, cfg.num_mel_bins, 300), &Device::Cpu)?;
+        let enc = model.encode(&mel)?;
+        let mut st = model.decoder_start(&enc)?;
+        let prompt: Vec<Vec<u32>> = vec![vec![1, 2], vec![1, 3]];
+        model.decode_step(&mut st, &prompt.concat())?;
+        // Three hypotheses per piece, continued differently, then reordered within each piece.
+        st.expand(3)?;
+        assert_eq!(st.batch(), 6);
+        let mut rows: Vec<Vec<u32>> = (0..6).map(|r| prompt[r / 3].clone()).collect();
+        let new: Vec<u32> = vec![5, 6, 7, 8, 9, 10];
+        for (row, t) in rows.iter_mut().zip(&new) {
+            row.push(*t);
+        }
+        let logits = model.decode_step(&mut st, &new)?;
+        let enc_rows = Tensor::stack(&(0..6).map(|r| enc.get(r / 3)).collect::<Result<Vec<_>, _>>()?, 0)?;
+        let d = max_abs_diff(&logits, &recompute(&model, &enc_rows, &rows)?)?;
+        assert!(d < 1e-4, "grouped vs copied rows differ by {d}");
+
+        st.retain(&[2, 2, 0, 4, 3, 3])?;
+        let mut rows: Vec<Vec<u32>> = [2, 2, 0, 4, 3, 3].iter().map(|&r| rows[r].clone()).collect();
+        for (row, t) in rows.iter_mut().zip([11, 12, 13, 14, 15, 16]) {
+            row.push(t);
+        }
+        let logits = model.decode_step(&mut st, &[11, 12, 13, 14, 15, 16])?;
+        let d = max_abs_diff(&logits, &recompute(&model, &enc_rows, &rows)?)?;
+        assert!(d < 1e-4, "after reordering within groups: differ by {d}");
+
+        // Dropping the first piece keeps the second's rows on its own encoder output.
+        st.retain(&[5, 3, 4])?;
+        let rows: Vec<Vec<u32>> = [5, 3, 4].iter().map(|&r| [rows[r].clone(), vec![17]].concat()).collect();
+        let logits = model.decode_step(&mut st, &[17, 17, 17])?;
+        let enc_second = Tensor::stack(&[enc.get(1)?, enc.get(1)?, enc.get(1)?], 0)?;
+        let d = max_abs_diff(&logits, &recompute(&model, &enc_second, &rows)?)?;
+        assert!(d < 1e-4, "after dropping a piece: differ by {d}");
+
+        // Rows may not leave their piece, nor break a group.
+        assert!(st.retain(&[0, 1]).is_err());
+        assert!(st.expand(2).is_err());
         Ok(())
     }
 

@@ -36,7 +36,7 @@ use voxgate_protocol::event::{Event, PartialTranscript, SpeechProgress, SpeechSe
 use voxgate_protocol::{Clock, Envelope, EventId, StreamSid};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
-use super::decode::{Transcriber, Transcription};
+use super::decode::{DecodeOptions, Transcriber, Transcription};
 use crate::call::id_kind;
 use crate::progress::Progress;
 
@@ -58,6 +58,8 @@ struct PoolJob {
     clips: Vec<Vec<f32>>,
     /// Set when the work became pointless (finals arrived while open segments decode).
     cancel: Option<Arc<AtomicBool>>,
+    /// Decode greedily whatever the beam width (partial results: interim, and cheap).
+    greedy: bool,
     reply: oneshot::Sender<Result<(Vec<Transcription>, Duration), JobError>>,
 }
 
@@ -114,7 +116,7 @@ pub struct SttPool {
 impl SttPool {
     /// Loads the model in `workers` threads (blocking; call from a blocking context) and waits until
     /// every worker is ready, so a bad model fails at start-up, not on the first call.
-    pub fn start(model_dir: &Path, workers: usize) -> Result<Self, PoolError> {
+    pub fn start(model_dir: &Path, workers: usize, options: DecodeOptions) -> Result<Self, PoolError> {
         let workers = workers.max(1);
         let (tx, rx) = sync_channel::<PoolJob>(workers * 2);
         let rx = Arc::new(Mutex::new(rx));
@@ -123,9 +125,10 @@ impl SttPool {
             let rx = rx.clone();
             let ready = ready_tx.clone();
             let dir: PathBuf = model_dir.to_owned();
+            let options = options.clone();
             std::thread::Builder::new()
                 .name(format!("voxgate-stt-{i}"))
-                .spawn(move || worker(dir, rx, ready))
+                .spawn(move || worker(dir, options, rx, ready))
                 .map_err(|e| PoolError::Thread(e.to_string()))?;
         }
         drop(ready_tx);
@@ -152,16 +155,17 @@ impl SttPool {
     }
 
     /// Transcribes clips (16 kHz mono f32) as one batch on a free worker; gives up, as
-    /// [`JobError::Cancelled`], once `cancel` is set.
+    /// [`JobError::Cancelled`], once `cancel` is set. `greedy` decodes without beam search.
     pub async fn transcribe(
         &self,
         clips: Vec<Vec<f32>>,
         cancel: Option<Arc<AtomicBool>>,
+        greedy: bool,
     ) -> Result<(Vec<Transcription>, Duration), JobError> {
         let (reply, rx) = oneshot::channel();
         let jobs = self.jobs.clone();
         // The queue is bounded: wait for room off the runtime.
-        tokio::task::spawn_blocking(move || jobs.send(PoolJob { clips, cancel, reply }))
+        tokio::task::spawn_blocking(move || jobs.send(PoolJob { clips, cancel, greedy, reply }))
             .await
             .map_err(|e| JobError::Failed(e.to_string()))?
             .map_err(|_| JobError::Failed("stt workers are gone".into()))?;
@@ -169,7 +173,13 @@ impl SttPool {
     }
 }
 
-fn worker(dir: PathBuf, jobs: Arc<Mutex<Receiver<PoolJob>>>, ready: std::sync::mpsc::Sender<Result<(), String>>) {
+fn worker(
+    dir: PathBuf,
+    options: DecodeOptions,
+    jobs: Arc<Mutex<Receiver<PoolJob>>>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let greedy = DecodeOptions { beam_size: 1, ..options.clone() };
     let mut t = match Transcriber::load(&dir) {
         Ok(t) => {
             let _ = ready.send(Ok(()));
@@ -190,6 +200,10 @@ fn worker(dir: PathBuf, jobs: Arc<Mutex<Receiver<PoolJob>>>, ready: std::sync::m
             Err(_) => return,
         };
         let started = Instant::now();
+        let want = if job.greedy { &greedy } else { &options };
+        if t.options() != want {
+            t.set_options(want.clone());
+        }
         let refs: Vec<&[f32]> = job.clips.iter().map(|c| c.as_slice()).collect();
         let r =
             t.transcribe_batch_unless(&refs, job.cancel.as_deref()).map(|v| (v, started.elapsed())).map_err(
@@ -554,7 +568,8 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                 _ => None,
             })
             .collect();
-        let work = transcribe(&s.pool, clips, Some(cancel.clone()));
+        // Partials alone are interim: greedy; a speculative final decodes as the final would.
+        let work = transcribe(&s.pool, clips, Some(cancel.clone()), expected.is_empty());
         tokio::pin!(work);
         let watch = cancel_on_finals(&s.log, &new_next, &expected, &cancel);
         tokio::pin!(watch);
@@ -565,7 +580,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         cancelled = cancel.load(Ordering::Relaxed);
         results
     } else {
-        transcribe(&s.pool, clips, None).await
+        transcribe(&s.pool, clips, None, false).await
     };
 
     let mut partial_out: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -696,6 +711,7 @@ async fn transcribe(
     pool: &Arc<SttPool>,
     mut clips: Vec<Vec<f32>>,
     cancel: Option<Arc<AtomicBool>>,
+    greedy: bool,
 ) -> Vec<Option<(Transcription, u32)>> {
     let total = clips.len();
     let workers = pool.workers().min(total).max(1);
@@ -707,7 +723,7 @@ async fn transcribe(
         let n = batch.len();
         let pool = pool.clone();
         let cancel = cancel.clone();
-        batches.push((n, tokio::spawn(async move { pool.transcribe(batch, cancel).await })));
+        batches.push((n, tokio::spawn(async move { pool.transcribe(batch, cancel, greedy).await })));
     }
     let mut results = Vec::with_capacity(total);
     for (n, job) in batches {

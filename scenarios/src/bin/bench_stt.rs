@@ -79,11 +79,22 @@ fn main() -> anyhow::Result<()> {
     let defaults = t.options().clone();
     let greedy = DecodeOptions { fallback_temperatures: Vec::new(), ..defaults.clone() };
     let mut policies = Vec::new();
-    for (name, options, drop_doubted) in [
-        ("voxgate greedy, doubted text dropped", greedy.clone(), true),
-        ("voxgate greedy, doubted text kept", greedy, false),
-        ("voxgate fallback, best kept (default)", defaults, false),
-    ] {
+    // Beam widths to compare (BENCH_STT_BEAMS=2,5; none with BENCH_STT_BEAMS=).
+    let beams: Vec<usize> = std::env::var("BENCH_STT_BEAMS")
+        .unwrap_or_else(|_| "5".into())
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .filter(|&b| b > 1)
+        .collect();
+    let mut runs: Vec<(String, DecodeOptions, bool)> = vec![
+        ("voxgate greedy, doubted text dropped".into(), greedy.clone(), true),
+        ("voxgate greedy, doubted text kept".into(), greedy, false),
+    ];
+    for b in beams {
+        runs.push((format!("voxgate beam {b}, fallback"), DecodeOptions { beam_size: b, ..defaults.clone() }, false));
+    }
+    runs.push((format!("voxgate fallback, beam {} (default)", defaults.beam_size), defaults, false));
+    for (name, options, drop_doubted) in runs {
         t.set_options(options);
         let mut times = Vec::new();
         let mut wer = WerByVoice::new();
