@@ -68,11 +68,13 @@ pub const SENTENCES: &[&str] = &[
     "That's fine, I'll wait.",
 ];
 
-/// Voices installed by `.ci/run` (Debian's flite and espeak-ng): four flite voices (`slt`
-/// female and `rms`/`awb` male cluster-unit/diphone voices, `kal` the 8 kHz diphone one) and two
-/// espeak-ng formant voices (American and British English).
+/// Voices installed by `.ci/run` (Debian's flite, espeak-ng and festival): four flite voices
+/// (`slt` female and `rms`/`awb` male cluster-unit/diphone voices, `kal` the 8 kHz diphone one),
+/// two espeak-ng formant voices (American and British English) and festival's American diphone
+/// voice (`kal_diphone`, festvox-kallpc16k).
 pub fn voices() -> Vec<Voice> {
     vec![
+        Voice::Festival("kal_diphone".into()),
         Voice::Flite("slt".into()),
         Voice::Flite("rms".into()),
         Voice::Flite("awb".into()),
@@ -238,7 +240,12 @@ mod tests {
         let v = voices();
         let flite = v.iter().filter(|v| matches!(v, Voice::Flite(_))).count();
         let espeak = v.iter().filter(|v| matches!(v, Voice::Espeak(_))).count();
-        assert!(flite >= 2 && espeak >= 2);
+        let festival = v.iter().filter(|v| matches!(v, Voice::Festival(_))).count();
+        assert!(flite >= 2 && espeak >= 2 && festival >= 1);
+        for x in &v {
+            assert_eq!(Voice::parse(&x.label()).map(|p| p.label()), Some(x.label()));
+        }
+        assert!(Voice::parse("festival:../x").is_none() && Voice::parse("sam:x").is_none());
         let slugs: std::collections::BTreeSet<_> = v.iter().map(voice_slug).collect();
         assert_eq!(slugs.len(), v.len());
         assert_eq!(voice_slug(&Voice::Espeak("en-us".into())), "espeak-ng-en-us");

@@ -1,5 +1,5 @@
-//! Speech for tests, made the way a phone would send it: synthesized with espeak-ng or flite,
-//! resampled by sox to 8 kHz mono µ-law.
+//! Speech for tests, made the way a phone would send it: synthesized with espeak-ng, flite or
+//! festival, resampled by sox to 8 kHz mono µ-law.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,6 +13,9 @@ pub enum Voice {
     Espeak(String),
     /// `flite -voice NAME` (e.g. `slt`, `kal`, `rms`, `awb`).
     Flite(String),
+    /// festival's `text2wave` with `(voice_NAME)` (e.g. `kal_diphone` from Debian's
+    /// festvox-kallpc16k, `cmu_us_slt_arctic_hts` from festvox-us-slt-hts).
+    Festival(String),
 }
 
 impl Voice {
@@ -20,6 +23,22 @@ impl Voice {
         match self {
             Voice::Espeak(v) => format!("espeak-ng:{v}"),
             Voice::Flite(v) => format!("flite:{v}"),
+            Voice::Festival(v) => format!("festival:{v}"),
+        }
+    }
+
+    /// Parses [`Voice::label`]'s form (`flite:slt`, `espeak-ng:en-us` or `espeak:en-us`,
+    /// `festival:kal_diphone`).
+    pub fn parse(label: &str) -> Option<Voice> {
+        let (engine, name) = label.split_once(':')?;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return None;
+        }
+        match engine {
+            "flite" => Some(Voice::Flite(name.into())),
+            "espeak" | "espeak-ng" => Some(Voice::Espeak(name.into())),
+            "festival" => Some(Voice::Festival(name.into())),
+            _ => None,
         }
     }
 }
@@ -33,8 +52,15 @@ pub fn synthesize(text: &str, voice: &Voice, work: &Path) -> anyhow::Result<Vec<
     let status = match voice {
         Voice::Espeak(v) => Command::new("espeak-ng").args(["-v", v, "-s", "160", "-w"]).arg(&wav).arg(text).status(),
         Voice::Flite(v) => Command::new("flite").args(["-voice", v, "-t", text, "-o"]).arg(&wav).status(),
+        Voice::Festival(v) => {
+            let txt = wav.with_extension("txt");
+            std::fs::write(&txt, text).with_context(|| format!("writing {}", txt.display()))?;
+            let status = Command::new("text2wave").arg(&txt).arg("-o").arg(&wav).args(["-eval", &format!("(voice_{v})")]).status();
+            let _ = std::fs::remove_file(&txt);
+            status
+        }
     }
-    .with_context(|| format!("running {} (install espeak-ng / flite)", voice.label()))?;
+    .with_context(|| format!("running {} (install espeak-ng / flite / festival)", voice.label()))?;
     if !status.success() {
         bail!("{} failed with {status}", voice.label());
     }

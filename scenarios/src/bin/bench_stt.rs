@@ -50,15 +50,11 @@ fn main() -> anyhow::Result<()> {
     let voices: Vec<Voice> = args
         .get(3)
         .map(|a| {
-            a.split(',')
-                .filter_map(|v| match v.split_once(':') {
-                    Some(("flite", n)) => Some(Voice::Flite(n.into())),
-                    Some(("espeak", n)) => Some(Voice::Espeak(n.into())),
-                    _ => None,
-                })
-                .collect()
+            a.split(',').filter_map(Voice::parse).collect()
         })
-        .unwrap_or_else(|| vec![Voice::Flite("slt".into()), Voice::Espeak("en-us".into())]);
+        .unwrap_or_else(|| {
+            vec![Voice::Flite("slt".into()), Voice::Espeak("en-us".into()), Voice::Festival("kal_diphone".into())]
+        });
     let sentences: Vec<&str> = SENTENCES.iter().copied().take(n_sentences).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     if e2e_only {

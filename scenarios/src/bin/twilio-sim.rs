@@ -1,7 +1,7 @@
 //! `twilio-sim`: plays Twilio against a running voxgate — a signed inbound webhook, a Media Stream
 //! carrying synthesized speech as 8 kHz µ-law in 20 ms frames, and the completed status callback.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use voxgate_protocol::{AccountSid, CallSid};
 use voxgate_scenarios::speech::{script, Voice};
@@ -89,11 +89,8 @@ enum Cmd {
 }
 
 fn parse_voice(v: &str) -> anyhow::Result<Voice> {
-    match v.split_once(':') {
-        Some(("espeak-ng", n)) => Ok(Voice::Espeak(n.into())),
-        Some(("flite", n)) => Ok(Voice::Flite(n.into())),
-        _ => bail!("--voice must be espeak-ng:NAME or flite:NAME, got {v:?}"),
-    }
+    Voice::parse(v)
+        .with_context(|| format!("--voice must be espeak-ng:NAME, flite:NAME or festival:NAME, got {v:?}"))
 }
 
 fn random_call() -> CallSid {
