@@ -164,7 +164,7 @@ impl Default for SttFile {
             workers: 1,
             max_batch: 4,
             partials: false,
-            beam_size: 1,
+            beam_size: 3,
         }
     }
 }

@@ -55,7 +55,12 @@ pub fn synthesize(text: &str, voice: &Voice, work: &Path) -> anyhow::Result<Vec<
         Voice::Festival(v) => {
             let txt = wav.with_extension("txt");
             std::fs::write(&txt, text).with_context(|| format!("writing {}", txt.display()))?;
-            let status = Command::new("text2wave").arg(&txt).arg("-o").arg(&wav).args(["-eval", &format!("(voice_{v})")]).status();
+            let status = Command::new("text2wave")
+                .arg(&txt)
+                .arg("-o")
+                .arg(&wav)
+                .args(["-eval", &format!("(voice_{v})")])
+                .status();
             let _ = std::fs::remove_file(&txt);
             status
         }

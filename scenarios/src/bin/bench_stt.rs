@@ -47,12 +47,8 @@ fn main() -> anyhow::Result<()> {
     let levels: Vec<usize> =
         args.get(2).map(|a| a.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or_else(|| vec![1, 4, 8]);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let voices: Vec<Voice> = args
-        .get(3)
-        .map(|a| {
-            a.split(',').filter_map(Voice::parse).collect()
-        })
-        .unwrap_or_else(|| {
+    let voices: Vec<Voice> =
+        args.get(3).map(|a| a.split(',').filter_map(Voice::parse).collect()).unwrap_or_else(|| {
             vec![Voice::Flite("slt".into()), Voice::Espeak("en-us".into()), Voice::Festival("kal_diphone".into())]
         });
     let sentences: Vec<&str> = SENTENCES.iter().copied().take(n_sentences).collect();
@@ -75,19 +71,27 @@ fn main() -> anyhow::Result<()> {
     let defaults = t.options().clone();
     let greedy = DecodeOptions { fallback_temperatures: Vec::new(), ..defaults.clone() };
     let mut policies = Vec::new();
-    // Beam widths to compare (BENCH_STT_BEAMS=2,5; none with BENCH_STT_BEAMS=).
-    let beams: Vec<usize> = std::env::var("BENCH_STT_BEAMS")
-        .unwrap_or_else(|_| "5".into())
-        .split(',')
-        .filter_map(|b| b.trim().parse().ok())
-        .filter(|&b| b > 1)
-        .collect();
+    // Decoding policies to compare beside the default: BENCH_STT_POLICIES="beam=5;beam=3,min_frames=0"
+    // (keys: beam, min_frames, pad_frames); default "beam=5".
     let mut runs: Vec<(String, DecodeOptions, bool)> = vec![
         ("voxgate greedy, doubted text dropped".into(), greedy.clone(), true),
         ("voxgate greedy, doubted text kept".into(), greedy, false),
     ];
-    for b in beams {
-        runs.push((format!("voxgate beam {b}, fallback"), DecodeOptions { beam_size: b, ..defaults.clone() }, false));
+    for policy in std::env::var("BENCH_STT_POLICIES").unwrap_or_else(|_| "beam=5".into()).split(';') {
+        let mut o = defaults.clone();
+        for kv in policy.split(',').filter(|kv| !kv.trim().is_empty()) {
+            let (k, v) = kv.split_once('=').with_context(|| format!("policy {policy:?}: {kv:?} is not key=value"))?;
+            let v: usize = v.trim().parse().with_context(|| format!("policy {policy:?}: {v:?}"))?;
+            match k.trim() {
+                "beam" => o.beam_size = v,
+                "min_frames" => o.min_encoder_frames = v,
+                "pad_frames" => o.encoder_pad_frames = v,
+                other => anyhow::bail!("policy {policy:?}: unknown key {other:?}"),
+            }
+        }
+        if !policy.trim().is_empty() {
+            runs.push((format!("voxgate {}", policy.trim()), o, false));
+        }
     }
     runs.push((format!("voxgate fallback, beam {} (default)", defaults.beam_size), defaults, false));
     for (name, options, drop_doubted) in runs {
@@ -159,12 +163,14 @@ fn main() -> anyhow::Result<()> {
     );
 
     let python = root.join("target/fw-venv/bin/python");
-    if python.exists() {
+    if std::env::var("BENCH_STT_FW").is_ok_and(|v| v == "0") {
+        println!("faster-whisper: skipped (BENCH_STT_FW=0)");
+    } else if python.exists() {
         let out = Command::new(&python)
             .arg(root.join("scenarios/fw/baseline.py"))
             .arg(&clips_dir)
             .arg(model_dir())
-            .args(["--threads", "2", "--no-int8"])
+            .args(["--threads", "2"])
             .output()
             .context("running faster-whisper")?;
         if out.status.success() {
@@ -173,7 +179,10 @@ fn main() -> anyhow::Result<()> {
                 let speed = m.audio_seconds / m.decode_seconds.max(1e-9);
                 println!(
                     "{:<36} {:>12.2} {:>14} {:>7.1}% {:>7.1}%   (voxgate one-at-a-time is {:.2}× its speed)",
-                    format!("faster-whisper f32, {mode}"),
+                    match mode.strip_prefix("int8 ") {
+                        Some(m) => format!("faster-whisper int8, {m}"),
+                        None => format!("faster-whisper f32, {mode}"),
+                    },
                     speed,
                     "-",
                     m.wer.total().counts.rate() * 100.0,

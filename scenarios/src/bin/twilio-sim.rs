@@ -89,8 +89,7 @@ enum Cmd {
 }
 
 fn parse_voice(v: &str) -> anyhow::Result<Voice> {
-    Voice::parse(v)
-        .with_context(|| format!("--voice must be espeak-ng:NAME, flite:NAME or festival:NAME, got {v:?}"))
+    Voice::parse(v).with_context(|| format!("--voice must be espeak-ng:NAME, flite:NAME or festival:NAME, got {v:?}"))
 }
 
 fn random_call() -> CallSid {
