@@ -154,6 +154,23 @@ pub struct SttFile {
     pub partials: bool,
     /// Beam search width for finals (1: greedy). Partial results always decode greedily.
     pub beam_size: usize,
+    /// Vocabulary hints for every call (Twilio's `hints`: names, products, jargon), given to
+    /// Whisper as its initial prompt; at most 1,000 characters.
+    pub hints: String,
+    /// Write runs of three or more spoken digits as digits (`four seven two nine one` → `47291`).
+    pub digit_strings: bool,
+}
+
+impl SttFile {
+    /// The decoding settings of `[stt]` (the node's STT stage and `voxgate replay --stage stt`).
+    pub fn decode_options(&self) -> voxgate_actors::stt::decode::DecodeOptions {
+        voxgate_actors::stt::decode::DecodeOptions {
+            beam_size: self.beam_size,
+            hints: self.hints.clone(),
+            digit_strings: self.digit_strings,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for SttFile {
@@ -164,7 +181,9 @@ impl Default for SttFile {
             workers: 1,
             max_batch: 4,
             partials: false,
-            beam_size: 3,
+            beam_size: 1,
+            hints: String::new(),
+            digit_strings: false,
         }
     }
 }
@@ -487,6 +506,9 @@ impl Config {
         }
         if f.stt.beam_size == 0 || f.stt.beam_size > 16 {
             return Err(invalid("stt.beam_size", "must be between 1 (greedy) and 16".into()));
+        }
+        if f.stt.hints.chars().count() > 1000 || f.stt.hints.chars().any(char::is_control) {
+            return Err(invalid("stt.hints", "must be at most 1,000 characters, without control characters".into()));
         }
         if f.log.partitions == 0 || f.log.partitions > 1024 {
             return Err(invalid("log.partitions", "must be between 1 and 1024".into()));

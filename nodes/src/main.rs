@@ -546,7 +546,7 @@ fn main() -> anyhow::Result<()> {
                 json,
                 stage.as_deref(),
                 &cfg.transcode,
-                Some((cfg.stt.model_dir.as_path(), cfg.stt.beam_size)),
+                Some((cfg.stt.model_dir.as_path(), cfg.stt.decode_options())),
                 Some(&cfg.fraud),
             ))
         }

@@ -355,8 +355,8 @@ pub async fn run(
     json: bool,
     stage: Option<&str>,
     transcode: &TranscodeConfig,
-    // The model directory and beam width of `[stt]`.
-    stt: Option<(&Path, usize)>,
+    // The model directory and decoding settings of `[stt]`.
+    stt: Option<(&Path, voxgate_actors::stt::decode::DecodeOptions)>,
     fraud: Option<&voxgate_actors::fraud::FraudConfig>,
 ) -> anyhow::Result<()> {
     let log = Log::open(&data_dir.join("log"), specs, Arc::new(SystemClock)).with_context(|| {
@@ -490,7 +490,7 @@ pub async fn run(
             }
         }
         Some("stt") => {
-            let (model_dir, beam_size) = stt.context("--stage stt needs the [stt] model_dir of the config")?;
+            let (model_dir, options) = stt.context("--stage stt needs the [stt] model_dir of the config")?;
             let segments: Vec<&Entry> =
                 entries.iter().filter(|e| matches!(e.env.payload, Event::SpeechSegment(_))).collect();
             let recorded: std::collections::HashMap<(Track, u32), &voxgate_protocol::event::Transcript> = entries
@@ -502,7 +502,7 @@ pub async fn run(
                 .collect();
             let mut t = voxgate_actors::stt::decode::Transcriber::load(model_dir)
                 .map_err(|e| anyhow::anyhow!("{e} (run nodes/deploy/fetch-model.sh)"))?;
-            t.set_options(voxgate_actors::stt::decode::DecodeOptions { beam_size, ..Default::default() });
+            t.set_options(options);
             let mut differences = 0;
             for e in &segments {
                 let Event::SpeechSegment(seg) = &e.env.payload else { continue };

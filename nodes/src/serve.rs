@@ -283,7 +283,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let dir = cfg.stt.model_dir.clone();
         let workers = cfg.stt.workers;
         let loaded = Instant::now();
-        let options = voxgate_actors::stt::decode::DecodeOptions { beam_size: cfg.stt.beam_size, ..Default::default() };
+        let options = cfg.stt.decode_options();
         let pool = tokio::task::spawn_blocking(move || SttPool::start(&dir, workers, options))
             .await
             .context("starting the stt workers")??;

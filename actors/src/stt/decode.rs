@@ -157,10 +157,10 @@ pub struct DecodeOptions {
     /// at 0.22 s/s; the audio + 50 frames alone 0.203 at 0.095 s/s, but only with the restart
     /// cut-off (`restart_min_tokens`; without it, at audio + 100 frames, 29 of the 84 clips
     /// were transcribed over and over and rejected) and with lower confidence (average
-    /// log-probability about 0.1 lower). With beam search the short window loses nothing:
-    /// on 72 clips of three engines (`bench_stt`, 2026-12-06), beam 3 on the audio + 100 frames
-    /// gives 12.5 % at 7.6× real time against 13.5 % at 4.7× with the 10 s minimum (greedy, 10 s:
-    /// 16.0 % at 6.5×), so the default is no minimum.
+    /// log-probability about 0.1 lower). Measured again with the restart cut-off on 72 clips of
+    /// three engines (`bench_stt`, 2026-12-06): greedy on the audio + 100 frames 16.7 % at 10.8×
+    /// real time against 16.0 % at 6.5× with the 10 s minimum; beam 3 12.5 % at 7.6× against
+    /// 13.5 % at 4.7×. The default is no minimum.
     pub min_encoder_frames: usize,
     /// Mel frames of silence appended after the audio before encoding.
     pub encoder_pad_frames: usize,
@@ -177,9 +177,19 @@ pub struct DecodeOptions {
     /// Hypotheses kept by beam search at temperature 0 (Whisper's `beam_size`, patience 1:
     /// a piece ends when this many hypotheses reached end-of-text, and the one with the best
     /// average log-probability per token wins); 1 decodes greedily. The fallback temperatures
-    /// sample, as in Whisper. Default 3: on 72 clips of three engines (`bench_stt`), greedy
-    /// 16.7 %, beam 3 12.5 %, beam 5 12.9 % word error rate, at 10.8×, 7.6× and 5.6× real time.
+    /// sample, as in Whisper. On 72 clips of three engines (`bench_stt`, 2026-12-06), greedy
+    /// 16.7 %, beam 3 12.5 %, beam 5 12.9 % word error rate, at 10.8×, 7.6× and 5.6× real time;
+    /// but end to end, on segments that end in the VAD's hangover, beam 3 made one call's final
+    /// 1,153 ms (p50) against 808 ms greedy, and 12 calls' 3,758 against 1,271 ms: hypotheses
+    /// that do not end run on through the trailing silence. Default 1 (greedy) until that is cut.
     pub beam_size: usize,
+    /// Vocabulary hints (Twilio's `hints`): words and phrases the speech is likely to hold,
+    /// given to the decoder as Whisper's initial prompt (`<|startofprev|>` and the text before
+    /// `<|startoftranscript|>`; its last 223 tokens). Empty: no prompt.
+    pub hints: String,
+    /// Write runs of three or more spoken digits as digits (`four seven two nine one` →
+    /// `47291`; see [`super::numbers`]).
+    pub digit_strings: bool,
 }
 
 impl Default for DecodeOptions {
@@ -202,7 +212,9 @@ impl Default for DecodeOptions {
             encoder_frames_step: 100,
             max_batch: 4,
             fallback_temperatures: vec![0.2, 0.4, 0.6, 0.8, 1.0],
-            beam_size: 3,
+            beam_size: 1,
+            hints: String::new(),
+            digit_strings: false,
         }
     }
 }
@@ -298,6 +310,8 @@ struct Specials {
     eot: u32,
     no_timestamps: u32,
     no_speech: u32,
+    /// `<|startofprev|>`, which opens a prompt.
+    prev: u32,
 }
 
 /// Whisper tiny.en (or any English-only Whisper) with its tokenizer and mel front end.
@@ -313,6 +327,9 @@ pub struct Transcriber {
     suppress_begin: Tensor,
     mel_scratch: Vec<f32>,
     timings: Timings,
+    /// The first decoder step's tokens before `<|startoftranscript|>`: empty, or
+    /// `<|startofprev|>` and the hints' tokens.
+    prompt: Vec<u32>,
 }
 
 /// Where transcription time went, accumulated since load or [`Transcriber::take_timings`].
@@ -394,6 +411,7 @@ impl Transcriber {
             eot: id(&["<|endoftext|>"])?,
             no_timestamps: id(&["<|notimestamps|>"])?,
             no_speech: id(&["<|nospeech|>", "<|nocaptions|>"])?,
+            prev: id(&["<|startofprev|>"])?,
         };
         // Every step: config.json's suppress_ids, and every id after end-of-text (start of
         // transcript, language and task tokens, no-speech, no-timestamps, timestamps).
@@ -435,6 +453,7 @@ impl Transcriber {
             suppress_begin,
             mel_scratch: Vec::new(),
             timings: Timings::default(),
+            prompt: Vec::new(),
         })
     }
 
@@ -445,7 +464,25 @@ impl Transcriber {
 
     /// Replaces the decoding options.
     pub fn set_options(&mut self, options: DecodeOptions) {
+        if options.hints != self.options.hints {
+            self.prompt = self.prompt_for(&options.hints);
+        }
         self.options = options;
+    }
+
+    /// `<|startofprev|>` and the last 223 tokens of `" " + hints` (Whisper's initial prompt);
+    /// empty for empty hints.
+    fn prompt_for(&self, hints: &str) -> Vec<u32> {
+        let hints = hints.trim();
+        if hints.is_empty() {
+            return Vec::new();
+        }
+        let max = self.model.config().max_target_positions / 2 - 1;
+        let ids = self.tokenizer.encode(format!(" {hints}"), false).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+        let vocab = self.model.config().vocab_size as u32;
+        let ids: Vec<u32> = ids.into_iter().filter(|&t| t < self.specials.eot && t < vocab).collect();
+        let tail = &ids[ids.len().saturating_sub(max)..];
+        std::iter::once(self.specials.prev).chain(tail.iter().copied()).collect()
     }
 
     /// The model.
@@ -550,7 +587,11 @@ impl Transcriber {
         for mut ps in per_clip {
             // Restore time order (spans were sorted by length).
             ps.sort_by_key(|j| j.piece.start);
-            out.push(finish(ps));
+            let mut t = finish(ps);
+            if self.options.digit_strings {
+                t.text = super::numbers::join_digit_runs(&t.text);
+            }
+            out.push(t);
         }
         Ok(out)
     }
@@ -586,10 +627,13 @@ impl Transcriber {
         let t2 = std::time::Instant::now();
         let mut st = self.model.decoder_start(&enc)?;
         let mut steps = 2usize;
-        let mut fed = 2 * b;
+        let mut fed = (2 + self.prompt.len()) * b;
 
         let sp = self.specials;
-        let first = self.model.decode_step(&mut st, &vec![sp.sot; b])?;
+        // The prompt (hints) and start-of-transcript in one step; its last position's logits
+        // give the no-speech probability.
+        let row: Vec<u32> = self.prompt.iter().copied().chain(std::iter::once(sp.sot)).collect();
+        let first = self.model.decode_step(&mut st, &row.repeat(b))?;
         let no_speech = candle_nn::ops::softmax_last_dim(&first)?
             .narrow(1, sp.no_speech as usize, 1)?
             .flatten_all()?
@@ -1519,6 +1563,36 @@ mod tests {
         println!("wer greedy {w_greedy:.2} beam {w_beam:.2}; batched {tm:?}");
         assert!(w_beam <= w_greedy + 0.15, "beam search lost words: {w_beam} vs greedy {w_greedy}");
         assert!(tm.tokens > tm.decoder_steps, "the hypotheses decode together");
+    }
+
+    #[test]
+    fn hints_prompt_the_decoder_and_silence_stays_silent() {
+        let mut t = transcriber();
+        // A spelling the model does not guess: the hint spells it.
+        let said = "My name is Kathryn Smyth.";
+        let pcm = telephone_speech(Voice::Flite, said);
+        let plain = t.transcribe(&pcm).unwrap_or_else(|e| panic!("{e}"));
+        t.take_timings();
+        t.set_options(DecodeOptions { hints: "Kathryn Smyth".into(), ..DecodeOptions::default() });
+        let hinted = t.transcribe(&pcm).unwrap_or_else(|e| panic!("{e}"));
+        let fed = t.take_timings().tokens;
+        println!("plain  {:?}\nhinted {:?}", plain.text, hinted.text);
+        assert!(!plain.text.contains("Kathryn Smyth"), "{plain:?}");
+        assert!(hinted.text.contains("Kathryn Smyth"), "{hinted:?}");
+        assert!(wer(said, &hinted.text) <= wer(said, &plain.text), "{plain:?} vs {hinted:?}");
+        // <|startofprev|>, the hint's tokens, then the transcript's and its two openers.
+        assert!(t.prompt.len() >= 3 && t.prompt[0] == t.specials.prev, "{:?}", t.prompt);
+        assert!(fed >= t.prompt.len() + 2 + hinted.tokens.len(), "the prompt is fed: {fed} tokens");
+        // A prompt must not make silence or noise speak.
+        for quiet in [silence(2.0), noise(2.0, -50.0)] {
+            let r = t.transcribe(&quiet).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!((r.text.as_str(), r.rejected), ("", Some("no_speech")), "{r:?}");
+        }
+        // Hints longer than the prompt keep their end.
+        t.set_options(DecodeOptions { hints: "word ".repeat(400), ..DecodeOptions::default() });
+        assert_eq!(t.prompt.len(), 224);
+        t.set_options(DecodeOptions::default());
+        assert!(t.prompt.is_empty());
     }
 
     #[test]
