@@ -160,7 +160,11 @@ pub struct DecodeOptions {
     /// log-probability about 0.1 lower). Measured again with the restart cut-off on 72 clips of
     /// three engines (`bench_stt`, 2026-12-06): greedy on the audio + 100 frames 16.7 % at 10.8×
     /// real time against 16.0 % at 6.5× with the 10 s minimum; beam 3 12.5 % at 7.6× against
-    /// 13.5 % at 4.7×. The default is no minimum.
+    /// 13.5 % at 4.7×. But end to end (segments with pre-roll and the VAD's hangover) the short
+    /// window transcribed some segments over and over with a changed first word ("The total
+    /// came to forty five dollars. the total came to …"), which neither the loop nor the restart
+    /// check catches: flite slt went from under 15 % to 21.9 % in `stt_accuracy`, so the
+    /// default keeps the 10 s minimum.
     pub min_encoder_frames: usize,
     /// Mel frames of silence appended after the audio before encoding.
     pub encoder_pad_frames: usize,
@@ -207,7 +211,7 @@ impl Default for DecodeOptions {
             loop_min_repeats: 4,
             loop_min_span: 20,
             restart_min_tokens: 6,
-            min_encoder_frames: 0,
+            min_encoder_frames: 1000,
             encoder_pad_frames: 100,
             encoder_frames_step: 100,
             max_batch: 4,
