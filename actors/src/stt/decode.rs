@@ -481,7 +481,7 @@ impl Transcriber {
         if hints.is_empty() {
             return Vec::new();
         }
-        let max = self.model.config().max_target_positions / 2 - 1;
+        let max = (self.model.config().max_target_positions / 2).saturating_sub(1);
         let ids = self.tokenizer.encode(format!(" {hints}"), false).map(|e| e.get_ids().to_vec()).unwrap_or_default();
         let vocab = self.model.config().vocab_size as u32;
         let ids: Vec<u32> = ids.into_iter().filter(|&t| t < self.specials.eot && t < vocab).collect();
