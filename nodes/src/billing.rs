@@ -362,6 +362,7 @@ impl Billing {
     fn stop(&self, account: AccountSid, until: Timestamp, budget: u64) {
         for (tenant, call) in self.tenancy.stop_for_budget(account, until, budget) {
             let (tenancy, twilio) = (self.tenancy.clone(), self.twilio.clone());
+            crate::hangup::count_requested("billing");
             tokio::spawn(async move {
                 end_call(call, tenant, "billing", "monthly budget spent", &tenancy, &twilio).await;
             });

@@ -159,6 +159,10 @@ pub struct SttFile {
     pub hints: String,
     /// Write runs of three or more spoken digits as digits (`four seven two nine one` → `47291`).
     pub digit_strings: bool,
+    /// Shortest audio window the encoder sees, in ms (Whisper: 30,000). Shorter is faster
+    /// (the encoder's cost grows with its length) but gives the decoder less context; see
+    /// BENCHMARKS.md "Decoding policies".
+    pub min_encoder_ms: u32,
 }
 
 impl SttFile {
@@ -168,6 +172,7 @@ impl SttFile {
             beam_size: self.beam_size,
             hints: self.hints.clone(),
             digit_strings: self.digit_strings,
+            min_encoder_frames: (self.min_encoder_ms / 10) as usize,
             ..Default::default()
         }
     }
@@ -184,6 +189,7 @@ impl Default for SttFile {
             beam_size: 1,
             hints: String::new(),
             digit_strings: false,
+            min_encoder_ms: 10_000,
         }
     }
 }
@@ -506,6 +512,9 @@ impl Config {
         }
         if f.stt.beam_size == 0 || f.stt.beam_size > 16 {
             return Err(invalid("stt.beam_size", "must be between 1 (greedy) and 16".into()));
+        }
+        if f.stt.min_encoder_ms > 30_000 {
+            return Err(invalid("stt.min_encoder_ms", "must be at most 30000 (Whisper's window)".into()));
         }
         if f.stt.hints.chars().count() > 1000 || f.stt.hints.chars().any(char::is_control) {
             return Err(invalid("stt.hints", "must be at most 1,000 characters, without control characters".into()));

@@ -8,7 +8,7 @@ use voxgate_actors::tenancy::directory::Block;
 use voxgate_protocol::{Clock, Envelope, Event};
 use voxgate_storage::{topics, Log, StorageError};
 
-use crate::hangup::{end_call, TwilioRest};
+use crate::hangup::{count_requested, end_call, TwilioRest};
 use crate::tenancy::Tenancy;
 
 /// Applies one fraud-log event; `live` events also end calls (not those read at startup).
@@ -37,6 +37,7 @@ async fn act(env: &Envelope, tenancy: &Arc<Tenancy>, twilio: &TwilioRest, clock:
             let Some(call) = env.call else { return };
             // Ending a call waits for its actor and for Twilio; blocks keep flowing meanwhile.
             let (tenant, h, tenancy, twilio) = (env.tenant, h.clone(), tenancy.clone(), twilio.clone());
+            count_requested("fraud");
             tokio::spawn(async move { end_call(call, tenant, &h.source, &h.reason, &tenancy, &twilio).await });
         }
         _ => {}

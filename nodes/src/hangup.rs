@@ -13,6 +13,13 @@ pub use crate::twilio_rest::TwilioRest;
 /// How long (in 10 ms polls) a hang-up waits for the call's actor to start.
 const ACTOR_WAIT_POLLS: u32 = 200;
 
+/// Counts a hang-up about to be handed to [`end_call`] (`voxgate_hangups_requested_total`), before
+/// the task that runs it is spawned: with `voxgate_hangups_total` (counted when Twilio answered or
+/// failed) an operator sees hang-ups in flight, and a test waits until none is.
+pub fn count_requested(source: &'static str) {
+    metrics::counter!("voxgate_hangups_requested_total", "source" => source).increment(1);
+}
+
 /// Ends `call`: its actor records `HangupRequested` and `completed` (source voxgate) and closes
 /// the stream; then Twilio completes it. Ingress appends `CallReceived` before it starts the call's
 /// actor, so a decision can overtake the actor's start by a few milliseconds: wait for it briefly.
@@ -47,12 +54,15 @@ pub async fn end_call(
             tracing::info!(stage = source, call_sid = %call, tenant = %tenant, "no live actor for the call; ending it at Twilio only")
         }
     }
-    match twilio.complete_call(tenancy, tenant, call).await {
+    let outcome = match twilio.complete_call(tenancy, tenant, call).await {
         Ok(status) => {
-            tracing::info!(stage = source, call_sid = %call, tenant = %tenant, status, "call completed at Twilio")
+            tracing::info!(stage = source, call_sid = %call, tenant = %tenant, status, "call completed at Twilio");
+            "completed"
         }
         Err(e) => {
-            tracing::error!(stage = source, call_sid = %call, tenant = %tenant, error = %e, "call not completed at Twilio")
+            tracing::error!(stage = source, call_sid = %call, tenant = %tenant, error = %e, "call not completed at Twilio");
+            "failed"
         }
-    }
+    };
+    metrics::counter!("voxgate_hangups_total", "source" => source.to_owned(), "outcome" => outcome).increment(1);
 }

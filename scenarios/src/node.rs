@@ -5,59 +5,28 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-/// The `voxgate` binary: `VOXGATE_TEST_BIN` if set, else built once with cargo (a no-op when fresh).
+/// The `voxgate` binary: `VOXGATE_TEST_BIN` if set, else the one cargo built beside the running
+/// executable (`target/<profile>/voxgate`: `cargo test --workspace` builds it for the scenario
+/// tests, `cargo build --release --workspace` for the bench binaries). No nested cargo build.
 pub fn binary() -> anyhow::Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("VOXGATE_TEST_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?.to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let profile_release = std::env::var("VOXGATE_TEST_RELEASE").is_ok();
-        let mut cmd = Command::new(cargo);
-        // The targets `cargo test --workspace` builds, so features unify as they did there and a
-        // fresh build stays fresh (`-p voxgate` alone would rebuild it with other features).
-        cmd.current_dir(&root).args(["build", "-q", "--workspace"]);
-        // What `cargo test` sets for this crate's tests (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, …):
-        // a build script (ring's) watches some of them, and seeing them change would rebuild
-        // half the tree here and again at the next top-level build.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_BIN_EXE_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "OUT_DIR",
-                ]
-                .contains(&k.as_ref())
-            {
-                cmd.env_remove(k.as_ref());
-            }
-        }
-        if profile_release {
-            cmd.args(["--release", "--bin", "voxgate"]);
-        } else {
-            cmd.args(["--bins", "--tests"]);
-        }
-        let st = cmd.status().map_err(|e| format!("running cargo build: {e}"))?;
-        if !st.success() {
-            return Err(format!("cargo build --bin voxgate failed: {st}"));
-        }
-        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-        Ok(target.join(if profile_release { "release" } else { "debug" }).join("voxgate"))
+    if let Ok(p) = std::env::var("VOXGATE_TEST_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    // A test runs from target/<profile>/deps/, a bench binary from target/<profile>/.
+    let dirs = exe.ancestors().skip(1).take(2);
+    let candidates: Vec<PathBuf> = dirs.map(|d| d.join(format!("voxgate{}", std::env::consts::EXE_SUFFIX))).collect();
+    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+        format!(
+            "no voxgate binary at {}: build it first (`cargo test --workspace` builds it for the tests, \
+             `cargo build --release --workspace` for the benches) or set VOXGATE_TEST_BIN",
+            candidates.first().map(|p| p.display().to_string()).unwrap_or_default()
+        )
     })
-    .clone()
-    .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The Whisper model fetched by nodes/deploy/fetch-model.sh (or `VOXGATE_STT__MODEL_DIR`).
@@ -200,6 +169,30 @@ impl Node {
             }
             if Instant::now() > deadline {
                 bail!("node not idle after {within:?}: {h}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded) until every stage has read all of its input log (`lag_events` 0) and every
+    /// hang-up a stage decided has had Twilio's answer (`voxgate_hangups_total` caught up with
+    /// `voxgate_hangups_requested_total`); calls may still be live.
+    pub async fn wait_caught_up(&self, within: Duration) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, h) = self.get_json("/api/voice/health").await?;
+            let lag_done = h["stages"]
+                .as_object()
+                .map(|m| m.values().all(|s| s["lag_events"].as_u64() == Some(0)))
+                .unwrap_or(false);
+            let m = self.scrape().await?;
+            let hangups_done = crate::load::counter(&m, "voxgate_hangups_total")
+                >= crate::load::counter(&m, "voxgate_hangups_requested_total");
+            if lag_done && hangups_done {
+                return Ok(h);
+            }
+            if Instant::now() > deadline {
+                bail!("node not caught up after {within:?}: {h}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use voxgate_protocol::CallSid;
 use voxgate_scenarios::fixture::{config, sim, ACCOUNT, NUMBER};
-use voxgate_scenarios::nats::{free_port, Nats};
+use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 
 /// Messages from `msgs` until `done` says the collection is complete (or `within` passes).
@@ -69,7 +69,7 @@ fn has(got: &[(String, Value)], call: CallSid, kind: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_public_event_reaches_a_plain_nats_client_even_across_an_outage() {
-    let nats = Nats::start(free_port(), tempfile::tempdir().unwrap());
+    let nats = Nats::fresh();
     let events = events_stream(&nats.url(), true).await;
     let node =
         Node::start(&config(&format!("[stt]\nenabled = false\n[analytics]\nnats_url = \"{}\"\n", nats.url()))).unwrap();

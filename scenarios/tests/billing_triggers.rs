@@ -45,6 +45,20 @@ fn metric(scrape: &str, name: &str, labels: &str) -> Option<f64> {
     found
 }
 
+/// Waits (bounded) until the trigger's `current_value` is `want`: billing has counted the calls
+/// so far, so whatever they were going to fire has been decided.
+async fn counted(node: &Node, sid: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, t) = api(node, Method::GET, &format!("/Usage/Triggers/{sid}.json"), &[]).await;
+        if st == 200 && t["current_value"] == want {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "the trigger never counted {want}: {st} {t}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// An inbound call from `from` that lasts `secs` (by the node's clock) and completes.
 async fn completed_call(node: &Node, s: &Simulator, n: u128, from: &str, secs: u32) {
     let a = s.inbound_call(CallSid::from_u128(n), from, NUMBER).await.unwrap();
@@ -130,7 +144,7 @@ async fn usage_triggers_fire_once_per_period_with_signed_retried_callbacks() {
     // One call: below the threshold.
     let s = sim(&node);
     completed_call(&node, &s, 1, "+14155550001", 30).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    counted(&node, &sid, "1").await;
     assert!(receiver.requests().is_empty());
 
     // The second call crosses it: the callback comes at once, fails, is retried.
@@ -175,10 +189,8 @@ async fn usage_triggers_fire_once_per_period_with_signed_retried_callbacks() {
 
     // A third call the same day: the trigger does not fire again.
     completed_call(&node, &s, 3, "+14155550003", 20).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = counted(&node, &sid, "3").await;
     assert_eq!(receiver.requests().len(), 2);
-    let (_, t) = api(&node, Method::GET, &format!("/Usage/Triggers/{sid}.json"), &[]).await;
-    assert_eq!(t["current_value"], "3");
     let fired_at = t["date_fired"].as_str().expect("date_fired").to_owned();
     let m = node.scrape().await.unwrap();
     assert_eq!(metric(&m, "voxgate_usage_triggers_fired_total", ""), Some(1.0), "{m}");
@@ -190,10 +202,8 @@ async fn usage_triggers_fire_once_per_period_with_signed_retried_callbacks() {
     node.stop().unwrap();
     let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
     let node = Node::start_in(dir, node.config_path.clone(), &[]).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = counted(&node, &sid, "3").await;
     assert_eq!(receiver.requests().len(), 2);
-    let (st, t) = api(&node, Method::GET, &format!("/Usage/Triggers/{sid}.json"), &[]).await;
-    assert_eq!(st, 200);
     assert_eq!(
         (t["date_fired"].as_str(), t["friendly_name"].as_str()),
         (Some(fired_at.as_str()), Some("calls per day"))

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use voxgate_protocol::{CallSid, Event, SystemClock};
 use voxgate_scenarios::fixture::{calls_usage, config, each_event_once, node_specs, sim, NUMBER, SECRETS_KEY};
-use voxgate_scenarios::nats::{free_port, Nats};
+use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::speech::{script, Voice};
 use voxgate_scenarios::twilio::Pace;
@@ -94,7 +94,7 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
     audio.extend(std::iter::repeat_n(0xffu8, 8 * 600));
     let audio = Arc::new(audio);
 
-    let nats = Nats::start(free_port(), tempfile::tempdir().unwrap());
+    let nats = Nats::fresh();
     let url = nats.url();
     let ingress = Node::start(&node_config(&url, "ingress,call", "ingress")).unwrap();
     let mut speech = Node::start(&node_config(&url, "transcode,stt", "speech")).unwrap();

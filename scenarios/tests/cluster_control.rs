@@ -1,6 +1,6 @@
 //! A cluster's control plane and its NATS outages, through the real binary with our own
 //! `nats-server -js` on a free loopback port:
-//! - an ingress node keeps answering Twilio while NATS is down for 10 s under traffic, spools
+//! - an ingress node keeps answering Twilio while NATS is down under traffic, spools
 //!   what it records, and forwards it on reconnect: every event arrives exactly once;
 //! - a tenant and number created over REST on one node take calls on another, and a budget stop
 //!   recorded by the billing node refuses calls and ends active ones on the ingress node.
@@ -14,7 +14,7 @@ use reqwest::Method;
 use serde_json::Value;
 use voxgate_protocol::{AccountSid, CallSid, Event, SystemClock};
 use voxgate_scenarios::fixture::{config, each_event_once, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY};
-use voxgate_scenarios::nats::{free_port, Nats};
+use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::recorder::Recorder;
 use voxgate_scenarios::twilio::{Pace, Simulator};
@@ -60,7 +60,7 @@ fn trails(log: &Log) -> BTreeMap<CallSid, Trail> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_answers_through_a_nats_outage_and_forwards_every_event_once() {
-    let nats = Nats::start(free_port(), tempfile::tempdir().unwrap());
+    let nats = Nats::fresh();
     let url = nats.url();
     // Quotas and caller limits lifted: the traffic is one tenant calling as fast as it can.
     let tables = "[stt]\nenabled = false\n[quotas]\nmax_concurrent_calls = 100000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[fraud]\ndisabled_rules = [\"velocity_from\", \"spend_velocity\", \"volume_anomaly\", \"short_call_burst\"]\n";
@@ -91,17 +91,47 @@ async fn ingress_answers_through_a_nats_outage_and_forwards_every_event_once() {
             placed
         }));
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Each phase lasts until what it is about has happened (bounded), not for a fixed time.
+    let placed_at_least = |n: u64, what: &'static str| {
+        let next = next.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while next.load(Ordering::Acquire) < n {
+                assert!(tokio::time::Instant::now() < deadline, "{what}: only {} calls placed", next.load(Ordering::Acquire));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    placed_at_least(8, "before the outage").await;
     let before_outage = next.load(Ordering::Acquire);
-    // NATS goes away for ten seconds; Twilio keeps calling.
+    // NATS goes away; Twilio keeps calling until the ingress node has noticed, spooled, and
+    // answered more calls.
     let (port, store) = nats.stop();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let (_, h) = ingress.get_json("/api/voice/health").await.unwrap();
-    let spooled = h["log"]["jetstream"]["spooled"].as_u64().unwrap_or(0);
-    assert!(spooled > 0, "nothing was spooled during the outage: {h}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let spooled = loop {
+        let (_, h) = ingress.get_json("/api/voice/health").await.unwrap();
+        let spooled = h["log"]["jetstream"]["spooled"].as_u64().unwrap_or(0);
+        if h["log"]["jetstream"]["connected"] == false && spooled > 0 {
+            break spooled;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing was spooled during the outage: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let noticed = next.load(Ordering::Acquire);
+    placed_at_least(noticed + 4, "during the outage").await;
     let during_outage = next.load(Ordering::Acquire) - before_outage;
     let nats = Nats::start(port, store);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, h) = ingress.get_json("/api/voice/health").await.unwrap();
+        if h["log"]["jetstream"]["connected"] == true {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the ingress node did not reconnect: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = next.load(Ordering::Acquire);
+    placed_at_least(back + 4, "after the outage").await;
     stop.store(true, Ordering::Release);
     let mut placed = Vec::new();
     for c in callers {
@@ -130,7 +160,7 @@ async fn ingress_answers_through_a_nats_outage_and_forwards_every_event_once() {
     }
     assert_eq!(got.len(), placed.len(), "calls on the log that were never placed");
     println!(
-        "{} calls ({} during the 10 s outage, {spooled} events spooled), slowest call {} ms",
+        "{} calls ({} during the outage, {spooled} events spooled when it was noticed), slowest call {} ms",
         placed.len(),
         during_outage,
         slowest.load(Ordering::Acquire)
@@ -158,7 +188,7 @@ async fn rest(node: &Node, method: Method, path: &str, user: &str, pass: &str, p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_and_budget_stops_recorded_on_one_node_act_on_another() {
     let twilio = Recorder::start(0).await.unwrap();
-    let nats = Nats::start(free_port(), tempfile::tempdir().unwrap());
+    let nats = Nats::fresh();
     let url = nats.url();
     // The number costs $1.00 this month; three inbound minutes ($0.0255) spend a $1.02 budget.
     let top = format!("twilio_api_url = \"{}\"", twilio.url);

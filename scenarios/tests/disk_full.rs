@@ -98,7 +98,12 @@ async fn a_full_data_disk_refuses_calls_clearly_and_recovers_when_space_returns(
         }
         (ws, sent)
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The stream is flowing: the node has taken half a second of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&node.scrape().await.unwrap(), "twilio_audio_chunks_received_total") < 25.0 {
+        assert!(Instant::now() < deadline, "the stream's frames never reached the node");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Another writer takes the disk's last byte.
     let filler = data.join("filler");

@@ -126,7 +126,8 @@ async fn fraud_attack_is_caught_and_legitimate_traffic_is_not() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every verdict decided and every call it ended answered by (fake) Twilio.
+    node.wait_caught_up(Duration::from_secs(60)).await.unwrap();
     let ended: Vec<String> = ended.lock().unwrap_or_else(|e| e.into_inner()).clone();
 
     let mut node = node;

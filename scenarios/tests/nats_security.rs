@@ -12,7 +12,7 @@
 //! - the analytics publisher logs in with an NKey seed (the key pair made here with `nkeys`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use reqwest::Method;
 use serde_json::Value;
 use voxgate_protocol::{AccountSid, CallSid, SystemClock};
 use voxgate_scenarios::fixture::{config, each_event_once, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY};
-use voxgate_scenarios::nats::free_port;
+use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::twilio::Simulator;
 use voxgate_storage::{topics, ClusterOptions, Log, NatsAuth};
@@ -32,61 +32,6 @@ const ADMIN: &str = "admin-6e2a9d4c1b8f0e3a7c5d";
 const NATS_TOKEN: &str = "nats-tok3n-8c1f5a0e2d7b9463";
 
 // ---- A nats-server that asks for credentials.
-
-/// A `nats-server -js` run from a config file (`listen` plus the test's TLS and authorization
-/// blocks), its store and log in a temp dir; killed on drop.
-struct SecureNats {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl SecureNats {
-    /// Starts the server with `settings` in its config file and waits (bounded) until it listens.
-    fn start(settings: &str) -> SecureNats {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = dir.path().join("nats.conf");
-        std::fs::write(&conf, format!("listen: \"127.0.0.1:{port}\"\n{settings}\n")).unwrap();
-        let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
-        let child = Command::new("nats-server")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-js")
-            .arg("-sd")
-            .arg(dir.path().join("store"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("nats-server (bash .ci/run installs it)");
-        let mut nats = SecureNats { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(st) = nats.child.try_wait().unwrap() {
-                panic!("nats-server exited ({st}); its log:\n{}", nats.logs());
-            }
-            assert!(Instant::now() < deadline, "nats-server did not listen on {port}; its log:\n{}", nats.logs());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        nats
-    }
-
-    /// `{scheme}://127.0.0.1:PORT`
-    fn url(&self, scheme: &str) -> String {
-        format!("{scheme}://127.0.0.1:{}", self.port)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for SecureNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A CA, a certificate for the server at 127.0.0.1 and one for a client, made with `openssl`
 /// (EC P-256, valid two days).
@@ -307,11 +252,11 @@ async fn rest(node: &Node, path: &str, user: &str, pass: &str, params: &[(&str, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_node_logs_in_over_verified_tls_and_never_shows_the_password() {
     let pki = Pki::new();
-    let nats = SecureNats::start(&format!(
+    let nats = Nats::with_settings(&format!(
         "{}authorization {{\n  user: {USER}\n  password: \"{PASSWORD}\"\n}}\n",
         pki.server_tls()
     ));
-    let url = nats.url("tls");
+    let url = nats.url_with("tls");
     // The server really asks: the client certificate alone, without the password, is refused.
     let anonymous = NatsAuth { user: None, password: None, ..pki.nats_auth(USER, PASSWORD) };
     let refused = anonymous.apply(async_nats::ConnectOptions::new()).await.unwrap().connect(url.as_str()).await;
@@ -376,13 +321,13 @@ async fn a_cluster_node_logs_in_over_verified_tls_and_never_shows_the_password()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_the_url_log_in_and_health_shows_the_url_without_them() {
     let pki = Pki::new();
-    let nats = SecureNats::start(&format!(
+    let nats = Nats::with_settings(&format!(
         "{}authorization {{\n  user: {USER}\n  password: \"{PASSWORD}\"\n}}\n",
         pki.server_tls()
     ));
     let tls = pki.auth_keys();
-    let embedded = format!("nats://{USER}:{PASSWORD}@127.0.0.1:{}", nats.port);
-    let shown = nats.url("nats");
+    let embedded = format!("nats://{USER}:{PASSWORD}@127.0.0.1:{}", nats.port());
+    let shown = nats.url();
     // The log on the cluster, analytics to the same server: both URLs carry the login.
     let analytics = format!("[analytics]\nnats_url = \"{embedded}\"\n[analytics.auth]\n{tls}");
     let node = Node::start(&cluster_config(&embedded, "embedded", &tls, &analytics))
@@ -400,8 +345,8 @@ async fn credentials_in_the_url_log_in_and_health_shows_the_url_without_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_logs_in_with_a_token_and_redacts_numbers_per_tenant() {
-    let nats = SecureNats::start(&format!("authorization {{\n  token: \"{NATS_TOKEN}\"\n}}\n"));
-    let url = nats.url("nats");
+    let nats = Nats::with_settings(&format!("authorization {{\n  token: \"{NATS_TOKEN}\"\n}}\n"));
+    let url = nats.url();
     assert_refused(async_nats::connect(url.as_str()).await, "the token");
     let events = events_stream(&url, async_nats::ConnectOptions::with_token(NATS_TOKEN.into())).await;
     // Numbers hashed by default; the fixture tenant (which makes the first call) has them dropped.
@@ -468,8 +413,8 @@ async fn analytics_logs_in_with_an_nkey_seed() {
     let user = nkeys::KeyPair::new_user();
     let seed = user.seed().unwrap();
     let nats =
-        SecureNats::start(&format!("authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n", user.public_key()));
-    let url = nats.url("nats");
+        Nats::with_settings(&format!("authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n", user.public_key()));
+    let url = nats.url();
     assert_refused(async_nats::connect(url.as_str()).await, "the NKey");
     let events = events_stream(&url, async_nats::ConnectOptions::with_nkey(seed.clone())).await;
     let node = Node::start(&config(&format!(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use voxgate_protocol::{CallSid, StreamSid};
 use voxgate_scenarios::fixture::{calls_usage, config, replay_json, sim, NUMBER};
+use voxgate_scenarios::load::counter;
 use voxgate_scenarios::node::Node;
 
 const CALLS: u128 = 100;
@@ -43,7 +44,12 @@ async fn sigkill_with_100_active_calls_loses_no_acknowledged_event() {
             unreachable!()
         }));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every call's audio is flowing: the node has taken a second of each (on average).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while counter(&node.scrape().await.unwrap(), "twilio_audio_chunks_received_total") < (CALLS * 50) as f64 {
+        assert!(std::time::Instant::now() < deadline, "the streams' frames never reached the node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // No goodbye.
     node.kill();

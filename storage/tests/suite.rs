@@ -3,19 +3,21 @@
 //! store). Then what only a cluster has: de-duplication by event id, a second node sharing the
 //! log, and the ingress spool across a NATS outage.
 
-mod support;
+#[path = "../../scenarios/src/nats.rs"]
+#[allow(dead_code)]
+mod nats;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::NatsServer;
+use nats::Nats;
 use voxgate_protocol::{Clock, SystemClock, Timestamp};
 use voxgate_storage::{Appended, ClusterOptions, Log, Retention, StorageError, TopicSpec};
 
 /// Where a test's log lives.
 struct Harness {
-    nats: Option<NatsServer>,
+    nats: Option<Nats>,
 }
 
 impl Harness {
@@ -24,7 +26,7 @@ impl Harness {
     }
 
     fn jetstream() -> Self {
-        Self { nats: Some(NatsServer::start()) }
+        Self { nats: Some(Nats::fresh()) }
     }
 
     async fn open(&self, dir: &Path, specs: &[TopicSpec], clock: Arc<dyn Clock>) -> Result<Log, StorageError> {
@@ -423,7 +425,7 @@ async fn jetstream_spool_keeps_appends_through_an_outage_and_forwards_them_in_or
 
 #[tokio::test]
 async fn a_data_dir_keeps_its_backend() {
-    let nats = NatsServer::start();
+    let nats = Nats::fresh();
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), &specs(), Arc::new(SystemClock)).unwrap();
     log.append("t", 0, b"x").await.unwrap();

@@ -187,6 +187,11 @@ pub struct DecodeOptions {
     /// 1,153 ms (p50) against 808 ms greedy, and 12 calls' 3,758 against 1,271 ms: hypotheses
     /// that do not end run on through the trailing silence. Default 1 (greedy) until that is cut.
     pub beam_size: usize,
+    /// Beam search ends a piece as soon as its most likely continuation is end-of-text, instead
+    /// of waiting for `beam_size` hypotheses to end (Whisper's patience 1): every live hypothesis then has a lower total log-probability than one
+    /// that ended, and on a segment that ends in silence the others would otherwise run on
+    /// through it to the token budget.
+    pub beam_early_stop: bool,
     /// Vocabulary hints (Twilio's `hints`): words and phrases the speech is likely to hold,
     /// given to the decoder as Whisper's initial prompt (`<|startofprev|>` and the text before
     /// `<|startoftranscript|>`; its last 223 tokens). Empty: no prompt.
@@ -217,6 +222,7 @@ impl Default for DecodeOptions {
             max_batch: 4,
             fallback_temperatures: vec![0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size: 1,
+            beam_early_stop: true,
             hints: String::new(),
             digit_strings: false,
         }
@@ -329,6 +335,8 @@ pub struct Transcriber {
     suppress: Tensor,
     /// The same with blank and end-of-text also suppressed (first step, `suppress_blank`).
     suppress_begin: Tensor,
+    /// Per token id: its text ends a sentence (`.`, `?`, `!`), for [`restart_at`].
+    sentence_end: Vec<bool>,
     mel_scratch: Vec<f32>,
     timings: Timings,
     /// The first decoder step's tokens before `<|startoftranscript|>`: empty, or
@@ -447,6 +455,9 @@ impl Transcriber {
         };
         let suppress_begin = bias(&begin)?;
         let suppress = bias(&suppress)?;
+        let sentence_end = (0..specials.eot)
+            .map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.ends_with(['.', '?', '!'])))
+            .collect();
         Ok(Self {
             model,
             tokenizer,
@@ -455,6 +466,7 @@ impl Transcriber {
             specials,
             suppress,
             suppress_begin,
+            sentence_end,
             mel_scratch: Vec::new(),
             timings: Timings::default(),
             prompt: Vec::new(),
@@ -694,7 +706,7 @@ impl Transcriber {
                 }
                 tokens[p].push(tok);
                 lps[p].push(lp);
-                if let Some(cut) = restart_at(&tokens[p], self.options.restart_min_tokens) {
+                if let Some(cut) = restart_at(&tokens[p], self.options.restart_min_tokens, &self.sentence_end) {
                     tokens[p].truncate(cut);
                     lps[p].truncate(cut);
                     stop[p] = Stop::Restart;
@@ -841,7 +853,9 @@ impl Transcriber {
                 }
                 cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
                 let mut next: Vec<(usize, Hyp, u32)> = Vec::with_capacity(beam);
-                for (score, j, tok, lp) in cands {
+                // The most likely continuation of all is end-of-text.
+                let mut best_ended = false;
+                for (rank, (score, j, tok, lp)) in cands.into_iter().enumerate() {
                     if next.len() >= beam || ended[p].len() >= beam {
                         break;
                     }
@@ -851,11 +865,12 @@ impl Transcriber {
                     if tok == sp.eot {
                         h.stop = Stop::EndOfText;
                         ended[p].push(h);
+                        best_ended |= rank == 0;
                         continue;
                     }
                     h.tokens.push(tok);
                     h.lps.push(lp);
-                    if let Some(cut) = restart_at(&h.tokens, self.options.restart_min_tokens) {
+                    if let Some(cut) = restart_at(&h.tokens, self.options.restart_min_tokens, &self.sentence_end) {
                         h.cut(cut, Stop::Restart);
                         ended[p].push(h);
                         continue;
@@ -870,7 +885,8 @@ impl Transcriber {
                 }
                 // All live hypotheses have the same length: the budget ends them together.
                 let full = next.first().is_some_and(|(_, h, _)| h.tokens.len() >= budgets[p]) || st.len() + 1 > max_ctx;
-                if ended[p].len() >= beam || next.is_empty() || full {
+                let early = best_ended && self.options.beam_early_stop;
+                if ended[p].len() >= beam || next.is_empty() || full || early {
                     if ended[p].is_empty() || full && ended[p].iter().all(|h| h.stop != Stop::EndOfText) {
                         ended[p].extend(next.into_iter().map(|(_, mut h, _)| {
                             h.stop = Stop::Budget;
@@ -1136,12 +1152,34 @@ fn loop_at(tokens: &[u32], o: &DecodeOptions) -> Option<(usize, usize)> {
     })
 }
 
-/// Where the transcript started over: `Some(len - m)` when the last `m` tokens equal the first
-/// `m` and do not overlap them (`m = 0` disables).
-fn restart_at(tokens: &[u32], m: usize) -> Option<usize> {
+/// Where the transcript started over, as the length to cut it to (`m = 0` disables):
+/// - the last `m` tokens equal the first `m` (and do not overlap them): cut before the copy;
+/// - or, after a sentence end, the transcript started over with its first word or two changed
+///   ("until came to forty five dollars. The total came to forty five dollars."): the last `m`
+///   tokens equal the `m` from position `i` (1 ≤ `i` ≤ [`RESTART_DRIFT`]), and 1 to
+///   `RESTART_DRIFT + 1` tokens before them follow a token that ends a sentence
+///   (`sentence_end[token]`): cut after that sentence end.
+fn restart_at(tokens: &[u32], m: usize, sentence_end: &[bool]) -> Option<usize> {
     let n = tokens.len();
-    (m > 0 && n >= 2 * m && tokens[n - m..] == tokens[..m]).then(|| n - m)
+    if m == 0 || n < 2 * m {
+        return None;
+    }
+    let tail = &tokens[n - m..];
+    if tokens[..m] == *tail {
+        return Some(n - m);
+    }
+    let ends = |t: u32| sentence_end.get(t as usize).copied().unwrap_or(false);
+    (1..=RESTART_DRIFT).filter(|&i| tokens.get(i..i + m) == Some(tail)).find_map(|i| {
+        // The changed first words take `changed` tokens, after a sentence end at `cut - 1`.
+        (1..=RESTART_DRIFT + 1).find_map(|changed| {
+            let cut = n.checked_sub(m + changed)?;
+            (cut >= i + m && ends(tokens[cut - 1])).then_some(cut)
+        })
+    })
 }
+
+/// Leading tokens a restart may change (see [`restart_at`]).
+const RESTART_DRIFT: usize = 2;
 
 /// Whisper's compression ratio: UTF-8 bytes of `text` over its zlib-compressed size.
 pub fn compression_ratio(text: &str) -> f32 {
@@ -1314,12 +1352,39 @@ mod tests {
 
     #[test]
     fn restart_is_the_prefix_coming_back() {
+        let none: &[bool] = &[];
         let t = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6];
-        assert_eq!(restart_at(&t, 6), Some(8));
-        assert_eq!(restart_at(&t[..13], 6), None);
-        assert_eq!(restart_at(&[1, 2, 3, 1, 2, 3], 3), Some(3));
-        assert_eq!(restart_at(&[1, 2, 3, 1, 2], 3), None);
-        assert_eq!(restart_at(&t, 0), None);
+        assert_eq!(restart_at(&t, 6, none), Some(8));
+        assert_eq!(restart_at(&t[..13], 6, none), None);
+        assert_eq!(restart_at(&[1, 2, 3, 1, 2, 3], 3, none), Some(3));
+        assert_eq!(restart_at(&[1, 2, 3, 1, 2], 3, none), None);
+        assert_eq!(restart_at(&t, 0, none), None);
+        // After a sentence end, the first word changed: "until came to five dollars. The total
+        // came to five dollars." is cut after the first copy.
+        let (until, dot, the, total) = (90, 91, 92, 93);
+        let mut ends = vec![false; 100];
+        ends[dot as usize] = true;
+        let body = [10, 11, 12, 13, 14, dot];
+        let mut drift: Vec<u32> = vec![until];
+        drift.extend(body);
+        drift.extend([the, total]);
+        drift.extend(body);
+        assert_eq!(restart_at(&drift, 6, &ends), Some(7));
+        assert_eq!(restart_at(&drift[..drift.len() - 1], 6, &ends), None, "not yet a whole copy");
+        // Without the sentence end before it, a repeat is speech ("call me at five, call me at five").
+        assert_eq!(restart_at(&drift, 6, none), None);
+        // More than two changed leading tokens is not a restart.
+        let mut far: Vec<u32> = vec![1, 2, 3];
+        far.extend(body);
+        far.extend([4, 5]);
+        far.extend(body);
+        assert_eq!(restart_at(&far, 6, &ends), None);
+        // Nor more than three new tokens before the copy.
+        let mut long: Vec<u32> = vec![until];
+        long.extend(body);
+        long.extend([4, 5, 6, 7]);
+        long.extend(body);
+        assert_eq!(restart_at(&long, 6, &ends), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use voxgate_protocol::event::Direction;
 use voxgate_protocol::{encode, AccountSid, CallSid, SystemClock};
 use voxgate_scenarios::bench::{call_events, ms, quantile, webhook_figures};
 use voxgate_scenarios::fixture::SECRETS_KEY;
-use voxgate_scenarios::nats::{free_port, Nats};
+use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_storage::{topics, ClusterOptions, Log, TopicSpec};
 
@@ -127,11 +127,10 @@ fn node_config(cluster: Option<&str>) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    std::env::set_var("VOXGATE_TEST_RELEASE", "1");
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let sequential = 1000.min(n / 2);
     let events = payloads(n);
-    let nats = Nats::start(free_port(), tempfile::tempdir()?);
+    let nats = Nats::fresh();
     let clock = Arc::new(SystemClock);
 
     // Embedded: producer and consumer stages share one sled log.
@@ -153,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
     let node = Node::start(&node_config(None))?;
     let wh_embedded = webhook_figures(&node, ACCOUNT, TOKEN, NUMBER, hooks).await?;
     drop(node);
-    let wh_nats = Nats::start(free_port(), tempfile::tempdir()?);
+    let wh_nats = Nats::fresh();
     let node = Node::start(&node_config(Some(&wh_nats.url())))?;
     let wh_cluster = webhook_figures(&node, ACCOUNT, TOKEN, NUMBER, hooks).await?;
     drop(node);

@@ -46,7 +46,6 @@ struct CallRun {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    std::env::set_var("VOXGATE_TEST_RELEASE", "1");
     let mut args = std::env::args().skip(1);
     let calls: u128 = args.next().and_then(|a| a.parse().ok()).unwrap_or(50);
     let concurrency: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);

@@ -35,7 +35,6 @@ async fn calls(s: &Simulator, first: u128) -> anyhow::Result<(f64, f64)> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    std::env::set_var("VOXGATE_TEST_RELEASE", "1");
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3);
     let config = format!(
         "public_url = \"https://bench.voxgate.test\"\n[stt]\nenabled = false\n[quotas]\nmax_concurrent_calls = 1000000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[fraud]\ndisabled_rules = [\"velocity_from\", \"spend_velocity\", \"short_call_burst\", \"volume_anomaly\"]\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"

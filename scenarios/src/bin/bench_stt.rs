@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
     let greedy = DecodeOptions { fallback_temperatures: Vec::new(), ..defaults.clone() };
     let mut policies = Vec::new();
     // Decoding policies to compare beside the default: BENCH_STT_POLICIES="beam=5;beam=3,min_frames=0"
-    // (keys: beam, min_frames, pad_frames); default "beam=5".
+    // (keys: beam, min_frames, pad_frames, early = 0 or 1); default "beam=5".
     let mut runs: Vec<(String, DecodeOptions, bool)> = vec![
         ("voxgate greedy, doubted text dropped".into(), greedy.clone(), true),
         ("voxgate greedy, doubted text kept".into(), greedy, false),
@@ -86,6 +86,7 @@ fn main() -> anyhow::Result<()> {
                 "beam" => o.beam_size = v,
                 "min_frames" => o.min_encoder_frames = v,
                 "pad_frames" => o.encoder_pad_frames = v,
+                "early" => o.beam_early_stop = v != 0,
                 other => anyhow::bail!("policy {policy:?}: unknown key {other:?}"),
             }
         }
@@ -203,7 +204,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn end_to_end(levels: &[usize], sentences: &[&str]) -> anyhow::Result<()> {
-    std::env::set_var("VOXGATE_TEST_RELEASE", "1");
     let work = tempfile::tempdir()?;
     let voices = [Voice::Flite("slt".into()), Voice::Espeak("en-us".into())];
     let per_call = 6.min(sentences.len());
