@@ -318,7 +318,6 @@ struct Judged {
 struct Specials {
     sot: u32,
     eot: u32,
-    no_timestamps: u32,
     no_speech: u32,
     /// `<|startofprev|>`, which opens a prompt.
     prev: u32,
@@ -335,6 +334,9 @@ pub struct Transcriber {
     suppress: Tensor,
     /// The same with blank and end-of-text also suppressed (first step, `suppress_blank`).
     suppress_begin: Tensor,
+    /// Fed after start-of-transcript: `<|notimestamps|>`, after `<|en|><|transcribe|>` for a
+    /// multilingual model (English forced).
+    after_sot: Vec<u32>,
     /// Per token id: its text ends a sentence (`.`, `?`, `!`), for [`restart_at`].
     sentence_end: Vec<bool>,
     mel_scratch: Vec<f32>,
@@ -418,10 +420,16 @@ impl Transcriber {
                 }),
             }
         };
+        // A multilingual model (Whisper's test: at least 51,865 ids) is told the language and
+        // the task; an English-only one has neither token in its prompt.
+        let after_sot = if vocab >= 51_865 {
+            vec![id(&["<|en|>"])?, id(&["<|transcribe|>"])?, id(&["<|notimestamps|>"])?]
+        } else {
+            vec![id(&["<|notimestamps|>"])?]
+        };
         let specials = Specials {
             sot: id(&["<|startoftranscript|>"])?,
             eot: id(&["<|endoftext|>"])?,
-            no_timestamps: id(&["<|notimestamps|>"])?,
             no_speech: id(&["<|nospeech|>", "<|nocaptions|>"])?,
             prev: id(&["<|startofprev|>"])?,
         };
@@ -466,6 +474,7 @@ impl Transcriber {
             specials,
             suppress,
             suppress_begin,
+            after_sot,
             sentence_end,
             mel_scratch: Vec::new(),
             timings: Timings::default(),
@@ -654,7 +663,8 @@ impl Transcriber {
             .narrow(1, sp.no_speech as usize, 1)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let mut logits = self.model.decode_step(&mut st, &vec![sp.no_timestamps; b])?;
+        let mut logits = self.model.decode_step(&mut st, &self.after_sot.repeat(b))?;
+        fed += (self.after_sot.len() - 1) * b;
 
         let budgets: Vec<usize> = audio.iter().map(|(_, _, a)| self.options.token_budget(a.len())).collect();
         let max_ctx = self.model.config().max_target_positions;
@@ -1245,6 +1255,22 @@ pub(crate) mod test_support {
         dir
     }
 
+    /// The multilingual Whisper base directory (`nodes/deploy/fetch-model.sh base`):
+    /// `$VOXGATE_STT__BASE_MODEL_DIR` or `models/whisper-base`; panics when it is missing.
+    pub fn base_model_dir() -> PathBuf {
+        let dir = std::env::var_os("VOXGATE_STT__BASE_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/whisper-base")));
+        for f in ["model.bin", "config.json", "tokenizer.json"] {
+            assert!(
+                dir.join(f).is_file(),
+                "Whisper base missing: {} not found; run nodes/deploy/fetch-model.sh base",
+                dir.join(f).display()
+            );
+        }
+        dir
+    }
+
     /// Text-to-speech engine used to make test audio.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Voice {
@@ -1539,6 +1565,30 @@ mod tests {
         let mean = total / n as f32;
         println!("mean wer {mean:.3}");
         assert!(mean <= 0.12, "mean wer {mean}");
+    }
+
+    /// The second model: multilingual base, told English and transcription (`<|en|><|transcribe|>`),
+    /// transcribes phone speech in English, alone and batched, and keeps silence silent.
+    #[test]
+    fn multilingual_base_transcribes_english() {
+        let mut t = Transcriber::load(&base_model_dir()).unwrap_or_else(|e| panic!("loading whisper base: {e}"));
+        assert_eq!(t.after_sot.len(), 3, "language and task tokens in the prompt");
+        let clips: Vec<Vec<f32>> = SENTENCES.iter().take(3).map(|s| telephone_speech(Voice::Flite, s)).collect();
+        let refs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
+        let batched = t.transcribe_batch(&refs).unwrap_or_else(|e| panic!("{e}"));
+        let mut total = 0.0;
+        for ((s, r), pcm) in SENTENCES.iter().zip(&batched).zip(&clips) {
+            let w = wer(s, &r.text);
+            println!("base wer {w:.2} lp {:.2} no-speech {:.2} {:?} ← {s:?}", r.avg_logprob, r.no_speech_prob, r.text);
+            assert_eq!(r.rejected, None, "{s:?}: {r:?}");
+            assert!(r.text.is_ascii(), "English text, not another language: {:?}", r.text);
+            assert_eq!(t.transcribe(pcm).unwrap_or_else(|e| panic!("{e}")).text, r.text, "alone as in a batch");
+            total += w;
+        }
+        let mean = total / batched.len() as f32;
+        assert!(mean <= 0.15, "mean wer {mean}");
+        let quiet = t.transcribe(&silence(3.0)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((quiet.text.as_str(), quiet.rejected), ("", Some("no_speech")), "{quiet:?}");
     }
 
     #[test]

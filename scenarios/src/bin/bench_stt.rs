@@ -22,7 +22,7 @@
 //! snippet added to the node's config (e.g. `[transcode.vad]\nhangover_ms = 300`); `base` is the
 //! config as shipped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +30,7 @@ use anyhow::Context;
 use voxgate_actors::stt::decode::{DecodeOptions, Transcriber};
 use voxgate_protocol::{CallSid, StreamSid};
 use voxgate_scenarios::bench::quantile;
-use voxgate_scenarios::corpus::{render_clips, score_fw_jsonl, SENTENCES};
+use voxgate_scenarios::corpus::{render_clips, score_fw_jsonl, Clip, SENTENCES};
 use voxgate_scenarios::fixture::{config, replay_json, sim, NUMBER};
 use voxgate_scenarios::node::{model_dir, Node};
 use voxgate_scenarios::speech::{script, Voice};
@@ -96,21 +96,8 @@ fn main() -> anyhow::Result<()> {
     }
     runs.push((format!("voxgate fallback, beam {} (default)", defaults.beam_size), defaults, false));
     for (name, options, drop_doubted) in runs {
-        t.set_options(options);
-        let mut times = Vec::new();
-        let mut wer = WerByVoice::new();
-        let (mut empty, mut doubted) = (0, 0);
-        let start = Instant::now();
-        for (c, p) in clips.iter().zip(&pcm) {
-            let s = Instant::now();
-            let r = t.transcribe(p).map_err(|e| anyhow::anyhow!("{e}"))?;
-            times.push(s.elapsed().as_secs_f64());
-            doubted += usize::from(r.doubt.is_some());
-            let text = if drop_doubted && r.doubt.is_some() { "" } else { r.text.as_str() };
-            empty += usize::from(text.is_empty());
-            wer.score(&c.voice, &c.reference, text);
-        }
-        policies.push((name, start.elapsed().as_secs_f64(), times, wer, empty, doubted));
+        let (total, times, wer, empty, doubted) = run_policy(&mut t, &clips, &pcm, options, drop_doubted)?;
+        policies.push((name, total, times, wer, empty, doubted));
     }
     let Some((_, single_total, mut single, wer_single, empty, doubted)) = policies.pop() else {
         anyhow::bail!("no run")
@@ -163,44 +150,104 @@ fn main() -> anyhow::Result<()> {
         wer_batch.total().numbers.rate() * 100.0
     );
 
-    let python = root.join("target/fw-venv/bin/python");
-    if std::env::var("BENCH_STT_FW").is_ok_and(|v| v == "0") {
-        println!("faster-whisper: skipped (BENCH_STT_FW=0)");
-    } else if python.exists() {
-        let out = Command::new(&python)
-            .arg(root.join("scenarios/fw/baseline.py"))
-            .arg(&clips_dir)
-            .arg(model_dir())
-            .args(["--threads", "2"])
-            .output()
-            .context("running faster-whisper")?;
-        if out.status.success() {
-            let modes = score_fw_jsonl(&String::from_utf8_lossy(&out.stdout))?;
-            for (mode, m) in &modes {
-                let speed = m.audio_seconds / m.decode_seconds.max(1e-9);
-                println!(
-                    "{:<36} {:>12.2} {:>14} {:>7.1}% {:>7.1}%   (voxgate one-at-a-time is {:.2}× its speed)",
-                    match mode.strip_prefix("int8 ") {
-                        Some(m) => format!("faster-whisper int8, {m}"),
-                        None => format!("faster-whisper f32, {mode}"),
-                    },
-                    speed,
-                    "-",
-                    m.wer.total().counts.rate() * 100.0,
-                    m.wer.total().numbers.rate() * 100.0,
-                    v_speed / speed
-                );
-            }
-        } else {
-            println!("faster-whisper failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+    faster_whisper(&root, &clips_dir, &model_dir(), "", v_speed)?;
+
+    // The second model, multilingual Whisper base forced to English (`nodes/deploy/fetch-model.sh
+    // base`), when BENCH_STT_BASE names its directory (or is 1: models/whisper-base).
+    if let Ok(base) = std::env::var("BENCH_STT_BASE") {
+        let dir = if base == "1" { root.join("models/whisper-base") } else { PathBuf::from(base) };
+        let mut b = Transcriber::load(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        b.transcribe(&pcm[0]).map_err(|e| anyhow::anyhow!("{e}"))?; // warm-up
+        let defaults = b.options().clone();
+        for (name, options) in [
+            ("voxgate base, default".to_string(), defaults.clone()),
+            ("voxgate base, beam 3".to_string(), DecodeOptions { beam_size: 3, ..defaults }),
+        ] {
+            let (total, mut times, wer, empty, doubted) = run_policy(&mut b, &clips, &pcm, options, false)?;
+            println!(
+                "{:<36} {:>12.2} {:>14.3} {:>7.1}% {:>7.1}%   ({empty} empty, {doubted} doubted; tiny.en default is {:.2}× its speed)",
+                name,
+                audio / total,
+                quantile(&mut times, 0.5),
+                wer.total().counts.rate() * 100.0,
+                wer.total().numbers.rate() * 100.0,
+                v_speed / (audio / total)
+            );
         }
-    } else {
-        println!("faster-whisper: not installed (python3 -m venv target/fw-venv && target/fw-venv/bin/pip install -r scenarios/fw/requirements.txt)");
+        drop(b);
+        faster_whisper(&root, &clips_dir, &dir, "base ", v_speed)?;
     }
     println!("WER per voice, voxgate one at a time:\n{}", wer_single.table());
 
     // ---- Part 2: end to end, end of speech → transcript durable.
     rt.block_on(end_to_end(&levels, &sentences))
+}
+
+/// One decoding policy over every clip, one at a time: (seconds, per-clip seconds, WER, empty, doubted).
+fn run_policy(
+    t: &mut Transcriber,
+    clips: &[Clip],
+    pcm: &[Vec<f32>],
+    options: DecodeOptions,
+    drop_doubted: bool,
+) -> anyhow::Result<(f64, Vec<f64>, WerByVoice, usize, usize)> {
+    t.set_options(options);
+    let mut times = Vec::new();
+    let mut wer = WerByVoice::new();
+    let (mut empty, mut doubted) = (0, 0);
+    let start = Instant::now();
+    for (c, p) in clips.iter().zip(pcm) {
+        let s = Instant::now();
+        let r = t.transcribe(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+        times.push(s.elapsed().as_secs_f64());
+        doubted += usize::from(r.doubt.is_some());
+        let text = if drop_doubted && r.doubt.is_some() { "" } else { r.text.as_str() };
+        empty += usize::from(text.is_empty());
+        wer.score(&c.voice, &c.reference, text);
+    }
+    Ok((start.elapsed().as_secs_f64(), times, wer, empty, doubted))
+}
+
+/// faster-whisper (scenarios/fw/baseline.py, target/fw-venv) on the same clips and model:
+/// greedy and beam 5, float32 and int8; `label` prefixes the rows (e.g. "base ").
+fn faster_whisper(root: &Path, clips_dir: &Path, model: &Path, label: &str, v_speed: f64) -> anyhow::Result<()> {
+    let python = root.join("target/fw-venv/bin/python");
+    if std::env::var("BENCH_STT_FW").is_ok_and(|v| v == "0") {
+        println!("faster-whisper: skipped (BENCH_STT_FW=0)");
+        return Ok(());
+    }
+    if !python.exists() {
+        println!("faster-whisper: not installed (python3 -m venv target/fw-venv && target/fw-venv/bin/pip install -r scenarios/fw/requirements.txt)");
+        return Ok(());
+    }
+    let out = Command::new(&python)
+        .arg(root.join("scenarios/fw/baseline.py"))
+        .arg(clips_dir)
+        .arg(model)
+        .args(["--threads", "2"])
+        .output()
+        .context("running faster-whisper")?;
+    if !out.status.success() {
+        println!("faster-whisper failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        return Ok(());
+    }
+    let modes = score_fw_jsonl(&String::from_utf8_lossy(&out.stdout))?;
+    for (mode, m) in &modes {
+        let speed = m.audio_seconds / m.decode_seconds.max(1e-9);
+        println!(
+            "{:<36} {:>12.2} {:>14} {:>7.1}% {:>7.1}%   (voxgate tiny.en one-at-a-time is {:.2}× its speed)",
+            match mode.strip_prefix("int8 ") {
+                Some(m) => format!("faster-whisper {label}int8, {m}"),
+                None => format!("faster-whisper {label}f32, {mode}"),
+            },
+            speed,
+            "-",
+            m.wer.total().counts.rate() * 100.0,
+            m.wer.total().numbers.rate() * 100.0,
+            v_speed / speed
+        );
+    }
+    Ok(())
 }
 
 async fn end_to_end(levels: &[usize], sentences: &[&str]) -> anyhow::Result<()> {
