@@ -101,7 +101,36 @@ pub trait CallControl: Send + Sync {
         &self,
         tenant: AccountSid,
         call: CallSid,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, String>> + Send>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, ControlError>> + Send>>;
+}
+
+/// Why a request to Twilio's REST API got no answer the call can use (recorded as text in the
+/// call's `stream_reattach_requested` event).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// Twilio answered with a client error (not 404 or 429): the request is not retried.
+    #[error("Twilio refused the request: HTTP {0}")]
+    Refused(u16),
+    /// No usable answer: the retries ran out, or a request that must not be repeated timed out.
+    #[error("Twilio did not answer: {0}")]
+    Unanswered(String),
+    /// The request was never sent (no REST adapter, an unknown tenant, no TwiML).
+    #[error("not sent to Twilio: {0}")]
+    NotSent(String),
+}
+
+/// Why a call actor could not do what it was asked (a status callback, a hang-up).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The event log refused the call's events.
+    #[error("the event log did not take the call's events: {0}")]
+    Log(String),
+    /// The call's events are held in its outbox until the log can write again.
+    #[error("{0} call events wait for the event log")]
+    Waiting(usize),
+    /// The call's actor could not be spawned.
+    #[error("the call's actor did not start: {0}")]
+    Start(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -118,14 +147,16 @@ pub enum CallInput {
     /// ([`StopReason::Disconnected`]) was dropped while the call goes on.
     StreamEnded { reason: StopReason, stream_sid: Option<StreamSid> },
     /// Twilio answered the request to re-attach the stream after drop `attempt`.
-    ReattachAnswered { attempt: u32, result: Result<u16, String> },
+    ReattachAnswered { attempt: u32, result: Result<u16, ControlError> },
     /// Time passed (the actor's deadline timer).
     Tick,
     /// A stage asked for the call to end (fraud, budget).
     Hangup { source: String, reason: String },
 }
 
-/// What the core asks its shell to do.
+/// What the core asks its shell to do. Mostly `Record`s, consumed at once: boxing the event
+/// would cost an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Append to the calls log.
@@ -270,7 +301,7 @@ impl CallCore {
             CallInput::ReattachAnswered { attempt, result } => {
                 let (twilio_status, error) = match result {
                     Ok(status) => (Some(status), None),
-                    Err(e) => (None, Some(e)),
+                    Err(e) => (None, Some(e.to_string())),
                 };
                 fx.push(Effect::Record(Event::StreamReattachRequested(StreamReattachRequested {
                     attempt,
@@ -416,10 +447,7 @@ impl StreamQueue {
     /// staleness bound at `now`; returns the frames shed.
     fn keep_bound(&self, s: &mut QueueState, now: Timestamp) -> u32 {
         let mut shed = 0;
-        loop {
-            let Some(i) = s.items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))) else {
-                break;
-            };
+        while let Some(i) = s.items.iter().position(|(_, it)| matches!(it, StreamItem::Audio(_))) {
             let stale = now.micros_since(s.items[i].0) > self.stale_us;
             if s.audio_bytes <= self.max_bytes && !stale {
                 break;
@@ -484,7 +512,7 @@ pub enum CallMsg {
         status: CallStatus,
         sequence: Option<u32>,
         duration_secs: Option<u32>,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<(), CallError>>,
     },
     /// Whose call this is and since when (for checking a stream's signature and a callback's
     /// tenant and duration).
@@ -496,14 +524,14 @@ pub enum CallMsg {
     /// The WebSocket side is gone, for this reason; everything it queued is in the queue.
     StreamEnded { reason: StopReason },
     /// Twilio answered the request to re-attach the stream after drop `attempt`.
-    Reattached { attempt: u32, result: Result<u16, String> },
+    Reattached { attempt: u32, result: Result<u16, ControlError> },
     /// Work is waiting in the stream queue.
     Pump,
     /// The deadline timer.
     Tick,
     /// End the call now (a stage asked: fraud, budget); replies once it is recorded (or, while
     /// the log cannot write, waits in the call's outbox).
-    Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), String>> },
+    Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), CallError>> },
     /// Try again what the log could not take (it could not write for a while).
     Retry,
 }
@@ -643,10 +671,11 @@ impl Actor for CallActor {
         match msg {
             CallMsg::Status { status, sequence, duration_secs, reply } => {
                 let fx = s.core.apply(CallInput::Status { status, sequence, duration_secs }, now);
-                let mut r = run_effects(&myself, s, fx, now, Some(sequence)).await.map_err(|e| e.to_string());
+                let mut r =
+                    run_effects(&myself, s, fx, now, Some(sequence)).await.map_err(|e| CallError::Log(e.to_string()));
                 // Twilio's retry of this callback finds it applied; it is answered once durable.
                 if r.is_ok() && !drain_outbox(&myself, s).await? {
-                    r = Err(format!("{} call events wait for the event log", s.outbox.len()));
+                    r = Err(CallError::Waiting(s.outbox.len()));
                 }
                 let _ = reply.send(r);
             }
@@ -724,7 +753,7 @@ impl Actor for CallActor {
                 tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, %source, %reason, "ending the call");
                 let fx = s.core.apply(CallInput::Hangup { source, reason }, now);
                 let r = run_effects(&myself, s, fx, now, None).await;
-                let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                let _ = reply.send(r.as_ref().map(|_| ()).map_err(|e| CallError::Log(e.to_string())));
                 r?;
             }
             CallMsg::Tick => {
@@ -818,7 +847,7 @@ async fn run_effects(
                 tokio::spawn(async move {
                     let result = match request {
                         Some(r) => r.await,
-                        None => Err("no Twilio REST adapter configured".to_owned()),
+                        None => Err(ControlError::NotSent("no Twilio REST adapter configured".to_owned())),
                     };
                     // The call may have ended meanwhile; then nobody needs the answer.
                     let _ = me.cast(CallMsg::Reattached { attempt, result });
@@ -1072,7 +1101,7 @@ pub fn media_batch(
 /// Messages the call supervisor takes.
 pub enum SupervisorMsg {
     /// Start a call actor (or find the running one for a retried webhook).
-    Start(Box<CallArgs>, RpcReplyPort<Result<ActorRef<CallMsg>, String>>),
+    Start(Box<CallArgs>, RpcReplyPort<Result<ActorRef<CallMsg>, CallError>>),
     /// How many calls are running.
     Active(RpcReplyPort<usize>),
 }
@@ -1108,7 +1137,7 @@ impl Actor for CallSupervisor {
                         *active += 1;
                         Ok(a)
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(CallError::Start(e.to_string())),
                 };
                 let _ = reply.send(r);
             }
@@ -1242,9 +1271,9 @@ mod tests {
                 Effect::Reattach { attempt: 1 }
             ]
         );
-        let fx = c.apply(CallInput::ReattachAnswered { attempt: 1, result: Err("HTTP 503".into()) }, t(11));
+        let fx = c.apply(CallInput::ReattachAnswered { attempt: 1, result: Err(ControlError::Refused(403)) }, t(11));
         assert!(matches!(&fx[..], [Effect::Record(Event::StreamReattachRequested(r))]
-            if r.attempt == 1 && r.twilio_status.is_none() && r.error.as_deref() == Some("HTTP 503")));
+            if r.attempt == 1 && r.twilio_status.is_none() && r.error.as_deref() == Some("Twilio refused the request: HTTP 403")));
         // The gap closes when the next stream starts, measured from the drop.
         let gap = c.resumed(s2, t(13)).unwrap();
         assert_eq!((gap.previous, gap.stream_sid, gap.attempt, gap.gap_ms), (Some(s1), s2, 1, 3000));

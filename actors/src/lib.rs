@@ -19,3 +19,17 @@ pub mod progress;
 pub mod stt;
 pub mod tenancy;
 pub mod transcode;
+
+/// A setting outside what it may be: the field and why (the node prefixes its config section).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidSetting {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidSetting {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self { field, reason: reason.into() }
+    }
+}

@@ -111,7 +111,8 @@ impl CallControl for FakeTwilio {
         &self,
         _tenant: AccountSid,
         call: CallSid,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, String>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u16, voxgate_actors::call::ControlError>> + Send>>
+    {
         self.asked.lock().unwrap().push(call);
         let status = self.status;
         Box::pin(async move { Ok(status) })

@@ -152,7 +152,7 @@ pub struct SttFile {
     /// no final waits, as `partial_transcript` events and `Final=false` real-time transcription
     /// (needs `[transcode.vad] progress`; off by default: a partial in flight delays finals).
     pub partials: bool,
-    /// Beam search width for finals (1: greedy). Partial results always decode greedily.
+    /// Beam search width for finals (1: greedy; default 3). Partial results always decode greedily.
     pub beam_size: usize,
     /// Vocabulary hints for every call (Twilio's `hints`: names, products, jargon), given to
     /// Whisper as its initial prompt; at most 1,000 characters.
@@ -186,10 +186,10 @@ impl Default for SttFile {
             workers: 1,
             max_batch: 4,
             partials: false,
-            beam_size: 1,
+            beam_size: 3,
             hints: String::new(),
             digit_strings: false,
-            min_encoder_ms: 10_000,
+            min_encoder_ms: 0,
         }
     }
 }
@@ -255,9 +255,9 @@ pub struct ConfigFile {
     /// TLS for the main listener: `[tls] cert_file = …, key_file = …` (PEM).
     pub tls: Option<TlsFile>,
     /// The main listener's deadlines and connection cap.
-    pub http: crate::http_server::HttpFile,
+    pub http: crate::http::server::HttpFile,
     /// Gateway mode: deadlines toward the customers' apps, the TwiML cache, callback retries.
-    pub gateway: crate::gateway::GatewayFile,
+    pub gateway: crate::http::gateway::GatewayFile,
     /// Fraud rules and thresholds (`[fraud]`, per tenant `[fraud.tenants.AC…]`); reloaded on SIGHUP.
     pub fraud: FraudConfig,
     /// Twilio's REST API base URL (ending calls); a fake Twilio in tests.
@@ -270,9 +270,9 @@ pub struct ConfigFile {
     /// Prices, volume tiers and budgets (`[billing.prices]`, `[billing.budgets]`).
     pub billing: BillingConfig,
     /// Publish every public event as JSON to NATS (`[analytics] nats_url = …`).
-    pub analytics: Option<crate::analytics::AnalyticsConfig>,
+    pub analytics: Option<crate::stages::analytics::AnalyticsConfig>,
     /// Join a JetStream cluster (`[cluster] nats_url = …, roles = …`) instead of the sled log.
-    pub cluster: Option<crate::cluster::ClusterFile>,
+    pub cluster: Option<crate::stages::cluster::ClusterFile>,
 }
 
 /// `[tls]`
@@ -306,8 +306,8 @@ impl Default for ConfigFile {
             trusted_proxies: Vec::new(),
             trust_forwarded_for: None,
             tls: None,
-            http: crate::http_server::HttpFile::default(),
-            gateway: crate::gateway::GatewayFile::default(),
+            http: crate::http::server::HttpFile::default(),
+            gateway: crate::http::gateway::GatewayFile::default(),
             fraud: FraudConfig::default(),
             twilio_api_url: "https://api.twilio.com".into(),
             allow_private_callbacks: false,
@@ -364,18 +364,18 @@ pub struct Config {
     pub twilio_allow: Vec<ipnet::IpNet>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tls: Option<TlsFile>,
-    pub http: crate::http_server::HttpFile,
-    pub gateway: crate::gateway::GatewayFile,
+    pub http: crate::http::server::HttpFile,
+    pub gateway: crate::http::gateway::GatewayFile,
     pub fraud: FraudConfig,
     pub twilio_api_url: String,
     pub allow_private_callbacks: bool,
     pub metrics_tenant_labels: usize,
     pub billing: BillingConfig,
-    pub analytics: Option<crate::analytics::AnalyticsConfig>,
+    pub analytics: Option<crate::stages::analytics::AnalyticsConfig>,
     /// The JetStream cluster this node joins; `None` runs on the embedded sled log.
-    pub cluster: Option<crate::cluster::ClusterConfig>,
+    pub cluster: Option<crate::stages::cluster::ClusterConfig>,
     /// The roles this node runs (all unless `--roles`/`[cluster] roles` says otherwise).
-    pub roles: crate::cluster::Roles,
+    pub roles: crate::stages::cluster::Roles,
 }
 
 /// Overrides from command-line flags (applied last).
@@ -452,7 +452,7 @@ impl Config {
             match &mut f.cluster {
                 Some(c) => c.nats_url = url.clone(),
                 None => {
-                    f.cluster = Some(crate::cluster::ClusterFile {
+                    f.cluster = Some(crate::stages::cluster::ClusterFile {
                         nats_url: url.clone(),
                         roles: None,
                         prefix: "voxgate".into(),
@@ -485,7 +485,7 @@ impl Config {
         if f.calls.max_duration_secs == 0 || f.calls.max_duration_secs > 4 * 3600 {
             return Err(invalid("calls.max_duration_secs", "must be between 1 and 14400".into()));
         }
-        if !(20..=1000).contains(&f.calls.batch_ms) || f.calls.batch_ms % 20 != 0 {
+        if !(20..=1000).contains(&f.calls.batch_ms) || !f.calls.batch_ms.is_multiple_of(20) {
             return Err(invalid("calls.batch_ms", "must be a multiple of 20 between 20 and 1000".into()));
         }
         if f.calls.queue_ms.is_some() {
@@ -575,7 +575,7 @@ impl Config {
             let numbers: Vec<String> = routes.iter().map(|(n, _)| n.clone()).collect();
             for (n, r) in &routes {
                 for url in [&r.voice_url, &r.voice_fallback_url, &r.status_callback].into_iter().flatten() {
-                    crate::outbound::check_at_delivery(url, f.allow_private_callbacks)
+                    crate::http::outbound::check_at_delivery(url, f.allow_private_callbacks)
                         .map_err(|e| invalid(&key("numbers"), format!("{n}: {url}: {e}")))?;
                 }
             }
@@ -625,10 +625,10 @@ impl Config {
             }
         }
         f.quotas.validate().map_err(|e| invalid("quotas", e.to_string()))?;
-        f.http.validate().map_err(|e| invalid("http", e))?;
-        f.gateway.validate().map_err(|e| invalid("gateway", e))?;
-        f.throttle.validate().map_err(|e| invalid("throttle", e))?;
-        f.callers.validate().map_err(|e| invalid("callers", e))?;
+        f.http.validate().map_err(|e| invalid("http", e.to_string()))?;
+        f.gateway.validate().map_err(|e| invalid("gateway", e.to_string()))?;
+        f.throttle.validate().map_err(|e| invalid("throttle", e.to_string()))?;
+        f.callers.validate().map_err(|e| invalid("callers", e.to_string()))?;
         f.billing.validate().map_err(|e| invalid("billing", e.to_string()))?;
         if let Some(a) = &f.analytics {
             if !a.nats_url.starts_with("nats://") && !a.nats_url.starts_with("tls://") {
@@ -638,7 +638,7 @@ impl Config {
                 ));
             }
             a.auth.validate().map_err(|e| invalid("analytics.auth", e.to_string()))?;
-            a.redact.validate().map_err(|e| invalid("analytics.redact", e))?;
+            a.redact.validate().map_err(|e| invalid("analytics", e.to_string()))?;
             if a.subject_prefix.is_empty() || a.subject_prefix.contains([' ', '*', '>']) {
                 return Err(invalid("analytics.subject_prefix", "must be a NATS subject without wildcards".into()));
             }
@@ -650,7 +650,9 @@ impl Config {
             ));
         }
         let cluster = match &f.cluster {
-            Some(c) => Some(crate::cluster::ClusterConfig::from_file(c).map_err(|e| invalid("cluster", e))?),
+            Some(c) => Some(
+                crate::stages::cluster::ClusterConfig::from_file(c).map_err(|e| invalid("cluster", e.to_string()))?,
+            ),
             None => None,
         };
         if cluster.is_some() && f.secrets_key.is_none() {
@@ -660,8 +662,8 @@ impl Config {
             ));
         }
         let roles = match f.cluster.as_ref().and_then(|c| c.roles.as_deref()) {
-            Some(r) => crate::cluster::Roles::parse(r).map_err(|e| invalid("cluster.roles", e))?,
-            None => crate::cluster::Roles::all(),
+            Some(r) => crate::stages::cluster::Roles::parse(r).map_err(|e| invalid("cluster.roles", e.to_string()))?,
+            None => crate::stages::cluster::Roles::all(),
         };
         f.fraud.validate().map_err(|e| invalid("fraud", e.to_string()))?;
         if !(f.twilio_api_url.starts_with("http://") || f.twilio_api_url.starts_with("https://")) {

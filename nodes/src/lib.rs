@@ -1,29 +1,14 @@
-//! voxgate (nodes/): the binary's pieces — config, HTTP/WebSocket ingress, health, metrics,
-//! `serve` and `replay`.
+//! voxgate (nodes/): the binary's pieces — config, the HTTP surface, stage wiring, the CLI.
 //!
 //! Owns: everything that touches the network or the command line, and the wiring of stages into a
 //! node. Must not: hold decisions of its own (they live in the actors' pure cores), log secrets,
 //! or answer Twilio before the call's event is durable.
+//!
+//! Layout: [`config`] (one TOML file, `VOXGATE_*` overrides); [`http`] (the listener, Twilio's
+//! webhooks and Media Streams, the REST API, outbound requests); [`stages`] (`serve` and the node's
+//! side of each stage); [`cli`] (`replay`, the admin client).
 
-pub mod accounts;
-pub mod admin;
-pub mod analytics;
-pub mod billing;
-pub mod clock;
-pub mod cluster;
+pub mod cli;
 pub mod config;
-pub mod fraud;
-pub mod gateway;
-pub mod hangup;
-pub mod health;
-pub mod http_server;
-pub mod ingress;
-pub mod outbound;
-pub mod perimeter;
-pub mod recovery;
-pub mod replay;
-pub mod serve;
-pub mod stream;
-pub mod tenancy;
-pub mod transcription;
-pub mod twilio_rest;
+pub mod http;
+pub mod stages;

@@ -234,7 +234,7 @@ fn load_with(common: &Common, mut flags: Overrides) -> anyhow::Result<Config> {
     Ok(Config::load(common.config.as_deref(), std::env::vars(), &flags)?)
 }
 
-fn target(remote: &Remote) -> anyhow::Result<voxgate::admin::Target> {
+fn target(remote: &Remote) -> anyhow::Result<voxgate::cli::admin::Target> {
     let cfg = Config::load(remote.config.as_deref(), std::env::vars(), &Overrides::default())?;
     let url = remote.url.clone().unwrap_or_else(|| {
         let scheme = if cfg.tls.is_some() { "https" } else { "http" };
@@ -244,7 +244,7 @@ fn target(remote: &Remote) -> anyhow::Result<voxgate::admin::Target> {
         .admin_token
         .map(|t| t.expose().to_owned())
         .context("no admin token: set admin_token in the config or VOXGATE_ADMIN_TOKEN")?;
-    Ok(voxgate::admin::Target { url, admin_token })
+    Ok(voxgate::cli::admin::Target { url, admin_token })
 }
 
 fn opt(params: &mut Vec<(&'static str, String)>, name: &'static str, v: Option<impl ToString>) {
@@ -255,7 +255,7 @@ fn opt(params: &mut Vec<(&'static str, String)>, name: &'static str, v: Option<i
 
 async fn tenants(remote: Remote, cmd: TenantCmd) -> anyhow::Result<()> {
     use reqwest::Method;
-    use voxgate::admin::{call, print_object, print_table};
+    use voxgate::cli::admin::{call, print_object, print_table};
     let t = target(&remote)?;
     let mut p = Vec::new();
     let (v, show) = match cmd {
@@ -298,7 +298,7 @@ async fn tenants(remote: Remote, cmd: TenantCmd) -> anyhow::Result<()> {
 
 async fn numbers(remote: Remote, cmd: NumberCmd) -> anyhow::Result<()> {
     use reqwest::Method;
-    use voxgate::admin::{call, print_object, print_table};
+    use voxgate::cli::admin::{call, print_object, print_table};
     let t = target(&remote)?;
     let mut p = Vec::new();
     let enc = |n: &str| form_urlencoded::byte_serialize(n.as_bytes()).collect::<String>();
@@ -388,7 +388,7 @@ async fn usage(
     invoice: Option<String>,
 ) -> anyhow::Result<()> {
     use reqwest::Method;
-    use voxgate::admin::{call, print_table};
+    use voxgate::cli::admin::{call, print_table};
     let t = target(&remote)?;
     voxgate_protocol::AccountSid::parse(&tenant).with_context(|| format!("--tenant {tenant}"))?;
     if let Some(month) = invoice {
@@ -524,7 +524,7 @@ fn main() -> anyhow::Result<()> {
                 Overrides { listen, metrics_listen, nats: nats.clone(), roles: roles.clone(), ..Default::default() },
             )?;
             init_tracing(cfg.log_format);
-            let source = voxgate::serve::ConfigSource {
+            let source = voxgate::stages::serve::ConfigSource {
                 path: common.config.clone(),
                 flags: Overrides {
                     data_dir: common.data_dir.clone(),
@@ -534,12 +534,12 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             };
-            rt.block_on(voxgate::serve::serve(cfg, source))
+            rt.block_on(voxgate::stages::serve::serve(cfg, source))
         }
         Command::Replay { common, call, stage, json } => {
             let cfg = load(&common, None, None)?;
             let call = CallSid::parse(&call).with_context(|| format!("--call {call}"))?;
-            rt.block_on(voxgate::replay::run(
+            rt.block_on(voxgate::cli::replay::run(
                 &cfg.data_dir,
                 &cfg.topics,
                 call,

@@ -33,11 +33,8 @@ impl Nats {
     fn launch(port: u16, settings: String, dir: tempfile::TempDir) -> Nats {
         let conf = dir.path().join("nats.conf");
         std::fs::write(&conf, format!("listen: \"127.0.0.1:{port}\"\n{settings}\n")).expect("write nats.conf");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.path().join("nats.log"))
-            .expect("nats.log");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("nats.log")).expect("nats.log");
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(&conf)

@@ -103,7 +103,7 @@ fn cardinal(n: u32, out: &mut Vec<String>) {
         out.push(ONES[n].into());
     } else {
         out.push(TENS[n / 10].into());
-        if n % 10 != 0 {
+        if !n.is_multiple_of(10) {
             out.push(ONES[n % 10].into());
         }
     }
@@ -115,7 +115,7 @@ fn ordinal(n: u32, out: &mut Vec<String>) {
     let n = n as usize;
     if n < 20 {
         out.push(ORD_ONES[n].into());
-    } else if n % 10 == 0 {
+    } else if n.is_multiple_of(10) {
         out.push(ORD_TENS[n / 10].into());
     } else {
         out.push(TENS[n / 10].into());
@@ -359,8 +359,8 @@ pub fn align(reference: &[String], hypothesis: &[String]) -> Vec<Edit> {
     for i in 0..=n {
         d[i * w] = i;
     }
-    for j in 0..=m {
-        d[j] = j;
+    for (j, cell) in d.iter_mut().enumerate().take(m + 1) {
+        *cell = j;
     }
     for i in 1..=n {
         for j in 1..=m {

@@ -118,7 +118,8 @@ async fn broken_streams_close_alone_and_other_calls_go_on() {
         tokio::spawn(async move { sim.call(good_call, "+14155550111", NUMBER, &audio, Pace::Faster(2)).await })
     };
 
-    let cases: Vec<(u128, &str, Box<dyn Fn(StreamSid) -> String>)> = vec![
+    type Case<'a> = (u128, &'a str, Box<dyn Fn(StreamSid) -> String>);
+    let cases: Vec<Case> = vec![
         (0xb1, "malformed_json", Box::new(|_| "{\"event\": \"media\", ".into())),
         (
             0xb2,

@@ -318,7 +318,7 @@ async fn usage_killed_mid_stream_and_replayed_from_zero_is_exact() {
     for _ in 0..200 {
         let (_, v) = api(&node, Method::GET, "/Usage/Records/AllTime.json?Category=calls-inbound", &[]).await;
         inbound = v["usage_records"][0].clone();
-        if inbound["count"] == CALLS.to_string() {
+        if inbound["count"] == CALLS {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

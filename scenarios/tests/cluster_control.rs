@@ -97,7 +97,11 @@ async fn ingress_answers_through_a_nats_outage_and_forwards_every_event_once() {
         async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             while next.load(Ordering::Acquire) < n {
-                assert!(tokio::time::Instant::now() < deadline, "{what}: only {} calls placed", next.load(Ordering::Acquire));
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{what}: only {} calls placed",
+                    next.load(Ordering::Acquire)
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -18,14 +18,10 @@ async fn fake_twilio() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
     let app = Router::new()
         .route(
             "/2010-04-01/Accounts/{account}/Calls/{call}",
-            post(
-                |State(seen): State<Arc<Mutex<Vec<(String, String)>>>>,
-                 Path((_, call)): Path<(String, String)>,
-                 body: String| async move {
-                    seen.lock().unwrap_or_else(|e| e.into_inner()).push((call, body));
-                    "{}"
-                },
-            ),
+            post(|State(seen): State<Seen>, Path((_, call)): Path<(String, String)>, body: String| async move {
+                seen.lock().unwrap_or_else(|e| e.into_inner()).push((call, body));
+                "{}"
+            }),
         )
         .with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -33,6 +29,9 @@ async fn fake_twilio() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
     tokio::spawn(async move { axum::serve(listener, app).await });
     (format!("http://{addr}"), seen)
 }
+
+/// The requests the fake Twilio saw: (call, body).
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fraud_blocks_numbers_and_ends_calls() {

@@ -536,7 +536,7 @@ async fn the_twilio_endpoints_can_be_limited_to_networks() {
     // The REST API and health are not Twilio-facing.
     let r = rest(&node, Method::GET, &accounts(".json", ACCOUNT), Auth::Basic(ACCOUNT, TOKEN), &[]).await;
     assert_eq!(r.status, 200);
-    let cfg = config(&format!("twilio_allow_cidrs = [\"10.0.0.0/8\", \"127.0.0.1/32\"]\n[stt]\nenabled = false\n"));
+    let cfg = config("twilio_allow_cidrs = [\"10.0.0.0/8\", \"127.0.0.1/32\"]\n[stt]\nenabled = false\n");
     let node2 = Node::start(&cfg).unwrap();
     let (st, body) = ring(&sim(&node2), 1, "+15550000001", NUMBER).await;
     assert!(st == 200 && body.contains("<Stream"), "{body}");

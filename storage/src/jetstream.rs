@@ -84,6 +84,9 @@ pub(crate) enum Bucket {
     State,
 }
 
+/// Cursor and state writes not yet in their bucket, by bucket and key (`None` = delete).
+type Dirty = HashMap<(Bucket, String), Option<Vec<u8>>>;
+
 pub(crate) struct Cluster {
     pub(crate) url: String,
     client: async_nats::Client,
@@ -96,7 +99,7 @@ pub(crate) struct Cluster {
     /// Per topic index: mirrored locally.
     pub(crate) replicated: Vec<bool>,
     /// Cursor and state writes not yet in their bucket (`None` = delete).
-    dirty: Mutex<HashMap<(Bucket, String), Option<Vec<u8>>>>,
+    dirty: Mutex<Dirty>,
     /// One bucket flush at a time, so a later value never lands before an earlier one.
     flushing: tokio::sync::Mutex<()>,
     ack_timeout: Duration,

@@ -303,7 +303,7 @@ impl CallState {
 }
 
 fn ceil_div(a: u64, b: u64) -> u64 {
-    a / b + u64::from(a % b != 0)
+    a / b + u64::from(!a.is_multiple_of(b))
 }
 
 /// What a call event tells the book.

@@ -142,18 +142,18 @@ fn local_time(at: Timestamp, utc_offset_minutes: i16) -> (u8, u8, u8) {
 }
 
 impl BusinessHours {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::InvalidSetting> {
         if self.start_hour > 23 {
-            return Err("start_hour must be between 0 and 23".into());
+            return Err(crate::InvalidSetting::new("start_hour", "must be between 0 and 23"));
         }
         if self.end_hour == 0 || self.end_hour > 24 || self.end_hour == self.start_hour {
-            return Err("end_hour must be between 1 and 24 and differ from start_hour".into());
+            return Err(crate::InvalidSetting::new("end_hour", "must be between 1 and 24 and differ from start_hour"));
         }
         if !(-840..=840).contains(&self.utc_offset_minutes) {
-            return Err("utc_offset_minutes must be between -840 and 840".into());
+            return Err(crate::InvalidSetting::new("utc_offset_minutes", "must be between -840 and 840"));
         }
         if self.days.is_empty() || self.days.iter().any(|d| !(1..=7).contains(d)) {
-            return Err("days must list ISO weekdays, 1 (Monday) to 7 (Sunday)".into());
+            return Err(crate::InvalidSetting::new("days", "must list ISO weekdays, 1 (Monday) to 7 (Sunday)"));
         }
         Ok(())
     }
@@ -407,7 +407,7 @@ impl Settings {
         }
         let business_hours = t.business_hours.or_else(|| d.business_hours.clone());
         if let Some(h) = &business_hours {
-            h.validate().map_err(|e| ("business_hours", e))?;
+            h.validate().map_err(|e| ("business_hours", e.to_string()))?;
         }
         let day = 86_400;
         Ok(Self {

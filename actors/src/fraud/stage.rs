@@ -204,7 +204,7 @@ async fn poll(s: &mut FraudState) -> Result<bool, StorageError> {
     for topic in [topics::FRAUD, topics::ALERTS] {
         let batch: Vec<(u64, &[u8])> = out.iter().filter(|o| o.0 == topic).map(|o| (o.1, o.2.as_slice())).collect();
         if !batch.is_empty() {
-            s.log.append_many(topic, batch.into_iter()).await?;
+            s.log.append_many(topic, batch).await?;
         }
     }
     for (p, n) in next.iter().enumerate() {

@@ -163,8 +163,11 @@ pub struct DecodeOptions {
     /// 13.5 % at 4.7×. But end to end (segments with pre-roll and the VAD's hangover) the short
     /// window transcribed some segments over and over with a changed first word ("The total
     /// came to forty five dollars. the total came to …"), which neither the loop nor the restart
-    /// check catches: flite slt went from under 15 % to 21.9 % in `stt_accuracy`, so the
-    /// default keeps the 10 s minimum.
+    /// check caught then: flite slt went from under 15 % to 21.9 % in `stt_accuracy`. The restart
+    /// check now catches a restart after a sentence end with its first word or two changed, and
+    /// with it `stt_accuracy` scores 12.4 % (flite slt 11.8 %) on the audio alone against 10.9 %
+    /// with the 10 s minimum; end to end the audio alone makes finals faster at every load
+    /// (BENCHMARKS.md, "Early-stopping beams"), so the default is 0: the audio and 1 s.
     pub min_encoder_frames: usize,
     /// Mel frames of silence appended after the audio before encoding.
     pub encoder_pad_frames: usize,
@@ -181,11 +184,11 @@ pub struct DecodeOptions {
     /// Hypotheses kept by beam search at temperature 0 (Whisper's `beam_size`, patience 1:
     /// a piece ends when this many hypotheses reached end-of-text, and the one with the best
     /// average log-probability per token wins); 1 decodes greedily. The fallback temperatures
-    /// sample, as in Whisper. On 72 clips of three engines (`bench_stt`, 2026-12-06), greedy
-    /// 16.7 %, beam 3 12.5 %, beam 5 12.9 % word error rate, at 10.8×, 7.6× and 5.6× real time;
-    /// but end to end, on segments that end in the VAD's hangover, beam 3 made one call's final
-    /// 1,153 ms (p50) against 808 ms greedy, and 12 calls' 3,758 against 1,271 ms: hypotheses
-    /// that do not end run on through the trailing silence. Default 1 (greedy) until that is cut.
+    /// sample, as in Whisper. On 72 clips of three engines (`bench_stt`, 2026-12-06), with the
+    /// encoder on the audio: greedy 16.3 %, beam 3 13.5 % word error rate at 23.8× and 16.4× real
+    /// time (faster-whisper beam 5 on the same weights: 14.5 %, at 4.7×). With early stopping
+    /// ([`DecodeOptions::beam_early_stop`]) beam 3 is also fast end to end (one call's final
+    /// 720 ms p50, 12 calls' 1,053 ms). Default 3.
     pub beam_size: usize,
     /// Beam search ends a piece as soon as its most likely continuation is end-of-text, instead
     /// of waiting for `beam_size` hypotheses to end (Whisper's patience 1): every live hypothesis then has a lower total log-probability than one
@@ -216,12 +219,12 @@ impl Default for DecodeOptions {
             loop_min_repeats: 4,
             loop_min_span: 20,
             restart_min_tokens: 6,
-            min_encoder_frames: 1000,
+            min_encoder_frames: 0,
             encoder_pad_frames: 100,
             encoder_frames_step: 100,
             max_batch: 4,
             fallback_temperatures: vec![0.2, 0.4, 0.6, 0.8, 1.0],
-            beam_size: 1,
+            beam_size: 3,
             beam_early_stop: true,
             hints: String::new(),
             digit_strings: false,
@@ -554,7 +557,7 @@ impl Transcriber {
                 }
             }
         }
-        spans.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+        spans.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
         let max_frames = self.model.max_frames();
         let mut pieces: Vec<Piece> = Vec::with_capacity(spans.len());
         for chunk in self.batches(&spans, |(_, r)| r.len(), max_frames) {

@@ -313,7 +313,7 @@ impl DecoderState {
             return Ok(());
         }
         let g = self.group;
-        if rows.len() % g != 0 {
+        if !rows.len().is_multiple_of(g) {
             return Err(ModelError::Input(format!("retain: {} rows are not whole groups of {g}", rows.len())));
         }
         let mut groups: Vec<u32> = Vec::with_capacity(rows.len() / g);
@@ -553,7 +553,7 @@ impl Whisper {
     /// [`DecoderState::retain`].
     pub fn decode_step(&self, state: &mut DecoderState, tokens: &[u32]) -> Result<Tensor, ModelError> {
         let b = state.batch;
-        if tokens.is_empty() || tokens.len() % b != 0 {
+        if tokens.is_empty() || !tokens.len().is_multiple_of(b) {
             return Err(ModelError::Input(format!("{} tokens do not split evenly over {b} rows", tokens.len())));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
@@ -613,14 +613,14 @@ impl Whisper {
 fn check_config(cfg: &Config) -> Result<(), ModelError> {
     let d = cfg.d_model;
     let bad = |what: String| Err(ModelError::Config(what));
-    if d < 4 || d % 2 != 0 {
+    if d < 4 || !d.is_multiple_of(2) {
         return bad(format!("d_model {d} must be even and ≥ 4"));
     }
     for (name, h) in [
         ("encoder_attention_heads", cfg.encoder_attention_heads),
         ("decoder_attention_heads", cfg.decoder_attention_heads),
     ] {
-        if h == 0 || d % h != 0 {
+        if h == 0 || !d.is_multiple_of(h) {
             return bad(format!("{name} {h} must divide d_model {d}"));
         }
     }

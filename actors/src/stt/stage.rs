@@ -77,15 +77,16 @@ pub enum JobError {
 /// What transcripts record as their model: the model directory's name and the SHA-256 of the
 /// weights actually loaded (`whisper-tiny.en@sha256:1a5afae06a4db91c`), so a transcript names the
 /// exact file that produced it, whatever the directory is called later.
-pub fn model_identity(dir: &Path) -> Result<String, String> {
+pub fn model_identity(dir: &Path) -> Result<String, std::io::Error> {
     use sha2::Digest;
     use std::io::Read;
     let path = dir.join("model.bin");
-    let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::open(&path).map_err(named)?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = f.read(&mut buf).map_err(named)?;
         if n == 0 {
             break;
         }
@@ -140,7 +141,7 @@ impl SttPool {
             }
         }
         let model_id = model_identity(model_dir)
-            .map_err(|reason| PoolError::Model { dir: model_dir.display().to_string(), reason })?;
+            .map_err(|e| PoolError::Model { dir: model_dir.display().to_string(), reason: e.to_string() })?;
         Ok(Self { jobs: tx, workers, model_id })
     }
 
@@ -463,7 +464,6 @@ fn speculated(
 
 /// Reads a batch of segments from every partition, transcribes them, appends the transcripts.
 async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
-    let partitions = s.next.len();
     let ours = s.next.iter().filter(|n| **n != crate::progress::NOT_OURS).count();
     let per_partition = s.max_batch.div_ceil(ours.max(1)).max(1);
     let mut pending: Vec<Pending> = Vec::new();
@@ -471,12 +471,14 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     let mut more = false;
     let mut records: Vec<Record> = Vec::new();
     let mut ended: Vec<Envelope> = Vec::new();
-    for p in 0..partitions {
-        if s.next[p] == crate::progress::NOT_OURS {
+    for (p, next) in new_next.iter_mut().enumerate() {
+        // `new_next` starts as a copy of `s.next`.
+        let from = *next;
+        if from == crate::progress::NOT_OURS {
             continue;
         }
         records.clear();
-        new_next[p] = s.log.read(topics::SPEECH, p as u32, s.next[p], per_partition, &mut records)?;
+        *next = s.log.read(topics::SPEECH, p as u32, from, per_partition, &mut records)?;
         more |= records.len() == per_partition;
         for r in &records {
             let env = match voxgate_protocol::decode(r.payload()) {

@@ -39,16 +39,19 @@ impl Default for CallerConfig {
 }
 
 impl CallerConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::InvalidSetting> {
         if self.window_secs == 0 || self.window_secs > 7 * 24 * 3600 {
-            return Err("window_secs must be between 1 and 604800".into());
+            return Err(crate::InvalidSetting::new("window_secs", "must be between 1 and 604800"));
         }
         for p in &self.premium_prefixes {
             let ok = p
                 .strip_prefix('+')
                 .is_some_and(|d| !d.is_empty() && d.len() <= 15 && d.bytes().all(|b| b.is_ascii_digit()));
             if !ok {
-                return Err(format!("premium_prefixes: {p:?} is not + followed by 1 to 15 digits"));
+                return Err(crate::InvalidSetting::new(
+                    "premium_prefixes",
+                    format!("{p:?} is not + followed by 1 to 15 digits"),
+                ));
             }
         }
         Ok(())

@@ -552,11 +552,9 @@ impl Directory {
                     n.routing = r.routing.clone();
                 }
             }
-            Event::NumberReleased(n) => {
-                if self.numbers.get(&n.sid).is_some_and(|r| r.tenant == sid) {
-                    self.numbers.remove(&n.sid);
-                    self.by_number.remove(&n.number);
-                }
+            Event::NumberReleased(n) if self.numbers.get(&n.sid).is_some_and(|r| r.tenant == sid) => {
+                self.numbers.remove(&n.sid);
+                self.by_number.remove(&n.number);
             }
             Event::QuotaSet(q) => {
                 if let Some(t) = self.tenants.get_mut(&sid) {

@@ -78,7 +78,7 @@ impl Gate {
     /// Decides a call whose tenant is known and whose signature checked out.
     pub fn decide(&mut self, a: &CallAttempt<'_>) -> Decision {
         self.decisions += 1;
-        if self.decisions % 4096 == 0 {
+        if self.decisions.is_multiple_of(4096) {
             self.callers.prune(&self.caller_config, a.at);
         }
         let Some(tenant) = self.directory.tenant(a.tenant) else {

@@ -35,21 +35,21 @@ impl Default for ThrottleConfig {
 }
 
 impl ThrottleConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::InvalidSetting> {
         if self.requests_per_second == 0 || self.requests_per_second > 1_000_000 {
-            return Err("requests_per_second must be between 1 and 1000000".into());
+            return Err(crate::InvalidSetting::new("requests_per_second", "must be between 1 and 1000000"));
         }
         if self.burst_multiplier == 0 || self.burst_multiplier > 100 {
-            return Err("burst_multiplier must be between 1 and 100".into());
+            return Err(crate::InvalidSetting::new("burst_multiplier", "must be between 1 and 100"));
         }
         if self.window_secs == 0 || self.window_secs > 60 {
-            return Err("window_secs must be between 1 and 60".into());
+            return Err(crate::InvalidSetting::new("window_secs", "must be between 1 and 60"));
         }
         if self.auth_failures == 0 || self.auth_failures > 10_000 {
-            return Err("auth_failures must be between 1 and 10000".into());
+            return Err(crate::InvalidSetting::new("auth_failures", "must be between 1 and 10000"));
         }
         if self.auth_window_secs == 0 || self.auth_window_secs > 86_400 {
-            return Err("auth_window_secs must be between 1 and 86400".into());
+            return Err(crate::InvalidSetting::new("auth_window_secs", "must be between 1 and 86400"));
         }
         Ok(())
     }

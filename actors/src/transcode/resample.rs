@@ -37,7 +37,7 @@ pub const COEF_SHIFT: u32 = 14;
 
 const HIST: usize = TAPS_PER_PHASE - 1;
 const ONE: i64 = 1 << COEF_SHIFT;
-const _: () = assert!(DELAY_SAMPLES_16K % 2 == 0, "whole 8 kHz delay keeps segments aligned");
+const _: () = assert!(DELAY_SAMPLES_16K.is_multiple_of(2), "whole 8 kHz delay keeps segments aligned");
 const _: () = assert!(PROTOTYPE_LEN.div_ceil(2) <= TAPS_PER_PHASE);
 
 /// The prototype (gain 2, i.e. each branch ≈ 1), before normalisation.

@@ -131,7 +131,7 @@ pub fn speech_like(rng: &mut Rng, n: usize, rms_dbfs: f64, out: &mut Vec<i16>) {
             for (f, w) in formants.iter_mut().zip(weights) {
                 y += w * f.step(excitation);
             }
-            let env = (i.min(dur - 1 - i) as f64 / ramp as f64).min(1.0).max(0.05);
+            let env = (i.min(dur - 1 - i) as f64 / ramp as f64).clamp(0.05, 1.0);
             *slot = amp * env * y;
         }
         t = end + gap;

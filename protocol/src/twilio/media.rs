@@ -481,7 +481,7 @@ pub fn decode_payload_into(b64: &str, out: &mut Vec<u8>) -> Result<(), MediaErro
     out.clear();
     let bytes = b64.as_bytes();
     let groups = bytes.len() / 4;
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         let estimate = bytes.len().saturating_mul(3) / 4;
         if estimate > MAX_FRAME_BYTES {
             return Err(MediaError::OversizeFrame { len: estimate, max: MAX_FRAME_BYTES });

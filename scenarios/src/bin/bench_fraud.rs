@@ -37,7 +37,7 @@ fn traffic(calls: usize) -> Vec<Vec<u8>> {
         } else {
             (format!("+1415{:07}", rng.range(0.0, 20_000.0) as u32), Direction::Inbound, "+14155550100".to_owned())
         };
-        let secs = if attack < 0.02 && attack >= 0.01 { 1.0 } else { rng.range(5.0, 300.0) };
+        let secs = if (0.01..0.02).contains(&attack) { 1.0 } else { rng.range(5.0, 300.0) };
         events.extend(call_events(99, tenant, call, at, secs as u32, direction, from, to));
     }
     events.sort_by_key(|e| (e.occurred_at, e.event_id));

@@ -276,8 +276,8 @@ async fn one_config(
     work: &Path,
 ) -> anyhow::Result<()> {
     println!(
-        "{:>6} {:>12} {:>10} {:>10} {:>10} {:>16} {:>16}",
-        "calls", "sentences", "p50 ms", "p95 ms", "max ms", "partials/final", "partial gap p50"
+        "{:>6} {:>12} {:>10} {:>10} {:>10} {:>16} {:>16} {:>8}",
+        "calls", "sentences", "p50 ms", "p95 ms", "max ms", "partials/final", "partial gap p50", "WER"
     );
     for &calls in levels {
         // Calls start at once: the tenant's quota (10 new calls a second) must not refuse them.
@@ -318,6 +318,7 @@ async fn one_config(
         let mut lat = Vec::new();
         let (mut partials, mut gaps) = (0usize, Vec::new());
         let (mut segments, mut sentences_heard) = (0usize, 0usize);
+        let mut wer = WerByVoice::new();
         for (call, t0, utterances) in &done {
             let events = replay_json(&node, *call);
             let mut last: std::collections::HashMap<(String, u64), i64> = Default::default();
@@ -337,6 +338,27 @@ async fn one_config(
                     (s0, s1, e["appended_at_us"].as_i64().unwrap_or(0))
                 })
                 .collect();
+            // Word errors, as `stt_accuracy` scores them: each sentence gets the text of the
+            // segments whose middle lies in its span.
+            let texts: Vec<(u64, u64, &str)> = events
+                .iter()
+                .filter(|e| e["kind"] == "transcript")
+                .map(|e| {
+                    let (s0, s1) = (e["start_ms"].as_u64().unwrap_or(0), e["end_ms"].as_u64().unwrap_or(0));
+                    (s0, s1, e["text"].as_str().unwrap_or(""))
+                })
+                .collect();
+            for (a, b, reference) in utterances {
+                let heard: Vec<&str> = texts
+                    .iter()
+                    .filter(|(s0, s1, _)| {
+                        let mid = (s0 + s1) / 2;
+                        mid + 600 >= *a && mid <= b + 900
+                    })
+                    .map(|(_, _, t)| *t)
+                    .collect();
+                wer.score("all", reference, &heard.join(" "));
+            }
             // Each sentence's final: the transcript of the last segment it overlaps (a sentence
             // split at a pause inside it is heard in full only then).
             for (a, b, _) in utterances {
@@ -350,12 +372,13 @@ async fn one_config(
         }
         let finals = lat.len();
         println!(
-            "{calls:>6} {finals:>12} {:>10.0} {:>10.0} {:>10.0} {:>16.2} {:>16.0}",
+            "{calls:>6} {finals:>12} {:>10.0} {:>10.0} {:>10.0} {:>16.2} {:>16.0} {:>7.1}%",
             quantile(&mut lat, 0.5),
             quantile(&mut lat, 0.95),
             quantile(&mut lat, 1.0),
             partials as f64 / finals.max(1) as f64,
-            if gaps.is_empty() { f64::NAN } else { quantile(&mut gaps, 0.5) }
+            if gaps.is_empty() { f64::NAN } else { quantile(&mut gaps, 0.5) },
+            wer.total().counts.rate() * 100.0
         );
         let counter = |name: &str| -> f64 {
             metrics

@@ -20,7 +20,7 @@ const FRAME: usize = 160;
 
 /// 60 s of utterances (1.5–4 s, −18…−26 dBFS) separated by 0.4–2 s pauses.
 fn signal() -> (Vec<u8>, f64) {
-    let mut rng = Rng::new(0x766f_7867_6174_65);
+    let mut rng = Rng::new(0x76_6f78_6761_7465);
     let mut sig = SignalBuilder::new(42).silence(500);
     let total_ms = AUDIO_S * 1_000;
     while sig.len_ms() < total_ms {

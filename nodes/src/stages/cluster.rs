@@ -59,24 +59,23 @@ impl Roles {
 
     /// `all`, or a comma-separated list (`ingress,call`, `transcode,stt`, `fraud,billing`).
     /// `ingress` and `call` go together.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ClusterConfigError> {
         if s.trim() == "all" {
             return Ok(Self::all());
         }
         let mut set = BTreeSet::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let r = Role::ALL.into_iter().find(|r| r.as_str() == part).ok_or_else(|| {
-                format!("unknown role {part:?} (roles: all, ingress, call, transcode, stt, fraud, billing)")
-            })?;
+            let r = Role::ALL
+                .into_iter()
+                .find(|r| r.as_str() == part)
+                .ok_or_else(|| ClusterConfigError::UnknownRole(part.to_owned()))?;
             set.insert(r);
         }
         if set.is_empty() {
-            return Err("no roles given".into());
+            return Err(ClusterConfigError::NoRoles);
         }
         if set.contains(&Role::Ingress) != set.contains(&Role::Call) {
-            return Err(
-                "ingress and call go together: a call's actor lives on the node its webhook and stream reach".into()
-            );
+            return Err(ClusterConfigError::IngressWithoutCall);
         }
         Ok(Self(set))
     }
@@ -139,22 +138,42 @@ impl std::fmt::Debug for ClusterConfig {
     }
 }
 
+/// Why `--roles` or `[cluster]` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterConfigError {
+    #[error("unknown role {0:?} (roles: all, ingress, call, transcode, stt, fraud, billing)")]
+    UnknownRole(String),
+    #[error("no roles given")]
+    NoRoles,
+    #[error("ingress and call go together: a call's actor lives on the node its webhook and stream reach")]
+    IngressWithoutCall,
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: String) -> ClusterConfigError {
+    ClusterConfigError::Invalid { field, reason }
+}
+
 impl ClusterConfig {
-    pub fn from_file(f: &ClusterFile) -> Result<Self, String> {
+    pub fn from_file(f: &ClusterFile) -> Result<Self, ClusterConfigError> {
         if !f.nats_url.starts_with("nats://") && !f.nats_url.starts_with("tls://") {
-            return Err(format!("must be a nats:// or tls:// URL, got {:?}", voxgate_storage::redact_url(&f.nats_url)));
+            return Err(invalid(
+                "nats_url",
+                format!("must be a nats:// or tls:// URL, got {:?}", voxgate_storage::redact_url(&f.nats_url)),
+            ));
         }
         if f.prefix.is_empty() || !f.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            return Err(format!("prefix {:?} must be letters, digits, '_' or '-'", f.prefix));
+            return Err(invalid("prefix", format!("{:?} must be letters, digits, '_' or '-'", f.prefix)));
         }
         if !(1..=300).contains(&f.lease_ttl_secs) {
-            return Err(format!("lease_ttl_secs must be 1..=300, got {}", f.lease_ttl_secs));
+            return Err(invalid("lease_ttl_secs", format!("must be 1..=300, got {}", f.lease_ttl_secs)));
         }
         let node = match &f.node {
             Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') => {
                 n.clone()
             }
-            Some(n) => return Err(format!("node {n:?} must be letters, digits, '_' or '-'")),
+            Some(n) => return Err(invalid("node", format!("{n:?} must be letters, digits, '_' or '-'"))),
             None => {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
                 let host: String =
@@ -162,7 +181,7 @@ impl ClusterConfig {
                 format!("{}-{}", if host.is_empty() { "node" } else { &host }, std::process::id())
             }
         };
-        f.auth.validate().map_err(|e| format!("auth: {e}"))?;
+        f.auth.validate().map_err(|e| invalid("auth", e.to_string()))?;
         Ok(Self {
             nats_url: f.nats_url.clone(),
             prefix: f.prefix.clone(),
@@ -288,8 +307,8 @@ mod tests {
         assert_eq!(Roles::parse("all").unwrap(), Roles::all());
         let r = Roles::parse("transcode, stt").unwrap();
         assert!(r.has(Role::Stt) && r.has(Role::Transcode) && !r.has(Role::Ingress));
-        assert!(Roles::parse("ingress").unwrap_err().contains("together"));
-        assert!(Roles::parse("fraud,bogus").unwrap_err().contains("bogus"));
+        assert_eq!(Roles::parse("ingress").unwrap_err(), ClusterConfigError::IngressWithoutCall);
+        assert!(Roles::parse("fraud,bogus").unwrap_err().to_string().contains("bogus"));
         assert!(Roles::parse("").is_err());
     }
 }

@@ -53,7 +53,7 @@ pub async fn advance(State(clock): State<Arc<ManualClock>>, body: axum::body::By
             let now = clock.advance(ms);
             Json(serde_json::json!({ "now": now.to_string() })).into_response()
         }
-        _ => crate::ingress::twilio_error(
+        _ => crate::http::twilio_error(
             StatusCode::BAD_REQUEST,
             20422,
             "AdvanceMs: a whole number of milliseconds, at least 0",

@@ -9,7 +9,7 @@ use voxgate_protocol::event::{CallStatus, Event};
 use voxgate_protocol::{AccountSid, CallSid, Timestamp};
 use voxgate_storage::{topics, Log, StorageError};
 
-use crate::ingress::AppState;
+use crate::http::AppState;
 
 /// A call with a `call_received` and no terminal status on the log.
 #[derive(Debug, Clone, PartialEq)]

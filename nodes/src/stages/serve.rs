@@ -17,10 +17,10 @@ use voxgate_actors::stt::stage::{SttPool, SttStage, SttStageArgs};
 use voxgate_actors::transcode::stage::{TranscodeStage, TranscodeStageArgs};
 use voxgate_storage::{topics, Log};
 
-use crate::cluster::{Claimed, Role, Start, Stop};
 use crate::config::Config;
-use crate::health::{Health, Runner, StageEntry};
-use crate::ingress::{router, AppState};
+use crate::http::health::{Health, Runner, StageEntry};
+use crate::http::{router, AppState};
+use crate::stages::cluster::{Claimed, Role, Start, Stop};
 
 /// Installs the Prometheus recorder with the runbook's histogram buckets.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -137,7 +137,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let handle = install_metrics()?;
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    let (clock, test_clock) = crate::clock::from_env();
+    let (clock, test_clock) = crate::http::clock::from_env();
     let roles = cfg.roles.clone();
     let log = match &cfg.cluster {
         None => Log::open_with_cache(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes)
@@ -159,7 +159,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let node = cfg.cluster.as_ref().map_or_else(|| "local".to_owned(), |c| c.node.clone());
 
     let tenancy = Arc::new(
-        crate::tenancy::Tenancy::open(&cfg, log.clone(), clock.clone()).context("loading the tenant directory")?,
+        crate::stages::tenancy::Tenancy::open(&cfg, log.clone(), clock.clone())
+            .context("loading the tenant directory")?,
     );
     // Tenants, numbers, quotas and blocks recorded through any node's REST API.
     let tenancy_task = tokio::spawn(log_failure("tenancy", tenancy.clone().follow()));
@@ -181,7 +182,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             Box::pin(async move {
                 let (actor, done) =
                     Actor::spawn(None, TranscodeStage, args).await.context("starting the transcode stage")?;
-                Ok(crate::cluster::stop_actor(actor.get_cell(), done))
+                Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
             })
         });
         let units = log.partitions(topics::MEDIA)?;
@@ -229,18 +230,23 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         });
         claimed.push(c);
     }
-    let twilio = crate::hangup::TwilioRest::new(&cfg.twilio_api_url);
+    let twilio = crate::stages::hangup::TwilioRest::new(&cfg.twilio_api_url);
     // Blocks go into this node's webhook gate and hang-ups to its call actors: an ingress concern.
     let follower = roles.has(Role::Ingress).then(|| {
         tokio::spawn(log_failure(
             "fraud",
-            crate::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
+            crate::stages::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
         ))
     });
     let reload = reload_on_hangup(config_source, fraud_slot.clone());
     // Every node keeps the usage books (the REST API reads them); one node acts on them.
-    let billing =
-        Arc::new(crate::billing::Billing::new(&cfg, log.clone(), clock.clone(), tenancy.clone(), twilio.clone())?);
+    let billing = Arc::new(crate::stages::billing::Billing::new(
+        &cfg,
+        log.clone(),
+        clock.clone(),
+        tenancy.clone(),
+        twilio.clone(),
+    )?);
     let cursor = billing.rebuild().await.context("rebuilding usage from the logs")?;
     let billing_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let billing_task = {
@@ -303,7 +309,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             };
             Box::pin(async move {
                 let (actor, done) = Actor::spawn(None, SttStage, args).await.context("starting the stt stage")?;
-                Ok(crate::cluster::stop_actor(actor.get_cell(), done))
+                Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
             })
         });
         let units = log.partitions(topics::SPEECH)?;
@@ -321,7 +327,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(log_failure(
             "analytics",
-            crate::analytics::publish(log.clone(), a.clone(), tenancy.analytics_key(), up.clone()),
+            crate::stages::analytics::publish(log.clone(), a.clone(), tenancy.analytics_key(), up.clone()),
         ));
         (voxgate_storage::redact_url(&a.nats_url), up, task)
     });
@@ -331,7 +337,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         nats: analytics.as_ref().map(|(url, up, _)| (url.clone(), up.clone())),
         roles: roles.names(),
     });
-    let app = Arc::new(crate::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
+    let app = Arc::new(crate::http::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
     let state = AppState {
         test_clock,
         app,
@@ -342,7 +348,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         health,
         tenancy: tenancy.clone(),
         billing,
-        control: Arc::new(crate::twilio_rest::Control {
+        control: Arc::new(crate::http::twilio_rest::Control {
             twilio: twilio.clone(),
             tenancy: tenancy.clone(),
             public_url: cfg.public_url.clone(),
@@ -350,7 +356,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     };
     // Real-time transcription callbacks to the apps: one node of the cluster sends them.
     if roles.has(Role::Ingress) {
-        let deps = crate::transcription::Deps {
+        let deps = crate::stages::transcription::Deps {
             log: log.clone(),
             tenancy: tenancy.clone(),
             app: state.app.clone(),
@@ -359,7 +365,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let start: Start = Box::new(move |_owned: Vec<u32>| {
             let deps = deps.clone();
             Box::pin(async move {
-                let task = tokio::spawn(log_failure("transcription", crate::transcription::follow(deps)));
+                let task = tokio::spawn(log_failure("transcription", crate::stages::transcription::follow(deps)));
                 let stop: Stop = Box::new(move || {
                     Box::pin(async move {
                         task.abort();
@@ -373,7 +379,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     // Calls a crash left open get their actors back before Twilio can reach this node. In a
     // cluster another ingress node may hold them.
     if !clustered && roles.has(Role::Ingress) {
-        crate::recovery::restore(&state).await.context("restoring the calls in progress")?;
+        crate::stages::recovery::restore(&state).await.context("restoring the calls in progress")?;
     }
 
     let retention = {
@@ -424,9 +430,10 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
 
     let tls = match &cfg.tls {
         None => None,
-        Some(t) => Some(crate::http_server::tls_config(&t.cert_file, &t.key_file)?),
+        Some(t) => Some(crate::http::server::tls_config(&t.cert_file, &t.key_file)?),
     };
-    crate::http_server::serve(listener, router(state), tls, cfg.http, shutdown_signal(), Duration::from_secs(10)).await;
+    crate::http::server::serve(listener, router(state), tls, cfg.http, shutdown_signal(), Duration::from_secs(10))
+        .await;
 
     tracing::info!("shutting down: ending calls and flushing the log");
     retention.abort();
@@ -442,7 +449,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let drain_until = std::time::Instant::now() + Duration::from_secs(secs);
         while on
             && std::time::Instant::now() < drain_until
-            && crate::health::lag(&log, progress, topic).unwrap_or(0) > 0
+            && crate::http::health::lag(&log, progress, topic).unwrap_or(0) > 0
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -24,8 +24,8 @@ use voxgate_protocol::{AccountSid, Clock, Envelope, Event, EventId, Timestamp};
 use voxgate_storage::{topics, Log, StorageError};
 
 use crate::config::Config;
-use crate::hangup::{end_call, TwilioRest};
-use crate::tenancy::Tenancy;
+use crate::stages::hangup::{end_call, TwilioRest};
+use crate::stages::tenancy::Tenancy;
 
 const TOPICS: [&str; 4] = [topics::TENANTS, topics::CALLS, topics::TRANSCRIPTS, topics::BILLING];
 
@@ -136,7 +136,7 @@ impl Billing {
             TriggerBook::with_budgets(&cfg.billing.budgets).map_err(|e| anyhow::anyhow!("billing budgets: {e}"))?;
         let policy = cfg.billing.callbacks;
         // Callback URLs are the tenants': public addresses only, unless the operator allows more.
-        let http = crate::outbound::client(Duration::from_millis(policy.timeout_ms), cfg.allow_private_callbacks)
+        let http = crate::http::outbound::client(Duration::from_millis(policy.timeout_ms), cfg.allow_private_callbacks)
             .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
         let progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
         Ok(Self {
@@ -195,7 +195,7 @@ impl Billing {
         let now = self.clock.now();
         let payload = check(&self.read(), now)?;
         let env = Envelope {
-            event_id: EventId(crate::tenancy::random_u128()),
+            event_id: EventId(crate::stages::tenancy::random_u128()),
             tenant,
             call: None,
             occurred_at: now,
@@ -362,7 +362,7 @@ impl Billing {
     fn stop(&self, account: AccountSid, until: Timestamp, budget: u64) {
         for (tenant, call) in self.tenancy.stop_for_budget(account, until, budget) {
             let (tenancy, twilio) = (self.tenancy.clone(), self.twilio.clone());
-            crate::hangup::count_requested("billing");
+            crate::stages::hangup::count_requested("billing");
             tokio::spawn(async move {
                 end_call(call, tenant, "billing", "monthly budget spent", &tenancy, &twilio).await;
             });
@@ -446,7 +446,7 @@ impl Billing {
         let Some(token) = self.tenancy.token(tenant) else {
             return (None, Some("the account is gone".into()));
         };
-        if let Err(e) = crate::outbound::check_at_delivery(&f.callback_url, self.allow_private) {
+        if let Err(e) = crate::http::outbound::check_at_delivery(&f.callback_url, self.allow_private) {
             metrics::counter!("voxgate_outbound_refused_total", "reason" => "not_public").increment(1);
             return (None, Some(format!("CallbackUrl refused: {e}")));
         }

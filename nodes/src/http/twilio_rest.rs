@@ -7,10 +7,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use voxgate_actors::call::CallControl;
+use voxgate_actors::call::{CallControl, ControlError};
 use voxgate_protocol::{AccountSid, CallSid};
 
-use crate::tenancy::Tenancy;
+use crate::stages::tenancy::Tenancy;
 
 /// Attempts per request (with exponential backoff from 200 ms).
 const ATTEMPTS: u32 = 3;
@@ -30,7 +30,12 @@ impl TwilioRest {
     }
 
     /// Ends the call: `Status=completed`. A 404 (the call is already over) counts as done.
-    pub async fn complete_call(&self, tenancy: &Tenancy, tenant: AccountSid, call: CallSid) -> Result<u16, String> {
+    pub async fn complete_call(
+        &self,
+        tenancy: &Tenancy,
+        tenant: AccountSid,
+        call: CallSid,
+    ) -> Result<u16, ControlError> {
         self.update_call(tenancy, tenant, call, &[("Status", "completed")], "ending", true).await
     }
 
@@ -43,7 +48,7 @@ impl TwilioRest {
         tenant: AccountSid,
         call: CallSid,
         twiml: &str,
-    ) -> Result<u16, String> {
+    ) -> Result<u16, ControlError> {
         self.update_call(tenancy, tenant, call, &[("Twiml", twiml)], "updating", false).await
     }
 
@@ -57,8 +62,8 @@ impl TwilioRest {
         form: &[(&str, &str)],
         what: &str,
         idempotent: bool,
-    ) -> Result<u16, String> {
-        let token = tenancy.token(tenant).ok_or("unknown tenant")?;
+    ) -> Result<u16, ControlError> {
+        let token = tenancy.token(tenant).ok_or_else(|| ControlError::NotSent(format!("unknown tenant {tenant}")))?;
         let url = format!("{}/2010-04-01/Accounts/{tenant}/Calls/{call}.json", self.base);
         let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
         let mut delay = Duration::from_millis(200);
@@ -79,12 +84,13 @@ impl TwilioRest {
                 }
                 Ok(resp) if resp.status().is_client_error() && resp.status().as_u16() != 429 => {
                     metrics::counter!("voxgate_twilio_rest_requests_total", "outcome" => "refused").increment(1);
-                    return Err(format!("Twilio refused {what} {call}: HTTP {}", resp.status()));
+                    tracing::warn!(stage = "twilio", call_sid = %call, tenant = %tenant, status = %resp.status(), "Twilio refused {what} the call");
+                    return Err(ControlError::Refused(resp.status().as_u16()));
                 }
                 Ok(resp) => last = format!("HTTP {}", resp.status()),
                 Err(e) if e.is_timeout() && !idempotent => {
                     metrics::counter!("voxgate_twilio_rest_requests_total", "outcome" => "failed").increment(1);
-                    return Err(format!("{what} {call} at Twilio timed out; not sent again: {e}"));
+                    return Err(ControlError::Unanswered(format!("{what} {call} timed out; not sent again: {e}")));
                 }
                 Err(e) => last = e.to_string(),
             }
@@ -96,7 +102,7 @@ impl TwilioRest {
             }
         }
         metrics::counter!("voxgate_twilio_rest_requests_total", "outcome" => "failed").increment(1);
-        Err(format!("{what} {call} at Twilio failed after {ATTEMPTS} attempts: {last}"))
+        Err(ControlError::Unanswered(format!("{what} {call} failed after {ATTEMPTS} attempts: {last}")))
     }
 }
 
@@ -114,11 +120,11 @@ impl CallControl for Control {
         &self,
         tenant: AccountSid,
         call: CallSid,
-    ) -> Pin<Box<dyn Future<Output = Result<u16, String>> + Send>> {
-        let twiml = crate::stream::answer(&self.public_url, tenant, call);
+    ) -> Pin<Box<dyn Future<Output = Result<u16, ControlError>> + Send>> {
+        let twiml = crate::http::stream::answer(&self.public_url, tenant, call);
         let (twilio, tenancy) = (self.twilio.clone(), self.tenancy.clone());
         Box::pin(async move {
-            let twiml = twiml.map_err(|e| e.to_string())?;
+            let twiml = twiml.map_err(|e| ControlError::NotSent(e.to_string()))?;
             twilio.redirect_call(&tenancy, tenant, call, &twiml).await
         })
     }

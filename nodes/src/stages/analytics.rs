@@ -17,7 +17,7 @@ use std::time::Duration;
 use voxgate_protocol::Event;
 use voxgate_storage::{topics, Log, StorageError};
 
-use crate::replay::{event_json, Entry};
+use crate::cli::replay::{event_json, Entry};
 
 /// The durable cursor of the publisher.
 pub const CURSOR: &str = "analytics";
@@ -93,9 +93,10 @@ impl Redact {
     }
 
     /// Checks the tenant keys.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), voxgate_actors::InvalidSetting> {
         for k in self.tenants.keys() {
-            voxgate_protocol::AccountSid::parse(k).map_err(|e| format!("redact.tenants.{k}: {e}"))?;
+            voxgate_protocol::AccountSid::parse(k)
+                .map_err(|e| voxgate_actors::InvalidSetting::new("redact.tenants", format!("{k}: {e}")))?;
         }
         Ok(())
     }

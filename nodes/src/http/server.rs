@@ -57,21 +57,24 @@ impl Default for HttpFile {
 }
 
 impl HttpFile {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), voxgate_actors::InvalidSetting> {
         if !(100..=600_000).contains(&self.header_read_timeout_ms) {
-            return Err("header_read_timeout_ms must be between 100 and 600000".into());
+            return Err(voxgate_actors::InvalidSetting::new(
+                "header_read_timeout_ms",
+                "must be between 100 and 600000",
+            ));
         }
         if !(100..=600_000).contains(&self.body_timeout_ms) {
-            return Err("body_timeout_ms must be between 100 and 600000".into());
+            return Err(voxgate_actors::InvalidSetting::new("body_timeout_ms", "must be between 100 and 600000"));
         }
         if !(1..=86_400).contains(&self.idle_timeout_secs) {
-            return Err("idle_timeout_secs must be between 1 and 86400".into());
+            return Err(voxgate_actors::InvalidSetting::new("idle_timeout_secs", "must be between 1 and 86400"));
         }
         if !(1..=1_000_000).contains(&self.max_connections) {
-            return Err("max_connections must be between 1 and 1000000".into());
+            return Err(voxgate_actors::InvalidSetting::new("max_connections", "must be between 1 and 1000000"));
         }
         if !(1..=3600).contains(&self.stream_idle_secs) {
-            return Err("stream_idle_secs must be between 1 and 3600".into());
+            return Err(voxgate_actors::InvalidSetting::new("stream_idle_secs", "must be between 1 and 3600"));
         }
         Ok(())
     }
@@ -153,19 +156,19 @@ pub async fn read_body(
             }
             if too_big {
                 metrics::counter!("voxgate_http_refused_total", "reason" => "body_too_large").increment(1);
-                crate::ingress::twilio_error(
+                crate::http::twilio_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     20413,
                     format!("request body larger than {max} bytes"),
                 )
             } else {
                 metrics::counter!("voxgate_http_refused_total", "reason" => "body_error").increment(1);
-                crate::ingress::twilio_error(StatusCode::BAD_REQUEST, 20400, format!("request body unreadable: {e}"))
+                crate::http::twilio_error(StatusCode::BAD_REQUEST, 20400, format!("request body unreadable: {e}"))
             }
         }
         Err(_) => {
             metrics::counter!("voxgate_http_refused_total", "reason" => "body_timeout").increment(1);
-            let mut r = crate::ingress::twilio_error(
+            let mut r = crate::http::twilio_error(
                 StatusCode::REQUEST_TIMEOUT,
                 20408,
                 format!("request body not received within {} ms", timeout.as_millis()),
@@ -234,8 +237,8 @@ pub async fn serve(
     }
 }
 
-static CAP_LINES: crate::perimeter::LineLimit = crate::perimeter::LineLimit::per_second();
-static TIMEOUT_LINES: crate::perimeter::LineLimit = crate::perimeter::LineLimit::per_second();
+static CAP_LINES: crate::http::perimeter::LineLimit = crate::http::perimeter::LineLimit::per_second();
+static TIMEOUT_LINES: crate::http::perimeter::LineLimit = crate::http::perimeter::LineLimit::per_second();
 
 /// One accepted connection.
 struct Connection {
@@ -450,7 +453,7 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
         Box::pin(async move {
             let r = app.oneshot(req.map(Body::new)).await;
             drop(guard);
-            r.or_else(|e| match e {})
+            r.map_err(|e| match e {})
         })
     }
 }

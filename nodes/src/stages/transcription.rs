@@ -316,8 +316,8 @@ const TOPICS: [&str; 2] = [topics::CALLS, topics::TRANSCRIPTS];
 #[derive(Clone)]
 pub struct Deps {
     pub log: Log,
-    pub tenancy: Arc<crate::tenancy::Tenancy>,
-    pub app: Arc<crate::gateway::App>,
+    pub tenancy: Arc<crate::stages::tenancy::Tenancy>,
+    pub app: Arc<crate::http::gateway::App>,
     pub clock: Arc<dyn voxgate_protocol::Clock>,
 }
 
@@ -465,7 +465,7 @@ impl Senders {
             .into_iter()
             .map(|x| {
                 let id = EventId::derive(
-                    crate::gateway::id_kind::APP_EXCHANGE,
+                    crate::http::gateway::id_kind::APP_EXCHANGE,
                     &[d.call.as_u128(), 2, hash(&reference), u128::from(x.attempt)],
                 );
                 voxgate_protocol::encode(&Envelope {

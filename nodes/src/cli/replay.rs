@@ -348,6 +348,7 @@ pub fn retranscode(entries: &[Entry], cfg: &TranscodeConfig) -> Vec<(Track, Segm
 }
 
 /// `voxgate replay`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     data_dir: &Path,
     specs: &[TopicSpec],

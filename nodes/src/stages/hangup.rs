@@ -7,8 +7,8 @@ use ractor::RpcReplyPort;
 use voxgate_actors::call::{CallActor, CallMsg};
 use voxgate_protocol::{AccountSid, CallSid};
 
-use crate::tenancy::Tenancy;
-pub use crate::twilio_rest::TwilioRest;
+pub use crate::http::twilio_rest::TwilioRest;
+use crate::stages::tenancy::Tenancy;
 
 /// How long (in 10 ms polls) a hang-up waits for the call's actor to start.
 const ACTOR_WAIT_POLLS: u32 = 200;

@@ -12,7 +12,7 @@ use serde_json::json;
 use voxgate_actors::progress::Progress;
 use voxgate_storage::Log;
 
-use crate::ingress::AppState;
+use crate::http::AppState;
 
 /// What runs a stage: an actor, or a log-following task (billing) that flags its own end.
 pub enum Runner {
@@ -36,7 +36,7 @@ pub struct StageEntry {
     pub runner: Runner,
     pub progress: Arc<Progress>,
     /// In a cluster, the partitions (units) of the stage's work this node holds now.
-    pub share: Option<crate::cluster::Share>,
+    pub share: Option<crate::stages::cluster::Share>,
 }
 
 /// What the health endpoint reports on.

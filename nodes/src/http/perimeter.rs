@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::ingress::{twilio_error, AppState};
+use crate::http::{twilio_error, AppState};
 
 /// The client's address: the peer, unless the peer is one of `trusted_proxies`; then the
 /// `X-Forwarded-For` chain is walked from the right (the entry the nearest proxy appended) and the

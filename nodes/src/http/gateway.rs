@@ -54,18 +54,24 @@ impl Default for GatewayFile {
 }
 
 impl GatewayFile {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), voxgate_actors::InvalidSetting> {
         if !(100..=14_000).contains(&self.app_timeout_ms) || !(100..=14_000).contains(&self.fallback_timeout_ms) {
-            return Err("app_timeout_ms and fallback_timeout_ms must be between 100 and 14000".into());
+            return Err(voxgate_actors::InvalidSetting::new(
+                "app_timeout_ms",
+                "app_timeout_ms and fallback_timeout_ms must be between 100 and 14000",
+            ));
         }
         if self.app_timeout_ms + self.fallback_timeout_ms > 14_500 {
-            return Err("app_timeout_ms + fallback_timeout_ms must stay under Twilio's 15 s".into());
+            return Err(voxgate_actors::InvalidSetting::new(
+                "fallback_timeout_ms",
+                "app_timeout_ms + fallback_timeout_ms must stay under Twilio's 15 s",
+            ));
         }
         if !(1..=20).contains(&self.callback_attempts) {
-            return Err("callback_attempts must be between 1 and 20".into());
+            return Err(voxgate_actors::InvalidSetting::new("callback_attempts", "must be between 1 and 20"));
         }
         if self.cache_entries > 1_000_000 {
-            return Err("cache_entries must be at most 1000000".into());
+            return Err(voxgate_actors::InvalidSetting::new("cache_entries", "must be at most 1000000"));
         }
         Ok(())
     }
@@ -110,7 +116,7 @@ const USER_AGENT: &str = "TwilioProxy/1.1 (voxgate)";
 impl App {
     pub fn new(cfg: GatewayFile, allow_private: bool) -> anyhow::Result<Self> {
         // Per-request deadlines are set on each request; this bounds anything left over.
-        let http = crate::outbound::client(Duration::from_secs(15), allow_private)
+        let http = crate::http::outbound::client(Duration::from_secs(15), allow_private)
             .map_err(|e| anyhow::anyhow!("HTTP client for the app: {e}"))?;
         Ok(Self { http, cfg, allow_private, cache: Mutex::new(HashMap::new()) })
     }
@@ -151,7 +157,7 @@ impl App {
         let mut url = url.to_owned();
         let mut params: Vec<(String, String)> = params.to_vec();
         for _hop in 0..=10 {
-            if let Err(e) = crate::outbound::check_at_delivery(&url, self.allow_private) {
+            if let Err(e) = crate::http::outbound::check_at_delivery(&url, self.allow_private) {
                 return failed(&url, None, 11200, format!("the app's URL is refused: {e}"), started);
             }
             let mut req = self.request(token, method, &url, &params);
@@ -321,6 +327,7 @@ impl App {
 
     /// Sends a callback (status, transcription) to the app, signed; retries with backoff. Calls
     /// `record` with each attempt's exchange.
+    #[allow(clippy::too_many_arguments)]
     pub async fn callback(
         &self,
         purpose: AppPurpose,
@@ -334,7 +341,7 @@ impl App {
         let mut backoff = Duration::from_millis(self.cfg.callback_first_retry_ms);
         for attempt in 1..=self.cfg.callback_attempts {
             let started = Instant::now();
-            let (status, error) = match crate::outbound::check_at_delivery(url, self.allow_private) {
+            let (status, error) = match crate::http::outbound::check_at_delivery(url, self.allow_private) {
                 Err(e) => (None, Some((11200, format!("the callback URL is refused: {e}")))),
                 Ok(()) => {
                     let req = self
@@ -531,7 +538,7 @@ use voxgate_protocol::event::{Event, GatewayAnswered, NumberRouting, Transcripti
 use voxgate_protocol::twilio::gateway::{rewrite, Fork, TranscriptionRequest};
 use voxgate_protocol::{CallSid, EventId};
 
-use crate::ingress::AppState;
+use crate::http::AppState;
 
 /// What Twilio says when an app cannot be reached (and its fallback neither).
 const APPLICATION_ERROR: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>We are sorry, an application error has occurred. Goodbye.</Say><Hangup /></Response>";
@@ -573,7 +580,9 @@ pub async fn answer(
     let stream_url = signature::websocket_url(&state.cfg.public_url, &format!("/api/voice/twilio/stream/{call}"));
     let (tenant_s, call_s) = (tenant.to_string(), call.to_string());
     let stream_params = [("tenant", tenant_s.as_str()), ("call_sid", call_s.as_str())];
-    let mut attempts: Vec<(AppPurpose, HttpMethod, String, Vec<(String, String)>, Duration)> = Vec::new();
+    // (purpose, method, URL, form, time allowed) per attempt: the voice URL, then the fallback.
+    type Attempt = (AppPurpose, HttpMethod, String, Vec<(String, String)>, Duration);
+    let mut attempts: Vec<Attempt> = Vec::new();
     if let Some(u) = &routing.voice_url {
         attempts.push((
             AppPurpose::Voice,
@@ -704,7 +713,7 @@ pub async fn answer(
     }
     metrics::histogram!("voxgate_gateway_added_seconds")
         .record(started.elapsed().saturating_sub(app_time).as_secs_f64());
-    crate::ingress::twiml_response(twiml)
+    crate::http::ingress::twiml_response(twiml)
 }
 
 /// What the app asked for, its callback URL made absolute against the URL whose answer asked
@@ -742,7 +751,7 @@ async fn append_events(
     events: Vec<(EventId, Event)>,
 ) -> Result<(), Response> {
     append(state, tenant, call, events).await.map_err(|e| {
-        crate::ingress::twilio_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; retry"))
+        crate::http::twilio_error(axum::http::StatusCode::SERVICE_UNAVAILABLE, 20503, format!("{e}; retry"))
     })
 }
 
@@ -795,7 +804,7 @@ pub async fn start_transcription(
         })
         .collect();
     let request = TranscriptionRequest { attributes };
-    let n = crate::tenancy::random_u128();
+    let n = crate::stages::tenancy::random_u128();
     let sid = transcription_sid(call, n);
     let started = transcription_started(sid, &request, None, "rest");
     let id = EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n, 1]);
@@ -810,7 +819,7 @@ pub async fn stop_transcription(
     call: CallSid,
     which: &str,
 ) -> Result<(), voxgate_storage::StorageError> {
-    let id = EventId::derive(id_kind::TRANSCRIPTION_STOPPED, &[call.as_u128(), crate::tenancy::random_u128()]);
+    let id = EventId::derive(id_kind::TRANSCRIPTION_STOPPED, &[call.as_u128(), crate::stages::tenancy::random_u128()]);
     let ev = Event::TranscriptionStopped(TranscriptionStopped { sid: which.to_owned(), reason: "rest".into() });
     append(state, tenant, call, vec![(id, ev)]).await
 }

@@ -22,7 +22,7 @@ use voxgate_protocol::twilio::twiml::{self, StreamTwiml, TwimlError};
 use voxgate_protocol::twilio::{decode_payload_into, parse_inbound, signature, Inbound, MediaError, SignedBody};
 use voxgate_protocol::{AccountSid, CallSid, Clock, StreamSid};
 
-use crate::ingress::{twilio_error, AppState};
+use crate::http::{twilio_error, AppState};
 
 /// Largest WebSocket message accepted (a 20 ms frame is ~400 bytes of JSON).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -214,7 +214,7 @@ impl Ingest {
                     let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "call ended".into() }))).await;
                     break Some(reason);
                 }
-                msg = socket.recv() => match { last_message = std::time::Instant::now(); msg } {
+                msg = socket.recv() => { last_message = std::time::Instant::now(); match msg {
                     Some(Ok(Message::Text(t))) => match self.on_text(t.as_str()) {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Stopped) => break Some(StopReason::Twilio),
@@ -241,20 +241,20 @@ impl Ingest {
                         tracing::warn!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, error = %text, "media stream transport error");
                         break None;
                     }
-                }
+                }}
             }
         };
         self.flush_batch();
         let reason = end.unwrap_or(StopReason::Disconnected);
         // The actor records the stop itself when it closed the stream.
-        if reason != StopReason::CallEnded || self.queue.closed().is_none() {
-            if self.stream.is_some() || reason == StopReason::Fault {
-                self.push_control(Event::StreamStopped(StreamStopped {
-                    stream_sid: self.stream,
-                    reason: reason.clone(),
-                    frames: 0,
-                }));
-            }
+        if (reason != StopReason::CallEnded || self.queue.closed().is_none())
+            && (self.stream.is_some() || reason == StopReason::Fault)
+        {
+            self.push_control(Event::StreamStopped(StreamStopped {
+                stream_sid: self.stream,
+                reason: reason.clone(),
+                frames: 0,
+            }));
         }
         let _ = self.actor.cast(CallMsg::StreamEnded { reason: reason.clone() });
         connections.decrement(1.0);

@@ -8,8 +8,8 @@ use voxgate_actors::tenancy::directory::Block;
 use voxgate_protocol::{Clock, Envelope, Event};
 use voxgate_storage::{topics, Log, StorageError};
 
-use crate::hangup::{count_requested, end_call, TwilioRest};
-use crate::tenancy::Tenancy;
+use crate::stages::hangup::{count_requested, end_call, TwilioRest};
+use crate::stages::tenancy::Tenancy;
 
 /// Applies one fraud-log event; `live` events also end calls (not those read at startup).
 async fn act(env: &Envelope, tenancy: &Arc<Tenancy>, twilio: &TwilioRest, clock: &dyn Clock, live: bool) {

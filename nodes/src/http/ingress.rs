@@ -4,141 +4,33 @@
 //! the tenant, check the signature against the URL Twilio signed (rebuilt from `public_url`), check
 //! the number, append the call durably, start its actor, answer TwiML.
 
-use std::sync::Arc;
+// The request checks below return the finished HTTP response as their error (Twilio-shaped
+// JSON), which is large; they run once per request, so it is not boxed.
+#![allow(clippy::result_large_err)]
+
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use ractor::{ActorRef, RpcReplyPort};
-use serde_json::json;
+use ractor::RpcReplyPort;
 use voxgate_actors::billing::usage::{duration_bound_secs, observed_secs};
-use voxgate_actors::call::{id_kind, CallActor, CallArgs, CallIdentity, CallMsg, SupervisorMsg};
+use voxgate_actors::call::{id_kind, CallActor, CallIdentity, CallMsg};
 use voxgate_protocol::event::{
     CallDurationImplausible, CallReceived, CallRejected, CallStatusChanged, Event, RejectReason, StatusSource,
 };
 use voxgate_protocol::twilio::{signature, twiml, SignedBody, StatusCallback, VoiceWebhook};
-use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId};
-use voxgate_storage::{topics, Log};
+use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId};
+use voxgate_storage::topics;
 
-use crate::config::{Config, Secret};
-use crate::health::Health;
-use crate::tenancy::Tenancy;
+use crate::config::Secret;
+use crate::http::{twilio_error, AppState};
 use voxgate_actors::tenancy::gate::{CallAttempt, Decision};
 use voxgate_protocol::event::QuotaWarning;
 
 /// Log lines about requests nobody authenticated: at most one a second (metrics count them all).
-static UNAUTHENTICATED_LINES: crate::perimeter::LineLimit = crate::perimeter::LineLimit::per_second();
-
-/// Largest webhook body accepted (Twilio's are a few KB).
-pub const MAX_WEBHOOK_BODY: usize = 64 * 1024;
-
-/// What every handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    pub cfg: Arc<Config>,
-    pub log: Log,
-    pub clock: Arc<dyn Clock>,
-    pub supervisor: ActorRef<SupervisorMsg>,
-    pub health: Arc<Health>,
-    pub tenancy: Arc<Tenancy>,
-    pub billing: Arc<crate::billing::Billing>,
-    /// Twilio's REST API for the call actors (re-attaching dropped streams).
-    pub control: Arc<dyn voxgate_actors::call::CallControl>,
-    /// The clock tests move forward (`VOXGATE_TEST_CLOCK=manual` only).
-    pub test_clock: Option<Arc<crate::clock::ManualClock>>,
-    /// Gateway mode's side toward the customers' apps.
-    pub app: Arc<crate::gateway::App>,
-}
-
-impl AppState {
-    /// Starts the actor of `call` (or finds the running one), holding its quota place.
-    pub async fn start_call(
-        &self,
-        tenant: AccountSid,
-        call: CallSid,
-        status: voxgate_protocol::event::CallStatus,
-        received_at: voxgate_protocol::Timestamp,
-        slot: crate::tenancy::QuotaSlot,
-    ) -> Result<Result<ActorRef<CallMsg>, String>, ractor::RactorErr<SupervisorMsg>> {
-        let args = CallArgs {
-            tenant,
-            call,
-            status,
-            received_at,
-            config: self.cfg.calls.clone(),
-            log: self.log.clone(),
-            clock: self.clock.clone(),
-            quota_slot: Some(Box::new(slot)),
-            control: Some(self.control.clone()),
-        };
-        ractor::call!(self.supervisor, |reply: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), reply))
-    }
-}
-
-/// The routes Twilio and operators reach on the main listener.
-pub fn router(state: AppState) -> Router {
-    let twilio = Router::new()
-        .route("/api/voice/twilio/inbound", post(inbound))
-        .route("/api/voice/twilio/status", post(status))
-        .route("/api/voice/twilio/stream/{session}", get(crate::stream::upgrade))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::perimeter::twilio_allowlist));
-    let mut twilio = twilio;
-    if let Some(c) = state.test_clock.clone() {
-        twilio = twilio.route("/api/voice/test/clock", post(crate::clock::advance).with_state(c));
-    }
-    Router::new()
-        .merge(twilio)
-        .route("/api/voice/health", get(crate::health::health))
-        .route("/2010-04-01/{*path}", axum::routing::any(crate::accounts::api))
-        .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_WEBHOOK_BODY))
-        .layer(axum::middleware::from_fn_with_state(
-            (state.cfg.http.body_timeout(), MAX_WEBHOOK_BODY),
-            crate::http_server::read_body,
-        ))
-        .layer(axum::middleware::from_fn(observe))
-        .with_state(state)
-}
-
-/// Records `http_request_duration_seconds{endpoint}` for every request.
-async fn observe(req: Request, next: axum::middleware::Next) -> Response {
-    let endpoint = endpoint_label(req.uri().path());
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    metrics::histogram!("http_request_duration_seconds", "endpoint" => endpoint, "status" => resp.status().as_str().to_owned())
-        .record(started.elapsed().as_secs_f64());
-    resp
-}
-
-fn endpoint_label(path: &str) -> &'static str {
-    match path {
-        "/api/voice/twilio/inbound" => "inbound",
-        "/api/voice/twilio/status" => "status",
-        "/api/voice/health" => "health",
-        p if p.starts_with("/api/voice/twilio/stream/") => "stream",
-        p if p.starts_with("/2010-04-01/") => crate::accounts::endpoint_of(p),
-        _ => "other",
-    }
-}
-
-/// A Twilio-shaped JSON error: `{code, message, more_info, status}`.
-pub fn twilio_error(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
-    let body = json!({
-        "code": code,
-        "message": message.into(),
-        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
-        "status": status.as_u16(),
-    });
-    (status, Json(body)).into_response()
-}
-
-async fn not_found(uri: Uri) -> Response {
-    twilio_error(StatusCode::NOT_FOUND, 20404, format!("the requested resource {} was not found", uri.path()))
-}
+static UNAUTHENTICATED_LINES: crate::http::perimeter::LineLimit = crate::http::perimeter::LineLimit::per_second();
 
 pub(crate) fn twiml_response(xml: String) -> Response {
     ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], xml).into_response()
@@ -227,12 +119,11 @@ pub(crate) async fn append_call_event(
     })
 }
 
+/// A voice request's form pairs and its sids.
+type VoiceForm = (Vec<(String, String)>, AccountSid, CallSid);
+
 /// The form and the sids every voice request carries, checked before any secret is used.
-fn voice_request(
-    headers: &HeaderMap,
-    body: &[u8],
-    endpoint: &'static str,
-) -> Result<(Vec<(String, String)>, AccountSid, CallSid), Response> {
+fn voice_request(headers: &HeaderMap, body: &[u8], endpoint: &'static str) -> Result<VoiceForm, Response> {
     if !is_form(headers) {
         return Err(bad_request(
             endpoint,
@@ -246,7 +137,7 @@ fn voice_request(
 }
 
 /// `POST /api/voice/twilio/inbound`
-async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     const EP: &str = "inbound";
     let request_started = Instant::now();
     let (pairs, account, call) = match voice_request(&headers, &body, EP) {
@@ -275,7 +166,7 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
     };
     let from_country = hook.from_country.clone().filter(|c| c.len() == 2).unwrap_or_else(|| "unknown".into());
     let session = call.to_string();
-    let xml = match crate::stream::answer(&state.cfg.public_url, account, call) {
+    let xml = match crate::http::stream::answer(&state.cfg.public_url, account, call) {
         Ok(x) => x,
         Err(e) => return twilio_error(StatusCode::INTERNAL_SERVER_ERROR, 20500, e.to_string()),
     };
@@ -288,7 +179,7 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
     if CallActor::find(call).is_some() {
         // Twilio retried a webhook we already took: the same answer, nothing appended twice.
         if let Some(r) = routing {
-            return crate::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
+            return crate::http::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
         }
         return twiml_response(xml);
     }
@@ -357,7 +248,7 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
     metrics::counter!("twilio_calls_total", "status" => "accepted", "from_country" => from_country).increment(1);
     tracing::info!(stage = "ingress", call_sid = %call, tenant = %account, gateway = routing.is_some(), "call accepted");
     if let Some(r) = routing {
-        return crate::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
+        return crate::http::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
     }
     twiml_response(xml)
 }
@@ -367,7 +258,7 @@ async fn inbound(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bo
 /// A valid signature proves only "this tenant": the callback changes a call only when that tenant
 /// owns it. A call of another tenant answers exactly like a call nobody knows, and changes
 /// nothing. A `CallDuration` voxgate does not believe is recorded as such and not billed.
-async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     const EP: &str = "status";
     let (pairs, account, call) = match voice_request(&headers, &body, EP) {
         Ok(r) => r,
@@ -441,7 +332,7 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
         });
         match r {
             Ok(Ok(())) => {
-                crate::gateway::forward_status(&state, account, call, &token, &pairs);
+                crate::http::gateway::forward_status(&state, account, call, &token, &pairs);
                 return StatusCode::NO_CONTENT.into_response();
             }
             Ok(Err(e)) => {
@@ -460,7 +351,7 @@ async fn status(State(state): State<AppState>, uri: Uri, headers: HeaderMap, bod
     // No running actor (the call already ended, or another node owns it): record the callback.
     let recorded = record_status(&state, account, call, &cb, duration).await;
     if recorded.status() == StatusCode::NO_CONTENT {
-        crate::gateway::forward_status(&state, account, call, &token, &pairs);
+        crate::http::gateway::forward_status(&state, account, call, &token, &pairs);
     }
     recorded
 }
@@ -490,7 +381,7 @@ async fn record_status(
 }
 
 /// Log lines about callbacks for calls the tenant does not own: at most one a second.
-static FOREIGN_LINES: crate::perimeter::LineLimit = crate::perimeter::LineLimit::per_second();
+static FOREIGN_LINES: crate::http::perimeter::LineLimit = crate::http::perimeter::LineLimit::per_second();
 
 /// Whose call `call` is: its running actor says; else the usage book, which holds every call
 /// received (on any node) that it still remembers. A call the book has not seen may simply not
@@ -507,7 +398,7 @@ pub(crate) async fn call_owner(state: &AppState, call: CallSid) -> Option<CallId
         if let Some((tenant, received_at)) = known {
             return Some(CallIdentity { tenant, received_at });
         }
-        let behind = crate::health::lag(&state.log, &state.billing.progress(), topics::CALLS).unwrap_or(0) > 0;
+        let behind = crate::http::health::lag(&state.log, &state.billing.progress(), topics::CALLS).unwrap_or(0) > 0;
         if !behind || Instant::now() >= deadline {
             return None;
         }
