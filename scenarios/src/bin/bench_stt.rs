@@ -319,6 +319,10 @@ async fn one_config(
         let (mut partials, mut gaps) = (0usize, Vec::new());
         let (mut segments, mut sentences_heard) = (0usize, 0usize);
         let mut wer = WerByVoice::new();
+        // Where the time goes, per final: the sentence's audio end → its segment on the speech
+        // log (the VAD's hangover, media batches, the transcoder), → its transcript on the
+        // transcripts log (STT); and how far before the audio's end the segment's audio ends.
+        let (mut closed, mut transcribed, mut cut_before_end) = (Vec::new(), Vec::new(), Vec::new());
         for (call, t0, utterances) in &done {
             let events = replay_json(&node, *call);
             let mut last: std::collections::HashMap<(String, u64), i64> = Default::default();
@@ -361,12 +365,24 @@ async fn one_config(
             }
             // Each sentence's final: the transcript of the last segment it overlaps (a sentence
             // split at a pause inside it is heard in full only then).
+            // When each segment was appended to the speech log, by its end (one track per call).
+            let segment_at: std::collections::HashMap<u64, i64> = events
+                .iter()
+                .filter(|e| e["kind"] == "speech_segment")
+                .filter_map(|e| Some((e["end_ms"].as_u64()?, e["appended_at_us"].as_i64()?)))
+                .collect();
             for (a, b, _) in utterances {
                 let over: Vec<&(u64, u64, i64)> = finals.iter().filter(|(s0, s1, _)| *a < *s1 && *b > *s0).collect();
                 segments += over.len();
                 sentences_heard += usize::from(!over.is_empty());
-                if let Some((_, _, appended)) = over.iter().max_by_key(|(_, s1, _)| *s1) {
-                    lat.push((appended - (t0 + *b as i64 * 1000)) as f64 / 1000.0);
+                if let Some((_, s1, appended)) = over.iter().max_by_key(|(_, s1, _)| *s1) {
+                    let spoken_end = t0 + *b as i64 * 1000;
+                    lat.push((appended - spoken_end) as f64 / 1000.0);
+                    if let Some(seg) = segment_at.get(s1) {
+                        closed.push((seg - spoken_end) as f64 / 1000.0);
+                        transcribed.push((appended - seg) as f64 / 1000.0);
+                        cut_before_end.push(*b as f64 - *s1 as f64);
+                    }
                 }
             }
         }
@@ -396,6 +412,14 @@ async fn one_config(
             counter("voxgate_stt_speculative_total{outcome=\"skipped\"}"),
             counter("voxgate_stt_partials_dropped_total")
         );
+        if !closed.is_empty() {
+            println!(
+                "       where the time goes (p50): segment on the speech log {:.0} ms after the audio's end, transcript {:.0} ms after that; the segment's audio ends {:.0} ms before the audio's end",
+                quantile(&mut closed, 0.5),
+                quantile(&mut transcribed, 0.5),
+                quantile(&mut cut_before_end, 0.5)
+            );
+        }
     }
     println!("(end of speech is the end of each sentence's audio; the segment's end is decided after [transcode.vad] hangover_ms of silence)");
     Ok(())
