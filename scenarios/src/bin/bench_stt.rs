@@ -323,6 +323,8 @@ async fn one_config(
         // log (the VAD's hangover, media batches, the transcoder), → its transcript on the
         // transcripts log (STT); and how far before the audio's end the segment's audio ends.
         let (mut closed, mut transcribed, mut cut_before_end) = (Vec::new(), Vec::new(), Vec::new());
+        // The STT stage's own decode time per transcript (`processing_ms`).
+        let mut processing = Vec::new();
         for (call, t0, utterances) in &done {
             let events = replay_json(&node, *call);
             let mut last: std::collections::HashMap<(String, u64), i64> = Default::default();
@@ -334,6 +336,9 @@ async fn one_config(
                     gaps.push((at - prev) as f64 / 1000.0);
                 }
             }
+            processing.extend(
+                events.iter().filter(|e| e["kind"] == "transcript").filter_map(|e| e["processing_ms"].as_f64()),
+            );
             let finals: Vec<(u64, u64, i64)> = events
                 .iter()
                 .filter(|e| e["kind"] == "transcript")
@@ -414,9 +419,10 @@ async fn one_config(
         );
         if !closed.is_empty() {
             println!(
-                "       where the time goes (p50): segment on the speech log {:.0} ms after the audio's end, transcript {:.0} ms after that; the segment's audio ends {:.0} ms before the audio's end",
+                "       where the time goes (p50): segment on the speech log {:.0} ms after the audio's end, transcript {:.0} ms after that (of which decoding {:.0} ms); the segment's audio ends {:.0} ms before the audio's end",
                 quantile(&mut closed, 0.5),
                 quantile(&mut transcribed, 0.5),
+                if processing.is_empty() { f64::NAN } else { quantile(&mut processing, 0.5) },
                 quantile(&mut cut_before_end, 0.5)
             );
         }
