@@ -37,6 +37,11 @@ pub fn model_dir() -> PathBuf {
     }
 }
 
+/// Whether every stage in a health answer has read all of its input log (`lag_events` 0).
+fn stages_caught_up(health: &serde_json::Value) -> bool {
+    health["stages"].as_object().is_some_and(|m| m.values().all(|s| s["lag_events"].as_u64() == Some(0)))
+}
+
 /// A running voxgate.
 pub struct Node {
     child: Option<Child>,
@@ -160,11 +165,7 @@ impl Node {
         loop {
             let (_, h) = self.get_json("/api/voice/health").await?;
             let calls_done = h["active_calls"].as_u64() == Some(0);
-            let lag_done = h["stages"]
-                .as_object()
-                .map(|m| m.values().all(|s| s["lag_events"].as_u64() == Some(0)))
-                .unwrap_or(false);
-            if calls_done && lag_done {
+            if calls_done && stages_caught_up(&h) {
                 return Ok(h);
             }
             if Instant::now() > deadline {
@@ -181,10 +182,7 @@ impl Node {
         let deadline = Instant::now() + within;
         loop {
             let (_, h) = self.get_json("/api/voice/health").await?;
-            let lag_done = h["stages"]
-                .as_object()
-                .map(|m| m.values().all(|s| s["lag_events"].as_u64() == Some(0)))
-                .unwrap_or(false);
+            let lag_done = stages_caught_up(&h);
             let m = self.scrape().await?;
             let hangups_done = crate::load::counter(&m, "voxgate_hangups_total")
                 >= crate::load::counter(&m, "voxgate_hangups_requested_total");

@@ -1244,30 +1244,25 @@ pub(crate) mod test_support {
     /// The Whisper tiny.en directory: `$VOXGATE_STT__MODEL_DIR` or `models/whisper-tiny.en`.
     /// Panics (failing the test) with the command that fetches it when it is missing.
     pub fn model_dir() -> PathBuf {
-        let dir = std::env::var_os("VOXGATE_STT__MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/whisper-tiny.en")));
-        for f in ["model.bin", "config.json", "tokenizer.json"] {
-            assert!(
-                dir.join(f).is_file(),
-                "Whisper model missing: {} not found; run nodes/deploy/fetch-model.sh \
-                 (or set VOXGATE_STT__MODEL_DIR)",
-                dir.join(f).display()
-            );
-        }
-        dir
+        fetched_model("VOXGATE_STT__MODEL_DIR", "whisper-tiny.en", "nodes/deploy/fetch-model.sh")
     }
 
     /// The multilingual Whisper base directory (`nodes/deploy/fetch-model.sh base`):
     /// `$VOXGATE_STT__BASE_MODEL_DIR` or `models/whisper-base`; panics when it is missing.
     pub fn base_model_dir() -> PathBuf {
-        let dir = std::env::var_os("VOXGATE_STT__BASE_MODEL_DIR")
+        fetched_model("VOXGATE_STT__BASE_MODEL_DIR", "whisper-base", "nodes/deploy/fetch-model.sh base")
+    }
+
+    /// `$var`, else `models/{name}`, holding the three files a model needs; panics (failing the
+    /// test) naming `fetch`, the command that fetches it, when one is missing.
+    fn fetched_model(var: &str, name: &str, fetch: &str) -> PathBuf {
+        let dir = std::env::var_os(var)
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/whisper-base")));
+            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models")).join(name));
         for f in ["model.bin", "config.json", "tokenizer.json"] {
             assert!(
                 dir.join(f).is_file(),
-                "Whisper base missing: {} not found; run nodes/deploy/fetch-model.sh base",
+                "Whisper model missing: {} not found; run {fetch} (or set {var})",
                 dir.join(f).display()
             );
         }

@@ -84,7 +84,6 @@ impl TwilioRest {
                 }
                 Ok(resp) if resp.status().is_client_error() && resp.status().as_u16() != 429 => {
                     metrics::counter!("voxgate_twilio_rest_requests_total", "outcome" => "refused").increment(1);
-                    tracing::warn!(stage = "twilio", call_sid = %call, tenant = %tenant, status = %resp.status(), "Twilio refused {what} the call");
                     return Err(ControlError::Refused(resp.status().as_u16()));
                 }
                 Ok(resp) => last = format!("HTTP {}", resp.status()),

@@ -123,32 +123,23 @@ fn main() -> anyhow::Result<()> {
     );
     println!("{:<36} {:>12} {:>14} {:>8} {:>8}", "", "audio s / s", "median clip s", "WER", "numbers");
     for (name, total, mut times, wer, empty, doubted) in policies {
-        println!(
-            "{:<36} {:>12.2} {:>14.3} {:>7.1}% {:>7.1}%   ({empty} empty, {doubted} doubted)",
-            name,
+        row(
+            &name,
             audio / total,
-            quantile(&mut times, 0.5),
-            wer.total().counts.rate() * 100.0,
-            wer.total().numbers.rate() * 100.0
+            Some(quantile(&mut times, 0.5)),
+            &wer,
+            &format!("({empty} empty, {doubted} doubted)"),
         );
     }
     let v_speed = audio / single_total;
-    println!(
-        "{:<36} {:>12.2} {:>14.3} {:>7.1}% {:>7.1}%   ({empty} empty, {doubted} doubted)",
+    row(
         "voxgate fallback (default), 1 at a time",
         v_speed,
-        quantile(&mut single, 0.5),
-        wer_single.total().counts.rate() * 100.0,
-        wer_single.total().numbers.rate() * 100.0
+        Some(quantile(&mut single, 0.5)),
+        &wer_single,
+        &format!("({empty} empty, {doubted} doubted)"),
     );
-    println!(
-        "{:<36} {:>12.2} {:>14} {:>7.1}% {:>7.1}%",
-        "voxgate fallback (default), batches of 4",
-        audio / batch_total,
-        "-",
-        wer_batch.total().counts.rate() * 100.0,
-        wer_batch.total().numbers.rate() * 100.0
-    );
+    row("voxgate fallback (default), batches of 4", audio / batch_total, None, &wer_batch, "");
 
     faster_whisper(&root, &clips_dir, &model_dir(), "", v_speed)?;
 
@@ -160,19 +151,15 @@ fn main() -> anyhow::Result<()> {
         b.transcribe(&pcm[0]).map_err(|e| anyhow::anyhow!("{e}"))?; // warm-up
         let defaults = b.options().clone();
         for (name, options) in [
-            ("voxgate base, default".to_string(), defaults.clone()),
-            ("voxgate base, beam 3".to_string(), DecodeOptions { beam_size: 3, ..defaults }),
+            ("voxgate base, greedy", DecodeOptions { beam_size: 1, ..defaults.clone() }),
+            ("voxgate base, default options", defaults),
         ] {
             let (total, mut times, wer, empty, doubted) = run_policy(&mut b, &clips, &pcm, options, false)?;
-            println!(
-                "{:<36} {:>12.2} {:>14.3} {:>7.1}% {:>7.1}%   ({empty} empty, {doubted} doubted; tiny.en default is {:.2}× its speed)",
-                name,
-                audio / total,
-                quantile(&mut times, 0.5),
-                wer.total().counts.rate() * 100.0,
-                wer.total().numbers.rate() * 100.0,
+            let note = format!(
+                "({empty} empty, {doubted} doubted; tiny.en default is {:.2}× its speed)",
                 v_speed / (audio / total)
             );
+            row(name, audio / total, Some(quantile(&mut times, 0.5)), &wer, &note);
         }
         drop(b);
         faster_whisper(&root, &clips_dir, &dir, "base ", v_speed)?;
@@ -181,6 +168,17 @@ fn main() -> anyhow::Result<()> {
 
     // ---- Part 2: end to end, end of speech → transcript durable.
     rt.block_on(end_to_end(&levels, &sentences))
+}
+
+/// One row of part 1's table: audio seconds per second, median seconds per clip (if measured),
+/// WER overall and on number words, and a note.
+fn row(name: &str, speed: f64, median: Option<f64>, wer: &WerByVoice, note: &str) {
+    let median = median.map_or_else(|| "-".to_string(), |m| format!("{m:.3}"));
+    println!(
+        "{name:<36} {speed:>12.2} {median:>14} {:>7.1}% {:>7.1}%   {note}",
+        wer.total().counts.rate() * 100.0,
+        wer.total().numbers.rate() * 100.0
+    );
 }
 
 /// One decoding policy over every clip, one at a time: (seconds, per-clip seconds, WER, empty, doubted).
@@ -234,18 +232,12 @@ fn faster_whisper(root: &Path, clips_dir: &Path, model: &Path, label: &str, v_sp
     let modes = score_fw_jsonl(&String::from_utf8_lossy(&out.stdout))?;
     for (mode, m) in &modes {
         let speed = m.audio_seconds / m.decode_seconds.max(1e-9);
-        println!(
-            "{:<36} {:>12.2} {:>14} {:>7.1}% {:>7.1}%   (voxgate tiny.en one-at-a-time is {:.2}× its speed)",
-            match mode.strip_prefix("int8 ") {
-                Some(m) => format!("faster-whisper {label}int8, {m}"),
-                None => format!("faster-whisper {label}f32, {mode}"),
-            },
-            speed,
-            "-",
-            m.wer.total().counts.rate() * 100.0,
-            m.wer.total().numbers.rate() * 100.0,
-            v_speed / speed
-        );
+        let name = match mode.strip_prefix("int8 ") {
+            Some(m) => format!("faster-whisper {label}int8, {m}"),
+            None => format!("faster-whisper {label}f32, {mode}"),
+        };
+        let note = format!("(voxgate tiny.en one-at-a-time is {:.2}× its speed)", v_speed / speed);
+        row(&name, speed, None, &m.wer, &note);
     }
     Ok(())
 }
@@ -339,32 +331,26 @@ async fn one_config(
             processing.extend(
                 events.iter().filter(|e| e["kind"] == "transcript").filter_map(|e| e["processing_ms"].as_f64()),
             );
-            let finals: Vec<(u64, u64, i64)> = events
+            // Each transcript: (start ms, end ms, appended at µs, text).
+            let transcripts: Vec<(u64, u64, i64, &str)> = events
                 .iter()
                 .filter(|e| e["kind"] == "transcript")
                 .map(|e| {
                     let (s0, s1) = (e["start_ms"].as_u64().unwrap_or(0), e["end_ms"].as_u64().unwrap_or(0));
-                    (s0, s1, e["appended_at_us"].as_i64().unwrap_or(0))
+                    (s0, s1, e["appended_at_us"].as_i64().unwrap_or(0), e["text"].as_str().unwrap_or(""))
                 })
                 .collect();
+            let finals: Vec<(u64, u64, i64)> = transcripts.iter().map(|&(s0, s1, at, _)| (s0, s1, at)).collect();
             // Word errors, as `stt_accuracy` scores them: each sentence gets the text of the
             // segments whose middle lies in its span.
-            let texts: Vec<(u64, u64, &str)> = events
-                .iter()
-                .filter(|e| e["kind"] == "transcript")
-                .map(|e| {
-                    let (s0, s1) = (e["start_ms"].as_u64().unwrap_or(0), e["end_ms"].as_u64().unwrap_or(0));
-                    (s0, s1, e["text"].as_str().unwrap_or(""))
-                })
-                .collect();
             for (a, b, reference) in utterances {
-                let heard: Vec<&str> = texts
+                let heard: Vec<&str> = transcripts
                     .iter()
-                    .filter(|(s0, s1, _)| {
+                    .filter(|(s0, s1, _, _)| {
                         let mid = (s0 + s1) / 2;
                         mid + 600 >= *a && mid <= b + 900
                     })
-                    .map(|(_, _, t)| *t)
+                    .map(|(_, _, _, t)| *t)
                     .collect();
                 wer.score("all", reference, &heard.join(" "));
             }
