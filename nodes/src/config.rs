@@ -273,6 +273,8 @@ pub struct ConfigFile {
     pub analytics: Option<crate::stages::analytics::AnalyticsConfig>,
     /// Join a JetStream cluster (`[cluster] nats_url = …, roles = …`) instead of the sled log.
     pub cluster: Option<crate::stages::cluster::ClusterFile>,
+    /// The web console at `/console` (`[console] enabled = false` turns it off).
+    pub console: crate::http::console::ConsoleFile,
 }
 
 /// `[tls]`
@@ -315,6 +317,7 @@ impl Default for ConfigFile {
             billing: BillingConfig::default(),
             analytics: None,
             cluster: None,
+            console: crate::http::console::ConsoleFile::default(),
         }
     }
 }
@@ -376,6 +379,7 @@ pub struct Config {
     pub cluster: Option<crate::stages::cluster::ClusterConfig>,
     /// The roles this node runs (all unless `--roles`/`[cluster] roles` says otherwise).
     pub roles: crate::stages::cluster::Roles,
+    pub console: crate::http::console::ConsoleFile,
 }
 
 /// Overrides from command-line flags (applied last).
@@ -627,6 +631,7 @@ impl Config {
         f.quotas.validate().map_err(|e| invalid("quotas", e.to_string()))?;
         f.http.validate().map_err(|e| invalid("http", e.to_string()))?;
         f.gateway.validate().map_err(|e| invalid("gateway", e.to_string()))?;
+        f.console.validate().map_err(|e| invalid("console", e.to_string()))?;
         f.throttle.validate().map_err(|e| invalid("throttle", e.to_string()))?;
         f.callers.validate().map_err(|e| invalid("callers", e.to_string()))?;
         f.billing.validate().map_err(|e| invalid("billing", e.to_string()))?;
@@ -715,6 +720,7 @@ impl Config {
             analytics: f.analytics,
             cluster,
             roles,
+            console: f.console,
         })
     }
 

@@ -212,6 +212,7 @@ pub enum Event {
     SpeechEnded(SpeechEnded),
     SpeechProgress(SpeechProgress),
     PartialTranscript(PartialTranscript),
+    AppRequest(AppRequest),
 }
 
 impl Event {
@@ -261,6 +262,7 @@ impl Event {
             Self::SpeechEnded(_) => "speech_ended",
             Self::SpeechProgress(_) => "speech_progress",
             Self::PartialTranscript(_) => "partial_transcript",
+            Self::AppRequest(_) => "app_request",
         }
     }
 
@@ -310,6 +312,7 @@ impl Event {
             Self::SpeechEnded(p) => serde_json::to_value(p),
             Self::SpeechProgress(p) => serde_json::to_value(p),
             Self::PartialTranscript(p) => serde_json::to_value(p),
+            Self::AppRequest(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -908,6 +911,20 @@ pub struct AppExchange {
     pub signed_for_app: bool,
     /// What the request delivered, for callbacks: `GT…#SequenceId` for a transcription callback,
     /// `CallStatus#SequenceNumber` for a status callback.
+    pub reference: Option<String>,
+}
+
+/// The request voxgate is about to send the customer's app (calls log), before its
+/// `app_exchange` attempts: the parameters as sent (Twilio's names), so the console's inspector
+/// can show the exchange whole and send it again. Recorded for the voice webhook, its fallback
+/// and status callbacks; the signature is not stored (it is computed again when re-sent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppRequest {
+    pub purpose: AppPurpose,
+    pub method: HttpMethod,
+    pub url: String,
+    pub params: Vec<(String, String)>,
+    /// As the exchanges' `reference` (status callbacks: `CallStatus#SequenceNumber`'s token).
     pub reference: Option<String>,
 }
 

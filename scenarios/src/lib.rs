@@ -5,11 +5,13 @@
 //! speech from espeak-ng/flite as 8 kHz µ-law), [`node`] (start a `voxgate serve` on free ports
 //! with a temp data dir, and stop it), [`recorder`] (an HTTP endpoint outside voxgate — a fake
 //! Twilio REST API, a customer's callback URL — that records what it is sent), [`load`] (open-loop
-//! traffic at a fixed offered rate, and its report). Must not: reach into voxgate's internals — everything goes
+//! traffic at a fixed offered rate, and its report), [`browser`] (Chromium through ChromeDriver, for the
+//! console). Must not: reach into voxgate's internals — everything goes
 //! through HTTP, WebSocket and the CLI, as a user's would.
 
 pub mod app;
 pub mod bench;
+pub mod browser;
 pub mod corpus;
 pub mod fixture;
 pub mod load;

@@ -70,7 +70,8 @@ pub fn event_json(e: &Entry) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
-fn describe(ev: &Event) -> String {
+/// One line saying what an event means, for people (the timeline here and in the console).
+pub fn describe(ev: &Event) -> String {
     match ev {
         Event::CallReceived(c) => format!("from {} to {} ({:?}, {})", c.from, c.to, c.direction, c.status),
         Event::CallRejected(c) => {
@@ -233,6 +234,13 @@ fn describe(ev: &Event) -> String {
             t.text
         ),
         Event::TranscriptionStopped(t) => format!("real-time transcription {} stopped ({})", t.sid, t.reason),
+        Event::AppRequest(r) => format!(
+            "{} request to the app: {} {} with {} parameters",
+            r.purpose.as_str(),
+            r.method.as_str(),
+            r.url,
+            r.params.len()
+        ),
         Event::NumberRouted(n) => format!(
             "{} answered by {} ({}), status callbacks to {}",
             n.number,

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use voxgate_protocol::event::{AppExchange, AppPurpose, HttpMethod};
+use voxgate_protocol::event::{AppExchange, AppPurpose, AppRequest, HttpMethod};
 use voxgate_protocol::twilio::gateway::MAX_TWIML_BYTES;
 use voxgate_protocol::twilio::{signature, Algorithm};
 use voxgate_protocol::AccountSid;
@@ -136,10 +136,39 @@ impl App {
         params: &[(String, String)],
         timeout: Duration,
     ) -> Fetched {
+        self.fetch(tenant, token, method, url, params, timeout, true).await
+    }
+
+    /// Sends a recorded request to the app again (the console's inspector): signed as Twilio
+    /// signs, redirects followed, the same limits, but past the TwiML cache (neither read nor
+    /// filled), so the answer is the app's own, now.
+    pub async fn resend(
+        &self,
+        tenant: AccountSid,
+        token: &str,
+        method: HttpMethod,
+        url: &str,
+        params: &[(String, String)],
+    ) -> Fetched {
+        let timeout = Duration::from_millis(self.cfg.app_timeout_ms);
+        self.fetch(tenant, token, method, url, params, timeout, false).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        tenant: AccountSid,
+        token: &str,
+        method: HttpMethod,
+        url: &str,
+        params: &[(String, String)],
+        timeout: Duration,
+        use_cache: bool,
+    ) -> Fetched {
         let started = Instant::now();
         let deadline = started + timeout;
         let key: CacheKey = (tenant, method, cache_url(method, url, params));
-        let cached = self.cache.lock().ok().and_then(|c| c.get(&key).cloned());
+        let cached = if use_cache { self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) } else { None };
         if let Some(c) = &cached {
             if c.fresh_until.is_some_and(|f| Instant::now() < f) {
                 metrics::counter!("voxgate_app_twiml_cache_total", "outcome" => "hit").increment(1);
@@ -245,8 +274,10 @@ impl App {
                     latency: started.elapsed(),
                 };
             }
-            metrics::counter!("voxgate_app_twiml_cache_total", "outcome" => "miss").increment(1);
-            self.store(key, &body, &url, &headers, method);
+            if use_cache {
+                metrics::counter!("voxgate_app_twiml_cache_total", "outcome" => "miss").increment(1);
+                self.store(key, &body, &url, &headers, method);
+            }
             return Fetched {
                 url,
                 status: Some(status),
@@ -549,6 +580,7 @@ pub mod id_kind {
     pub const GATEWAY_ANSWERED: u64 = 102;
     pub const TRANSCRIPTION_STARTED: u64 = 103;
     pub const TRANSCRIPTION_STOPPED: u64 = 104;
+    pub const APP_REQUEST: u64 = 105;
 }
 
 /// Cuts `s` to at most `n` characters.
@@ -598,6 +630,10 @@ pub async fn answer(
     while i < attempts.len() {
         let (purpose, method, url, p, timeout) = attempts[i].clone();
         i += 1;
+        events.push((
+            EventId::derive(id_kind::APP_REQUEST, &[call.as_u128(), 0, i as u128]),
+            Event::AppRequest(AppRequest { purpose, method, url: cut(&url, 4000), params: p.clone(), reference: None }),
+        ));
         let f = app.fetch_twiml(tenant, token.expose(), method, &url, &p, timeout).await;
         app_time += f.latency;
         metrics::histogram!("voxgate_app_webhook_seconds", "purpose" => purpose.as_str())
@@ -843,18 +879,25 @@ pub fn forward_status(
     let idempotency = format!("{call}-{status}-{seq}");
     tokio::spawn(async move {
         let mut exchanges = Vec::new();
+        let request = AppRequest {
+            purpose: AppPurpose::StatusCallback,
+            method,
+            url: cut(&url, 4000),
+            params: params.clone(),
+            reference: Some(idempotency.clone()),
+        };
         state
             .app
             .callback(AppPurpose::StatusCallback, token.expose(), method, &url, &params, &idempotency, |x| {
                 exchanges.push(x)
             })
             .await;
-        let events: Vec<(EventId, Event)> = exchanges
-            .into_iter()
-            .map(|x| {
+        let request_id = EventId::derive(id_kind::APP_REQUEST, &[call.as_u128(), 1, seq]);
+        let events: Vec<(EventId, Event)> = std::iter::once((request_id, Event::AppRequest(request)))
+            .chain(exchanges.into_iter().map(|x| {
                 let id = EventId::derive(id_kind::APP_EXCHANGE, &[call.as_u128(), 1, seq, u128::from(x.attempt)]);
                 (id, Event::AppExchange(x))
-            })
+            }))
             .collect();
         if append_events(&state, tenant, call, events).await.is_err() {
             tracing::warn!(stage = "gateway", call_sid = %call, "status callback attempts not recorded (the log cannot write)");

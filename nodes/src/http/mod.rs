@@ -6,6 +6,8 @@
 //!   `gateway`: gateway mode (the customer's app answers through voxgate).
 //! - `accounts`: the Twilio-shaped REST API for tenants; `health`, `perimeter` (allow-lists, the
 //!   limits on unauthenticated traffic), `clock` (the test clock's route).
+//! - `console`: the web console at `/console` (sign-in, live calls, timelines, the inspector,
+//!   fraud and spend).
 //! - `twilio_rest`: voxgate's client of Twilio's REST API; `outbound`: where voxgate may send a
 //!   request on a tenant's behalf.
 //!
@@ -13,6 +15,7 @@
 
 pub mod accounts;
 pub mod clock;
+pub mod console;
 pub mod gateway;
 pub mod health;
 pub mod ingress;
@@ -59,6 +62,8 @@ pub struct AppState {
     pub test_clock: Option<Arc<crate::http::clock::ManualClock>>,
     /// Gateway mode's side toward the customers' apps.
     pub app: Arc<crate::http::gateway::App>,
+    /// The console (`None` when `[console] enabled = false`).
+    pub console: Option<Arc<crate::http::console::Console>>,
 }
 
 impl AppState {
@@ -97,8 +102,10 @@ pub fn router(state: AppState) -> Router {
     if let Some(c) = state.test_clock.clone() {
         twilio = twilio.route("/api/voice/test/clock", post(crate::http::clock::advance).with_state(c));
     }
+    let console = if state.console.is_some() { crate::http::console::routes() } else { Router::new() };
     Router::new()
         .merge(twilio)
+        .merge(console)
         .route("/api/voice/health", get(crate::http::health::health))
         .route("/2010-04-01/{*path}", axum::routing::any(crate::http::accounts::api))
         .fallback(not_found)
@@ -128,6 +135,8 @@ fn endpoint_label(path: &str) -> &'static str {
         "/api/voice/health" => "health",
         p if p.starts_with("/api/voice/twilio/stream/") => "stream",
         p if p.starts_with("/2010-04-01/") => crate::http::accounts::endpoint_of(p),
+        p if p.starts_with("/console/events") => "console_events",
+        p if p.starts_with("/console") => "console",
         _ => "other",
     }
 }

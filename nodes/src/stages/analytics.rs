@@ -4,7 +4,8 @@
 //! capturing the subjects drops the duplicates a restart can resend).
 //!
 //! Public events are those of the calls, transcripts, tenants, fraud, alerts and billing logs;
-//! audio (media batches, speech segments) is not published. The JSON is `voxgate replay --json`'s
+//! audio (media batches, speech segments) and requests to the apps (`app_request`, Twilio's whole
+//! parameter set) are not published. The JSON is `voxgate replay --json`'s
 //! line: the payload's fields plus `kind`, `call_sid`, `tenant`, `occurred_at`, `event_id`, `log`,
 //! `appended_at`. The publisher reads the logs from a durable cursor (`analytics`) and moves it
 //! only after NATS has the batch (a flush), so a NATS outage or a restart loses nothing: it
@@ -196,7 +197,9 @@ pub fn subject(prefix: &str, env: &voxgate_protocol::Envelope) -> String {
 
 /// Whether an event is published (audio is not).
 pub fn is_public(e: &Event) -> bool {
-    !matches!(e, Event::MediaBatch(_) | Event::SpeechSegment(_) | Event::SpeechProgress(_))
+    // A request to the app carries Twilio's whole parameter set (numbers, names), which the
+    // redaction policies do not know field by field: it stays in the log and the console.
+    !matches!(e, Event::MediaBatch(_) | Event::SpeechSegment(_) | Event::SpeechProgress(_) | Event::AppRequest(_))
 }
 
 /// Publishes every public event from the cursor on, then follows the logs until they close.

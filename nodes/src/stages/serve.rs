@@ -338,7 +338,13 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         roles: roles.names(),
     });
     let app = Arc::new(crate::http::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
+    // The console's index follows the logs on every node that answers HTTP.
+    let console = cfg.console.enabled.then(|| Arc::new(crate::http::console::Console::new(&cfg)));
+    let console_task = console.as_ref().map(|c| {
+        tokio::spawn(log_failure("console index", crate::http::console::index::follow(log.clone(), c.index.clone())))
+    });
     let state = AppState {
+        console,
         test_clock,
         app,
         cfg: cfg.clone(),
@@ -460,6 +466,9 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     }
     billing_task.abort();
     tenancy_task.abort();
+    if let Some(t) = console_task {
+        t.abort();
+    }
     if let Some((_, _, task)) = analytics {
         task.abort();
     }

@@ -464,15 +464,21 @@ impl Tenancy {
         } else {
             return Err(AuthError::Invalid);
         };
+        self.sign_in(&user, &password)
+    }
+
+    /// Who these credentials are: the admin token (any user name) or a tenant's
+    /// `AccountSid` and auth token (the REST API's Basic auth, the console's sign-in form).
+    pub fn sign_in(&self, user: &str, password: &str) -> Result<Principal, AuthError> {
         if let Some(admin) = &self.admin_token {
             if password.starts_with("admin-") {
-                return if admin.matches(&password) { Ok(Principal::Admin) } else { Err(AuthError::Invalid) };
+                return if admin.matches(password) { Ok(Principal::Admin) } else { Err(AuthError::Invalid) };
             }
         }
-        let sid = AccountSid::parse(&user).map_err(|_| AuthError::Invalid)?;
+        let sid = AccountSid::parse(user).map_err(|_| AuthError::Invalid)?;
         let g = lock(&self.gate);
         let t = g.directory.tenant(sid).ok_or(AuthError::Invalid)?;
-        if !t.auth_token.matches(&password) {
+        if !t.auth_token.matches(password) {
             return Err(AuthError::Invalid);
         }
         if g.directory.effective_status(sid) != Some(voxgate_protocol::event::TenantStatus::Active) {
