@@ -59,6 +59,34 @@ pub fn peek_event_id(bytes: &[u8]) -> Option<crate::event::EventId> {
     postcard::take_from_bytes::<u128>(rest).ok().map(|(id, _)| crate::event::EventId(id))
 }
 
+/// An envelope's fields before its payload, and the payload's variant index in [`Event`]
+/// (postcard writes an enum's variant first), read without decoding the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub event_id: crate::event::EventId,
+    pub tenant: crate::ids::AccountSid,
+    pub call: Option<crate::ids::CallSid>,
+    pub occurred_at: crate::time::Timestamp,
+    pub variant: u32,
+}
+
+/// [`Event::MediaBatch`](crate::event::Event::MediaBatch)'s variant index: readers that skip
+/// audio compare [`Header::variant`] with it (a test pins it to the enum).
+pub const MEDIA_BATCH_VARIANT: u32 = 4;
+
+/// The header of a current-version record; `None` for other versions and for bytes that are
+/// not an envelope (decode those whole).
+pub fn peek_header(bytes: &[u8]) -> Option<Header> {
+    let (&v, rest) = bytes.split_first()?;
+    if v != VERSION {
+        return None;
+    }
+    type Head = (u128, crate::ids::AccountSid, Option<crate::ids::CallSid>, crate::time::Timestamp);
+    let ((id, tenant, call, occurred_at), rest) = postcard::take_from_bytes::<Head>(rest).ok()?;
+    let (variant, _) = postcard::take_from_bytes::<u32>(rest).ok()?;
+    Some(Header { event_id: crate::event::EventId(id), tenant, call, occurred_at, variant })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +117,32 @@ mod tests {
                 duration_secs: Some(37),
             }),
         }
+    }
+
+    #[test]
+    fn the_header_reads_without_the_payload() {
+        let env = sample();
+        let h = peek_header(&encode(&env)).unwrap();
+        assert_eq!(
+            (h.event_id, h.tenant, h.call, h.occurred_at),
+            (env.event_id, env.tenant, env.call, env.occurred_at)
+        );
+        assert_eq!(h.variant, 2);
+        let media = Envelope {
+            payload: Event::MediaBatch(MediaBatch {
+                stream_sid: StreamSid::from_u128(3),
+                track: Track::Inbound,
+                first_sequence: 1,
+                frames: 1,
+                start_ms: 0,
+                payload: Bytes::from_static(&[0xff; 160]),
+                gap_frames: 0,
+            }),
+            ..sample()
+        };
+        assert_eq!(peek_header(&encode(&media)).map(|h| h.variant), Some(MEDIA_BATCH_VARIANT));
+        assert_eq!(peek_header(b"\x01abc"), None);
+        assert_eq!(peek_header(b""), None);
     }
 
     #[test]

@@ -235,8 +235,9 @@ fn call_events(
     c: &Console,
     who: crate::stages::tenancy::Principal,
     call: CallSid,
-) -> Result<Option<Vec<(u64, Entry)>>, voxgate_storage::StorageError> {
+) -> Result<Option<CallEvents>, voxgate_storage::StorageError> {
     let log = &state.log;
+    let mut audio_batches = 0u64;
     let row = c.index.call(call);
     if let Some(r) = &row {
         if !state.tenancy.may_access(who, r.tenant) {
@@ -267,6 +268,16 @@ fn call_events(
                 if stop.is_some_and(|s| r.appended_at() > s) {
                     break 'scan;
                 }
+                // Other calls' records and audio batches are read by their header only.
+                if let Some(h) = voxgate_protocol::peek_header(r.payload()) {
+                    if h.call != Some(call) {
+                        continue;
+                    }
+                    if h.variant == voxgate_protocol::MEDIA_BATCH_VARIANT {
+                        audio_batches += 1;
+                        continue;
+                    }
+                }
                 if let Ok(env) = voxgate_protocol::decode(r.payload()) {
                     // Audio pieces of open segments are in the segments themselves.
                     if env.call == Some(call) && !matches!(env.payload, Event::SpeechProgress(_)) {
@@ -284,7 +295,13 @@ fn call_events(
     }
     out.retain(|(_, e)| e.env.tenant == tenant);
     out.sort_by_key(|(_, e)| e.env.occurred_at);
-    Ok(Some(out))
+    Ok(Some(CallEvents { events: out, audio_batches }))
+}
+
+/// A call's events (each with its offset in its own log) and how many audio batches it has.
+struct CallEvents {
+    events: Vec<(u64, Entry)>,
+    audio_batches: u64,
 }
 
 /// `GET /console/calls/{CA}`
@@ -303,7 +320,7 @@ pub(super) async fn timeline(
     };
     let (st, c2, who) = (state.clone(), c.clone(), v.session.who);
     let events = tokio::task::spawn_blocking(move || call_events(&st, &c2, who, call)).await;
-    let events = match events {
+    let CallEvents { events, audio_batches } = match events {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => {
             metrics::counter!("voxgate_console_not_found_total").increment(1);
@@ -357,7 +374,7 @@ pub(super) async fn timeline(
     // Every event, paged.
     let total = events.len();
     let start = tq.page.saturating_mul(TIMELINE_PAGE).min(total);
-    body.push_str(&format!("<h2>Timeline</h2><p class=\"meta\">{total} events (audio batches are summarised by their stream; `voxgate replay --call {call}` lists them)</p><table class=\"timeline\" id=\"timeline\"><thead><tr><th>Event time</th><th>Log</th><th>Event</th><th>What</th></tr></thead><tbody>"));
+    body.push_str(&format!("<h2>Timeline</h2><p class=\"meta\">{total} events, and {audio_batches} audio batches of about 100 ms (not listed; <code>voxgate replay --call {call}</code> lists them)</p><table class=\"timeline\" id=\"timeline\"><thead><tr><th>Event time (UTC)</th><th>Log</th><th>Event</th><th>What</th></tr></thead><tbody>"));
     for (off, e) in &events[start..(start + TIMELINE_PAGE).min(total)] {
         let mut what = esc(&describe(&e.env.payload));
         match &e.env.payload {
@@ -393,7 +410,7 @@ pub(super) async fn timeline(
         }
         body.push_str(&format!(
             "<tr class=\"ev {kind}\"><td>{at}</td><td>{log}</td><td>{kind}</td><td>{what}</td></tr>",
-            at = esc(&e.env.occurred_at.to_string()),
+            at = esc(&clock_time(e.env.occurred_at)),
             log = e.topic,
             kind = e.env.payload.kind(),
         ));
@@ -401,6 +418,12 @@ pub(super) async fn timeline(
     body.push_str("</tbody></table>");
     body.push_str(&pager(&c, &format!("/calls/{call}"), "", tq.page, total, TIMELINE_PAGE));
     page(&c, Some(&v), &format!("Call {call}"), "Calls", &body)
+}
+
+/// `HH:MM:SS.mmm` (UTC) of an event: the page's header has the date.
+fn clock_time(t: Timestamp) -> String {
+    let s = t.to_string();
+    s.get(11..23).map(str::to_owned).unwrap_or(s)
 }
 
 /// `GET /console/calls/{CA}/segments/{offset}`: one speech segment as a WAV file.
@@ -434,7 +457,9 @@ pub(super) async fn segment_wav(
     }
     let mut r = wav(s.sample_rate, &s.pcm16le).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("audio/wav"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
+    // Not even the browser keeps it: after sign-out, another account in the same browser must
+    // not be served it from the cache.
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 

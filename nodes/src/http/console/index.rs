@@ -1,7 +1,8 @@
 //! What the console lists without scanning the logs per request: a bounded, in-memory index of
 //! recent calls (with their transcripts' text, for search), the webhook exchanges with the apps
-//! and fraud verdicts, built by following the calls, speech, transcripts and fraud logs from
-//! their first record; and a broadcast of each change for the live views.
+//! and fraud verdicts, built by following the calls, media, speech, transcripts and fraud logs
+//! from their first record; and a broadcast of each change for the live views. Audio batches are
+//! read by their header only (the call, and where it starts in the media log), never decoded.
 //!
 //! The index is a projection: it is rebuilt from the logs at every start and never written back.
 //! Only what a list needs is kept here; a call's page reads its events from the logs, starting at
@@ -18,10 +19,10 @@ use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, Timestamp};
 use voxgate_storage::{topics, Log, StorageError};
 
 /// The logs the index follows, in the order of [`CallRow::first`].
-pub const FOLLOWED: [&str; 4] = [topics::CALLS, topics::SPEECH, topics::TRANSCRIPTS, topics::FRAUD];
+pub const FOLLOWED: [&str; 5] = [topics::CALLS, topics::MEDIA, topics::SPEECH, topics::TRANSCRIPTS, topics::FRAUD];
 
 /// Transcript text kept per call for search (the rest is on the call's page).
-const TEXT_KEPT: usize = 8 * 1024;
+const TEXT_KEPT: usize = 2 * 1024;
 
 /// One call as the lists show it.
 #[derive(Debug, Clone)]
@@ -46,7 +47,7 @@ pub struct CallRow {
     /// The most serious fraud verdict's severity.
     pub severity: Option<String>,
     /// The offset of the call's first event in each of [`FOLLOWED`].
-    pub first: [Option<u64>; 4],
+    pub first: [Option<u64>; 5],
     /// The requests voxgate sent the app for this call (few: voice, fallback, status callbacks).
     requests: Vec<Arc<AppRequest>>,
 }
@@ -201,6 +202,15 @@ impl Index {
         self.lock().applied
     }
 
+    /// Notes an audio batch (read by its header only): where its call starts in the media log.
+    pub fn note_audio(&self, topic_ix: usize, offset: u64, h: &voxgate_protocol::Header) {
+        let mut g = self.lock();
+        g.applied += 1;
+        if let Some(row) = h.call.and_then(|c| g.calls.get_mut(&c)).filter(|r| r.tenant == h.tenant) {
+            row.first[topic_ix].get_or_insert(offset);
+        }
+    }
+
     /// Applies one record of `topic` (at `offset`, appended at `appended`).
     pub fn apply(&self, topic_ix: usize, offset: u64, appended: Timestamp, env: &Envelope) {
         let mut changes: Vec<Change> = Vec::new();
@@ -263,7 +273,7 @@ impl Index {
                             segments: 0,
                             text: String::new(),
                             severity: None,
-                            first: [None; 4],
+                            first: [None; 5],
                             requests: Vec::new(),
                         },
                     );
@@ -404,7 +414,11 @@ impl Index {
         }
         if row_changed {
             if let Some(row) = g.calls.get(&call) {
-                changes.push(Change { tenant, call, kind: "call", json: row.json(at).to_string() });
+                let mut v = row.json(at);
+                // What changed it and when that became durable: the page measures its delay.
+                v["cause"] = env.payload.kind().into();
+                v["appended_us"] = appended.as_micros().into();
+                changes.push(Change { tenant, call, kind: "call", json: v.to_string() });
             }
         }
     }
@@ -505,6 +519,12 @@ pub async fn follow(log: Log, index: Arc<Index>) -> Result<(), StorageError> {
                     let at = (*from).max(first);
                     let to = log.read(topic, p as u32, at, 512, &mut batch)?;
                     for r in &batch {
+                        if let Some(h) = voxgate_protocol::peek_header(r.payload()) {
+                            if h.variant == voxgate_protocol::MEDIA_BATCH_VARIANT {
+                                index.note_audio(ti, r.offset, &h);
+                                continue;
+                            }
+                        }
                         match voxgate_protocol::decode(r.payload()) {
                             Ok(env) => index.apply(ti, r.offset, r.appended_at(), &env),
                             Err(e) => {
@@ -524,12 +544,13 @@ pub async fn follow(log: Log, index: Arc<Index>) -> Result<(), StorageError> {
             continue;
         }
         // Nothing new: wait for any followed log to grow (bounded, so a missed wake costs a second).
-        let [a, b, c, d] = &mut watches[..] else { return Ok(()) };
+        let [a, b, c, d, e] = &mut watches[..] else { return Ok(()) };
         tokio::select! {
             _ = a.changed() => {}
             _ = b.changed() => {}
             _ = c.changed() => {}
             _ = d.changed() => {}
+            _ = e.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }

@@ -61,7 +61,7 @@ impl Default for ConsoleFile {
             enabled: true,
             session_idle_minutes: 30,
             session_max_hours: 12,
-            indexed_calls: 50_000,
+            indexed_calls: 20_000,
             indexed_exchanges: 5_000,
         }
     }

@@ -52,6 +52,7 @@
     const es = new EventSource(base + "/events");
     es.addEventListener("call", (e) => {
       const c = JSON.parse(e.data);
+      if (c.cause === "transcript") window.voxgateDelays.push(Date.now() - c.appended_us / 1000);
       let tr = document.getElementById("call-" + c.sid);
       if (!c.live) {
         if (tr) {
