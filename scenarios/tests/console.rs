@@ -284,26 +284,13 @@ async fn bad_input_is_refused_plainly() {
     stream.stop(sid, s.account(), call).await.unwrap();
     stream.closed(Duration::from_secs(10)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
+    let html = |path: String| {
+        let (http, session) = (&http, &session);
+        async move { http.get(path).header("cookie", session).send().await.unwrap().text().await.unwrap() }
+    };
     loop {
-        let html = http
-            .get(u(&format!("/console/calls/{call}")))
-            .header("cookie", &session)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if html.contains("id=\"next\"") {
-            let second = http
-                .get(u(&format!("/console/calls/{call}?page=1")))
-                .header("cookie", &session)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+        if html(u(&format!("/console/calls/{call}"))).await.contains("id=\"next\"") {
+            let second = html(u(&format!("/console/calls/{call}?page=1"))).await;
             assert!(second.contains("id=\"prev\"") && second.contains("digit 5"));
             break;
         }

@@ -45,12 +45,9 @@ pub(super) async fn list(State(state): State<AppState>, headers: HeaderMap, Quer
     };
     let searching = !lq.q.trim().is_empty() || !lq.since.is_empty() || !lq.until.is_empty() || !lq.tenant.is_empty();
     let live_only = lq.show == "live" || (lq.show.is_empty() && !searching);
-    let tenant_filter = match lq.tenant.trim() {
-        "" => None,
-        t => match AccountSid::parse(t) {
-            Ok(a) => Some(a),
-            Err(_) => return page_error(StatusCode::BAD_REQUEST, "tenant: not an AccountSid (AC and 32 hex digits)"),
-        },
+    let tenant_filter = match super::tenant_filter(&lq.tenant) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let since = match parse_time(&lq.since) {
         Ok(t) => t,

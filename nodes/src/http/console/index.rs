@@ -443,17 +443,12 @@ impl Index {
         }
     }
 
-    /// Drops the oldest calls past the limit; live calls stay (moved to the back) while ended
-    /// ones remain to evict.
+    /// Drops calls past the limit: the oldest ended one first, the oldest of all when every
+    /// indexed call is live. The order of the rest is kept (the lists read it).
     fn evict(&self, g: &mut Inner) {
-        let mut passes = g.order.len();
-        while g.calls.len() > self.limits.calls && passes > 0 {
-            passes -= 1;
-            let Some(sid) = g.order.pop_front() else { break };
-            if g.calls.get(&sid).is_some_and(|r| r.live()) && passes > 0 {
-                g.order.push_back(sid);
-                continue;
-            }
+        while g.calls.len() > self.limits.calls {
+            let ended = g.order.iter().position(|sid| g.calls.get(sid).is_none_or(|r| !r.live()));
+            let Some(sid) = g.order.remove(ended.unwrap_or(0)) else { break };
             g.calls.remove(&sid);
         }
     }
@@ -608,8 +603,27 @@ mod tests {
         }
         let (rows, total) = ix.calls(0, 10, |_| true);
         assert_eq!(total, 2);
-        // All live: the oldest goes only because nothing else can.
+        // All live: the oldest goes, because nothing else can.
         assert_eq!(rows.iter().map(|r| r.sid).collect::<Vec<_>>(), vec![CallSid::from_u128(3), CallSid::from_u128(2)]);
+    }
+
+    #[test]
+    fn ended_calls_go_before_older_live_ones() {
+        let ix = Index::new(Limits { calls: 2, exchanges: 10, verdicts: 10 });
+        let t = AccountSid::from_u128(1);
+        let (a, b, c) = (CallSid::from_u128(1), CallSid::from_u128(2), CallSid::from_u128(3));
+        ix.apply(0, 1, Timestamp(1), &env(a, t, 1, received("+15551111")));
+        ix.apply(0, 2, Timestamp(2), &env(b, t, 2, received("+15552222")));
+        let done = Event::CallStatusChanged(CallStatusChanged {
+            status: CallStatus::Completed,
+            source: StatusSource::Callback,
+            sequence: None,
+            duration_secs: None,
+        });
+        ix.apply(0, 3, Timestamp(3), &env(b, t, 3, done));
+        ix.apply(0, 4, Timestamp(4), &env(c, t, 4, received("+15553333")));
+        let (rows, _) = ix.calls(0, 10, |_| true);
+        assert_eq!(rows.iter().map(|r| r.sid).collect::<Vec<_>>(), vec![c, a]);
     }
 
     #[test]

@@ -31,12 +31,9 @@ pub(super) async fn list(State(state): State<AppState>, headers: HeaderMap, Quer
         Ok(x) => x,
         Err(r) => return r,
     };
-    let tenant = match lq.tenant.trim() {
-        "" => None,
-        t => match AccountSid::parse(t) {
-            Ok(a) => Some(a),
-            Err(_) => return page_error(StatusCode::BAD_REQUEST, "tenant: not an AccountSid (AC and 32 hex digits)"),
-        },
+    let tenant = match super::tenant_filter(&lq.tenant) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let status = lq.status.trim().to_owned();
     let number: String = lq.number.chars().filter(|c| c.is_ascii_digit() || *c == '+').collect();

@@ -226,6 +226,16 @@ fn may_see(state: &AppState, v: &Viewer, tenant: AccountSid) -> bool {
     state.tenancy.may_access(v.session.who, tenant)
 }
 
+/// A list's `tenant` filter: empty for none, else an AccountSid.
+fn tenant_filter(v: &str) -> Result<Option<AccountSid>, Response> {
+    match v.trim() {
+        "" => Ok(None),
+        t => AccountSid::parse(t)
+            .map(Some)
+            .map_err(|_| page_error(StatusCode::BAD_REQUEST, "tenant: not an AccountSid (AC and 32 hex digits)")),
+    }
+}
+
 /// The form fields of a POST body.
 fn form(body: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()

@@ -100,17 +100,28 @@ pub(super) async fn fraud(State(state): State<AppState>, headers: HeaderMap) -> 
     page(&c, Some(&v), "Fraud", "Fraud", &body)
 }
 
-/// `POST /console/fraud/block` (admin)
-pub(super) async fn block(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (c, v, f) = match change(&state, &headers, &body) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+/// A block-list change: the operator's, with a valid CSRF token, naming an account.
+fn block_change(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+    what: &str,
+) -> Result<(std::sync::Arc<super::Console>, AccountSid, Vec<(String, String)>), Response> {
+    let (c, v, f) = change(state, headers, body)?;
     if !v.admin() {
-        return page_error(StatusCode::FORBIDDEN, "Blocking numbers needs the admin token.");
+        return Err(page_error(StatusCode::FORBIDDEN, &format!("{what} numbers needs the admin token.")));
     }
     let Some(tenant) = field(&f, "tenant").and_then(|t| AccountSid::parse(t).ok()) else {
-        return page_error(StatusCode::BAD_REQUEST, "tenant: not an AccountSid");
+        return Err(page_error(StatusCode::BAD_REQUEST, "tenant: not an AccountSid"));
+    };
+    Ok((c, tenant, f))
+}
+
+/// `POST /console/fraud/block` (admin)
+pub(super) async fn block(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (c, tenant, f) = match block_change(&state, &headers, &body, "Blocking") {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let number = field(&f, "number").unwrap_or_default().trim().to_owned();
     let reason = match field(&f, "reason").map(str::trim) {
@@ -133,15 +144,9 @@ pub(super) async fn block(State(state): State<AppState>, headers: HeaderMap, bod
 
 /// `POST /console/fraud/unblock` (admin)
 pub(super) async fn unblock(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (c, v, f) = match change(&state, &headers, &body) {
+    let (c, tenant, f) = match block_change(&state, &headers, &body, "Unblocking") {
         Ok(x) => x,
         Err(r) => return r,
-    };
-    if !v.admin() {
-        return page_error(StatusCode::FORBIDDEN, "Unblocking numbers needs the admin token.");
-    }
-    let Some(tenant) = field(&f, "tenant").and_then(|t| AccountSid::parse(t).ok()) else {
-        return page_error(StatusCode::BAD_REQUEST, "tenant: not an AccountSid");
     };
     let number = field(&f, "number").unwrap_or_default().to_owned();
     if let Err(e) = state.tenancy.command(tenant, |d| d.unblock_caller(tenant, &number)).await {
@@ -151,8 +156,13 @@ pub(super) async fn unblock(State(state): State<AppState>, headers: HeaderMap, b
     redirect(&c.link("/fraud"))
 }
 
+/// Dollars and cents, or to the hundredth of a cent when cents would hide the amount.
 fn dollars(micros: u64) -> String {
-    format!("${}.{:02}", micros / 1_000_000, (micros % 1_000_000) / 10_000)
+    if micros % 10_000 == 0 || micros >= 100_000_000 {
+        format!("${}.{:02}", micros / 1_000_000, (micros % 1_000_000) / 10_000)
+    } else {
+        format!("${}.{:04}", micros / 1_000_000, (micros % 1_000_000) / 100)
+    }
 }
 
 /// A horizontal bar: `value` of `max`, with a budget mark when there is one.
@@ -246,7 +256,9 @@ mod tests {
     #[test]
     fn money_reads_as_dollars_and_cents() {
         assert_eq!(dollars(0), "$0.00");
-        assert_eq!(dollars(12_345_678), "$12.34");
+        assert_eq!(dollars(12_340_000), "$12.34");
+        assert_eq!(dollars(12_345_678), "$12.3456");
+        assert_eq!(dollars(8_500), "$0.0085");
     }
 
     #[test]
