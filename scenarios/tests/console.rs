@@ -219,6 +219,12 @@ async fn bad_input_is_refused_plainly() {
     let r = http.get(u("/console/calls")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 303);
     assert!(r.headers()["location"].to_str().unwrap().starts_with("/console/login"));
+    // The sign-in page says why from a fixed list: a link cannot make it show its own text.
+    let page =
+        http.get(u("/console/login?why=Call%20%2B1-900-555-0199%20now")).send().await.unwrap().text().await.unwrap();
+    assert!(!page.contains("900-555") && !page.contains("login-error"), "{page}");
+    let page = http.get(u("/console/login?why=expired")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("Your session has expired"));
     assert_eq!(http.get(u("/console/events")).send().await.unwrap().status().as_u16(), 401);
     // A forged or expired cookie is the same as none.
     let r = http

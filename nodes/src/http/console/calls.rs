@@ -144,7 +144,13 @@ fn matches_search(r: &CallRow, needle: &str) -> bool {
 
 /// One row of the call list (the script builds the same from a `call` event).
 fn call_row_html(c: &Console, r: &CallRow, now: Timestamp) -> String {
-    let tracks = if r.tracks.is_empty() { "—".to_owned() } else { r.tracks.join(", ") };
+    let mut tracks = if r.tracks.is_empty() { "—".to_owned() } else { r.tracks.join(", ") };
+    // Track activity: when each party was last heard (a transcript or partial of its track).
+    for (party, heard) in [("caller", r.heard[0]), ("agent", r.heard[1])] {
+        if let Some(t) = heard {
+            tracks.push_str(&format!(" · {party} heard {}", clock_time(t).get(..8).unwrap_or_default()));
+        }
+    }
     format!(
         "<tr id=\"call-{sid}\" data-call=\"{sid}\" class=\"{cls}\"><td><a href=\"{href}\">{sid}</a></td><td>{tenant}</td><td>{from}</td><td>{to}</td><td class=\"state\">{state}</td><td>{start}</td><td class=\"duration\" data-started=\"{start_us}\" data-live=\"{live}\">{dur} s</td><td class=\"tracks\">{tracks}</td><td>{fraud}</td></tr>",
         sid = r.sid,

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use voxgate_protocol::{AccountSid, EventId};
+use voxgate_protocol::EventId;
 
 use super::index::ExchangeRow;
 use super::{change, esc, may_see, page, page_error, viewer, when, Console, Viewer};

@@ -186,6 +186,34 @@ fn cookie_value(headers: &HeaderMap) -> Option<String> {
     })
 }
 
+/// Why a browser is sent to sign in: the login page says it from this fixed list (a link cannot
+/// make it show other text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SignedOut {
+    Missing,
+    Expired,
+    Inactive,
+}
+
+impl SignedOut {
+    fn code(self) -> &'static str {
+        match self {
+            Self::Missing => "signin",
+            Self::Expired => "expired",
+            Self::Inactive => "inactive",
+        }
+    }
+
+    fn message(code: &str) -> Option<&'static str> {
+        Some(match code {
+            "signin" => "Sign in to continue.",
+            "expired" => "Your session has expired; sign in again.",
+            "inactive" => "This account is not active.",
+            _ => return None,
+        })
+    }
+}
+
 /// The session of a request, or the answer to send instead (a redirect to sign-in for pages, 401
 /// for the event stream and audio).
 fn viewer(state: &AppState, headers: &HeaderMap, page: bool) -> Result<(Arc<Console>, Viewer), Response> {
@@ -197,27 +225,23 @@ fn viewer(state: &AppState, headers: &HeaderMap, page: bool) -> Result<(Arc<Cons
                 let active = state.tenancy.read(|d| d.effective_status(sid))
                     == Some(voxgate_protocol::event::TenantStatus::Active);
                 if !active {
-                    return Err(signed_out(&c, page, "the account is not active"));
+                    return Err(signed_out(&c, page, SignedOut::Inactive));
                 }
             }
             Ok((c, Viewer { session }))
         }
-        Err(e) => Err(signed_out(&c, page, &e.to_string())),
+        Err(session::SessionError::Expired) => Err(signed_out(&c, page, SignedOut::Expired)),
+        Err(session::SessionError::Missing) => Err(signed_out(&c, page, SignedOut::Missing)),
     }
 }
 
-fn signed_out(c: &Console, page: bool, why: &str) -> Response {
+fn signed_out(c: &Console, page: bool, why: SignedOut) -> Response {
     metrics::counter!("voxgate_console_unauthenticated_total").increment(1);
     if page {
-        let to =
-            format!("{}?why={}", c.link("/login"), form_urlencoded::byte_serialize(why.as_bytes()).collect::<String>());
-        let mut r = StatusCode::SEE_OTHER.into_response();
-        if let Ok(v) = HeaderValue::from_str(&to) {
-            r.headers_mut().insert(header::LOCATION, v);
-        }
-        r
+        redirect(&format!("{}?why={}", c.link("/login"), why.code()))
     } else {
-        (StatusCode::UNAUTHORIZED, why.to_owned()).into_response()
+        let text = SignedOut::message(why.code()).unwrap_or_default();
+        (StatusCode::UNAUTHORIZED, text).into_response()
     }
 }
 
@@ -377,7 +401,7 @@ async fn login_form(State(state): State<AppState>, q: axum::extract::Query<Login
         Ok(c) => c.clone(),
         Err(r) => return r,
     };
-    login_page(&c, StatusCode::OK, q.why.as_deref())
+    login_page(&c, StatusCode::OK, q.why.as_deref().and_then(SignedOut::message))
 }
 
 fn login_page(c: &Console, status: StatusCode, message: Option<&str>) -> Response {

@@ -100,13 +100,10 @@ pub(super) async fn fraud(State(state): State<AppState>, headers: HeaderMap) -> 
     page(&c, Some(&v), "Fraud", "Fraud", &body)
 }
 
+type BlockChange = (std::sync::Arc<super::Console>, AccountSid, Vec<(String, String)>);
+
 /// A block-list change: the operator's, with a valid CSRF token, naming an account.
-fn block_change(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: &[u8],
-    what: &str,
-) -> Result<(std::sync::Arc<super::Console>, AccountSid, Vec<(String, String)>), Response> {
+fn block_change(state: &AppState, headers: &HeaderMap, body: &[u8], what: &str) -> Result<BlockChange, Response> {
     let (c, v, f) = change(state, headers, body)?;
     if !v.admin() {
         return Err(page_error(StatusCode::FORBIDDEN, &format!("{what} numbers needs the admin token.")));
@@ -158,7 +155,7 @@ pub(super) async fn unblock(State(state): State<AppState>, headers: HeaderMap, b
 
 /// Dollars and cents, or to the hundredth of a cent when cents would hide the amount.
 fn dollars(micros: u64) -> String {
-    if micros % 10_000 == 0 || micros >= 100_000_000 {
+    if micros.is_multiple_of(10_000) || micros >= 100_000_000 {
         format!("${}.{:02}", micros / 1_000_000, (micros % 1_000_000) / 10_000)
     } else {
         format!("${}.{:04}", micros / 1_000_000, (micros % 1_000_000) / 100)

@@ -31,7 +31,12 @@
     tr.appendChild(cell(c.started.slice(0, 19).replace("T", " ")));
     const dur = cell(c.duration_secs + " s", "duration");
     tr.appendChild(dur);
-    tr.appendChild(cell(c.tracks.length ? c.tracks.join(", ") : "—", "tracks"));
+    let tracks = c.tracks.length ? c.tracks.join(", ") : "—";
+    // Track activity: when each party was last heard (UTC, as the server renders it).
+    for (const [party, us] of [["caller", c.heard_inbound_us], ["agent", c.heard_outbound_us]]) {
+      if (us) tracks += " · " + party + " heard " + new Date(us / 1000).toISOString().slice(11, 19);
+    }
+    tr.appendChild(cell(tracks, "tracks"));
     tr.appendChild(cell(c.severity || ""));
     return tr;
   }
