@@ -6,10 +6,12 @@
 //! `viewers` (10) headless Chromiums, signed in as the operator, watch the live call list, which
 //! receives every row change of every call. Each page records, for every row change caused by a
 //! transcript, `Date.now()` minus the transcript's `appended_at` (one machine, one clock). Reports
-//! p50/p99 of those delays, and the node's CPU per second of the same traffic without viewers
-//! (first run) and with them (second run), so the difference is the console's cost.
+//! p50/p99 of those delays, and the node's CPU per second of the same traffic on a node with the
+//! console switched off (baseline), with it on and no one watching, and with the viewers open, so
+//! the differences are what the console's index and its viewers cost.
 //!
 //! `cargo build --release --workspace && target/release/bench_console [calls] [viewers]`
+//! (`BENCH_CONSOLE_STT=0` runs it without speech-to-text, to see the console's CPU apart)
 //! (needs Debian's chromium and chromium-driver).
 
 use std::time::{Duration, Instant};
@@ -29,7 +31,8 @@ const ADMIN: &str = "admin-bench-console-0123456789abcdef";
 const PUBLIC: &str = "https://bench.voxgate.test";
 
 struct Run {
-    cpu_per_sec: f64,
+    /// The node's CPU seconds for the run's work: from the first call to every stage caught up.
+    cpu: f64,
     secs: f64,
     delays: Vec<f64>,
     transcripts: usize,
@@ -62,8 +65,10 @@ async fn run(node: &Node, calls: usize, viewers: usize, audio: &[Vec<u8>], round
         t.await??;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = voxgate_protocol::time::process_cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    // The stages may finish the run's speech after its calls end (more so while browsers take
+    // CPU): the work is counted until they have caught up.
     node.wait_idle(Duration::from_secs(300)).await?;
+    let cpu = voxgate_protocol::time::process_cpu_seconds(pid).unwrap_or(0.0) - cpu0;
     let mut delays = Vec::new();
     let mut transcripts = 0;
     for b in &browsers {
@@ -72,17 +77,20 @@ async fn run(node: &Node, calls: usize, viewers: usize, audio: &[Vec<u8>], round
         transcripts = transcripts.max(d.len());
         delays.extend(d);
     }
-    Ok(Run { cpu_per_sec: cpu / secs, secs, delays, transcripts })
+    Ok(Run { cpu, secs, delays, transcripts })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let calls: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(100);
     let viewers: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(10);
+    // `BENCH_CONSOLE_STT=0`: no speech-to-text, so the node's CPU is ingest, logging and the
+    // console alone (Whisper's batching varies more than the console costs); no transcripts then.
+    let stt = if std::env::var("BENCH_CONSOLE_STT").as_deref() == Ok("0") { "enabled = false" } else { "beam_size = 1" };
     let config = format!(
-        "public_url = \"{PUBLIC}\"\nadmin_token = \"{ADMIN}\"\n[stt]\nbeam_size = 1\n[quotas]\nmax_concurrent_calls = 100000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"
+        "public_url = \"{PUBLIC}\"\nadmin_token = \"{ADMIN}\"\n[stt]\n{stt}\n[quotas]\nmax_concurrent_calls = 100000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"
     );
-    let node = Node::start(&config)?;
+    let off = Node::start(&config.replacen("[stt]", "[console]\nenabled = false\n[stt]", 1))?;
     // Twenty staggered scripts: each caller speaks twice in about 50 s of real-time audio.
     let work = tempfile::tempdir()?;
     let lines = ["I would like to check the status of my order.", "Can you tell me when the package will arrive?"];
@@ -98,24 +106,31 @@ async fn main() -> anyhow::Result<()> {
         m.resize(50 * 8000, 0xff);
         audio.push(m);
     }
-    println!("bench_console: {calls} live calls, each speaking twice in 50 s of real-time audio; node {}", node.url());
-    let quiet = run(&node, calls, 0, &audio, 1).await?;
-    let watched = run(&node, calls, viewers, &audio, 2).await?;
+    println!("bench_console: {calls} live calls, each speaking twice in 50 s of real-time audio");
+    // Baseline: the same traffic on a node without the console (no index, no pages).
+    let without = run(&off, calls, 0, &audio, 1).await?;
+    drop(off);
+    let node = Node::start(&config)?;
+    let quiet = run(&node, calls, 0, &audio, 2).await?;
+    let watched = run(&node, calls, viewers, &audio, 3).await?;
     let mut d = watched.delays.clone();
     let (p50, p99) = (quantile(&mut d, 0.5), quantile(&mut d, 0.99));
+    println!("| node | transcripts seen per viewer | append → browser p50 | p99 | node CPU for the run's work | calls' run |");
+    println!("|---|---|---|---|---|---|");
+    println!("| console off | — | — | — | {:.1} s | {:.0} s |", without.cpu, without.secs);
+    println!("| console on, no viewer | — | — | — | {:.1} s | {:.0} s |", quiet.cpu, quiet.secs);
     println!(
-        "| viewers | transcripts seen per viewer | append → browser p50 | p99 | node CPU (cores) | run |\n|---|---|---|---|---|---|"
+        "| console on, {viewers} viewers | {} | {p50:.1} ms | {p99:.1} ms | {:.1} s | {:.0} s |",
+        watched.transcripts, watched.cpu, watched.secs
     );
-    println!("| 0 | — | — | — | {:.3} | {:.0} s |", quiet.cpu_per_sec, quiet.secs);
+    let pct = |a: f64, b: f64| 100.0 * (a - b) / b.max(1e-9);
     println!(
-        "| {viewers} | {} | {p50:.1} ms | {p99:.1} ms | {:.3} | {:.0} s |",
-        watched.transcripts, watched.cpu_per_sec, watched.secs
-    );
-    println!(
-        "console cost: {:.3} cores for {viewers} viewers ({:.1} % of the node's {:.3} without them); {} delay samples",
-        watched.cpu_per_sec - quiet.cpu_per_sec,
-        100.0 * (watched.cpu_per_sec - quiet.cpu_per_sec) / quiet.cpu_per_sec.max(1e-9),
-        quiet.cpu_per_sec,
+        "the console's index, no one watching: {:+.1} CPU s ({:+.1} %); {viewers} viewers on top: {:+.1} CPU s ({:+.1} %), {:.2} ms of node CPU per viewer-second; {} delay samples",
+        quiet.cpu - without.cpu,
+        pct(quiet.cpu, without.cpu),
+        watched.cpu - quiet.cpu,
+        pct(watched.cpu, quiet.cpu),
+        1000.0 * (watched.cpu - quiet.cpu) / (viewers as f64 * watched.secs).max(1e-9),
         watched.delays.len()
     );
     Ok(())
