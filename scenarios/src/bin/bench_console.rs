@@ -86,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
     let viewers: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(10);
     // `BENCH_CONSOLE_STT=0`: no speech-to-text, so the node's CPU is ingest, logging and the
     // console alone (Whisper's batching varies more than the console costs); no transcripts then.
-    let stt = if std::env::var("BENCH_CONSOLE_STT").as_deref() == Ok("0") { "enabled = false" } else { "beam_size = 1" };
+    let stt =
+        if std::env::var("BENCH_CONSOLE_STT").as_deref() == Ok("0") { "enabled = false" } else { "beam_size = 1" };
     let config = format!(
         "public_url = \"{PUBLIC}\"\nadmin_token = \"{ADMIN}\"\n[stt]\n{stt}\n[quotas]\nmax_concurrent_calls = 100000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"
     );
