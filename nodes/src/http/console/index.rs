@@ -572,6 +572,15 @@ mod tests {
         })
     }
 
+    fn completed() -> Event {
+        Event::CallStatusChanged(CallStatusChanged {
+            status: CallStatus::Completed,
+            source: StatusSource::Callback,
+            sequence: None,
+            duration_secs: None,
+        })
+    }
+
     #[test]
     fn calls_are_listed_newest_first_and_end() {
         let ix = Index::new(Limits { calls: 10, exchanges: 10, verdicts: 10 });
@@ -579,13 +588,7 @@ mod tests {
         let (a, b) = (CallSid::from_u128(1), CallSid::from_u128(2));
         ix.apply(0, 0, Timestamp(1), &env(a, t, 1, received("+15551111")));
         ix.apply(0, 1, Timestamp(2), &env(b, t, 2, received("+15552222")));
-        let status = Event::CallStatusChanged(CallStatusChanged {
-            status: CallStatus::Completed,
-            source: StatusSource::Callback,
-            sequence: None,
-            duration_secs: None,
-        });
-        ix.apply(0, 2, Timestamp(3), &env(a, t, 3, status));
+        ix.apply(0, 2, Timestamp(3), &env(a, t, 3, completed()));
         let (rows, total) = ix.calls(0, 10, |_| true);
         assert_eq!(total, 2);
         assert_eq!(rows[0].sid, b);
@@ -614,13 +617,7 @@ mod tests {
         let (a, b, c) = (CallSid::from_u128(1), CallSid::from_u128(2), CallSid::from_u128(3));
         ix.apply(0, 1, Timestamp(1), &env(a, t, 1, received("+15551111")));
         ix.apply(0, 2, Timestamp(2), &env(b, t, 2, received("+15552222")));
-        let done = Event::CallStatusChanged(CallStatusChanged {
-            status: CallStatus::Completed,
-            source: StatusSource::Callback,
-            sequence: None,
-            duration_secs: None,
-        });
-        ix.apply(0, 3, Timestamp(3), &env(b, t, 3, done));
+        ix.apply(0, 3, Timestamp(3), &env(b, t, 3, completed()));
         ix.apply(0, 4, Timestamp(4), &env(c, t, 4, received("+15553333")));
         let (rows, _) = ix.calls(0, 10, |_| true);
         assert_eq!(rows.iter().map(|r| r.sid).collect::<Vec<_>>(), vec![c, a]);
