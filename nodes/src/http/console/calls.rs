@@ -321,6 +321,17 @@ pub(super) async fn timeline(
     let Ok(call) = CallSid::parse(&call) else {
         return page_error(StatusCode::NOT_FOUND, "There is no such call.");
     };
+    // A call the index does not hold means reading its logs' partitions whole: that costs, so a
+    // tenant's such reads count against its REST throttle (guessing CallSids cannot load the node).
+    if c.index.call(call).is_none() {
+        if let Err(th) = state.tenancy.throttle(v.session.who, "console_call_scan") {
+            metrics::counter!("voxgate_console_throttled_total").increment(1);
+            return page_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("Too many look-ups of calls not in the recent list; retry in {} s.", th.retry_after_secs),
+            );
+        }
+    }
     let (st, c2, who) = (state.clone(), c.clone(), v.session.who);
     let events = tokio::task::spawn_blocking(move || call_events(&st, &c2, who, call)).await;
     let CallEvents { events, audio_batches } = match events {
