@@ -41,7 +41,6 @@ pub struct CallRow {
     /// When each track (inbound, outbound) was last heard (a transcript or partial of it).
     pub heard: [Option<Timestamp>; 2],
     pub transcripts: u32,
-    pub segments: u32,
     /// The transcripts' text, in order, cut at [`TEXT_KEPT`] bytes.
     pub text: String,
     /// The most serious fraud verdict's severity.
@@ -130,8 +129,6 @@ struct Inner {
     order: VecDeque<CallSid>,
     exchanges: VecDeque<ExchangeRow>,
     verdicts: VecDeque<VerdictRow>,
-    /// Records applied per followed log (all partitions).
-    applied: u64,
 }
 
 /// The index and its live feed.
@@ -197,15 +194,9 @@ impl Index {
         self.lock().verdicts.iter().rev().filter(|v| keep(v)).take(limit).cloned().collect()
     }
 
-    /// Records applied so far (tests and the health of the follower).
-    pub fn applied(&self) -> u64 {
-        self.lock().applied
-    }
-
     /// Notes an audio batch (read by its header only): where its call starts in the media log.
     pub fn note_audio(&self, topic_ix: usize, offset: u64, h: &voxgate_protocol::Header) {
         let mut g = self.lock();
-        g.applied += 1;
         if let Some(row) = h.call.and_then(|c| g.calls.get_mut(&c)).filter(|r| r.tenant == h.tenant) {
             row.first[topic_ix].get_or_insert(offset);
         }
@@ -216,7 +207,6 @@ impl Index {
         let mut changes: Vec<Change> = Vec::new();
         {
             let mut g = self.lock();
-            g.applied += 1;
             self.apply_locked(&mut g, topic_ix, offset, appended, env, &mut changes);
         }
         for c in changes {
@@ -270,7 +260,6 @@ impl Index {
                             tracks: Vec::new(),
                             heard: [None, None],
                             transcripts: 0,
-                            segments: 0,
                             text: String::new(),
                             severity: None,
                             first: [None; 5],
@@ -319,10 +308,6 @@ impl Index {
                         }
                     }
                     true
-                }
-                Event::SpeechSegment(_) => {
-                    row.segments += 1;
-                    false
                 }
                 Event::Transcript(t) => {
                     row.transcripts += 1;

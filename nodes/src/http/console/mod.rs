@@ -204,13 +204,16 @@ impl SignedOut {
         }
     }
 
-    fn message(code: &str) -> Option<&'static str> {
-        Some(match code {
-            "signin" => "Sign in to continue.",
-            "expired" => "Your session has expired; sign in again.",
-            "inactive" => "This account is not active.",
-            _ => return None,
-        })
+    fn from_code(code: &str) -> Option<Self> {
+        [Self::Missing, Self::Expired, Self::Inactive].into_iter().find(|w| w.code() == code)
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::Missing => "Sign in to continue.",
+            Self::Expired => "Your session has expired; sign in again.",
+            Self::Inactive => "This account is not active.",
+        }
     }
 }
 
@@ -240,8 +243,7 @@ fn signed_out(c: &Console, page: bool, why: SignedOut) -> Response {
     if page {
         redirect(&format!("{}?why={}", c.link("/login"), why.code()))
     } else {
-        let text = SignedOut::message(why.code()).unwrap_or_default();
-        (StatusCode::UNAUTHORIZED, text).into_response()
+        (StatusCode::UNAUTHORIZED, why.message()).into_response()
     }
 }
 
@@ -401,7 +403,7 @@ async fn login_form(State(state): State<AppState>, q: axum::extract::Query<Login
         Ok(c) => c.clone(),
         Err(r) => return r,
     };
-    login_page(&c, StatusCode::OK, q.why.as_deref().and_then(SignedOut::message))
+    login_page(&c, StatusCode::OK, q.why.as_deref().and_then(SignedOut::from_code).map(SignedOut::message))
 }
 
 fn login_page(c: &Console, status: StatusCode, message: Option<&str>) -> Response {

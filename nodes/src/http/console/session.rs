@@ -105,9 +105,7 @@ fn random_hex() -> String {
 
 /// Compares a presented CSRF token with the session's, in constant time.
 pub fn csrf_ok(session: &Session, presented: Option<&str>) -> bool {
-    let Some(p) = presented else { return false };
-    let (a, b) = (session.csrf.as_bytes(), p.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    presented.is_some_and(|p| voxgate_actors::tenancy::secret::constant_time_eq(session.csrf.as_bytes(), p.as_bytes()))
 }
 
 #[cfg(test)]
