@@ -557,8 +557,9 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     }
 
     // Open segments alone (no final waits): a final that arrives meanwhile cancels them, so it
-    // waits at most one decoder step, unless it is the segment being decoded at its pause.
-    let mut cancelled = false;
+    // waits at most one decoder step, unless it is the segment being decoded at its pause; and a
+    // batch of pauses is cancelled as soon as every one of its speakers went on talking.
+    let mut cancelled: Option<Cancelled> = None;
     let results = if clips.is_empty() {
         Vec::new()
     } else if finals == 0 {
@@ -570,16 +571,19 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                 _ => None,
             })
             .collect();
+        let only_pauses = expected.len() == jobs.len();
         // Partials alone are interim: greedy; a speculative final decodes as the final would.
         let work = transcribe(&s.pool, clips, Some(cancel.clone()), expected.is_empty());
         tokio::pin!(work);
-        let watch = cancel_on_finals(&s.log, &new_next, &expected, &cancel);
+        let watch = cancel_on_finals(&s.log, &new_next, &expected, only_pauses, &cancel);
         tokio::pin!(watch);
         let results = tokio::select! {
             r = &mut work => r,
-            () = &mut watch => work.await,
+            why = &mut watch => {
+                cancelled = Some(why);
+                work.await
+            }
         };
-        cancelled = cancel.load(Ordering::Relaxed);
         results
     } else {
         transcribe(&s.pool, clips, None, false).await
@@ -591,10 +595,17 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             Job::Final(i) => pending[i].ready = r,
             Job::Open { key, index, start_ms, end_ms, samples, speculative } => {
                 let Some((t, took_ms)) = r else {
-                    if cancelled && speculative {
-                        metrics::counter!("voxgate_stt_speculative_total", "outcome" => "cancelled").increment(1);
-                    } else if cancelled {
-                        metrics::counter!("voxgate_stt_partials_dropped_total").increment(1);
+                    match cancelled {
+                        Some(Cancelled::Finals) if speculative => {
+                            metrics::counter!("voxgate_stt_speculative_total", "outcome" => "cancelled").increment(1);
+                        }
+                        Some(Cancelled::Resumed) => {
+                            metrics::counter!("voxgate_stt_speculative_total", "outcome" => "resumed").increment(1);
+                        }
+                        Some(Cancelled::Finals) => {
+                            metrics::counter!("voxgate_stt_partials_dropped_total").increment(1);
+                        }
+                        None => {}
                     }
                     continue;
                 };
@@ -750,15 +761,29 @@ async fn transcribe(
     results
 }
 
+/// Why a batch of open segments was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancelled {
+    /// A segment that needs a final arrived.
+    Finals,
+    /// Every segment of the batch was decoded at a pause, and every speaker went on talking: no
+    /// result could be used.
+    Resumed,
+}
+
 /// Returns (after setting `cancel`) once a segment that needs a final becomes durable past
 /// `next` — any but one in `expected` (stream, track, index, end), the segments being decoded
-/// at their pause; never returns otherwise.
+/// at their pause — or, when the batch is `only_pauses`, once a later piece of each of them
+/// shows its speaker went on; never returns otherwise.
 async fn cancel_on_finals(
     log: &Log,
     next: &[u64],
     expected: &HashSet<(StreamSid, Track, u32, u64)>,
+    only_pauses: bool,
     cancel: &AtomicBool,
-) {
+) -> Cancelled {
+    let mut waiting: HashMap<(StreamSid, Track), (u32, u64)> =
+        expected.iter().map(|&(sid, track, index, end)| ((sid, track), (index, end))).collect();
     let Ok(mut rx) = log.watch(topics::SPEECH) else { return std::future::pending().await };
     let mut from = next.to_vec();
     let mut records: Vec<Record> = Vec::new();
@@ -774,11 +799,24 @@ async fn cancel_on_finals(
                 *at = to;
                 for r in &records {
                     let Ok(env) = voxgate_protocol::decode(r.payload()) else { continue };
-                    if let Event::SpeechSegment(seg) = &env.payload {
-                        if !expected.contains(&(seg.stream_sid, seg.track, seg.index, seg.end_ms)) {
-                            cancel.store(true, Ordering::Relaxed);
-                            return;
+                    match &env.payload {
+                        Event::SpeechSegment(seg) => {
+                            if !expected.contains(&(seg.stream_sid, seg.track, seg.index, seg.end_ms)) {
+                                cancel.store(true, Ordering::Relaxed);
+                                return Cancelled::Finals;
+                            }
                         }
+                        Event::SpeechProgress(p) => {
+                            let key = (p.stream_sid, p.track);
+                            if waiting.get(&key).is_some_and(|&(index, end)| p.index != index || p.end_ms > end) {
+                                waiting.remove(&key);
+                                if only_pauses && waiting.is_empty() {
+                                    cancel.store(true, Ordering::Relaxed);
+                                    return Cancelled::Resumed;
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 if records.len() < 64 {

@@ -249,6 +249,9 @@ pub struct Vad {
     last_mark: u64,
     /// The current pause was marked.
     paused_marked: bool,
+    /// A pause was marked and speech came back: mark the segment at once, so the decode made at
+    /// the pause can be given up.
+    resumed: bool,
     marks: Vec<Mark>,
 }
 
@@ -285,6 +288,7 @@ impl Vad {
             last_speech_end: 0,
             last_mark: 0,
             paused_marked: false,
+            resumed: false,
             marks: Vec::new(),
         }
     }
@@ -346,6 +350,7 @@ impl Vad {
         if self.active {
             if speech {
                 self.last_speech_end = end;
+                self.resumed |= self.paused_marked;
                 self.paused_marked = false;
             }
             self.advance(end, false, out);
@@ -366,6 +371,7 @@ impl Vad {
                 self.last_speech_end = end;
                 self.last_mark = self.seg_start;
                 self.paused_marked = false;
+                self.resumed = false;
                 self.advance(end, false, out);
                 if self.active {
                     self.mark(end, true);
@@ -428,12 +434,18 @@ impl Vad {
         }
     }
 
-    /// Marks the open segment at a pause (once per pause) or every `progress_every` of audio,
-    /// when it would be kept if it closed there.
+    /// Marks the open segment at a pause (once per pause), when speech resumes after a marked
+    /// pause, or every `progress_every` of audio, when it would be kept if it closed there.
     fn mark(&mut self, now: u64, speech: bool) {
         let Some(every) = self.progress_every else { return };
         if self.last_mark < self.seg_start {
             self.last_mark = self.seg_start; // cut: a new segment
+            self.resumed = false;
+        }
+        if speech && std::mem::take(&mut self.resumed) && now > self.last_mark && self.would_keep(now) {
+            self.marks.push(Mark { seg_start: self.seg_start, upto: now, paused: false });
+            self.last_mark = now;
+            return;
         }
         let tail_end = self.last_speech_end.saturating_add(self.tail);
         let pause_end = self.last_speech_end.saturating_add(self.pause);
@@ -605,8 +617,9 @@ mod tests {
                 ('M', 800, 1_300),
                 ('M', 800, 1_800),
                 ('P', 800, 2_120), // the pause: speech resumes, so it is not the end
-                ('M', 800, 2_620),
-                ('M', 800, 3_120),
+                ('M', 800, 2_320), // at once, with the first speech frame after the marked pause
+                ('M', 800, 2_820),
+                ('M', 800, 3_320),
                 ('P', 800, 3_420), // the end: the segment below ends exactly here
                 ('S', 800, 3_420),
             ]

@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use voxgate_actors::stt::decode::{DecodeOptions, Transcriber};
+use voxgate_actors::stt::decode::{DecodeOptions, Timings, Transcriber};
 use voxgate_protocol::{CallSid, StreamSid};
 use voxgate_scenarios::bench::quantile;
 use voxgate_scenarios::corpus::{render_clips, score_fw_jsonl, Clip, SENTENCES};
@@ -96,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     }
     runs.push((format!("voxgate fallback, beam {} (default)", defaults.beam_size), defaults, false));
     for (name, options, drop_doubted) in runs {
+        println!("{name}:");
         let (total, times, wer, empty, doubted) = run_policy(&mut t, &clips, &pcm, options, drop_doubted)?;
         policies.push((name, total, times, wer, empty, doubted));
     }
@@ -190,6 +191,7 @@ fn run_policy(
     drop_doubted: bool,
 ) -> anyhow::Result<(f64, Vec<f64>, WerByVoice, usize, usize)> {
     t.set_options(options);
+    t.take_timings();
     let mut times = Vec::new();
     let mut wer = WerByVoice::new();
     let (mut empty, mut doubted) = (0, 0);
@@ -203,7 +205,25 @@ fn run_policy(
         empty += usize::from(text.is_empty());
         wer.score(&c.voice, &c.reference, text);
     }
-    Ok((start.elapsed().as_secs_f64(), times, wer, empty, doubted))
+    let total = start.elapsed().as_secs_f64();
+    where_time_goes(&t.take_timings(), clips.len(), total);
+    Ok((total, times, wer, empty, doubted))
+}
+
+/// Where a policy's time went, per clip: the log-mel, the encoder, the decoder (per step).
+fn where_time_goes(tm: &Timings, clips: usize, total: f64) {
+    let per = |d: Duration| d.as_secs_f64() * 1000.0 / clips.max(1) as f64;
+    println!(
+        "  per clip: mel {:.1} ms, encoder {:.1} ms ({} frames), decoder {:.1} ms ({:.1} steps of {:.2} ms), other {:.1} ms; {} fallbacks",
+        per(tm.mel),
+        per(tm.encoder),
+        tm.encoder_frames / clips.max(1),
+        per(tm.decoder),
+        tm.decoder_steps as f64 / clips.max(1) as f64,
+        tm.decoder.as_secs_f64() * 1000.0 / tm.decoder_steps.max(1) as f64,
+        total * 1000.0 / clips.max(1) as f64 - per(tm.mel) - per(tm.encoder) - per(tm.decoder),
+        tm.fallbacks,
+    );
 }
 
 /// faster-whisper (scenarios/fw/baseline.py, target/fw-venv) on the same clips and model:
