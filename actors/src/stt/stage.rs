@@ -577,14 +577,13 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         tokio::pin!(work);
         let watch = cancel_on_finals(&s.log, &new_next, &expected, only_pauses, &cancel);
         tokio::pin!(watch);
-        let results = tokio::select! {
+        tokio::select! {
             r = &mut work => r,
             why = &mut watch => {
                 cancelled = Some(why);
                 work.await
             }
-        };
-        results
+        }
     } else {
         transcribe(&s.pool, clips, None, false).await
     };
