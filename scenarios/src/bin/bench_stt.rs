@@ -415,10 +415,11 @@ async fn one_config(
                 .fold(0.0, |a, b| a + b)
         };
         println!(
-            "       segments per sentence {:.2}; speculative finals used {} / dropped {} / cancelled {} / skipped {}; partials dropped for finals {}",
+            "       segments per sentence {:.2}; speculative finals used {} / dropped {} / given up as speech resumed {} / cancelled {} / skipped {}; partials dropped for finals {}",
             segments as f64 / sentences_heard.max(1) as f64,
             counter("voxgate_stt_speculative_total{outcome=\"used\"}"),
             counter("voxgate_stt_speculative_total{outcome=\"dropped\"}"),
+            counter("voxgate_stt_speculative_total{outcome=\"resumed\"}"),
             counter("voxgate_stt_speculative_total{outcome=\"cancelled\"}"),
             counter("voxgate_stt_speculative_total{outcome=\"skipped\"}"),
             counter("voxgate_stt_partials_dropped_total")
