@@ -799,11 +799,11 @@ async fn cancel_on_finals(
                 for r in &records {
                     let Ok(env) = voxgate_protocol::decode(r.payload()) else { continue };
                     match &env.payload {
-                        Event::SpeechSegment(seg) => {
-                            if !expected.contains(&(seg.stream_sid, seg.track, seg.index, seg.end_ms)) {
-                                cancel.store(true, Ordering::Relaxed);
-                                return Cancelled::Finals;
-                            }
+                        Event::SpeechSegment(seg)
+                            if !expected.contains(&(seg.stream_sid, seg.track, seg.index, seg.end_ms)) =>
+                        {
+                            cancel.store(true, Ordering::Relaxed);
+                            return Cancelled::Finals;
                         }
                         Event::SpeechProgress(p) => {
                             let key = (p.stream_sid, p.track);
