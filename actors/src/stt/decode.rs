@@ -45,7 +45,7 @@ use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
 use super::mel::{self, MelFrontend, HOP_LENGTH, N_MELS, SAMPLE_RATE};
-use super::model::{ModelError, Whisper};
+use super::model::{DecoderState, ModelError, Whisper};
 use super::weights::{self, WeightsError};
 
 /// The decoder weight format [`Transcriber::load`] uses: 8-bit blocks of 32 with an `f16` scale.
@@ -356,8 +356,12 @@ pub struct Timings {
     pub mel: std::time::Duration,
     /// Audio encoder (including the padding chosen by [`DecodeOptions::encoder_frames`]).
     pub encoder: std::time::Duration,
-    /// Decoder: cross-attention set-up and every greedy step.
+    /// Decoder: cross-attention set-up and every step, with the token choice.
     pub decoder: std::time::Duration,
+    /// Of `decoder`: the cross-attention keys and values of the encoder output (once per batch).
+    pub decoder_setup: std::time::Duration,
+    /// Of `decoder`: the model's steps (the rest is choosing tokens and the checks).
+    pub decoder_model: std::time::Duration,
     /// Seconds of audio transcribed.
     pub audio_seconds: f64,
     /// Mel frames the encoder ran on, summed over batch rows.
@@ -654,6 +658,7 @@ impl Transcriber {
         let enc = self.model.encode(&mel)?;
         let t2 = std::time::Instant::now();
         let mut st = self.model.decoder_start(&enc)?;
+        self.timings.decoder_setup += t2.elapsed();
         let mut steps = 2usize;
         let mut fed = (2 + self.prompt.len()) * b;
 
@@ -661,12 +666,12 @@ impl Transcriber {
         // The prompt (hints) and start-of-transcript in one step; its last position's logits
         // give the no-speech probability.
         let row: Vec<u32> = self.prompt.iter().copied().chain(std::iter::once(sp.sot)).collect();
-        let first = self.model.decode_step(&mut st, &row.repeat(b))?;
+        let first = self.step(&mut st, &row.repeat(b))?;
         let no_speech = candle_nn::ops::softmax_last_dim(&first)?
             .narrow(1, sp.no_speech as usize, 1)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let mut logits = self.model.decode_step(&mut st, &self.after_sot.repeat(b))?;
+        let mut logits = self.step(&mut st, &self.after_sot.repeat(b))?;
         fed += (self.after_sot.len() - 1) * b;
 
         let budgets: Vec<usize> = audio.iter().map(|(_, _, a)| self.options.token_budget(a.len())).collect();
@@ -752,7 +757,7 @@ impl Transcriber {
             }
             fed += next.len();
             steps += 1;
-            logits = self.model.decode_step(&mut st, &next)?;
+            logits = self.step(&mut st, &next)?;
             step += 1;
         }
         let t3 = std::time::Instant::now();
@@ -788,6 +793,14 @@ impl Transcriber {
             }
         }
         out
+    }
+
+    /// One decoder step, timed.
+    fn step(&mut self, st: &mut DecoderState, tokens: &[u32]) -> Result<Tensor, DecodeError> {
+        let t = std::time::Instant::now();
+        let logits = self.model.decode_step(st, tokens)?;
+        self.timings.decoder_model += t.elapsed();
+        Ok(logits)
     }
 
     /// Adds one batch's work to the timings.
@@ -937,7 +950,7 @@ impl Transcriber {
             groups = next_groups;
             fed += next_tokens.len();
             steps += 1;
-            logits = self.model.decode_step(&mut st, &next_tokens)?;
+            logits = self.step(&mut st, &next_tokens)?;
             step += 1;
         }
         // Whisper's ranking: the best average log-probability per token among the hypotheses

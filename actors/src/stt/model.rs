@@ -472,6 +472,17 @@ impl Whisper {
         Ok(())
     }
 
+    /// Quantizes the output projection (the tied token embeddings, `vocab × d_model`) alone to
+    /// `dtype`, e.g. after [`Whisper::quantize_decoder`]: it is most of the bytes a decoder step
+    /// reads (51,864 × 384 for Whisper's English vocabulary).
+    pub fn quantize_logits(&mut self, dtype: GgmlDType) -> Result<(), ModelError> {
+        let emb = self.tok_emb.embeddings();
+        if emb.dim(1)? % dtype.block_size() == 0 {
+            self.logits_q = Some(QMatMul::from_qtensor(QTensor::quantize(emb, dtype)?)?);
+        }
+        Ok(())
+    }
+
     /// The decoder's weight quantization, if [`Whisper::quantize_decoder`] was called.
     pub fn decoder_quantization(&self) -> Option<GgmlDType> {
         self.quantized
@@ -878,6 +889,54 @@ mod tests {
         bad.decoder_attention_heads = 5;
         let err = Whisper::load(VarBuilder::from_varmap(&vm, DType::F32, &dev), &bad);
         assert!(matches!(err, Err(ModelError::Config(_))));
+        Ok(())
+    }
+
+    /// Time of a decoder step and of the output projection alone, by the output projection's
+    /// weight format (the rest of the decoder in 8 bits).
+    #[test]
+    #[ignore = "experiment: cargo test --release -p voxgate-actors --lib stt::model::tests::experiment -- --ignored --nocapture"]
+    fn experiment_logits_format() -> TestResult {
+        use crate::stt::decode::test_support::model_dir;
+        let (tensors, _dims, cfg) = crate::stt::weights::load_whisper(&model_dir(), DType::F32, &Device::Cpu)?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let frames = 400;
+        let mel = Tensor::zeros((1, cfg.num_mel_bins, frames), DType::F32, &Device::Cpu)?;
+        for logits in [None, Some(GgmlDType::Q8_0), Some(GgmlDType::Q5_0), Some(GgmlDType::Q4_0)] {
+            let mut m = Whisper::load(vb.clone(), &cfg)?;
+            m.quantize_decoder(GgmlDType::Q8_0)?;
+            match logits {
+                Some(dt) => m.quantize_logits(dt)?,
+                None => m.logits_q = None,
+            }
+            let enc = m.encode(&mel)?;
+            let x = Tensor::randn(0f32, 1.0, (1, cfg.d_model), &Device::Cpu)?;
+            let mut step_ms = Vec::new();
+            let mut proj_ms = Vec::new();
+            for _ in 0..5 {
+                let mut st = m.decoder_start(&enc)?;
+                m.decode_step(&mut st, &[50257, 50362])?;
+                for t in 0..20u32 {
+                    let s = std::time::Instant::now();
+                    m.decode_step(&mut st, &[220 + t])?;
+                    step_ms.push(s.elapsed().as_secs_f64() * 1e3);
+                    let s = std::time::Instant::now();
+                    let _ = match &m.logits_q {
+                        Some(q) => q.forward(&x)?,
+                        None => x.matmul(&m.tok_emb.embeddings().t()?)?,
+                    };
+                    proj_ms.push(s.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            step_ms.sort_by(f64::total_cmp);
+            proj_ms.sort_by(f64::total_cmp);
+            println!(
+                "logits {:>6}: decoder step p50 {:.2} ms, output projection p50 {:.2} ms",
+                logits.map_or("f32".to_string(), |d| format!("{d:?}")),
+                step_ms[step_ms.len() / 2],
+                proj_ms[proj_ms.len() / 2]
+            );
+        }
         Ok(())
     }
 

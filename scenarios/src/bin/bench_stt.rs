@@ -214,13 +214,15 @@ fn run_policy(
 fn where_time_goes(tm: &Timings, clips: usize, total: f64) {
     let per = |d: Duration| d.as_secs_f64() * 1000.0 / clips.max(1) as f64;
     println!(
-        "  per clip: mel {:.1} ms, encoder {:.1} ms ({} frames), decoder {:.1} ms ({:.1} steps of {:.2} ms), other {:.1} ms; {} fallbacks",
+        "  per clip: mel {:.1} ms, encoder {:.1} ms ({} frames), decoder {:.1} ms (cross-attention set-up {:.1}, {:.1} steps of {:.2} ms in the model, choosing tokens {:.1}), other {:.1} ms; {} fallbacks",
         per(tm.mel),
         per(tm.encoder),
         tm.encoder_frames / clips.max(1),
         per(tm.decoder),
+        per(tm.decoder_setup),
         tm.decoder_steps as f64 / clips.max(1) as f64,
-        tm.decoder.as_secs_f64() * 1000.0 / tm.decoder_steps.max(1) as f64,
+        tm.decoder_model.as_secs_f64() * 1000.0 / tm.decoder_steps.max(1) as f64,
+        per(tm.decoder) - per(tm.decoder_setup) - per(tm.decoder_model),
         total * 1000.0 / clips.max(1) as f64 - per(tm.mel) - per(tm.encoder) - per(tm.decoder),
         tm.fallbacks,
     );
