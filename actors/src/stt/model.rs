@@ -464,10 +464,7 @@ impl Whisper {
             block.fc1.quantize(dtype)?;
             block.fc2.quantize(dtype)?;
         }
-        let emb = self.tok_emb.embeddings();
-        if emb.dim(1)? % dtype.block_size() == 0 {
-            self.logits_q = Some(QMatMul::from_qtensor(QTensor::quantize(emb, dtype)?)?);
-        }
+        self.quantize_logits(dtype)?;
         self.quantized = Some(dtype);
         Ok(())
     }
@@ -892,6 +889,25 @@ mod tests {
         Ok(())
     }
 
+    /// Times `n` decoder steps after the prompt (ms into `out`), calling `between` after each.
+    fn timed_steps(
+        m: &Whisper,
+        enc: &Tensor,
+        n: u32,
+        out: &mut Vec<f64>,
+        mut between: impl FnMut() -> TestResult,
+    ) -> TestResult {
+        let mut st = m.decoder_start(enc)?;
+        m.decode_step(&mut st, &[50257, 50362])?;
+        for t in 0..n {
+            let s = std::time::Instant::now();
+            m.decode_step(&mut st, &[220 + t])?;
+            out.push(s.elapsed().as_secs_f64() * 1e3);
+            between()?;
+        }
+        Ok(())
+    }
+
     /// Time of a decoder step and of the output projection alone, by the output projection's
     /// weight format (the rest of the decoder in 8 bits).
     #[test]
@@ -909,41 +925,28 @@ mod tests {
                 Some(dt) => m.quantize_logits(dt)?,
                 None => m.logits_q = None,
             }
-            let enc = m.encode(&mel)?;
             let x = Tensor::randn(0f32, 1.0, (1, cfg.d_model), &Device::Cpu)?;
-            let mut step_ms = Vec::new();
-            let mut proj_ms = Vec::new();
-            // Steps right after an encoder pass (as in a real clip: the encoder's weights and
-            // activations have just gone through the caches) against steps in a warm loop.
-            let mut after_encoder_ms = Vec::new();
+            let (mut step_ms, mut proj_ms, mut after_encoder_ms) = (Vec::new(), Vec::new(), Vec::new());
+            let enc = m.encode(&mel)?;
             for _ in 0..5 {
-                let enc = m.encode(&mel)?;
-                let mut st = m.decoder_start(&enc)?;
-                m.decode_step(&mut st, &[50257, 50362])?;
-                for t in 0..13u32 {
-                    let s = std::time::Instant::now();
-                    m.decode_step(&mut st, &[220 + t])?;
-                    after_encoder_ms.push(s.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            after_encoder_ms.sort_by(f64::total_cmp);
-            for _ in 0..5 {
-                let mut st = m.decoder_start(&enc)?;
-                m.decode_step(&mut st, &[50257, 50362])?;
-                for t in 0..20u32 {
-                    let s = std::time::Instant::now();
-                    m.decode_step(&mut st, &[220 + t])?;
-                    step_ms.push(s.elapsed().as_secs_f64() * 1e3);
+                // Steps right after an encoder pass (as in a real clip: the encoder's weights and
+                // activations have just gone through the caches) ...
+                let fresh = m.encode(&mel)?;
+                timed_steps(&m, &fresh, 13, &mut after_encoder_ms, || Ok(()))?;
+                // ... against steps in a warm loop, each followed by the output projection alone.
+                timed_steps(&m, &enc, 20, &mut step_ms, || {
                     let s = std::time::Instant::now();
                     let _ = match &m.logits_q {
                         Some(q) => q.forward(&x)?,
                         None => x.matmul(&m.tok_emb.embeddings().t()?)?,
                     };
                     proj_ms.push(s.elapsed().as_secs_f64() * 1e3);
-                }
+                    Ok(())
+                })?;
             }
-            step_ms.sort_by(f64::total_cmp);
-            proj_ms.sort_by(f64::total_cmp);
+            for v in [&mut step_ms, &mut proj_ms, &mut after_encoder_ms] {
+                v.sort_by(f64::total_cmp);
+            }
             println!(
                 "logits {:>6}: decoder step p50 {:.2} ms (right after an encoder pass {:.2} ms), output projection p50 {:.2} ms",
                 logits.map_or("f32".to_string(), |d| format!("{d:?}")),

@@ -564,10 +564,10 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         Vec::new()
     } else if finals == 0 {
         let cancel = Arc::new(AtomicBool::new(false));
-        let expected: HashSet<(StreamSid, Track, u32, u64)> = jobs
+        let expected: HashMap<(StreamSid, Track), (u32, u64)> = jobs
             .iter()
             .filter_map(|j| match j {
-                Job::Open { key, index, end_ms, speculative: true, .. } => Some((key.0, key.1, *index, *end_ms)),
+                Job::Open { key, index, end_ms, speculative: true, .. } => Some((*key, (*index, *end_ms))),
                 _ => None,
             })
             .collect();
@@ -771,18 +771,17 @@ enum Cancelled {
 }
 
 /// Returns (after setting `cancel`) once a segment that needs a final becomes durable past
-/// `next` — any but one in `expected` (stream, track, index, end), the segments being decoded
-/// at their pause — or, when the batch is `only_pauses`, once a later piece of each of them
-/// shows its speaker went on; never returns otherwise.
+/// `next` — any but one in `expected` ((stream, track) → (index, end)), the segments being
+/// decoded at their pause — or, when the batch is `only_pauses`, once a later piece of each of
+/// them shows its speaker went on; never returns otherwise.
 async fn cancel_on_finals(
     log: &Log,
     next: &[u64],
-    expected: &HashSet<(StreamSid, Track, u32, u64)>,
+    expected: &HashMap<(StreamSid, Track), (u32, u64)>,
     only_pauses: bool,
     cancel: &AtomicBool,
 ) -> Cancelled {
-    let mut waiting: HashMap<(StreamSid, Track), (u32, u64)> =
-        expected.iter().map(|&(sid, track, index, end)| ((sid, track), (index, end))).collect();
+    let mut went_on: HashSet<(StreamSid, Track)> = HashSet::new();
     let Ok(mut rx) = log.watch(topics::SPEECH) else { return std::future::pending().await };
     let mut from = next.to_vec();
     let mut records: Vec<Record> = Vec::new();
@@ -800,19 +799,18 @@ async fn cancel_on_finals(
                     let Ok(env) = voxgate_protocol::decode(r.payload()) else { continue };
                     match &env.payload {
                         Event::SpeechSegment(seg)
-                            if !expected.contains(&(seg.stream_sid, seg.track, seg.index, seg.end_ms)) =>
+                            if expected.get(&(seg.stream_sid, seg.track)) != Some(&(seg.index, seg.end_ms)) =>
                         {
                             cancel.store(true, Ordering::Relaxed);
                             return Cancelled::Finals;
                         }
                         Event::SpeechProgress(p) => {
                             let key = (p.stream_sid, p.track);
-                            if waiting.get(&key).is_some_and(|&(index, end)| p.index != index || p.end_ms > end) {
-                                waiting.remove(&key);
-                                if only_pauses && waiting.is_empty() {
-                                    cancel.store(true, Ordering::Relaxed);
-                                    return Cancelled::Resumed;
-                                }
+                            let moved =
+                                expected.get(&key).is_some_and(|&(index, end)| p.index != index || p.end_ms > end);
+                            if moved && went_on.insert(key) && only_pauses && went_on.len() == expected.len() {
+                                cancel.store(true, Ordering::Relaxed);
+                                return Cancelled::Resumed;
                             }
                         }
                         _ => {}
