@@ -20,13 +20,11 @@ use serde_json::json;
 use voxgate_protocol::{AccountSid, CallSid};
 use voxgate_scenarios::bench::quantile;
 use voxgate_scenarios::browser::Browser;
+use voxgate_scenarios::fixture::{ACCOUNT, NUMBER, TOKEN};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::speech::{script, Voice};
 use voxgate_scenarios::twilio::{Pace, Simulator};
 
-const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
-const TOKEN: &str = "9f3c1b2a7d4e5f60718293a4b5c6d7e8";
-const NUMBER: &str = "+14155550100";
 const ADMIN: &str = "admin-bench-console-0123456789abcdef";
 const PUBLIC: &str = "https://bench.voxgate.test";
 
