@@ -20,8 +20,8 @@ use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::Notify;
 use voxgate_protocol::event::{
-    AudioShed, CallStatus, CallStatusChanged, CallTimedOut, Event, HangupRequested, MediaBatch, StatusSource,
-    StopReason, StreamDropped, StreamReattachRequested, StreamResumed, StreamStopped, Track,
+    AudioShed, CallStatus, CallStatusChanged, CallTimedOut, Event, HangupRequested, MediaBatch, SpeechHints,
+    StatusSource, StopReason, StreamDropped, StreamReattachRequested, StreamResumed, StreamStopped, Track,
 };
 use voxgate_protocol::{AccountSid, CallSid, Clock, Envelope, EventId, StreamSid, Timestamp};
 use voxgate_storage::{topics, Log};
@@ -60,6 +60,7 @@ pub mod id_kind {
     pub const TRANSCRIPTS_ENDED: u64 = 30;
     pub const SPEECH_PROGRESS: u64 = 31;
     pub const PARTIAL_TRANSCRIPT: u64 = 32;
+    pub const SPEECH_HINTS: u64 = 33;
 }
 
 /// Per-call limits.
@@ -534,6 +535,9 @@ pub enum CallMsg {
     Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), CallError>> },
     /// Try again what the log could not take (it could not write for a while).
     Retry,
+    /// A real-time transcription of the call brought vocabulary hints: they join the call's, for
+    /// its speech from now on.
+    AddHints(String),
 }
 
 /// A call's owner and the time its webhook was received.
@@ -556,6 +560,8 @@ pub struct CallArgs {
     pub quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
     /// Twilio's REST API, for re-attaching a dropped stream (`None`: drops are recorded only).
     pub control: Option<Arc<dyn CallControl>>,
+    /// The tenant's vocabulary hints for its calls' speech, when the call was accepted.
+    pub hints: String,
 }
 
 /// A call actor's state.
@@ -585,6 +591,8 @@ pub struct CallActorState {
     /// Media went back to the stream queue because the log could not take it.
     media_pending: bool,
     stream_stopped_recorded: bool,
+    /// The vocabulary hints of the call's speech (the tenant's, then its transcriptions').
+    hints: Hints,
     _quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -636,6 +644,7 @@ impl Actor for CallActor {
             finishing: false,
             media_pending: false,
             stream_stopped_recorded: false,
+            hints: Hints::new(&a.hints),
             _quota_slot: a.quota_slot,
         })
     }
@@ -723,6 +732,17 @@ impl Actor for CallActor {
                 run_effects(&myself, s, fx, now, None).await?;
             }
             CallMsg::Pump => pump(&myself, s).await?,
+            CallMsg::AddHints(h) => {
+                if !s.hints.add(&h) {
+                    return Ok(());
+                }
+                // On the media log in order with the audio: the stream's speech from here on.
+                if let (Some(q), Some(sid), false) = (&s.queue, s.stream_sid, s.stream_ended) {
+                    let ev =
+                        Event::SpeechHints(SpeechHints { stream_sid: sid, track: None, hints: s.hints.text.clone() });
+                    q.push(now, StreamItem::Control(ev));
+                }
+            }
             CallMsg::Retry => {
                 s.retrying = false;
                 if drain_outbox(&myself, s).await? {
@@ -995,6 +1015,8 @@ async fn append_media_events(
     let mut closes_gap = None;
     // The oldest item's arrival: how long audio waits between the WebSocket and the durable log.
     let oldest = items.first().map(|(at, _)| *at);
+    // The stream's hints, recorded just after its start.
+    let mut after_start: Option<(EventId, Event)> = None;
     for (at, item) in items {
         let at = *at;
         // Items stay with the caller until the log has them; a batch's payload is shared, not copied.
@@ -1011,6 +1033,15 @@ async fn append_media_events(
                 match &mut ev {
                     Event::StreamStarted(st) => {
                         s.stream_sid = Some(st.stream_sid);
+                        // The hints so far hold for the new stream's speech, right after its start.
+                        if !s.hints.text.is_empty() {
+                            let hints = Event::SpeechHints(SpeechHints {
+                                stream_sid: st.stream_sid,
+                                track: None,
+                                hints: s.hints.text.clone(),
+                            });
+                            after_start = Some((control_id(s.call, &hints, at), hints));
+                        }
                         // After a drop, the gap goes on the media log just before the new start.
                         if let Some(r) = s.core.resumed(st.stream_sid, at) {
                             closes_gap = Some(r.gap_ms);
@@ -1046,6 +1077,13 @@ async fn append_media_events(
         voxgate_protocol::encode_into(&env, &mut buf)
             .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
         encoded.push(buf);
+        if let Some((id, ev)) = after_start.take() {
+            let env = Envelope { event_id: id, tenant: s.tenant, call: Some(s.call), occurred_at: at, payload: ev };
+            let mut buf = Vec::with_capacity(64);
+            voxgate_protocol::encode_into(&env, &mut buf)
+                .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
+            encoded.push(buf);
+        }
     }
     let key = s.call.partition_key();
     s.log.append_many_or_spool(topics::MEDIA, encoded.iter().map(|b| (key, b.as_slice()))).await?;
@@ -1073,7 +1111,51 @@ pub fn control_id(call: CallSid, ev: &Event, at: Timestamp) -> EventId {
         Event::StreamStopped(st) => EventId::derive(id_kind::STREAM_STOPPED, &[c, stream_key(st.stream_sid, at)]),
         Event::StreamFault(f) => EventId::derive(id_kind::STREAM_FAULT, &[c, stream_key(f.stream_sid, at)]),
         Event::AudioShed(a) => EventId::derive(id_kind::AUDIO_SHED, &[c, u128::from(a.frames), at.as_micros() as u128]),
+        Event::SpeechHints(h) => {
+            EventId::derive(id_kind::SPEECH_HINTS, &[c, h.stream_sid.as_u128(), at.as_micros() as u128])
+        }
         _ => EventId::derive(0, &[c]),
+    }
+}
+
+/// Longest hints text a call keeps (Whisper's prompt holds the last 223 tokens of it anyway).
+pub const MAX_HINTS_CHARS: usize = 1000;
+
+/// A call's vocabulary hints: phrases joined with ", ", each once, in the order they came, at
+/// most [`MAX_HINTS_CHARS`] (phrases that do not fit are left out).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hints {
+    pub text: String,
+}
+
+impl Hints {
+    pub fn new(tenant: &str) -> Self {
+        let mut h = Self::default();
+        h.add(tenant);
+        h
+    }
+
+    /// Adds the phrases of `hints` (comma-separated, as Twilio's); true when the text changed.
+    pub fn add(&mut self, hints: &str) -> bool {
+        let mut changed = false;
+        for phrase in hints.split(',').map(|p| p.split_whitespace().collect::<Vec<_>>().join(" ")) {
+            if phrase.is_empty() || phrase.chars().any(char::is_control) {
+                continue;
+            }
+            if self.text.split(", ").any(|p| p.eq_ignore_ascii_case(&phrase)) {
+                continue;
+            }
+            let sep = if self.text.is_empty() { 0 } else { 2 };
+            if self.text.chars().count() + sep + phrase.chars().count() > MAX_HINTS_CHARS {
+                continue;
+            }
+            if sep > 0 {
+                self.text.push_str(", ");
+            }
+            self.text.push_str(&phrase);
+            changed = true;
+        }
+        changed
     }
 }
 
@@ -1294,6 +1376,18 @@ mod tests {
         assert!(c
             .apply(CallInput::StreamEnded { reason: StopReason::Disconnected, stream_sid: None }, t(31))
             .is_empty());
+    }
+
+    #[test]
+    fn hints_join_phrases_once_and_keep_their_bound() {
+        let mut h = Hints::new(" Kathryn  Smyth, voxgate ,, ");
+        assert_eq!(h.text, "Kathryn Smyth, voxgate");
+        assert!(!h.add("VOXGATE, kathryn smyth"), "phrases already there change nothing");
+        assert!(h.add("Zyxel\u{7}, Acme"), "a phrase with a control character is left out");
+        assert_eq!(h.text, "Kathryn Smyth, voxgate, Acme");
+        let long = "word ".repeat(300);
+        assert!(!h.add(&long), "a phrase that does not fit is left out");
+        assert!(h.text.chars().count() <= MAX_HINTS_CHARS);
     }
 
     #[test]

@@ -52,6 +52,7 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
         clock: clock.clone(),
         quota_slot: Some(Box::new(Released(released.clone()))),
         control: None,
+        hints: String::new(),
     };
     let actor = ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap();
     let queue = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
@@ -166,6 +167,7 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
         clock: clock.clone(),
         quota_slot: None,
         control: Some(twilio.clone()),
+        hints: String::new(),
     };
     let actor = ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap();
 

@@ -53,6 +53,11 @@ pub struct TenantFile {
     /// Call quotas for this tenant (default: `[quotas]`).
     #[serde(default)]
     pub quota: Option<Quota>,
+    /// Vocabulary hints for this tenant's calls (names, products, jargon; comma-separated, as
+    /// Twilio's `hints`), given to Whisper after `[stt] hints`. The REST API's `SpeechHints`
+    /// changes them.
+    #[serde(default)]
+    pub hints: String,
 }
 
 /// A config-file number: the number alone, or with its routing (IncomingPhoneNumbers' fields).
@@ -332,6 +337,7 @@ pub struct Tenant {
     pub routes: Vec<(String, NumberRouting)>,
     pub friendly_name: Option<String>,
     pub quota: Option<Quota>,
+    pub hints: String,
 }
 
 /// Text or JSON log lines.
@@ -610,6 +616,8 @@ impl Config {
             if let Some(q) = &t.quota {
                 q.validate().map_err(|e| invalid(&key("quota"), e.to_string()))?;
             }
+            voxgate_actors::tenancy::directory::check_hints(&t.hints)
+                .map_err(|e| invalid(&key("hints"), e.to_string()))?;
             tenants.push(Tenant {
                 account_sid,
                 auth_token: t.auth_token,
@@ -617,6 +625,7 @@ impl Config {
                 routes,
                 friendly_name: t.friendly_name,
                 quota: t.quota,
+                hints: t.hints.trim().to_owned(),
             });
         }
         if let Some(a) = &f.admin_token {

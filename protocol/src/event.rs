@@ -213,6 +213,8 @@ pub enum Event {
     SpeechProgress(SpeechProgress),
     PartialTranscript(PartialTranscript),
     AppRequest(AppRequest),
+    SpeechHintsSet(SpeechHintsSet),
+    SpeechHints(SpeechHints),
 }
 
 impl Event {
@@ -263,6 +265,8 @@ impl Event {
             Self::SpeechProgress(_) => "speech_progress",
             Self::PartialTranscript(_) => "partial_transcript",
             Self::AppRequest(_) => "app_request",
+            Self::SpeechHintsSet(_) => "speech_hints_set",
+            Self::SpeechHints(_) => "speech_hints",
         }
     }
 
@@ -313,6 +317,8 @@ impl Event {
             Self::SpeechProgress(p) => serde_json::to_value(p),
             Self::PartialTranscript(p) => serde_json::to_value(p),
             Self::AppRequest(p) => serde_json::to_value(p),
+            Self::SpeechHintsSet(p) => serde_json::to_value(p),
+            Self::SpeechHints(p) => serde_json::to_value(p),
         };
         r.unwrap_or_else(|e| serde_json::json!({ "payload_error": e.to_string() }))
     }
@@ -692,6 +698,26 @@ pub struct SpeechProgress {
     /// 16 kHz PCM16 little-endian of `[from_ms, end_ms)`.
     #[serde(with = "crate::bytes_b64")]
     pub pcm16le: Bytes,
+}
+
+/// The envelope's tenant set the vocabulary hints of its calls' speech (tenants log): words and
+/// phrases its callers are likely to say (names, products, jargon), given to Whisper as its
+/// initial prompt, as Twilio's `hints`. Empty: none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechHintsSet {
+    pub hints: String,
+}
+
+/// The vocabulary hints in force for a stream's speech from here on: the tenant's, then those of
+/// the call's real-time transcriptions (`<Transcription hints=…>`, REST `Hints`), joined. On the
+/// media log from the call actor (`track` None: every track of the stream), and on the speech log
+/// from the transcoder, once per track, in order with the segments, so the STT stage and a replay
+/// decode each segment with the same prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechHints {
+    pub stream_sid: StreamSid,
+    pub track: Option<Track>,
+    pub hints: String,
 }
 
 /// What the STT stage has heard so far of a segment still open (transcripts log): interim, not

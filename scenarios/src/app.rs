@@ -36,6 +36,8 @@ pub enum Behaviour {
     VoiceBot,
     /// The IVR, cacheable for a minute (`Cache-Control: public, max-age=60` and an ETag).
     Cacheable,
+    /// The IVR, its `<Transcription>` with these `hints`.
+    Hints(String),
 }
 
 /// One request the app received.
@@ -140,6 +142,10 @@ async fn handle(State(app): State<Arc<Inner>>, method: Method, uri: Uri, headers
     };
     match behaviour {
         Behaviour::Ivr => xml(ivr_twiml()),
+        Behaviour::Hints(h) => {
+            let h = h.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;");
+            xml(ivr_twiml().replace("name=\"live\"", &format!("name=\"live\" hints=\"{h}\"")))
+        }
         Behaviour::Slow(d) => {
             tokio::time::sleep(d).await;
             xml(ivr_twiml())

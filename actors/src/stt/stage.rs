@@ -22,6 +22,11 @@
 //!
 //! What is kept of open segments lives in memory only: after a restart the stage decodes the
 //! segments it did not see the start of when they close.
+//!
+//! Vocabulary hints ([`SpeechHints`], from the tenant and the call's transcriptions) reach the
+//! stage on the speech log before the segments they apply to; each segment is decoded with the
+//! node's `[stt] hints` and its track's hints as Whisper's prompt ([`prompt_hints`]), in batches of
+//! one prompt. A track's hints are stage state too, so a restart decodes with them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -32,7 +37,9 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
-use voxgate_protocol::event::{Event, PartialTranscript, SpeechProgress, SpeechSegment, Track, Transcript};
+use voxgate_protocol::event::{
+    Event, PartialTranscript, SpeechHints, SpeechProgress, SpeechSegment, Track, Transcript,
+};
 use voxgate_protocol::{Clock, Envelope, EventId, StreamSid};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
@@ -40,8 +47,27 @@ use super::decode::{DecodeOptions, Transcriber, Transcription};
 use crate::call::id_kind;
 use crate::progress::Progress;
 
-/// The stage's cursor name on the speech log.
+/// The stage's cursor name on the speech log (and the name of its state).
 pub const CURSOR: &str = "stt";
+
+/// The text of Whisper's prompt for a segment: the node's hints, then its track's (the prompt
+/// keeps the last tokens, so the more specific hints come last).
+pub fn prompt_hints(node: &str, track: &str) -> String {
+    match (node.trim(), track.trim()) {
+        ("", t) => t.to_owned(),
+        (n, "") => n.to_owned(),
+        (n, t) => format!("{n}, {t}"),
+    }
+}
+
+/// A track's hints in the stage's state.
+fn hints_key(stream: StreamSid, track: Track) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[0] = b'h';
+    k[1..17].copy_from_slice(&stream.as_u128().to_be_bytes());
+    k[17] = track as u8;
+    k
+}
 
 /// Why the STT pool could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +86,8 @@ struct PoolJob {
     cancel: Option<Arc<AtomicBool>>,
     /// Decode greedily whatever the beam width (partial results: interim, and cheap).
     greedy: bool,
+    /// Whisper's prompt text for every clip of the job.
+    hints: Arc<str>,
     reply: oneshot::Sender<Result<(Vec<Transcription>, Duration), JobError>>,
 }
 
@@ -112,6 +140,8 @@ pub struct SttPool {
     jobs: SyncSender<PoolJob>,
     workers: usize,
     model_id: String,
+    /// The node's `[stt] hints`.
+    hints: String,
 }
 
 impl SttPool {
@@ -119,6 +149,7 @@ impl SttPool {
     /// every worker is ready, so a bad model fails at start-up, not on the first call.
     pub fn start(model_dir: &Path, workers: usize, options: DecodeOptions) -> Result<Self, PoolError> {
         let workers = workers.max(1);
+        let hints = options.hints.clone();
         let (tx, rx) = sync_channel::<PoolJob>(workers * 2);
         let rx = Arc::new(Mutex::new(rx));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -142,7 +173,12 @@ impl SttPool {
         }
         let model_id = model_identity(model_dir)
             .map_err(|e| PoolError::Model { dir: model_dir.display().to_string(), reason: e.to_string() })?;
-        Ok(Self { jobs: tx, workers, model_id })
+        Ok(Self { jobs: tx, workers, model_id, hints })
+    }
+
+    /// The prompt text of a track with these hints (the node's first).
+    pub fn prompt(&self, track_hints: &str) -> Arc<str> {
+        prompt_hints(&self.hints, track_hints).into()
     }
 
     /// How many workers run.
@@ -162,11 +198,12 @@ impl SttPool {
         clips: Vec<Vec<f32>>,
         cancel: Option<Arc<AtomicBool>>,
         greedy: bool,
+        hints: Arc<str>,
     ) -> Result<(Vec<Transcription>, Duration), JobError> {
         let (reply, rx) = oneshot::channel();
         let jobs = self.jobs.clone();
         // The queue is bounded: wait for room off the runtime.
-        tokio::task::spawn_blocking(move || jobs.send(PoolJob { clips, cancel, greedy, reply }))
+        tokio::task::spawn_blocking(move || jobs.send(PoolJob { clips, cancel, greedy, hints, reply }))
             .await
             .map_err(|e| JobError::Failed(e.to_string()))?
             .map_err(|_| JobError::Failed("stt workers are gone".into()))?;
@@ -202,8 +239,8 @@ fn worker(
         };
         let started = Instant::now();
         let want = if job.greedy { &greedy } else { &options };
-        if t.options() != want {
-            t.set_options(want.clone());
+        if t.options().hints.as_str() != &*job.hints || t.options().beam_size != want.beam_size {
+            t.set_options(DecodeOptions { hints: job.hints.to_string(), ..want.clone() });
         }
         let refs: Vec<&[f32]> = job.clips.iter().map(|c| c.as_slice()).collect();
         let r =
@@ -251,6 +288,8 @@ pub struct SttState {
     partials: bool,
     /// Each track's open segment, as its pieces told it.
     open: HashMap<(StreamSid, Track), Heard>,
+    /// Each track's prompt text (the node's hints and the track's), as the speech log told it.
+    hints: HashMap<(StreamSid, Track), Arc<str>>,
 }
 
 /// What to do with an open segment at the end of a read.
@@ -273,6 +312,8 @@ struct Heard {
     end_ms: u64,
     /// 16 kHz audio of `[start_ms, end_ms)`.
     pcm: Vec<f32>,
+    /// The prompt it is decoded with.
+    hints: Arc<str>,
     want: Want,
     /// A decode of the audio up to a pause.
     speculative: Option<Speculative>,
@@ -281,6 +322,7 @@ struct Heard {
 }
 
 struct Speculative {
+    hints: Arc<str>,
     end_ms: u64,
     samples: usize,
     result: Transcription,
@@ -292,7 +334,15 @@ enum Job {
     /// A closed segment: `pending[i]`.
     Final(usize),
     /// An open segment's audio up to `end_ms`.
-    Open { key: (StreamSid, Track), index: u32, start_ms: u64, end_ms: u64, samples: usize, speculative: bool },
+    Open {
+        key: (StreamSid, Track),
+        index: u32,
+        start_ms: u64,
+        end_ms: u64,
+        samples: usize,
+        speculative: bool,
+        hints: Arc<str>,
+    },
 }
 
 /// Recently transcribed segment ids, to skip a segment that appears twice in the log.
@@ -344,6 +394,7 @@ impl Actor for SttStage {
             clock: args.clock,
             partials: args.partials,
             open: HashMap::new(),
+            hints: HashMap::new(),
         })
     }
 
@@ -369,12 +420,19 @@ impl Actor for SttStage {
 struct Pending {
     env: Envelope,
     clip: Vec<f32>,
+    hints: Arc<str>,
     /// Decoded already at the pause where it ended.
     ready: Option<(Transcription, u32)>,
 }
 
 /// Takes a piece of an open segment into what the stage has heard of it.
-fn take_piece(open: &mut HashMap<(StreamSid, Track), Heard>, env: &Envelope, p: &SpeechProgress, partials: bool) {
+fn take_piece(
+    open: &mut HashMap<(StreamSid, Track), Heard>,
+    env: &Envelope,
+    p: &SpeechProgress,
+    partials: bool,
+    hints: Arc<str>,
+) {
     let Some(call) = env.call else { return };
     let key = (p.stream_sid, p.track);
     let same = |h: &Heard| h.index == p.index && h.start_ms == p.start_ms;
@@ -398,6 +456,7 @@ fn take_piece(open: &mut HashMap<(StreamSid, Track), Heard>, env: &Envelope, p: 
                     start_ms: p.start_ms,
                     end_ms: p.end_ms,
                     pcm: pcm_f32(&p.pcm16le).collect(),
+                    hints: hints.clone(),
                     want: Want::Nothing,
                     speculative: None,
                     partials: 0,
@@ -415,6 +474,7 @@ fn take_piece(open: &mut HashMap<(StreamSid, Track), Heard>, env: &Envelope, p: 
     }
     if let Some(h) = open.get_mut(&key) {
         h.occurred_at = env.occurred_at;
+        h.hints = hints;
         h.want = if p.paused {
             Want::Speculative
         } else if partials {
@@ -440,6 +500,7 @@ fn speculated(
     open: &mut HashMap<(StreamSid, Track), Heard>,
     seg: &SpeechSegment,
     clip: &[f32],
+    hints: &str,
 ) -> Option<(Transcription, u32)> {
     let key = (seg.stream_sid, seg.track);
     let h = open.remove(&key)?;
@@ -449,6 +510,7 @@ fn speculated(
     }
     let spec = h.speculative.as_ref()?;
     let fits = h.index == seg.index
+        && *spec.hints == *hints
         && h.start_ms == seg.start_ms
         && spec.end_ms == seg.end_ms
         && spec.samples == clip.len()
@@ -494,18 +556,30 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                     if let Some(old) = s.open.remove(&(e.stream_sid, e.track)) {
                         wasted(&old);
                     }
+                    if s.hints.remove(&(e.stream_sid, e.track)).is_some() {
+                        s.log.delete_state(CURSOR, &hints_key(e.stream_sid, e.track))?;
+                    }
                     // Passed on after this batch's transcripts: the track's last one is in before it.
                     let id = EventId::derive(id_kind::TRANSCRIPTS_ENDED, &[e.stream_sid.as_u128(), e.track as u128]);
                     ended.push(Envelope { event_id: id, ..env.clone() });
                 }
-                Event::SpeechProgress(piece) => take_piece(&mut s.open, &env, piece, s.partials),
+                Event::SpeechHints(SpeechHints { stream_sid, track: Some(track), hints }) => {
+                    let key = (*stream_sid, *track);
+                    s.log.put_state(CURSOR, &hints_key(key.0, key.1), hints.as_bytes())?;
+                    s.hints.insert(key, s.pool.prompt(hints));
+                }
+                Event::SpeechProgress(piece) => {
+                    let hints = track_hints(s, piece.stream_sid, piece.track)?;
+                    take_piece(&mut s.open, &env, piece, s.partials, hints);
+                }
                 Event::SpeechSegment(seg) => {
                     if !s.recent.insert(env.event_id) {
                         continue;
                     }
+                    let hints = track_hints(s, seg.stream_sid, seg.track)?;
                     let clip: Vec<f32> = pcm_f32(&seg.pcm16le).collect();
-                    let ready = speculated(&mut s.open, seg, &clip);
-                    pending.push(Pending { env, clip, ready });
+                    let ready = speculated(&mut s.open, seg, &clip, &hints);
+                    pending.push(Pending { env, clip, hints, ready });
                 }
                 _ => {}
             }
@@ -515,11 +589,11 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     // Finals alone when there are any (work on open segments would only delay them); else the
     // open segments whose speaker paused; partials only while a worker would be idle.
     let mut jobs: Vec<Job> = Vec::new();
-    let mut clips: Vec<Vec<f32>> = Vec::new();
+    let mut clips: Vec<(Arc<str>, Vec<f32>)> = Vec::new();
     for (i, p) in pending.iter_mut().enumerate() {
         if p.ready.is_none() {
             jobs.push(Job::Final(i));
-            clips.push(std::mem::take(&mut p.clip));
+            clips.push((p.hints.clone(), std::mem::take(&mut p.clip)));
         }
     }
     let finals = jobs.len();
@@ -546,8 +620,9 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             end_ms: h.end_ms,
             samples: h.pcm.len(),
             speculative,
+            hints: h.hints.clone(),
         });
-        clips.push(h.pcm.clone());
+        clips.push((h.hints.clone(), h.pcm.clone()));
     }
     if speculative_skipped > 0 {
         metrics::counter!("voxgate_stt_speculative_total", "outcome" => "skipped").increment(speculative_skipped);
@@ -592,7 +667,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     for (job, r) in jobs.into_iter().zip(results) {
         match job {
             Job::Final(i) => pending[i].ready = r,
-            Job::Open { key, index, start_ms, end_ms, samples, speculative } => {
+            Job::Open { key, index, start_ms, end_ms, samples, speculative, hints } => {
                 let Some((t, took_ms)) = r else {
                     match cancelled {
                         Some(Cancelled::Finals) if speculative => {
@@ -616,7 +691,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                     if h.speculative.is_some() {
                         metrics::counter!("voxgate_stt_speculative_total", "outcome" => "dropped").increment(1);
                     }
-                    h.speculative = Some(Speculative { end_ms, samples, result: t.clone(), took_ms });
+                    h.speculative = Some(Speculative { hints, end_ms, samples, result: t.clone(), took_ms });
                 }
                 if s.partials && t.rejected.is_none() && !t.text.is_empty() && t.text != h.last_partial {
                     h.partials += 1;
@@ -716,29 +791,43 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     Ok(more)
 }
 
-/// Transcribes clips split across the workers (each batch goes through the encoder together);
-/// one result per clip, in order, with its share of the batch's time in ms (`None`: failed,
-/// counted and logged).
+/// Transcribes clips, each with its prompt, split across the workers: clips of one prompt go
+/// through the encoder together, in batches of about `clips / workers`. One result per clip, in
+/// order, with its share of its batch's time in ms (`None`: failed, counted and logged).
 async fn transcribe(
     pool: &Arc<SttPool>,
-    mut clips: Vec<Vec<f32>>,
+    clips: Vec<(Arc<str>, Vec<f32>)>,
     cancel: Option<Arc<AtomicBool>>,
     greedy: bool,
 ) -> Vec<Option<(Transcription, u32)>> {
     let total = clips.len();
     let workers = pool.workers().min(total).max(1);
     let chunk = total.div_ceil(workers);
-    let mut batches = Vec::new();
-    while !clips.is_empty() {
-        let rest = clips.split_off(chunk.min(clips.len()));
-        let batch = std::mem::replace(&mut clips, rest);
-        let n = batch.len();
+    // Clips by prompt, in first-seen order; each batch remembers where its clips came from.
+    struct Group {
+        hints: Arc<str>,
+        at: Vec<usize>,
+        clips: Vec<Vec<f32>>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, (hints, clip)) in clips.into_iter().enumerate() {
+        match groups.iter_mut().find(|g| g.hints == hints && g.at.len() < chunk) {
+            Some(g) => {
+                g.at.push(i);
+                g.clips.push(clip);
+            }
+            None => groups.push(Group { hints, at: vec![i], clips: vec![clip] }),
+        }
+    }
+    let mut batches = Vec::with_capacity(groups.len());
+    for Group { hints, at, clips: batch } in groups {
         let pool = pool.clone();
         let cancel = cancel.clone();
-        batches.push((n, tokio::spawn(async move { pool.transcribe(batch, cancel, greedy).await })));
+        batches.push((at, tokio::spawn(async move { pool.transcribe(batch, cancel, greedy, hints).await })));
     }
-    let mut results = Vec::with_capacity(total);
-    for (n, job) in batches {
+    let mut results: Vec<Option<(Transcription, u32)>> = (0..total).map(|_| None).collect();
+    for (at, job) in batches {
+        let n = at.len();
         let outcome = match job.await {
             Ok(r) => r,
             Err(e) => Err(JobError::Failed(e.to_string())),
@@ -746,18 +835,34 @@ async fn transcribe(
         match outcome {
             Ok((ts, took)) => {
                 let share = (took.as_millis() as u64 / n.max(1) as u64) as u32;
-                results.extend(ts.into_iter().map(|t| Some((t, share))));
+                for (i, t) in at.into_iter().zip(ts) {
+                    if let Some(r) = results.get_mut(i) {
+                        *r = Some((t, share));
+                    }
+                }
             }
-            Err(JobError::Cancelled) => results.extend((0..n).map(|_| None)),
+            Err(JobError::Cancelled) => {}
             Err(JobError::Failed(why)) => {
                 metrics::counter!("twilio_stt_errors_total", "error_type" => "model").increment(n as u64);
                 tracing::error!(stage = "stt", segments = n, error = %why, "transcription failed");
-                results.extend((0..n).map(|_| None));
             }
         }
     }
-    results.resize_with(total, || None);
     results
+}
+
+/// A track's prompt text: as the speech log told it, or (after a restart) as the stage's state
+/// kept it.
+fn track_hints(s: &mut SttState, stream: StreamSid, track: Track) -> Result<Arc<str>, StorageError> {
+    if let Some(h) = s.hints.get(&(stream, track)) {
+        return Ok(h.clone());
+    }
+    let kept = s.log.get_state(CURSOR, &hints_key(stream, track))?;
+    let hints = s.pool.prompt(&String::from_utf8_lossy(kept.as_deref().unwrap_or_default()));
+    if kept.is_some() {
+        s.hints.insert((stream, track), hints.clone());
+    }
+    Ok(hints)
 }
 
 /// Why a batch of open segments was cancelled.

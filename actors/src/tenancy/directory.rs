@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use voxgate_protocol::event::{
     CallerBlocked, CallerUnblocked, NumberAssigned, NumberReleased, NumberRouted, NumberRouting, OperatorStatusSet,
-    QuotaSet, TenantCreated, TenantStatus, TenantUpdated,
+    QuotaSet, SpeechHintsSet, TenantCreated, TenantStatus, TenantUpdated,
 };
 use voxgate_protocol::{AccountSid, Envelope, Event, PhoneNumberSid, Timestamp};
 
@@ -66,6 +66,8 @@ pub struct TenantRecord {
     pub from_config: bool,
     /// The operator suspended or closed it: only the operator reactivates it (not its parent).
     pub operator_hold: bool,
+    /// Vocabulary hints for its calls' speech (Whisper's initial prompt); empty: none.
+    pub hints: String,
 }
 
 /// One phone number and its owner.
@@ -169,6 +171,15 @@ pub fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), Ten
     Ok(())
 }
 
+/// Vocabulary hints are at most [`limits::HINTS`] characters, without control characters.
+pub fn check_hints(hints: &str) -> Result<(), TenancyError> {
+    check_len("Hints", hints, limits::HINTS)?;
+    if hints.chars().any(char::is_control) {
+        return Err(TenancyError::Invalid { field: "Hints", reason: "must not hold control characters".into() });
+    }
+    Ok(())
+}
+
 /// A config-file tenant, as the node hands it over.
 #[derive(Debug, Clone)]
 pub struct SeedTenant {
@@ -178,6 +189,8 @@ pub struct SeedTenant {
     /// Each number with its routing (the config file's `numbers`).
     pub numbers: Vec<(String, NumberRouting)>,
     pub quota: Option<Quota>,
+    /// Vocabulary hints for its calls' speech (the config file's `hints`).
+    pub hints: String,
 }
 
 /// The projection.
@@ -212,6 +225,7 @@ impl Directory {
                     updated_at: Timestamp(0),
                     from_config: true,
                     operator_hold: false,
+                    hints: s.hints.clone(),
                 },
             );
             for (n, routing) in &s.numbers {
@@ -444,6 +458,14 @@ impl Directory {
         }))
     }
 
+    /// The vocabulary hints of the tenant's calls: comma-separated words and phrases, at most
+    /// [`limits::HINTS`] characters, no control characters; empty clears them.
+    pub fn set_hints(&self, tenant: AccountSid, hints: &str) -> Result<Event, TenancyError> {
+        self.tenants.get(&tenant).ok_or_else(|| TenancyError::NotFound(format!("account {tenant}")))?;
+        check_hints(hints)?;
+        Ok(Event::SpeechHintsSet(SpeechHintsSet { hints: hints.trim().to_owned() }))
+    }
+
     pub fn block_caller(
         &self,
         tenant: AccountSid,
@@ -495,6 +517,7 @@ impl Directory {
                         updated_at: at,
                         from_config: false,
                         operator_hold: false,
+                        hints: String::new(),
                     },
                 );
             }
@@ -563,6 +586,12 @@ impl Directory {
                     t.updated_at = at;
                 }
             }
+            Event::SpeechHintsSet(h) => {
+                if let Some(t) = self.tenants.get_mut(&sid) {
+                    t.hints.clone_from(&h.hints);
+                    t.updated_at = at;
+                }
+            }
             Event::CallerBlocked(b) => {
                 self.blocks
                     .entry(sid)
@@ -627,6 +656,7 @@ mod tests {
             friendly_name: Some("A".into()),
             numbers: vec![("+14155550100".into(), Default::default())],
             quota: None,
+            hints: String::new(),
         }]);
         let s = sealer();
         run(&mut d, B, 1, |d| d.create_tenant(B, None, "B", s.seal(B, "token-of-b-123456", [1; 12]))).unwrap();
@@ -655,6 +685,21 @@ mod tests {
         // A parent reaches its subaccount; nobody reaches an unrelated tenant.
         assert!(d.may_access(A, SUB) && d.may_access(A, A));
         assert!(!d.may_access(A, B) && !d.may_access(B, A) && !d.may_access(SUB, A));
+    }
+
+    #[test]
+    fn hints_are_checked_set_and_cleared_per_tenant() {
+        let mut d = directory();
+        run(&mut d, B, 3, |d| d.set_hints(B, "  Kathryn Smyth, voxgate ")).unwrap();
+        assert_eq!(d.tenant(B).map(|t| t.hints.as_str()), Some("Kathryn Smyth, voxgate"));
+        assert_eq!(d.tenant(A).map(|t| t.hints.as_str()), Some(""), "another tenant's hints are its own");
+        let long = d.set_hints(B, &"x".repeat(limits::HINTS + 1));
+        assert!(matches!(long, Err(TenancyError::Invalid { field: "Hints", .. })));
+        let control = d.set_hints(B, "a\u{0}b");
+        assert!(matches!(control, Err(TenancyError::Invalid { field: "Hints", .. })));
+        assert!(matches!(d.set_hints(AccountSid::from_u128(0xee), "x"), Err(TenancyError::NotFound(_))));
+        run(&mut d, B, 4, |d| d.set_hints(B, "")).unwrap();
+        assert_eq!(d.tenant(B).map(|t| t.hints.as_str()), Some(""));
     }
 
     #[test]

@@ -164,6 +164,7 @@ mod tests {
             friendly_name: None,
             numbers: vec![(n.into(), Default::default())],
             quota: None,
+            hints: String::new(),
         };
         d.seed(&[seed(A, "+14155550100"), seed(B, "+14155550200")]);
         Gate::new(d, CallerConfig { max_calls_per_window: 3, ..Default::default() })

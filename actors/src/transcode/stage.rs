@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use voxgate_protocol::event::{Event, SpeechEnded, SpeechProgress, SpeechSegment, Track};
+use voxgate_protocol::event::{Event, SpeechEnded, SpeechHints, SpeechProgress, SpeechSegment, Track};
 use voxgate_protocol::{AccountSid, CallSid, Envelope, EventId, StreamSid, Timestamp};
 use voxgate_storage::{topics, Log, Record, StorageError};
 
@@ -208,6 +208,21 @@ async fn poll_partition(s: &mut TranscodeState, p: u32) -> Result<bool, StorageE
                 open.transcoder.push(b.start_ms, &b.payload, &mut s.segments);
                 open.transcoder.take_progress(&mut s.pieces);
                 emit(open, key, env.occurred_at, &mut s.segments, &mut s.pieces, &mut out, &mut out_keys);
+            }
+            Event::SpeechHints(h) if h.track.is_none() => {
+                // On to the speech log, once per open track, in order with its segments.
+                for track in [Track::Inbound, Track::Outbound] {
+                    let Some(open) = part.streams.get(&(h.stream_sid, track)) else { continue };
+                    let hints = Envelope {
+                        event_id: EventId::derive(id_kind::SPEECH_HINTS, &[env.event_id.0, track as u128]),
+                        tenant: open.tenant,
+                        call: Some(open.call),
+                        occurred_at: env.occurred_at,
+                        payload: Event::SpeechHints(SpeechHints { track: Some(track), ..h.clone() }),
+                    };
+                    out.push(voxgate_protocol::encode(&hints));
+                    out_keys.push(open.call.partition_key());
+                }
             }
             Event::StreamStopped(st) => {
                 let Some(sid) = st.stream_sid else { continue };

@@ -234,6 +234,12 @@ pub fn describe(ev: &Event) -> String {
             t.text
         ),
         Event::TranscriptionStopped(t) => format!("real-time transcription {} stopped ({})", t.sid, t.reason),
+        Event::SpeechHintsSet(h) => format!("vocabulary hints of the account's calls set to {:?}", h.hints),
+        Event::SpeechHints(h) => format!(
+            "vocabulary hints for {} from here on: {:?}",
+            h.track.map_or("the stream's speech", |t| t.party()),
+            h.hints
+        ),
         Event::AppRequest(r) => format!(
             "{} request to the app: {} {} with {} parameters",
             r.purpose.as_str(),
@@ -500,8 +506,23 @@ pub async fn run(
         }
         Some("stt") => {
             let (model_dir, options) = stt.context("--stage stt needs the [stt] model_dir of the config")?;
-            let segments: Vec<&Entry> =
-                entries.iter().filter(|e| matches!(e.env.payload, Event::SpeechSegment(_))).collect();
+            // The segments, each with its track's hints as the speech log had them before it.
+            let mut track_hints: std::collections::HashMap<Track, String> = std::collections::HashMap::new();
+            let mut segments: Vec<(&Entry, String)> = Vec::new();
+            for e in &entries {
+                match &e.env.payload {
+                    Event::SpeechHints(h) => {
+                        if let Some(track) = h.track {
+                            track_hints.insert(track, h.hints.clone());
+                        }
+                    }
+                    Event::SpeechSegment(seg) => {
+                        let hints = track_hints.get(&seg.track).map(String::as_str).unwrap_or_default();
+                        segments.push((e, voxgate_actors::stt::stage::prompt_hints(&options.hints, hints)));
+                    }
+                    _ => {}
+                }
+            }
             let recorded: std::collections::HashMap<(Track, u32), &voxgate_protocol::event::Transcript> = entries
                 .iter()
                 .filter_map(|e| match &e.env.payload {
@@ -511,10 +532,15 @@ pub async fn run(
                 .collect();
             let mut t = voxgate_actors::stt::decode::Transcriber::load(model_dir)
                 .map_err(|e| anyhow::anyhow!("{e} (run nodes/deploy/fetch-model.sh)"))?;
-            t.set_options(options);
             let mut differences = 0;
-            for e in &segments {
+            for (e, hints) in &segments {
                 let Event::SpeechSegment(seg) = &e.env.payload else { continue };
+                if t.options().hints != *hints {
+                    t.set_options(voxgate_actors::stt::decode::DecodeOptions {
+                        hints: hints.clone(),
+                        ..options.clone()
+                    });
+                }
                 let clip: Vec<f32> = seg
                     .pcm16le
                     .chunks_exact(2)

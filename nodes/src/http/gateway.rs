@@ -697,8 +697,10 @@ pub async fn answer(
             }
         }
     }
+    let mut hints: Vec<String> = Vec::new();
     let (twiml, answered) = match outcome {
         Some((r, base)) => {
+            hints.extend(r.transcriptions.iter().filter_map(|t| t.get("hints")).map(str::to_owned));
             let sids: Vec<String> = (0..r.transcriptions.len()).map(|n| transcription_sid(call, n as u128)).collect();
             for (n, (t, sid)) in r.transcriptions.iter().zip(&sids).enumerate() {
                 events.push((
@@ -746,6 +748,9 @@ pub async fn answer(
     events.push((EventId::derive(id_kind::GATEWAY_ANSWERED, &[call.as_u128()]), Event::GatewayAnswered(answered)));
     if let Err(r) = append_events(state, tenant, call, events).await {
         return r;
+    }
+    for h in hints {
+        add_hints(call, h);
     }
     metrics::histogram!("voxgate_gateway_added_seconds")
         .record(started.elapsed().saturating_sub(app_time).as_secs_f64());
@@ -845,7 +850,23 @@ pub async fn start_transcription(
     let started = transcription_started(sid, &request, None, "rest");
     let id = EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n, 1]);
     append(state, tenant, call, vec![(id, Event::TranscriptionStarted(started.clone()))]).await?;
+    if let Some(h) = request.get("hints") {
+        add_hints(call, h.to_owned());
+    }
     Ok(started)
+}
+
+/// A transcription's `hints` join the call's vocabulary hints (its actor records them on the
+/// media log, in order with the audio they apply to).
+fn add_hints(call: CallSid, hints: String) {
+    if hints.trim().is_empty() {
+        return;
+    }
+    if let Some(actor) = voxgate_actors::call::CallActor::find(call) {
+        if actor.cast(voxgate_actors::call::CallMsg::AddHints(hints)).is_err() {
+            tracing::warn!(stage = "gateway", call_sid = %call, "the call ended before its transcription's hints reached it");
+        }
+    }
 }
 
 /// `POST …/Calls/{CA}/Transcriptions/{GT…|name}.json` with `Status=stopped`.

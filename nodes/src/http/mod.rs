@@ -86,6 +86,7 @@ impl AppState {
             clock: self.clock.clone(),
             quota_slot: Some(Box::new(slot)),
             control: Some(self.control.clone()),
+            hints: self.tenancy.read(|d| d.tenant(tenant).map(|t| t.hints.clone())).unwrap_or_default(),
         };
         ractor::call!(self.supervisor, |reply: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), reply))
     }

@@ -239,6 +239,7 @@ impl Tenancy {
                 friendly_name: t.friendly_name.clone(),
                 numbers: t.routes.clone(),
                 quota: t.quota,
+                hints: t.hints.clone(),
             })
             .collect();
         directory.seed(&seeds);

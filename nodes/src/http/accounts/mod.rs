@@ -1,6 +1,7 @@
 //! Twilio-shaped REST for tenants under `/2010-04-01/`, one module per resource: Accounts
 //! (`tenants`), IncomingPhoneNumbers (`numbers`), Usage records, triggers and invoices (`usage`),
-//! call Transcriptions (`calls`), and voxgate's own Quotas and BlockedNumbers (`restrictions`).
+//! call Transcriptions (`calls`), voxgate's own Quotas and BlockedNumbers (`restrictions`) and
+//! SpeechHints (`speech`).
 //! This module authenticates (HTTP Basic), throttles per tenant and checks account access once
 //! for all of them, and holds Twilio's JSON shapes they share (snake_case fields, RFC 2822 dates,
 //! the paging envelope, `{code, message, more_info, status}` errors).
@@ -12,6 +13,7 @@
 mod calls;
 mod numbers;
 mod restrictions;
+mod speech;
 mod tenants;
 mod usage;
 
@@ -58,6 +60,8 @@ enum Resource {
     Numbers(AccountSid),
     Number(AccountSid, PhoneNumberSid),
     Quotas(AccountSid),
+    /// `SpeechHints.json` (voxgate's own): the account's vocabulary hints.
+    SpeechHints(AccountSid),
     Blocks(AccountSid),
     Block(AccountSid, String),
     /// `Usage/Records.json` (None) or `Usage/Records/{Daily,…}.json`.
@@ -80,6 +84,7 @@ impl Resource {
             Self::Accounts | Self::Account(_) => "accounts",
             Self::Numbers(_) | Self::Number(..) => "incoming_phone_numbers",
             Self::Quotas(_) => "quotas",
+            Self::SpeechHints(_) => "speech_hints",
             Self::Blocks(_) | Self::Block(..) => "blocked_numbers",
             Self::UsageRecords(..) => "usage_records",
             Self::Triggers(_) | Self::Trigger(..) => "usage_triggers",
@@ -100,6 +105,7 @@ impl Resource {
                 Self::Number(sid(a)?, PhoneNumberSid::parse(n.strip_suffix(".json")?).ok()?)
             }
             ["Accounts", a, "Quotas.json"] => Self::Quotas(sid(a)?),
+            ["Accounts", a, "SpeechHints.json"] => Self::SpeechHints(sid(a)?),
             ["Accounts", a, "BlockedNumbers.json"] => Self::Blocks(sid(a)?),
             ["Accounts", a, "Usage", "Records.json"] => Self::UsageRecords(sid(a)?, None),
             ["Accounts", a, "Usage", "Records", sub] => {
@@ -376,6 +382,7 @@ async fn handle(
         | Resource::Numbers(a)
         | Resource::Number(a, _)
         | Resource::Quotas(a)
+        | Resource::SpeechHints(a)
         | Resource::Blocks(a)
         | Resource::Block(a, _)
         | Resource::UsageRecords(a, _)
@@ -397,6 +404,7 @@ async fn handle(
         Resource::Accounts | Resource::Account(_) => tenants::handle(&cx, method, res).await,
         Resource::Numbers(_) | Resource::Number(..) => numbers::handle(&cx, method, res).await,
         Resource::Quotas(_) | Resource::Blocks(_) | Resource::Block(..) => restrictions::handle(&cx, method, res).await,
+        Resource::SpeechHints(_) => speech::handle(&cx, method, res).await,
         Resource::UsageRecords(..) | Resource::Invoice(..) | Resource::Triggers(_) | Resource::Trigger(..) => {
             usage::handle(&cx, method, res).await
         }
