@@ -12,19 +12,19 @@
 //! before each flush.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::engine::{describe, record_key, Engine, VALUES_SYNCED};
-use super::{partition_for, Inner, Log, Position, StorageError};
+use super::backend::Backend;
+use super::engine::{describe, Engine, VALUES_SYNCED};
+use super::{Inner, Log, StorageError};
 use crate::values::Mark;
 
 pub(super) struct Waiter {
-    topic: Option<(usize, u32, u64)>,
-    done: oneshot::Sender<Result<(), StorageError>>,
+    pub(super) topic: Option<(usize, u32, u64)>,
+    pub(super) done: oneshot::Sender<Result<(), StorageError>>,
 }
 
 impl Inner {
@@ -32,7 +32,7 @@ impl Inner {
     /// the mark the last successful flush made durable (the committer's; `None` after a failure):
     /// the mark is written again whenever it moved since.
     pub(super) fn flush(&self, engine: &Engine, recorded: &mut Option<Mark>) -> Result<(), StorageError> {
-        let mark = match &self.values {
+        let mark = match self.backend.values() {
             Some(values) => {
                 let mark = values.sync()?;
                 if *recorded != Some(mark) {
@@ -58,103 +58,6 @@ impl Log {
 
     pub(super) async fn await_durable(rx: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), StorageError> {
         rx.await.map_err(|_| StorageError::Closed)?
-    }
-
-    /// One append to the local log, once: its offset when durable.
-    pub(super) async fn append_local(&self, ti: usize, partition: u32, payload: &[u8]) -> Result<u64, StorageError> {
-        let (offset, rx) = self.insert(ti, partition, payload)?;
-        Self::await_durable(rx).await?;
-        Ok(offset)
-    }
-
-    /// Appends `items` to the local log with one flush, once.
-    pub(super) async fn append_many_local(
-        &self,
-        ti: usize,
-        partitions: u32,
-        items: &[(u64, &[u8])],
-        out: &mut Vec<Position>,
-    ) -> Result<(), StorageError> {
-        out.clear();
-        match self.insert_many(ti, partitions, items.iter().copied(), Some(out))? {
-            Some(rx) => Self::await_durable(rx).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Inserts `items`, each to its key's partition (their positions into `out`); the receiver of
-    /// the last one covers them all, since one flush makes every earlier insert durable too.
-    pub(super) fn insert_many<'a>(
-        &self,
-        ti: usize,
-        partitions: u32,
-        items: impl Iterator<Item = (u64, &'a [u8])>,
-        mut out: Option<&mut Vec<Position>>,
-    ) -> Result<Option<oneshot::Receiver<Result<(), StorageError>>>, StorageError> {
-        let mut last = None;
-        for (key, payload) in items {
-            let partition = partition_for(key, partitions);
-            let (offset, rx) = self.insert(ti, partition, payload)?;
-            if let Some(out) = out.as_deref_mut() {
-                out.push(Position { partition, offset });
-            }
-            last = Some(rx);
-        }
-        Ok(last)
-    }
-
-    pub(super) fn insert(
-        &self,
-        ti: usize,
-        partition: u32,
-        payload: &[u8],
-    ) -> Result<(u64, oneshot::Receiver<Result<(), StorageError>>), StorageError> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(StorageError::Closed);
-        }
-        if let Some(why) = self.write_failure() {
-            return Err(StorageError::Unavailable(why));
-        }
-        let t = &self.inner.topics[ti];
-        let part = &t.partitions[partition as usize];
-        let now = self.inner.clock.now();
-        let bulk = self.inner.values.as_ref().filter(|_| t.spec.bulk);
-        let inline = || {
-            let mut value = Vec::with_capacity(8 + payload.len());
-            value.extend_from_slice(&now.as_micros().to_be_bytes());
-            value.extend_from_slice(payload);
-            sled::IVec::from(value)
-        };
-        let (tx, rx) = oneshot::channel();
-        let offset = {
-            // Engine before partition: the order a reopen takes them in.
-            let engine = self.engine()?;
-            let mut next = part.next.lock().map_err(|_| StorageError::Closed)?;
-            let offset = *next;
-            // Under the partition's lock, so a partition's values are in the file in offset order.
-            let value = match bulk {
-                Some(v) => match v.append(now.as_micros(), payload) {
-                    Ok(ptr) => sled::IVec::from(&ptr.encode()[..]),
-                    Err(StorageError::Unavailable(why)) => {
-                        drop((next, engine));
-                        self.inner.fail(why.clone());
-                        return Err(StorageError::Unavailable(why));
-                    }
-                    Err(e) => return Err(e),
-                },
-                None => inline(),
-            };
-            if let Err(e) = engine.trees[ti].insert(record_key(partition, offset), value) {
-                drop((next, engine));
-                let why = describe(&e);
-                self.inner.fail(why.clone());
-                return Err(StorageError::Unavailable(why));
-            }
-            *next += 1;
-            offset
-        };
-        self.inner.commits.push(Waiter { topic: Some((ti, partition, offset)), done: tx })?;
-        Ok((offset, rx))
     }
 }
 

@@ -3,39 +3,18 @@
 //! [`super::engine`]); on a cluster node those trees cache the JetStream buckets, which are
 //! written by [`Log::sync`] and loaded by [`Log::refresh`].
 
+use super::backend::Backend;
 use super::engine::{cursor_key, state_key};
-use super::recovery::Held;
 use super::{Log, StorageError};
-use crate::jetstream::Bucket;
 
 impl Log {
     /// Reloads cursor `name` and the state of stage `name` from the cluster's buckets (a node
     /// taking over another node's work calls this first). Nothing to do on sled.
     pub async fn refresh(&self, name: &str) -> Result<(), StorageError> {
-        let Some(c) = &self.inner.cluster else { return Ok(()) };
-        self.sync().await?;
-        let prefix = format!("{name}.");
-        for (k, v) in c.load(Bucket::Cursors, &prefix).await? {
-            self.cache_cursor(&k, &v)?;
-        }
-        // State keys no longer in the bucket were deleted by the other node.
-        let fresh = c.load(Bucket::State, &prefix).await?;
-        let mut stale = Vec::new();
-        {
-            let engine = self.engine()?;
-            for kv in engine.state.scan_prefix(state_key(name, b"")) {
-                stale.push(kv?.0);
-            }
-            for k in stale {
-                engine.state.remove(k)?;
-            }
-        }
-        for (k, v) in fresh {
-            self.cache_state(&k, &v)?;
-        }
-        Ok(())
+        self.inner.backend.refresh(self, name).await
     }
 
+    /// Caches a cursor loaded from the bucket (`{name}.{topic}.{partition}`) in the local tree.
     pub(super) fn cache_cursor(&self, kv_key: &str, value: &[u8]) -> Result<(), StorageError> {
         let mut parts = kv_key.rsplitn(3, '.');
         let (Some(p), Some(topic), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
@@ -48,6 +27,7 @@ impl Log {
         Ok(())
     }
 
+    /// Caches a piece of stage state loaded from the bucket (`{stage}.{hex key}`) locally.
     pub(super) fn cache_state(&self, kv_key: &str, value: &[u8]) -> Result<(), StorageError> {
         let Some((stage, hex)) = kv_key.split_once('.') else { return Ok(()) };
         let key: Option<Vec<u8>> =
@@ -98,28 +78,13 @@ impl Log {
                 partitions: t.spec.partitions,
             });
         }
-        let key = cursor_key(name, topic, partition);
-        let value = offset.to_be_bytes();
-        self.write_or_hold(|| Held::Cursor(key.clone(), value), |e| e.cursors.insert(&key, &value).map(|_| ()))?;
-        if let Some(c) = &self.inner.cluster {
-            c.mark(
-                Bucket::Cursors,
-                crate::jetstream::cursor_kv_key(name, topic, partition),
-                Some(offset.to_be_bytes().to_vec()),
-            );
-        }
-        Ok(())
+        self.inner.backend.store_cursor(self, name, topic, partition, offset)
     }
 
     /// Stores a small piece of a stage's state (made durable by the next flush, like
     /// [`Log::store_cursor`]). Keys are namespaced by `stage`.
     pub fn put_state(&self, stage: &str, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
-        let k = state_key(stage, key);
-        self.write_or_hold(|| Held::State(k.clone(), Some(value.to_vec())), |e| e.state.insert(&k, value).map(|_| ()))?;
-        if let Some(c) = &self.inner.cluster {
-            c.mark(Bucket::State, crate::jetstream::state_kv_key(stage, key), Some(value.to_vec()));
-        }
-        Ok(())
+        self.inner.backend.store_state(self, stage, key, Some(value))
     }
 
     /// Reads a piece of stage state.
@@ -133,11 +98,6 @@ impl Log {
 
     /// Removes a piece of stage state.
     pub fn delete_state(&self, stage: &str, key: &[u8]) -> Result<(), StorageError> {
-        let k = state_key(stage, key);
-        self.write_or_hold(|| Held::State(k.clone(), None), |e| e.state.remove(&k).map(|_| ()))?;
-        if let Some(c) = &self.inner.cluster {
-            c.mark(Bucket::State, crate::jetstream::state_kv_key(stage, key), None);
-        }
-        Ok(())
+        self.inner.backend.store_state(self, stage, key, None)
     }
 }

@@ -7,7 +7,11 @@
 //! - `recovery`: what happens after a write failure (refusing, holding, reopening);
 //! - `cursors`: durable named cursors and small stage state;
 //! - `retention`: removing records past their topic's retention;
-//! - `spool`: a cluster ingress node's appends kept locally while JetStream is unreachable.
+//! - `spool`: a cluster ingress node's appends kept locally while JetStream is unreachable;
+//! - `backend`: what differs between the backends, one trait, with the embedded sled log in
+//!   `sled_backend` and the JetStream node in `jetstream_backend`. [`Log`] holds one backend and
+//!   forwards to it; everything else (the local trees readers read, durable heads, the commit
+//!   queue) is shared.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,22 +22,29 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use voxgate_protocol::{Clock, Timestamp};
 
-use crate::jetstream::{Bucket, Cluster, ClusterOptions};
+use crate::jetstream::{Appended, ClusterOptions};
 use crate::topics::Retention;
-use crate::values::{Pointer, Values};
+use crate::values::Pointer;
 
+mod backend;
 mod committer;
 mod cursors;
 mod engine;
+mod jetstream_backend;
 mod recovery;
 mod retention;
+mod sled_backend;
 mod spool;
 
+use backend::{AnyBackend, Backend};
 use committer::{committer, CommitQueue};
 pub(crate) use engine::record_key;
 use engine::{describe, offset_of, Engine};
+use jetstream_backend::JetStreamBackend;
 use recovery::Held;
 pub use retention::RetentionReport;
+use sled_backend::SledBackend;
+pub(crate) use spool::Spool;
 
 /// Errors at the storage boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -179,10 +190,8 @@ pub(crate) struct Inner {
     clock: Arc<dyn Clock>,
     commits: Arc<CommitQueue>,
     closed: AtomicBool,
-    /// The value files of bulk topics (the sled backend only).
-    values: Option<Values>,
-    /// The JetStream log of record, when this node is part of a cluster.
-    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// What the log is backed by: sled on this machine, or a JetStream cluster.
+    backend: AnyBackend,
 }
 
 impl Drop for Inner {
@@ -227,7 +236,8 @@ impl Log {
     ) -> Result<Self, StorageError> {
         let db = Self::open_db(dir, cache_bytes)?;
         Self::check_backend(&db, dir, "sled")?;
-        Self::with_db(db, dir, cache_bytes, specs, clock, None)
+        let backend = AnyBackend::Sled(SledBackend::open(dir)?);
+        Self::with_db(db, dir, cache_bytes, specs, clock, backend)
     }
 
     /// Opens a node's view of the JetStream log at `opts.url`: creates (or checks) the streams
@@ -241,65 +251,12 @@ impl Log {
         cache_bytes: u64,
         opts: &ClusterOptions,
     ) -> Result<Self, StorageError> {
-        let db = Self::open_db(dir, cache_bytes)?;
-        Self::check_backend(&db, dir, "jetstream")?;
-        let cluster = Cluster::connect(opts, specs, &db).await?;
-        let log = Self::with_db(db, dir, cache_bytes, specs, clock, Some(Arc::new(cluster)))?;
-        let c = log.inner.cluster.clone().ok_or(StorageError::Closed)?;
-        // Mirror what this node reads, from where its local copy ends.
-        let mut heads = Vec::new();
-        for (ti, t) in log.inner.topics.iter().enumerate() {
-            if !c.replicated[ti] {
-                continue;
-            }
-            for p in 0..t.spec.partitions {
-                let (_, last) = c.bounds(&t.spec.name, p).await?;
-                let part = &t.partitions[p as usize];
-                if *part.durable.borrow() > last {
-                    // The server's stream is younger than this copy (a new NATS store): start over.
-                    let engine = log.engine()?;
-                    let tree = &engine.trees[ti];
-                    let mut batch = sled::Batch::default();
-                    for kv in tree.scan_prefix(p.to_be_bytes()) {
-                        batch.remove(kv?.0);
-                    }
-                    tree.apply_batch(batch)?;
-                    drop(engine);
-                    part.durable.send_replace(0);
-                    *part.next.lock().map_err(|_| StorageError::Closed)? = 0;
-                    tracing::warn!(topic = %t.spec.name, partition = p, "local mirror was ahead of JetStream; rebuilt from the server");
-                }
-                tokio::spawn(crate::jetstream::mirror(Arc::downgrade(&log.inner), ti, p));
-                heads.push((ti, p, last));
-            }
-        }
-        for (ti, p, last) in heads {
-            let mut rx = log.inner.topics[ti].partitions[p as usize].durable.subscribe();
-            let caught_up = tokio::time::timeout(Duration::from_secs(120), rx.wait_for(|d| *d >= last)).await;
-            if !matches!(caught_up, Ok(Ok(_))) {
-                return Err(StorageError::JetStream(format!(
-                    "mirroring {} partition {p} did not reach offset {last} within 120 s",
-                    log.inner.topics[ti].spec.name
-                )));
-            }
-        }
-        // The buckets are the truth for cursors and state; the local trees are their cache.
-        for (k, v) in c.load(Bucket::Cursors, "").await? {
-            log.cache_cursor(&k, &v)?;
-        }
-        for (k, v) in c.load(Bucket::State, "").await? {
-            log.cache_state(&k, &v)?;
-        }
-        tokio::spawn(crate::jetstream::forward_spool(Arc::downgrade(&log.inner)));
-        Ok(log)
+        JetStreamBackend::open(dir, specs, clock, cache_bytes, opts).await
     }
 
     /// Which backend holds the log: `("sled", None)` or `("jetstream", Some((url, connected)))`.
     pub fn backend(&self) -> (&'static str, Option<(String, bool)>) {
-        match &self.inner.cluster {
-            None => ("sled", None),
-            Some(c) => ("jetstream", Some((c.url.clone(), c.connected()))),
-        }
+        self.inner.backend.describe()
     }
 
     /// Claims this node's share of `units` work units of `group` (a stage's partitions, or one
@@ -308,38 +265,26 @@ impl Log {
     /// sled this node is alone: it owns every unit.
     pub fn claim(&self, group: &str, units: u32, node: &str) -> watch::Receiver<Vec<u32>> {
         let (tx, rx) = watch::channel(Vec::new());
-        match &self.inner.cluster {
-            None => {
-                tx.send_replace((0..units).collect());
-                // Keep the sender alive as long as the receiver: nothing will change.
-                tokio::spawn(async move { tx.closed().await });
-            }
-            Some(c) => {
-                tokio::spawn(crate::jetstream::claim(c.clone(), group.to_owned(), units, node.to_owned(), tx));
-            }
-        }
+        self.inner.backend.claim(group, units, node, tx);
         rx
     }
 
     /// Records waiting in the ingress spool for JetStream to come back (0 on sled).
     pub fn spooled(&self) -> usize {
-        self.inner.cluster.as_ref().map_or(0, |c| c.spooled())
+        self.inner.backend.spooled()
     }
 
-    fn with_db(
+    /// The log over the opened database `db` in `dir`, backed by `backend`; starts the commit
+    /// thread.
+    pub(super) fn with_db(
         db: sled::Db,
         dir: &Path,
         cache_bytes: u64,
         specs: &[TopicSpec],
         clock: Arc<dyn Clock>,
-        cluster: Option<Arc<Cluster>>,
+        backend: AnyBackend,
     ) -> Result<Self, StorageError> {
-        // Value files on the sled backend; a cluster node's local trees mirror JetStream inline.
-        let values = match cluster {
-            None => Some(Values::open(&dir.join("values"))?),
-            Some(_) => None,
-        };
-        let (engine, nexts) = Engine::open(db, specs, values.is_some())?;
+        let (engine, nexts) = Engine::open(db, specs, backend.values().is_some())?;
         let mut topics = Vec::with_capacity(specs.len());
         let mut by_name = HashMap::new();
         for (spec, next) in specs.iter().zip(nexts) {
@@ -361,8 +306,7 @@ impl Log {
             clock,
             commits: Arc::new(CommitQueue::default()),
             closed: AtomicBool::new(false),
-            values,
-            cluster,
+            backend,
         });
         let (weak, queue) = (Arc::downgrade(&inner), inner.commits.clone());
         std::thread::Builder::new()
@@ -403,26 +347,8 @@ impl Log {
         let started = Instant::now();
         let (ti, t) = self.topic(topic)?;
         let partition = partition_for(key, t.spec.partitions);
-        let offset = match &self.inner.cluster {
-            Some(c) => {
-                let offset = c.publish(topic, partition, self.stamp(payload)).await?;
-                self.after_publish(c, ti, &[Position { partition, offset }]).await?;
-                offset
-            }
-            // A stage's append waits out a write failure (the log reopens) and goes again.
-            None => loop {
-                match self.append_local(ti, partition, payload).await {
-                    Err(e) if self.held_back(&e) => {
-                        if !self.writable().await {
-                            return Err(e);
-                        }
-                    }
-                    r => break r?,
-                }
-            },
-        };
-        metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
-            .record(started.elapsed().as_secs_f64());
+        let offset = self.inner.backend.append(self, ti, partition, payload).await?;
+        self.record_append(ti, started);
         Ok(Position { partition, offset })
     }
 
@@ -432,61 +358,37 @@ impl Log {
         I: IntoIterator<Item = (u64, &'a [u8])>,
     {
         let started = Instant::now();
-        let (ti, t) = self.topic(topic)?;
-        if let Some(c) = &self.inner.cluster {
-            let items: Vec<(u32, bytes::Bytes)> = items
-                .into_iter()
-                .map(|(key, payload)| (partition_for(key, t.spec.partitions), self.stamp(payload)))
-                .collect();
-            let out = c.publish_many(topic, items).await?;
-            self.after_publish(c, ti, &out).await?;
-            metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
-                .record(started.elapsed().as_secs_f64());
-            return Ok(out);
-        }
-        let items: Vec<(u64, &[u8])> = items.into_iter().collect();
-        let mut out = Vec::with_capacity(items.len());
-        // Like `append`, a stage's batch waits out a write failure and goes again, whole.
-        loop {
-            match self.append_many_local(ti, t.spec.partitions, &items, &mut out).await {
-                Err(e) if self.held_back(&e) => {
-                    if !self.writable().await {
-                        return Err(e);
-                    }
-                }
-                r => break r?,
-            }
-        }
-        metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
-            .record(started.elapsed().as_secs_f64());
+        let (ti, _) = self.topic(topic)?;
+        let out = self.inner.backend.append_many(self, ti, items).await?;
+        self.record_append(ti, started);
         Ok(out)
     }
 
-    /// `appended_at ‖ payload`, the stored form of a record (shared, so a spool fallback keeps a
-    /// reference rather than a copy).
-    fn stamp(&self, payload: &[u8]) -> bytes::Bytes {
-        let mut value = Vec::with_capacity(8 + payload.len());
-        value.extend_from_slice(&self.inner.clock.now().as_micros().to_be_bytes());
-        value.extend_from_slice(payload);
-        value.into()
+    /// Appends like [`Log::append`], except that on a JetStream node with a spool an append that
+    /// cannot reach JetStream is kept on local disk and forwarded in order later (ingress uses
+    /// this: Twilio gets its answer once the event is durable somewhere). On sled it is
+    /// [`Log::append`].
+    pub async fn append_or_spool(&self, topic: &str, key: u64, payload: &[u8]) -> Result<Appended, StorageError> {
+        let (ti, t) = self.topic(topic)?;
+        let partition = partition_for(key, t.spec.partitions);
+        self.inner.backend.append_or_spool(self, ti, partition, payload).await
     }
 
-    /// After JetStream acked: wait (briefly) until this node's mirror shows the records, so a
-    /// node reads its own writes, and write out cursors stored since the last append (as a sled
-    /// flush would).
-    async fn after_publish(&self, c: &Cluster, ti: usize, at: &[Position]) -> Result<(), StorageError> {
-        if c.replicated[ti] {
-            for pos in at {
-                if !self.readable_within(ti, *pos, Duration::from_secs(2)).await {
-                    // Acked by JetStream, so durable; the mirror will show it when it catches up.
-                    break;
-                }
-            }
-        }
-        if c.has_dirty() {
-            c.flush().await?;
-        }
-        Ok(())
+    /// [`Log::append_many`] with the spool of [`Log::append_or_spool`]: when JetStream cannot
+    /// take the batch, all of it is spooled (records JetStream did take are de-duplicated by
+    /// event id when the spool is forwarded).
+    pub async fn append_many_or_spool<'a, I>(&self, topic: &str, items: I) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = (u64, &'a [u8])>,
+    {
+        let (ti, _) = self.topic(topic)?;
+        self.inner.backend.append_many_or_spool(self, ti, items).await
+    }
+
+    /// Records how long an append to topic `ti` took, from `started`.
+    fn record_append(&self, ti: usize, started: Instant) {
+        metrics::histogram!("voxgate_log_append_seconds", "topic" => self.inner.topics[ti].spec.name.clone())
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Waits until the record at `at` of `topic` can be read on this node (on sled, at once after
@@ -497,7 +399,7 @@ impl Log {
         Ok(self.readable_within(ti, at, within).await)
     }
 
-    async fn readable_within(&self, ti: usize, at: Position, within: Duration) -> bool {
+    pub(super) async fn readable_within(&self, ti: usize, at: Position, within: Duration) -> bool {
         let Some(part) = self.inner.topics[ti].partitions.get(at.partition as usize) else {
             return false;
         };
@@ -509,20 +411,7 @@ impl Log {
     /// Waits until everything written so far (records and cursors) is on disk; while writes
     /// fail, until the log has reopened and that is so.
     pub async fn sync(&self) -> Result<(), StorageError> {
-        loop {
-            match self.sync_local().await {
-                Err(e) if self.held_back(&e) => {
-                    if !self.writable().await {
-                        return Err(e);
-                    }
-                }
-                r => break r?,
-            }
-        }
-        match &self.inner.cluster {
-            Some(c) => c.flush().await,
-            None => Ok(()),
-        }
+        self.inner.backend.sync(self).await
     }
 
     /// The first offset not yet durable in a partition (the end of what readers can see).
@@ -581,7 +470,7 @@ impl Log {
             let value = match Pointer::decode(&v) {
                 None if v.len() >= 8 => Stored::Inline(v),
                 Some(Ok(ptr)) => {
-                    let values = self.inner.values.as_ref().ok_or_else(|| {
+                    let values = self.inner.backend.values().ok_or_else(|| {
                         StorageError::Corrupt(format!("a record of {topic:?} points into value files this log lacks"))
                     })?;
                     let mut buf = Vec::with_capacity(8 + ptr.len as usize);
@@ -623,7 +512,7 @@ impl Log {
 
     /// Bytes the log occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
-        let values = self.inner.values.as_ref().map_or(0, |v| v.size_on_disk());
+        let values = self.inner.backend.values().map_or(0, |v| v.size_on_disk());
         Ok(self.engine()?.db.size_on_disk()? + values)
     }
 
@@ -654,6 +543,26 @@ mod tests {
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
     }
 
+    /// Stages spawn their appends on tokio's multi-threaded runtime: the backend dispatch (static,
+    /// through `AnyBackend`) must keep every write future `Send`.
+    #[test]
+    fn write_futures_are_send() {
+        fn send<T: Send>(_: T) {}
+        let dir = tempfile::tempdir().unwrap();
+        let specs = vec![TopicSpec::new("t", 2, Retention::default())];
+        let log = Log::open(dir.path(), &specs, Arc::new(voxgate_protocol::SystemClock)).unwrap();
+        let payload = [1u8; 4];
+        // Built, never polled.
+        send(log.append("t", 1, &payload));
+        send(log.append_many("t", [(1, &payload[..]), (2, &payload[..])]));
+        send(log.append_or_spool("t", 1, &payload));
+        send(log.append_many_or_spool("t", [(1, &payload[..])]));
+        send(log.sync());
+        send(log.commit_cursor("c", "t", 0, 1));
+        send(log.refresh("c"));
+        send(log.close());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pointer_to_bytes_never_synced_is_dropped_at_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -667,7 +576,7 @@ mod tests {
             // What sled's own background flush can do: a pointer on disk whose bytes were never
             // synced (nor acknowledged).
             let engine = log.engine().unwrap();
-            let ptr = log.inner.values.as_ref().unwrap().append(0, &[9; 100]).unwrap();
+            let ptr = log.inner.backend.values().unwrap().append(0, &[9; 100]).unwrap();
             engine.trees[0].insert(record_key(0, 3), &ptr.encode()[..]).unwrap();
             engine.db.flush().unwrap();
         }

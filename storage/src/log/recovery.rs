@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::backend::Backend;
 use super::engine::{describe, Engine};
 use super::{Inner, Log, StorageError, TopicSpec};
 
@@ -34,12 +35,15 @@ impl Held {
 pub(super) const REOPEN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 
 impl Inner {
-    /// Writes failed: refuse new ones and start reopening once the disk has room. Only the
-    /// first failure counts; a cluster node's local mirror reports its errors as before.
+    /// A local write failed: the backend decides what follows (on sled, [`Inner::start_recovery`];
+    /// a cluster node's local mirror reports its errors as before).
     pub(super) fn fail(self: &Arc<Self>, reason: String) {
-        if self.cluster.is_some() {
-            return;
-        }
+        self.backend.write_failed(self, reason);
+    }
+
+    /// Writes failed: refuse new ones and start reopening once the disk has room. Only the
+    /// first failure counts.
+    pub(super) fn start_recovery(self: &Arc<Self>, reason: String) {
         let first = self.failure.send_if_modified(|f| {
             if f.is_some() {
                 return false;
@@ -70,8 +74,8 @@ impl Inner {
         // let go of the directory a moment later, which `open_db` waits for; any other error goes
         // back to the recovery thread, which tries again.
         drop(g.take());
-        let (engine, nexts) =
-            Log::open_db(&self.dir, self.cache_bytes).and_then(|db| Engine::open(db, &specs, self.values.is_some()))?;
+        let (engine, nexts) = Log::open_db(&self.dir, self.cache_bytes)
+            .and_then(|db| Engine::open(db, &specs, self.backend.values().is_some()))?;
         for (t, next) in self.topics.iter().zip(nexts) {
             for (p, (part, n)) in t.partitions.iter().zip(next).enumerate() {
                 let mut at = part.next.lock().map_err(|_| StorageError::Closed)?;
@@ -103,7 +107,7 @@ impl Inner {
                 }
             }
         }
-        if let Some(v) = &self.values {
+        if let Some(v) = self.backend.values() {
             // Nothing more goes after bytes whose sync may have failed.
             v.roll()?;
         }
@@ -148,12 +152,6 @@ impl Log {
         self.inner.failure.borrow().clone()
     }
 
-    /// Whether this log reopens itself after a write failure (the sled backend; a cluster node's
-    /// local mirror does not).
-    pub(super) fn reopens(&self) -> bool {
-        self.inner.cluster.is_none()
-    }
-
     /// Waits until the log can write again; false if the node shuts down first.
     pub(super) async fn writable(&self) -> bool {
         let mut failure = self.inner.failure.subscribe();
@@ -181,8 +179,9 @@ impl Log {
         true
     }
 
-    /// A cursor or state write: to sled, or held while writes fail. A sled error starts the
-    /// failure (and the write is held) on the sled backend.
+    /// The sled backend's cursor or state write: to sled, or held while writes fail. A sled error
+    /// starts the failure (and the write is held). Until the committer's next flush covers it, it
+    /// is also kept in `unflushed`, in case that flush fails.
     pub(super) fn write_or_hold(
         &self,
         held: impl Fn() -> Held,
@@ -194,11 +193,9 @@ impl Log {
         let r = write(&*self.engine()?);
         match r {
             Ok(()) => {
-                if self.reopens() {
-                    if let Ok(mut u) = self.inner.unflushed.lock() {
-                        let w = held();
-                        u.insert(w.key(), w);
-                    }
+                if let Ok(mut u) = self.inner.unflushed.lock() {
+                    let w = held();
+                    u.insert(w.key(), w);
                 }
                 Ok(())
             }
@@ -210,11 +207,6 @@ impl Log {
                 Err(e.into())
             }
         }
-    }
-
-    /// An error after which a stage's write waits for the log to reopen, then goes again.
-    pub(super) fn held_back(&self, e: &StorageError) -> bool {
-        self.reopens() && matches!(e, StorageError::Flush(_) | StorageError::Unavailable(_))
     }
 
     /// A held write for `key`, newest first: `Some(None)` if it deletes.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use voxgate_protocol::Timestamp;
 
+use super::backend::Backend;
 use super::engine::{offset_of, record_key, Engine};
 use super::{Log, StorageError};
 use crate::values::Pointer;
@@ -68,18 +69,14 @@ impl Log {
                     removed_here = true;
                 }
                 if removed_here {
-                    if let Some(c) = &self.inner.cluster {
-                        let first =
-                            tree.scan_prefix(p.to_be_bytes()).next().transpose()?.and_then(|(k, _)| offset_of(&k));
-                        c.purge_below(&t.spec.name, p, first.unwrap_or(head));
-                    }
+                    self.inner.backend.trimmed(&t.spec.name, p, tree, head)?;
                 }
             }
             if removed > 0 {
                 report.removed.insert(t.spec.name.clone(), removed);
             }
         }
-        if let Some(values) = &self.inner.values {
+        if let Some(values) = self.inner.backend.values() {
             // A value file goes once no record points into it: the oldest record still kept in
             // each partition points at the oldest file in use.
             let mut keep = values.current_file();

@@ -1,98 +1,164 @@
-//! Appends that ingress makes: on sled they are plain appends that fail at once on a write
-//! failure; on a JetStream node with a spool, an append that cannot reach JetStream is written to
-//! the local `__spool` tree (fsynced) and forwarded in order when NATS is back. While anything is
-//! spooled, later appends queue behind it, so per-key order holds.
+//! The ingress spool of a JetStream node: with `spool` on ([`crate::ClusterOptions::spool`]), an
+//! append that cannot reach JetStream is written to the local `__spool` tree (fsynced) and
+//! forwarded in order when NATS is back; while anything is spooled, later appends queue behind
+//! it, so per-key order holds. Records JetStream took before the outage was noticed are
+//! de-duplicated by event id when the spool is forwarded. (Which appends spool is decided by the
+//! JetStream backend, [`super::jetstream_backend`]; the sled backend has no spool.)
+//!
+//! A spooled record is `topic length (u8) ‖ topic ‖ partition (u32 BE) ‖ appended_at ‖ payload`
+//! under a sequence number (u64 BE).
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use super::{partition_for, Log, Position, StorageError};
-use crate::jetstream::Appended;
+use super::{Inner, StorageError};
+use crate::jetstream::{js_err, Cluster};
 
-impl Log {
-    /// Appends like [`Log::append`], except that on a JetStream node with a spool an append that
-    /// cannot reach JetStream is kept on local disk and forwarded in order later (ingress uses
-    /// this: Twilio gets its answer once the event is durable somewhere). On sled it is
-    /// [`Log::append`].
-    pub async fn append_or_spool(&self, topic: &str, key: u64, payload: &[u8]) -> Result<Appended, StorageError> {
-        let Some(c) = &self.inner.cluster else {
-            // Ingress answers Twilio now: a write failure is an error at once, not a wait.
-            let started = Instant::now();
-            let (ti, t) = self.topic(topic)?;
-            let partition = partition_for(key, t.spec.partitions);
-            let offset = self.append_local(ti, partition, payload).await?;
-            metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
-                .record(started.elapsed().as_secs_f64());
-            return Ok(Appended::Logged(Position { partition, offset }));
+pub(crate) struct Spool {
+    tree: sled::Tree,
+    /// Held while deciding "spool or publish" and while the forwarder empties the spool.
+    gate: Mutex<SpoolGate>,
+    wake: Arc<tokio::sync::Notify>,
+    active: AtomicBool,
+}
+
+struct SpoolGate {
+    next: u64,
+}
+
+impl Spool {
+    /// Opens the spool in the local database; it is active if records wait in it.
+    pub(crate) fn open(local: &sled::Db) -> Result<Self, StorageError> {
+        let tree = local.open_tree("__spool")?;
+        let next = match tree.last()? {
+            Some((k, _)) => {
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StorageError::CorruptKey("__spool".into()))?) + 1
+            }
+            None => 0,
         };
-        let (ti, t) = self.topic(topic)?;
-        let partition = partition_for(key, t.spec.partitions);
-        let value = self.stamp(payload);
-        if c.spool_if_active(topic, partition, &value)? {
-            self.sync_local().await?;
-            return Ok(Appended::Spooled);
-        }
-        match c.publish(topic, partition, value.clone()).await {
-            Ok(offset) => {
-                let at = Position { partition, offset };
-                // A failing cursor flush must not turn a logged event into an error here.
-                if let Err(e) = self.after_publish(c, ti, &[at]).await {
-                    tracing::warn!(error = %e, "cursor flush after append failed; retried on the next sync");
-                }
-                Ok(Appended::Logged(at))
-            }
-            Err(StorageError::JetStream(reason)) if c.spool_enabled() => {
-                tracing::warn!(topic, %reason, "JetStream unreachable; spooling to the local log");
-                c.spool(topic, partition, &value)?;
-                self.sync_local().await?;
-                Ok(Appended::Spooled)
-            }
-            Err(e) => Err(e),
-        }
+        let active = !tree.is_empty();
+        Ok(Spool {
+            tree,
+            gate: Mutex::new(SpoolGate { next }),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            active: AtomicBool::new(active),
+        })
     }
 
-    /// [`Log::append_many`] with the spool of [`Log::append_or_spool`]: when JetStream cannot
-    /// take the batch, all of it is spooled (records JetStream did take are de-duplicated by
-    /// event id when the spool is forwarded).
-    pub async fn append_many_or_spool<'a, I>(&self, topic: &str, items: I) -> Result<(), StorageError>
-    where
-        I: IntoIterator<Item = (u64, &'a [u8])>,
-    {
-        if self.inner.cluster.is_none() {
-            // As in `append_or_spool`: a write failure is an error at once.
-            let started = Instant::now();
-            let (ti, t) = self.topic(topic)?;
-            // Inserted before any wait, so nothing of `items` is held across it.
-            if let Some(rx) = self.insert_many(ti, t.spec.partitions, items.into_iter(), None)? {
-                Self::await_durable(rx).await?;
-            }
-            metrics::histogram!("voxgate_log_append_seconds", "topic" => t.spec.name.clone())
-                .record(started.elapsed().as_secs_f64());
-            return Ok(());
+    /// Appends to the local spool; the caller makes it durable (`Log::sync`).
+    pub(crate) fn push(&self, topic: &str, partition: u32, value: &[u8]) -> Result<(), StorageError> {
+        let mut gate = self.gate.lock().map_err(|_| StorageError::Closed)?;
+        let mut v = Vec::with_capacity(1 + topic.len() + 4 + value.len());
+        v.push(topic.len() as u8);
+        v.extend_from_slice(topic.as_bytes());
+        v.extend_from_slice(&partition.to_be_bytes());
+        v.extend_from_slice(value);
+        self.tree.insert(gate.next.to_be_bytes(), v)?;
+        gate.next += 1;
+        self.active.store(true, Ordering::Release);
+        drop(gate);
+        self.wake.notify_one();
+        metrics::counter!("voxgate_log_spooled_total", "topic" => topic.to_owned()).increment(1);
+        Ok(())
+    }
+
+    /// If it is spooling, spools and returns true; else false.
+    pub(crate) fn push_if_active(&self, topic: &str, partition: u32, value: &[u8]) -> Result<bool, StorageError> {
+        if self.active() {
+            self.push(topic, partition, value)?;
+            return Ok(true);
         }
-        let Some(c) = self.inner.cluster.as_ref().filter(|c| c.spool_enabled()) else {
-            return self.append_many(topic, items).await.map(|_| ());
-        };
-        let (ti, t) = self.topic(topic)?;
-        let parts = t.spec.partitions;
-        let stamped: Vec<(u32, bytes::Bytes)> =
-            items.into_iter().map(|(key, payload)| (partition_for(key, parts), self.stamp(payload))).collect();
-        if !c.spooling() {
-            match c.publish_many(topic, stamped.clone()).await {
-                Ok(at) => {
-                    if let Err(e) = self.after_publish(c, ti, &at).await {
-                        tracing::warn!(error = %e, "cursor flush after append failed; retried on the next sync");
-                    }
-                    return Ok(());
+        Ok(false)
+    }
+
+    /// Whether records wait in the spool (appends queue behind them).
+    pub(crate) fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Records waiting in the spool.
+    pub(crate) fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Forwards the spool to `cluster` in order; returns how many records went. Stops at the
+    /// first failure.
+    async fn forward(&self, cluster: &Cluster) -> Result<usize, StorageError> {
+        let mut sent = 0;
+        loop {
+            let batch: Vec<(sled::IVec, sled::IVec)> = self.tree.iter().take(256).collect::<Result<_, _>>()?;
+            if batch.is_empty() {
+                // Empty under the gate: appends publish directly again.
+                let _gate = self.gate.lock().map_err(|_| StorageError::Closed)?;
+                if self.tree.is_empty() {
+                    self.active.store(false, Ordering::Release);
+                    metrics::gauge!("voxgate_log_spool_records").set(0.0);
+                    return Ok(sent);
                 }
-                Err(StorageError::JetStream(reason)) => {
-                    tracing::warn!(topic, %reason, "JetStream unreachable; spooling to the local log");
+                continue;
+            }
+            let mut acks = Vec::with_capacity(batch.len());
+            for (k, v) in &batch {
+                let (topic, partition, value) =
+                    parse_spooled(v).ok_or_else(|| StorageError::CorruptKey("__spool".into()))?;
+                let id = voxgate_protocol::peek_event_id(value.get(8..).unwrap_or_default());
+                acks.push((
+                    k.clone(),
+                    cluster.publish_ack(topic, partition, id, bytes::Bytes::copy_from_slice(value)).await?,
+                ));
+            }
+            for (k, ack) in acks {
+                tokio::time::timeout(cluster.ack_timeout, ack)
+                    .await
+                    .map_err(|_| StorageError::JetStream("no ack for a spooled record".into()))?
+                    .map_err(js_err)?;
+                self.tree.remove(k)?;
+                sent += 1;
+            }
+            metrics::counter!("voxgate_log_spool_forwarded_total").increment(batch.len() as u64);
+            metrics::gauge!("voxgate_log_spool_records").set(self.tree.len() as f64);
+        }
+    }
+}
+
+fn parse_spooled(v: &[u8]) -> Option<(&str, u32, &[u8])> {
+    let (&n, rest) = v.split_first()?;
+    let topic = std::str::from_utf8(rest.get(..n as usize)?).ok()?;
+    let rest = &rest[n as usize..];
+    let partition = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    Some((topic, partition, &rest[4..]))
+}
+
+/// Empties the spool whenever something is in it and NATS takes it. Ends when the log is gone.
+pub(crate) async fn forward_spool(inner: Weak<Inner>, cluster: Weak<Cluster>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let Some(c) = cluster.upgrade() else { return };
+        drop(strong);
+        let Some(s) = &c.spool else { return };
+        if !s.active() {
+            // Woken by a spooled append, or re-check now and then. The wait holds no handle on
+            // the database, so a closed log can be opened again at once.
+            let wake = s.wake.clone();
+            drop(c);
+            let _ = tokio::time::timeout(Duration::from_millis(500), wake.notified()).await;
+            continue;
+        }
+        match s.forward(&c).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(records = n, "spooled events forwarded to JetStream");
                 }
-                Err(e) => return Err(e),
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, spooled = s.len(), retry_ms = backoff.as_millis() as u64, "JetStream unreachable; events stay spooled");
+                drop(c);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
-        for (partition, value) in &stamped {
-            c.spool(topic, *partition, value)?;
-        }
-        self.sync_local().await
     }
 }
