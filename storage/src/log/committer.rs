@@ -1,7 +1,7 @@
-//! Group commit: how an append becomes durable on the local disk.
+//! Group commit: how a write becomes durable on the local disk.
 //!
-//! Durability: an append inserts under its partition's lock (so offsets are dense and inserted in
-//! order), then waits for the committer. The committer takes every waiting append, issues one
+//! Durability: an append (on the sled backend, [`super::sled_backend`]) inserts under its
+//! partition's lock (so offsets are dense and inserted in order), then waits for the committer. The committer takes every waiting append, issues one
 //! `flush` (one fsync for all of them: group commit), then advances each partition's durable head
 //! and wakes the waiters. Readers see only records below the durable head, so no stage ever acts
 //! on an event that a crash could still take back.
@@ -10,6 +10,9 @@
 //! the tree a 29-byte pointer to each ([`crate::values`]): sled rewrites whole leaf pages, which
 //! for kilobyte records wrote every byte several times. The committer syncs the value files
 //! before each flush.
+//!
+//! A JetStream node's appends are durable once JetStream acknowledges them; its committer flushes
+//! the local trees (the spool, the cursor and state cache) when [`Log::sync`] asks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -84,6 +84,8 @@ impl SledBackend {
         Ok(last)
     }
 
+    /// Inserts one record under its partition's lock and queues it for the committer: its
+    /// offset, and a receiver answered once a flush covers it.
     fn insert(
         &self,
         log: &Log,
@@ -100,7 +102,7 @@ impl SledBackend {
         let t = &log.inner.topics[ti];
         let part = &t.partitions[partition as usize];
         let now = log.inner.clock.now();
-        let bulk = Some(&self.values).filter(|_| t.spec.bulk);
+        let bulk = t.spec.bulk.then_some(&self.values);
         let inline = || {
             let mut value = Vec::with_capacity(8 + payload.len());
             value.extend_from_slice(&now.as_micros().to_be_bytes());
