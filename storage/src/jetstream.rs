@@ -19,18 +19,17 @@
 //! partition's "durable head" is what has been mirrored, which JetStream acknowledged first).
 //! Cursors and state are cached locally and written to the buckets by [`Log::sync`]; `open` and
 //! [`Log::refresh`] load them from the buckets. With `spool` on, an append that cannot reach
-//! JetStream is written to the local `__spool` tree (fsynced) and forwarded in order when NATS is
-//! back; while anything is spooled, later appends queue behind it, so per-key order holds.
+//! JetStream is kept in a local spool and forwarded in order when NATS is back (the spool lives
+//! in `log/spool.rs`; the log's side of this backend in `log/jetstream_backend.rs`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt;
 
-use crate::log::{record_key, Inner, StorageError};
+use crate::log::{record_key, Inner, Spool, StorageError};
 
 /// How a node joins a JetStream cluster.
 #[derive(Debug, Clone)]
@@ -102,23 +101,12 @@ pub(crate) struct Cluster {
     dirty: Mutex<Dirty>,
     /// One bucket flush at a time, so a later value never lands before an earlier one.
     flushing: tokio::sync::Mutex<()>,
-    ack_timeout: Duration,
-    spool: Option<Spool>,
+    pub(crate) ack_timeout: Duration,
+    /// The ingress spool, on a node with `spool` on.
+    pub(crate) spool: Option<Spool>,
 }
 
-struct Spool {
-    tree: sled::Tree,
-    /// Held while deciding "spool or publish" and while the forwarder empties the spool.
-    gate: Mutex<SpoolGate>,
-    wake: std::sync::Arc<tokio::sync::Notify>,
-    active: AtomicBool,
-}
-
-struct SpoolGate {
-    next: u64,
-}
-
-fn js_err(e: impl std::fmt::Display) -> StorageError {
+pub(crate) fn js_err(e: impl std::fmt::Display) -> StorageError {
     StorageError::JetStream(e.to_string())
 }
 
@@ -238,25 +226,7 @@ impl Cluster {
         }
         let replicated =
             specs.iter().map(|s| opts.replicate.as_ref().is_none_or(|r| r.iter().any(|t| t == &s.name))).collect();
-        let spool = if opts.spool {
-            let tree = local.open_tree("__spool")?;
-            let next = match tree.last()? {
-                Some((k, _)) => {
-                    u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StorageError::CorruptKey("__spool".into()))?)
-                        + 1
-                }
-                None => 0,
-            };
-            let active = !tree.is_empty();
-            Some(Spool {
-                tree,
-                gate: Mutex::new(SpoolGate { next }),
-                wake: std::sync::Arc::new(tokio::sync::Notify::new()),
-                active: AtomicBool::new(active),
-            })
-        } else {
-            None
-        };
+        let spool = if opts.spool { Some(Spool::open(local)?) } else { None };
         Ok(Self {
             url: crate::nats::redact_url(&opts.url),
             client,
@@ -307,7 +277,7 @@ impl Cluster {
             .map_err(js_err)
     }
 
-    async fn publish_ack(
+    pub(crate) async fn publish_ack(
         &self,
         topic: &str,
         partition: u32,
@@ -435,96 +405,6 @@ impl Cluster {
         let info = s.info().await.map_err(js_err)?;
         Ok((info.state.first_sequence, info.state.last_sequence))
     }
-
-    // ---- spool ----
-
-    /// Appends to the local spool; the caller makes it durable (`Log::sync`).
-    pub(crate) fn spool(&self, topic: &str, partition: u32, value: &[u8]) -> Result<(), StorageError> {
-        let s = self.spool.as_ref().ok_or_else(|| StorageError::JetStream("this node has no spool".into()))?;
-        let mut gate = s.gate.lock().map_err(|_| StorageError::Closed)?;
-        let mut v = Vec::with_capacity(1 + topic.len() + 4 + value.len());
-        v.push(topic.len() as u8);
-        v.extend_from_slice(topic.as_bytes());
-        v.extend_from_slice(&partition.to_be_bytes());
-        v.extend_from_slice(value);
-        s.tree.insert(gate.next.to_be_bytes(), v)?;
-        gate.next += 1;
-        s.active.store(true, Ordering::Release);
-        drop(gate);
-        s.wake.notify_one();
-        metrics::counter!("voxgate_log_spooled_total", "topic" => topic.to_owned()).increment(1);
-        Ok(())
-    }
-
-    /// Under the spool's gate: if it is spooling, spools and returns true; else false.
-    pub(crate) fn spool_if_active(&self, topic: &str, partition: u32, value: &[u8]) -> Result<bool, StorageError> {
-        match &self.spool {
-            Some(s) if s.active.load(Ordering::Acquire) => {
-                self.spool(topic, partition, value)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    pub(crate) fn spooling(&self) -> bool {
-        self.spool.as_ref().is_some_and(|s| s.active.load(Ordering::Acquire))
-    }
-
-    pub(crate) fn spool_enabled(&self) -> bool {
-        self.spool.is_some()
-    }
-
-    pub(crate) fn spooled(&self) -> usize {
-        self.spool.as_ref().map_or(0, |s| s.tree.len())
-    }
-
-    /// Forwards the spool in order; returns how many records went. Stops at the first failure.
-    async fn forward(&self) -> Result<usize, StorageError> {
-        let Some(s) = &self.spool else { return Ok(0) };
-        let mut sent = 0;
-        loop {
-            let batch: Vec<(sled::IVec, sled::IVec)> = s.tree.iter().take(256).collect::<Result<_, _>>()?;
-            if batch.is_empty() {
-                // Empty under the gate: appends publish directly again.
-                let _gate = s.gate.lock().map_err(|_| StorageError::Closed)?;
-                if s.tree.is_empty() {
-                    s.active.store(false, Ordering::Release);
-                    metrics::gauge!("voxgate_log_spool_records").set(0.0);
-                    return Ok(sent);
-                }
-                continue;
-            }
-            let mut acks = Vec::with_capacity(batch.len());
-            for (k, v) in &batch {
-                let (topic, partition, value) =
-                    parse_spooled(v).ok_or_else(|| StorageError::CorruptKey("__spool".into()))?;
-                let id = voxgate_protocol::peek_event_id(value.get(8..).unwrap_or_default());
-                acks.push((
-                    k.clone(),
-                    self.publish_ack(topic, partition, id, bytes::Bytes::copy_from_slice(value)).await?,
-                ));
-            }
-            for (k, ack) in acks {
-                tokio::time::timeout(self.ack_timeout, ack)
-                    .await
-                    .map_err(|_| StorageError::JetStream("no ack for a spooled record".into()))?
-                    .map_err(js_err)?;
-                s.tree.remove(k)?;
-                sent += 1;
-            }
-            metrics::counter!("voxgate_log_spool_forwarded_total").increment(batch.len() as u64);
-            metrics::gauge!("voxgate_log_spool_records").set(s.tree.len() as f64);
-        }
-    }
-}
-
-fn parse_spooled(v: &[u8]) -> Option<(&str, u32, &[u8])> {
-    let (&n, rest) = v.split_first()?;
-    let topic = std::str::from_utf8(rest.get(..n as usize)?).ok()?;
-    let rest = &rest[n as usize..];
-    let partition = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-    Some((topic, partition, &rest[4..]))
 }
 
 /// Opens a key-value bucket, creating its stream if needed. The stream is created here with the
@@ -558,12 +438,12 @@ async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::
 
 /// Keeps one partition's local mirror up to date: an ordered consumer from the next offset the
 /// mirror lacks. Ends when the log is gone.
-pub(crate) async fn mirror(inner: Weak<Inner>, ti: usize, partition: u32) {
+pub(crate) async fn mirror(inner: Weak<Inner>, cluster: Weak<Cluster>, ti: usize, partition: u32) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let (js, name, from) = {
             let Some(strong) = inner.upgrade() else { return };
-            let Some(c) = strong.cluster.as_ref() else { return };
+            let Some(c) = cluster.upgrade() else { return };
             let t = &strong.topics[ti];
             let from = *t.partitions[partition as usize].durable.borrow();
             (c.js.clone(), stream_name(&c.prefix, &t.spec.name, partition), from)
@@ -636,39 +516,6 @@ async fn mirror_from(
             }
         });
         t.generation.send_modify(|g| *g += 1);
-    }
-}
-
-/// Empties the spool whenever something is in it and NATS takes it. Ends when the log is gone.
-pub(crate) async fn forward_spool(inner: Weak<Inner>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let Some(strong) = inner.upgrade() else { return };
-        let Some(c) = strong.cluster.clone() else { return };
-        drop(strong);
-        let Some(s) = &c.spool else { return };
-        if !s.active.load(Ordering::Acquire) {
-            // Woken by a spooled append, or re-check now and then. The wait holds no handle on
-            // the database, so a closed log can be opened again at once.
-            let wake = s.wake.clone();
-            drop(c);
-            let _ = tokio::time::timeout(Duration::from_millis(500), wake.notified()).await;
-            continue;
-        }
-        match c.forward().await {
-            Ok(n) => {
-                if n > 0 {
-                    tracing::info!(records = n, "spooled events forwarded to JetStream");
-                }
-                backoff = Duration::from_millis(100);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, spooled = c.spooled(), retry_ms = backoff.as_millis() as u64, "JetStream unreachable; events stay spooled");
-                drop(c);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
     }
 }
 
