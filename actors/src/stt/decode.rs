@@ -395,11 +395,7 @@ impl Transcriber {
 
     /// Like [`Transcriber::load`], choosing the decoder's weight format: `None` keeps `f32`,
     /// `Some(dtype)` quantizes (see [`Whisper::quantize_decoder`]).
-    ///
-    /// Subnormal floats are flushed to zero from then on, on the calling thread (which must be
-    /// the one that transcribes) and on candle's compute threads ([`super::denormals`]).
     pub fn load_with(model_dir: &Path, decoder_quantization: Option<GgmlDType>) -> Result<Self, DecodeError> {
-        super::denormals::flush(true);
         // The tokenizer first: it is quick to read, the weights are not.
         let path = model_dir.join("tokenizer.json");
         if !path.is_file() {

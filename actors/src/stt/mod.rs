@@ -5,14 +5,12 @@
 //! - `weights`: reads CTranslate2's `model.bin` and maps it onto candle-transformers' Whisper names.
 //! - `mel`: the log-mel front end (own STFT plan, Slaney mel bank computed in code).
 //! - `model`: the Whisper encoder/decoder (self-attention KV cache; encoder on the real length).
-//! - `denormals`: subnormal floats flushed to zero on the threads Whisper runs on.
 //! - `decode`: greedy or beam-search decoding with Whisper's safeguards, hints as the initial
 //!   prompt, and the tokenizer.
 //! - `numbers`: spoken digit strings written as digits (an option of the transcripts).
 //! - `stage`: the STT stage: speech log in, transcripts log out, through a worker pool.
 
 pub mod decode;
-pub mod denormals;
 pub mod mel;
 pub mod model;
 pub mod numbers;

@@ -72,16 +72,13 @@ fn main() -> anyhow::Result<()> {
     let greedy = DecodeOptions { fallback_temperatures: Vec::new(), ..defaults.clone() };
     let mut policies = Vec::new();
     // Decoding policies to compare beside the default: BENCH_STT_POLICIES="beam=5;beam=3,min_frames=0"
-    // (keys: beam, min_frames, pad_frames, early = 0 or 1, subnormals = 1 to keep them, as
-    // before they were flushed to zero); default "beam=5".
-    // (name, options, doubted text dropped, subnormals kept)
-    let mut runs: Vec<(String, DecodeOptions, bool, bool)> = vec![
-        ("voxgate greedy, doubted text dropped".into(), greedy.clone(), true, false),
-        ("voxgate greedy, doubted text kept".into(), greedy, false, false),
+    // (keys: beam, min_frames, pad_frames, early = 0 or 1); default "beam=5".
+    let mut runs: Vec<(String, DecodeOptions, bool)> = vec![
+        ("voxgate greedy, doubted text dropped".into(), greedy.clone(), true),
+        ("voxgate greedy, doubted text kept".into(), greedy, false),
     ];
     for policy in std::env::var("BENCH_STT_POLICIES").unwrap_or_else(|_| "beam=5".into()).split(';') {
         let mut o = defaults.clone();
-        let mut subnormals = false;
         for kv in policy.split(',').filter(|kv| !kv.trim().is_empty()) {
             let (k, v) = kv.split_once('=').with_context(|| format!("policy {policy:?}: {kv:?} is not key=value"))?;
             let v: usize = v.trim().parse().with_context(|| format!("policy {policy:?}: {v:?}"))?;
@@ -90,20 +87,17 @@ fn main() -> anyhow::Result<()> {
                 "min_frames" => o.min_encoder_frames = v,
                 "pad_frames" => o.encoder_pad_frames = v,
                 "early" => o.beam_early_stop = v != 0,
-                "subnormals" => subnormals = v != 0,
                 other => anyhow::bail!("policy {policy:?}: unknown key {other:?}"),
             }
         }
         if !policy.trim().is_empty() {
-            runs.push((format!("voxgate {}", policy.trim()), o, false, subnormals));
+            runs.push((format!("voxgate {}", policy.trim()), o, false));
         }
     }
-    runs.push((format!("voxgate fallback, beam {} (default)", defaults.beam_size), defaults, false, false));
-    for (name, options, drop_doubted, subnormals) in runs {
+    runs.push((format!("voxgate fallback, beam {} (default)", defaults.beam_size), defaults, false));
+    for (name, options, drop_doubted) in runs {
         println!("{name}:");
-        voxgate_actors::stt::denormals::flush(!subnormals);
         let (total, times, wer, empty, doubted) = run_policy(&mut t, &clips, &pcm, options, drop_doubted)?;
-        voxgate_actors::stt::denormals::flush(true);
         policies.push((name, total, times, wer, empty, doubted));
     }
     let Some((_, single_total, mut single, wer_single, empty, doubted)) = policies.pop() else {
