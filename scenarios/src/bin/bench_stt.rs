@@ -69,7 +69,9 @@ fn main() -> anyhow::Result<()> {
 
     // The old policy and greedy-kept first, then the default (whose figures the rest compare).
     let defaults = t.options().clone();
-    let greedy = DecodeOptions { fallback_temperatures: Vec::new(), ..defaults.clone() };
+    // Greedy (one hypothesis) without the fallback, as the old policy was: these rows were beam 3
+    // once the default became beam 3, which made beam 3 look as cheap per step as greedy.
+    let greedy = DecodeOptions { fallback_temperatures: Vec::new(), beam_size: 1, ..defaults.clone() };
     let mut policies = Vec::new();
     // Decoding policies to compare beside the default: BENCH_STT_POLICIES="beam=5;beam=3,min_frames=0"
     // (keys: beam, min_frames, pad_frames, early = 0 or 1); default "beam=5".
