@@ -1111,15 +1111,18 @@ pub fn control_id(call: CallSid, ev: &Event, at: Timestamp) -> EventId {
         Event::StreamStopped(st) => EventId::derive(id_kind::STREAM_STOPPED, &[c, stream_key(st.stream_sid, at)]),
         Event::StreamFault(f) => EventId::derive(id_kind::STREAM_FAULT, &[c, stream_key(f.stream_sid, at)]),
         Event::AudioShed(a) => EventId::derive(id_kind::AUDIO_SHED, &[c, u128::from(a.frames), at.as_micros() as u128]),
-        Event::SpeechHints(h) => {
-            EventId::derive(id_kind::SPEECH_HINTS, &[c, h.stream_sid.as_u128(), at.as_micros() as u128])
-        }
+        // The text too: two changes in one instant are two events.
+        Event::SpeechHints(h) => EventId::derive(
+            id_kind::SPEECH_HINTS,
+            &[c, h.stream_sid.as_u128(), at.as_micros() as u128, EventId::of_text(&h.hints).0],
+        ),
         _ => EventId::derive(0, &[c]),
     }
 }
 
-/// Longest hints text a call keeps (Whisper's prompt holds the last 223 tokens of it anyway).
-pub const MAX_HINTS_CHARS: usize = 1000;
+/// Longest hints text a call keeps, as a tenant's (Whisper's prompt holds the last 223 tokens of
+/// it anyway).
+pub const MAX_HINTS_CHARS: usize = crate::tenancy::limits::HINTS;
 
 /// A call's vocabulary hints: phrases joined with ", ", each once, in the order they came, at
 /// most [`MAX_HINTS_CHARS`] (phrases that do not fit are left out).
@@ -1136,19 +1139,24 @@ impl Hints {
     }
 
     /// Adds the phrases of `hints` (comma-separated, as Twilio's); true when the text changed.
+    /// Reads at most twice [`MAX_HINTS_CHARS`] of it: the rest could not fit anyway.
     pub fn add(&mut self, hints: &str) -> bool {
         let mut changed = false;
-        for phrase in hints.split(',').map(|p| p.split_whitespace().collect::<Vec<_>>().join(" ")) {
+        let mut len = self.text.chars().count();
+        let read = hints.char_indices().nth(2 * MAX_HINTS_CHARS).map_or(hints, |(i, _)| &hints[..i]);
+        for phrase in read.split(',').map(|p| p.split_whitespace().collect::<Vec<_>>().join(" ")) {
             if phrase.is_empty() || phrase.chars().any(char::is_control) {
+                continue;
+            }
+            let sep = if self.text.is_empty() { 0 } else { 2 };
+            let n = phrase.chars().count();
+            if len + sep + n > MAX_HINTS_CHARS {
                 continue;
             }
             if self.text.split(", ").any(|p| p.eq_ignore_ascii_case(&phrase)) {
                 continue;
             }
-            let sep = if self.text.is_empty() { 0 } else { 2 };
-            if self.text.chars().count() + sep + phrase.chars().count() > MAX_HINTS_CHARS {
-                continue;
-            }
+            len += sep + n;
             if sep > 0 {
                 self.text.push_str(", ");
             }

@@ -44,6 +44,21 @@ impl<'de> Deserialize<'de> for EventId {
 impl EventId {
     /// Mixes a kind tag and up to a few 128-bit parts into an id (not cryptographic; stable
     /// across versions because it is written out here, not taken from std's hasher).
+    /// An id of a text (its UTF-8 bytes, 16 at a time), for deriving ids from text.
+    pub fn of_text(text: &str) -> Self {
+        let parts: Vec<u128> = text
+            .as_bytes()
+            .chunks(16)
+            .map(|c| {
+                let mut b = [0u8; 16];
+                b[..c.len()].copy_from_slice(c);
+                u128::from_le_bytes(b)
+            })
+            .chain(std::iter::once(text.len() as u128))
+            .collect();
+        Self::derive(0x7e47, &parts)
+    }
+
     pub fn derive(kind: u64, parts: &[u128]) -> Self {
         let mut a: u64 = 0x9e37_79b9_7f4a_7c15 ^ kind;
         let mut b: u64 = 0xc2b2_ae3d_27d4_eb4f ^ kind.rotate_left(32);

@@ -84,6 +84,8 @@ async fn tenant_and_transcription_hints_steer_only_their_own_calls() {
     assert_eq!(st, 404);
     let (st, _) = api(&node, b_creds, ACCOUNT, "/SpeechHints.json", Some(&[("Hints", "nonsense")])).await;
     assert_eq!(st, 404);
+    let (_, v) = api(&node, a_creds, ACCOUNT, "/SpeechHints.json", None).await;
+    assert_eq!(v["hints"].as_str(), Some(""), "B changed nothing of A's: {v}");
     let (st, v) = api(&node, a_creds, ACCOUNT, "/SpeechHints.json", Some(&[("Hints", " Kathryn Smyth ")])).await;
     assert_eq!((st, v["hints"].as_str()), (200, Some("Kathryn Smyth")), "{v}");
     let (st, v) = api(&node, a_creds, ACCOUNT, "/SpeechHints.json", None).await;

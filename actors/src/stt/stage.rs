@@ -229,6 +229,8 @@ fn worker(
         }
     };
     drop(ready);
+    // What the transcriber was last set to: (greedy, prompt); `None` before the first job.
+    let mut applied: Option<(bool, Arc<str>)> = None;
     loop {
         let job = match jobs.lock() {
             Ok(rx) => match rx.recv() {
@@ -238,9 +240,10 @@ fn worker(
             Err(_) => return,
         };
         let started = Instant::now();
-        let want = if job.greedy { &greedy } else { &options };
-        if t.options().hints.as_str() != &*job.hints || t.options().beam_size != want.beam_size {
+        if applied.as_ref().is_none_or(|(g, h)| *g != job.greedy || *h != job.hints) {
+            let want = if job.greedy { &greedy } else { &options };
             t.set_options(DecodeOptions { hints: job.hints.to_string(), ..want.clone() });
+            applied = Some((job.greedy, job.hints.clone()));
         }
         let refs: Vec<&[f32]> = job.clips.iter().map(|c| c.as_slice()).collect();
         let r =
@@ -533,6 +536,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     let mut more = false;
     let mut records: Vec<Record> = Vec::new();
     let mut ended: Vec<Envelope> = Vec::new();
+    let mut hints_ended: Vec<(StreamSid, Track)> = Vec::new();
     for (p, next) in new_next.iter_mut().enumerate() {
         // `new_next` starts as a copy of `s.next`.
         let from = *next;
@@ -556,8 +560,9 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                     if let Some(old) = s.open.remove(&(e.stream_sid, e.track)) {
                         wasted(&old);
                     }
+                    // Forgotten once this batch is committed (a crash before re-reads it with them).
                     if s.hints.remove(&(e.stream_sid, e.track)).is_some() {
-                        s.log.delete_state(CURSOR, &hints_key(e.stream_sid, e.track))?;
+                        hints_ended.push((e.stream_sid, e.track));
                     }
                     // Passed on after this batch's transcripts: the track's last one is in before it.
                     let id = EventId::derive(id_kind::TRANSCRIPTS_ENDED, &[e.stream_sid.as_u128(), e.track as u128]);
@@ -730,6 +735,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         if new_next != s.next {
             commit(s, &new_next).await?;
         }
+        forget_hints(s, &hints_ended)?;
         return Ok(more);
     }
 
@@ -788,7 +794,17 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
     }
     append_ended(s, &ended).await?;
     commit(s, &new_next).await?;
+    forget_hints(s, &hints_ended)?;
     Ok(more)
+}
+
+/// Drops the kept hints of tracks whose speech ended (after the batch that read the end is
+/// committed).
+fn forget_hints(s: &SttState, ended: &[(StreamSid, Track)]) -> Result<(), StorageError> {
+    for &(stream, track) in ended {
+        s.log.delete_state(CURSOR, &hints_key(stream, track))?;
+    }
+    Ok(())
 }
 
 /// Transcribes clips, each with its prompt, split across the workers: clips of one prompt go
@@ -859,9 +875,8 @@ fn track_hints(s: &mut SttState, stream: StreamSid, track: Track) -> Result<Arc<
     }
     let kept = s.log.get_state(CURSOR, &hints_key(stream, track))?;
     let hints = s.pool.prompt(&String::from_utf8_lossy(kept.as_deref().unwrap_or_default()));
-    if kept.is_some() {
-        s.hints.insert((stream, track), hints.clone());
-    }
+    // Kept (a miss too) until the track's speech ends.
+    s.hints.insert((stream, track), hints.clone());
     Ok(hints)
 }
 

@@ -462,8 +462,9 @@ impl Directory {
     /// [`limits::HINTS`] characters, no control characters; empty clears them.
     pub fn set_hints(&self, tenant: AccountSid, hints: &str) -> Result<Event, TenancyError> {
         self.tenants.get(&tenant).ok_or_else(|| TenancyError::NotFound(format!("account {tenant}")))?;
+        let hints = hints.trim();
         check_hints(hints)?;
-        Ok(Event::SpeechHintsSet(SpeechHintsSet { hints: hints.trim().to_owned() }))
+        Ok(Event::SpeechHintsSet(SpeechHintsSet { hints: hints.to_owned() }))
     }
 
     pub fn block_caller(

@@ -30,6 +30,6 @@ pub mod limits {
     pub const FRIENDLY_NAME: usize = 255;
     pub const UNIQUE_NAME: usize = 191;
     pub const URL: usize = 4000;
-    /// Vocabulary hints (the call's hints are bounded the same way: `call::MAX_HINTS_CHARS`).
+    /// Vocabulary hints (a tenant's, and a call's: `call::MAX_HINTS_CHARS`).
     pub const HINTS: usize = 1000;
 }

@@ -506,23 +506,35 @@ pub async fn run(
         }
         Some("stt") => {
             let (model_dir, options) = stt.context("--stage stt needs the [stt] model_dir of the config")?;
-            // The segments, each with its track's hints as the speech log had them before it.
-            let mut track_hints: std::collections::HashMap<Track, String> = std::collections::HashMap::new();
-            let mut segments: Vec<(&Entry, String)> = Vec::new();
-            for e in &entries {
-                match &e.env.payload {
+            // The segments, each with its track's hints as the speech log had them before it (in
+            // the log's order, as the STT stage read them, not event time).
+            let mut track_hints: std::collections::HashMap<(voxgate_protocol::StreamSid, Track), String> =
+                std::collections::HashMap::new();
+            let mut segments: Vec<(Envelope, String)> = Vec::new();
+            let p = log.partition_of(topics::SPEECH, call.partition_key())?;
+            log.scan(topics::SPEECH, p, log.first_offset(topics::SPEECH, p)?, |r| {
+                let Ok(env) = voxgate_protocol::decode(r.payload()) else { return Ok(()) };
+                if env.call != Some(call) {
+                    return Ok(());
+                }
+                match &env.payload {
                     Event::SpeechHints(h) => {
                         if let Some(track) = h.track {
-                            track_hints.insert(track, h.hints.clone());
+                            track_hints.insert((h.stream_sid, track), h.hints.clone());
                         }
                     }
+                    Event::SpeechEnded(e) => {
+                        track_hints.remove(&(e.stream_sid, e.track));
+                    }
                     Event::SpeechSegment(seg) => {
-                        let hints = track_hints.get(&seg.track).map(String::as_str).unwrap_or_default();
-                        segments.push((e, voxgate_actors::stt::stage::prompt_hints(&options.hints, hints)));
+                        let hints = track_hints.get(&(seg.stream_sid, seg.track)).map(String::as_str).unwrap_or("");
+                        let prompt = voxgate_actors::stt::stage::prompt_hints(&options.hints, hints);
+                        segments.push((env, prompt));
                     }
                     _ => {}
                 }
-            }
+                Ok::<_, voxgate_storage::StorageError>(())
+            })?;
             let recorded: std::collections::HashMap<(Track, u32), &voxgate_protocol::event::Transcript> = entries
                 .iter()
                 .filter_map(|e| match &e.env.payload {
@@ -532,9 +544,10 @@ pub async fn run(
                 .collect();
             let mut t = voxgate_actors::stt::decode::Transcriber::load(model_dir)
                 .map_err(|e| anyhow::anyhow!("{e} (run nodes/deploy/fetch-model.sh)"))?;
+            t.set_options(options.clone());
             let mut differences = 0;
-            for (e, hints) in &segments {
-                let Event::SpeechSegment(seg) = &e.env.payload else { continue };
+            for (env, hints) in &segments {
+                let Event::SpeechSegment(seg) = &env.payload else { continue };
                 if t.options().hints != *hints {
                     t.set_options(voxgate_actors::stt::decode::DecodeOptions {
                         hints: hints.clone(),

@@ -749,9 +749,7 @@ pub async fn answer(
     if let Err(r) = append_events(state, tenant, call, events).await {
         return r;
     }
-    for h in hints {
-        add_hints(call, h);
-    }
+    add_hints(call, hints.join(", "));
     metrics::histogram!("voxgate_gateway_added_seconds")
         .record(started.elapsed().saturating_sub(app_time).as_secs_f64());
     crate::http::ingress::twiml_response(twiml)

@@ -26,6 +26,9 @@ pub(super) async fn handle(cx: &Request<'_>, method: &Method, res: Resource) -> 
                     return Err(ApiError::invalid("Track", "must be inbound_track, outbound_track or both_tracks"));
                 }
             }
+            if let Some(h) = params.get("Hints") {
+                voxgate_actors::tenancy::directory::check_hints(h)?;
+            }
             let started = crate::http::gateway::start_transcription(state, a, call, &params.0)
                 .await
                 .map_err(ApiError::unavailable)?;
