@@ -16,6 +16,7 @@ pub mod billing;
 pub mod call;
 pub mod fraud;
 pub mod progress;
+pub mod stage;
 pub mod stt;
 pub mod tenancy;
 pub mod transcode;

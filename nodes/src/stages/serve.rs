@@ -10,11 +10,12 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use ractor::Actor;
 use voxgate_actors::call::CallSupervisor;
-use voxgate_actors::fraud::stage::{FraudMsg, FraudStage, FraudStageArgs};
+use voxgate_actors::fraud::stage::{FraudMsg, FraudSettings, FraudStage};
 use voxgate_actors::fraud::{FraudEngine, PrefixTable};
 use voxgate_actors::progress::Progress;
-use voxgate_actors::stt::stage::{SttPool, SttStage, SttStageArgs};
-use voxgate_actors::transcode::stage::{TranscodeStage, TranscodeStageArgs};
+use voxgate_actors::stage::{StageActor, StageArgs, StageMsg};
+use voxgate_actors::stt::stage::{SttPool, SttSettings, SttStage};
+use voxgate_actors::transcode::stage::TranscodeStage;
 use voxgate_storage::{topics, Log};
 
 use crate::config::Config;
@@ -109,7 +110,7 @@ pub struct ConfigSource {
 /// need a restart). A config that does not load is reported and changes nothing.
 fn reload_on_hangup(
     source: ConfigSource,
-    fraud: Arc<std::sync::Mutex<Option<ractor::ActorRef<FraudMsg>>>>,
+    fraud: Arc<std::sync::Mutex<Option<ractor::ActorRef<StageMsg<FraudMsg>>>>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
@@ -123,7 +124,7 @@ fn reload_on_hangup(
                         let actor = fraud.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         if let Some(actor) = actor {
                             tracing::info!("SIGHUP: reloading fraud rules");
-                            let _ = actor.cast(FraudMsg::Reconfigure(Box::new(c.fraud)));
+                            let _ = actor.cast(StageMsg::Stage(FraudMsg::Reconfigure(Box::new(c.fraud))));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
@@ -173,15 +174,16 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     if roles.has(Role::Transcode) {
         let (l, c, progress) = (log.clone(), cfg.transcode.clone(), transcode_progress.clone());
         let start: Start = Box::new(move |owned: Vec<u32>| {
-            let args = TranscodeStageArgs {
+            let args = StageArgs::<TranscodeStage> {
                 log: l.clone(),
-                config: c.clone(),
+                stage: c.clone(),
                 progress: progress.clone(),
                 partitions: Some(owned),
             };
             Box::pin(async move {
-                let (actor, done) =
-                    Actor::spawn(None, TranscodeStage, args).await.context("starting the transcode stage")?;
+                let (actor, done) = Actor::spawn(None, StageActor::<TranscodeStage>::default(), args)
+                    .await
+                    .context("starting the transcode stage")?;
                 Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
             })
         });
@@ -197,7 +199,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         claimed.push(c);
     }
 
-    let fraud_slot: Arc<std::sync::Mutex<Option<ractor::ActorRef<FraudMsg>>>> = Arc::default();
+    let fraud_slot: Arc<std::sync::Mutex<Option<ractor::ActorRef<StageMsg<FraudMsg>>>>> = Arc::default();
     if roles.has(Role::Fraud) {
         let fraud_progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
         FraudEngine::new(cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
@@ -205,8 +207,13 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let start: Start = Box::new(move |_owned: Vec<u32>| {
             let (l, fc, progress, slot) = (l.clone(), fc.clone(), progress.clone(), slot.clone());
             Box::pin(async move {
-                let engine = FraudEngine::new(fc, PrefixTable::builtin()).context("fraud rules")?;
-                let (actor, done) = Actor::spawn(None, FraudStage, FraudStageArgs { log: l, engine, progress })
+                let args = StageArgs::<FraudStage> {
+                    log: l,
+                    progress,
+                    partitions: None,
+                    stage: FraudSettings { config: fc, prefixes: PrefixTable::builtin() },
+                };
+                let (actor, done) = Actor::spawn(None, StageActor::<FraudStage>::default(), args)
                     .await
                     .context("starting the fraud stage")?;
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.clone());
@@ -298,17 +305,16 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let stt_clock = clock.clone();
         let partials = cfg.stt.partials;
         let start: Start = Box::new(move |owned: Vec<u32>| {
-            let args = SttStageArgs {
+            let args = StageArgs::<SttStage> {
                 log: l.clone(),
-                pool: pool.clone(),
                 progress: progress.clone(),
-                max_batch,
                 partitions: Some(owned),
-                clock: stt_clock.clone(),
-                partials,
+                stage: SttSettings { pool: pool.clone(), max_batch, clock: stt_clock.clone(), partials },
             };
             Box::pin(async move {
-                let (actor, done) = Actor::spawn(None, SttStage, args).await.context("starting the stt stage")?;
+                let (actor, done) = Actor::spawn(None, StageActor::<SttStage>::default(), args)
+                    .await
+                    .context("starting the stt stage")?;
                 Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
             })
         });
