@@ -1,6 +1,8 @@
 //! voxgate-actors: the stages of a call's life, each a thin actor around a pure core.
 //!
-//! Owns: the call actor and its supervisor ([`call`]: state machine, stream queue, maximum
+//! Owns: the stage harness ([`stage`]: the one actor every log-to-log stage runs on, reading
+//! from a durable cursor, appending what the stage decides, committing, reporting lag), the call
+//! actor and its supervisor ([`call`]: state machine, stream queue, maximum
 //! duration), the transcoder ([`transcode`]: µ-law → PCM16, 8 → 16 kHz, voice activity, and the
 //! stage that turns the media log into the speech log), speech-to-text ([`stt`]), tenancy
 //! ([`tenancy`]: the tenant directory, call quotas, caller protection, REST throttles), and fraud
@@ -16,6 +18,7 @@ pub mod billing;
 pub mod call;
 pub mod fraud;
 pub mod progress;
+pub mod stage;
 pub mod stt;
 pub mod tenancy;
 pub mod transcode;

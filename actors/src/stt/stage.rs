@@ -1,4 +1,6 @@
-//! The STT stage: speech segments in (speech log), transcripts out (transcripts log).
+//! The STT stage: speech segments in (speech log), transcripts out (transcripts log). It runs on
+//! the stage harness ([`crate::stage`]): a round is a batch across the partitions it owns, and
+//! its decision is the decode, which waits for the workers (and may be cancelled, below).
 //!
 //! Whisper runs off the async runtime on a small pool of worker threads, each owning a
 //! [`Transcriber`]; the stage actor reads whatever segments are durable (across calls, up to a
@@ -35,7 +37,6 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use voxgate_protocol::event::{
     Event, PartialTranscript, SpeechHints, SpeechProgress, SpeechSegment, Track, Transcript,
@@ -45,7 +46,7 @@ use voxgate_storage::{topics, Log, Record, StorageError};
 
 use super::decode::{DecodeOptions, Transcriber, Transcription};
 use crate::call::id_kind;
-use crate::progress::Progress;
+use crate::stage::{Batch, Durability, Outputs, Reading, Stage, StageError};
 
 /// The stage's cursor name on the speech log (and the name of its state).
 pub const CURSOR: &str = "stt";
@@ -257,35 +258,21 @@ fn worker(
     }
 }
 
-/// Messages the stage takes.
-pub enum SttMsg {
-    /// New speech may be durable.
-    Poll,
-}
-
-/// What the stage needs.
-pub struct SttStageArgs {
-    pub log: Log,
+/// What the STT stage is built from.
+#[derive(Clone)]
+pub struct SttSettings {
     pub pool: Arc<SttPool>,
-    pub progress: Arc<Progress>,
     /// Most segments sent to the workers at once (across calls).
     pub max_batch: usize,
-    /// The speech partitions this instance works on (`None`: all; in a cluster, its claims).
-    pub partitions: Option<Vec<u32>>,
     /// The node's clock (for the transcript delay metric only; no decision reads it).
     pub clock: Arc<dyn Clock>,
     /// Decode open segments for partial results while the workers are free.
     pub partials: bool,
 }
 
-/// The stage's state.
-pub struct SttState {
-    log: Log,
+/// The STT stage: what it keeps between rounds.
+pub struct SttStage {
     pool: Arc<SttPool>,
-    progress: Arc<Progress>,
-    max_batch: usize,
-    next: Vec<u64>,
-    watcher: tokio::task::JoinHandle<()>,
     recent: RecentIds,
     clock: Arc<dyn Clock>,
     partials: bool,
@@ -293,6 +280,12 @@ pub struct SttState {
     open: HashMap<(StreamSid, Track), Heard>,
     /// Each track's prompt text (the node's hints and the track's), as the speech log told it.
     hints: HashMap<(StreamSid, Track), Arc<str>>,
+    /// Tracks whose speech ended last round: their kept hints are deleted at the next.
+    hints_ended: Vec<(StreamSid, Track)>,
+    /// The round's output, for its metrics once durable: partials, transcripts, and when each
+    /// transcript's segment closed.
+    partials_out: usize,
+    closed_at: Vec<i64>,
 }
 
 /// What to do with an open segment at the end of a read.
@@ -370,52 +363,53 @@ impl RecentIds {
     }
 }
 
-/// The STT stage actor.
-pub struct SttStage;
+impl Stage for SttStage {
+    type Args = SttSettings;
+    type Msg = std::convert::Infallible;
+    const NAME: &'static str = "stt";
+    const CURSOR: &'static str = CURSOR;
+    const INPUT: &'static str = topics::SPEECH;
+    const DURABILITY: Durability = Durability::EachRound;
 
-impl Actor for SttStage {
-    type Msg = SttMsg;
-    type State = SttState;
-    type Arguments = SttStageArgs;
+    /// A batch of segments across the partitions it owns, up to `max_batch` in all.
+    fn reading(settings: &SttSettings, owned: usize) -> Reading {
+        Reading::Together { per_partition: settings.max_batch.max(1).div_ceil(owned.max(1)).max(1) }
+    }
 
-    async fn pre_start(&self, myself: ActorRef<SttMsg>, args: SttStageArgs) -> Result<SttState, ActorProcessingErr> {
-        let next =
-            crate::progress::starting_points(args.log.cursor(CURSOR, topics::SPEECH)?, args.partitions.as_deref());
-        for (p, n) in next.iter().enumerate() {
-            args.progress.set(p as u32, *n);
-        }
-        let watcher = crate::progress::wake_on_append(&args.log, topics::SPEECH, myself.clone(), || SttMsg::Poll)?;
-        myself.cast(SttMsg::Poll)?;
-        Ok(SttState {
-            log: args.log,
-            pool: args.pool,
-            progress: args.progress,
-            max_batch: args.max_batch.max(1),
-            next,
-            watcher,
+    async fn open(settings: &SttSettings, _: &Log, _: &[u64]) -> Result<Self, StageError> {
+        Ok(Self {
+            pool: settings.pool.clone(),
             recent: RecentIds { set: HashSet::new(), order: VecDeque::new(), cap: 4096 },
-            clock: args.clock,
-            partials: args.partials,
+            clock: settings.clock.clone(),
+            partials: settings.partials,
             open: HashMap::new(),
             hints: HashMap::new(),
+            hints_ended: Vec::new(),
+            partials_out: 0,
+            closed_at: Vec::new(),
         })
     }
 
-    async fn post_stop(&self, _: ActorRef<SttMsg>, s: &mut SttState) -> Result<(), ActorProcessingErr> {
-        s.watcher.abort();
-        let _ = s.log.sync().await;
-        Ok(())
+    async fn handle(&mut self, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+        decode_round(self, log, batch, out).await
     }
 
-    async fn handle(&self, myself: ActorRef<SttMsg>, msg: SttMsg, s: &mut SttState) -> Result<(), ActorProcessingErr> {
-        match msg {
-            SttMsg::Poll => {
-                if poll(s).await? {
-                    myself.cast(SttMsg::Poll)?;
-                }
-                crate::progress::report_lag(&s.log, "stt", topics::SPEECH, &s.next);
+    fn appended(&mut self, _: &Log, out: &Outputs) -> Result<(), StorageError> {
+        if self.partials_out > 0 {
+            metrics::counter!("voxgate_partial_transcripts_total").increment(self.partials_out as u64);
+        }
+        if !self.closed_at.is_empty() {
+            metrics::counter!("voxgate_transcripts_total").increment(self.closed_at.len() as u64);
+            // From the audio that closed each segment reaching voxgate (the end of speech plus the
+            // VAD's hangover) to its transcript being durable.
+            let now = self.clock.now().as_micros();
+            let delay = metrics::histogram!("voxgate_transcript_delay_seconds");
+            for at in self.closed_at.drain(..) {
+                delay.record(now.saturating_sub(at).max(0) as f64 / 1e6);
             }
         }
+        self.partials_out = 0;
+        let _ = out;
         Ok(())
     }
 }
@@ -527,67 +521,58 @@ fn speculated(
     Some((spec.result, spec.took_ms))
 }
 
-/// Reads a batch of segments from every partition, transcribes them, appends the transcripts.
-async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
-    let ours = s.next.iter().filter(|n| **n != crate::progress::NOT_OURS).count();
-    let per_partition = s.max_batch.div_ceil(ours.max(1)).max(1);
+/// Transcribes a round's segments (and open segments, while no final waits) and decides the
+/// transcripts.
+async fn decode_round(s: &mut SttStage, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
     let mut pending: Vec<Pending> = Vec::new();
-    let mut new_next = s.next.clone();
-    let mut more = false;
-    let mut records: Vec<Record> = Vec::new();
     let mut ended: Vec<Envelope> = Vec::new();
-    let mut hints_ended: Vec<(StreamSid, Track)> = Vec::new();
-    for (p, next) in new_next.iter_mut().enumerate() {
-        // `new_next` starts as a copy of `s.next`.
-        let from = *next;
-        if from == crate::progress::NOT_OURS {
-            continue;
-        }
-        records.clear();
-        *next = s.log.read(topics::SPEECH, p as u32, from, per_partition, &mut records)?;
-        more |= records.len() == per_partition;
-        for r in &records {
-            let env = match voxgate_protocol::decode(r.payload()) {
-                Ok(e) => e,
-                Err(e) => {
-                    metrics::counter!("twilio_stt_errors_total", "error_type" => "undecodable_record").increment(1);
-                    tracing::error!(stage = "stt", partition = p, offset = r.offset, error = %e, "speech record cannot be decoded; skipped");
+    for (stream, track) in s.hints_ended.drain(..) {
+        log.delete_state(CURSOR, &hints_key(stream, track))?;
+    }
+    s.partials_out = 0;
+    s.closed_at.clear();
+    for (p, r) in batch.records() {
+        let env = match voxgate_protocol::decode(r.payload()) {
+            Ok(e) => e,
+            Err(e) => {
+                metrics::counter!("twilio_stt_errors_total", "error_type" => "undecodable_record").increment(1);
+                tracing::error!(stage = "stt", partition = p, offset = r.offset, error = %e, "speech record cannot be decoded; skipped");
+                continue;
+            }
+        };
+        match &env.payload {
+            Event::SpeechEnded(e) => {
+                if let Some(old) = s.open.remove(&(e.stream_sid, e.track)) {
+                    wasted(&old);
+                }
+                // Its kept hints go at the next round, once this one's cursor is stored (a crash
+                // before re-reads this round with them).
+                if s.hints.remove(&(e.stream_sid, e.track)).is_some() {
+                    s.hints_ended.push((e.stream_sid, e.track));
+                }
+                // Passed on after this batch's transcripts: the track's last one is in before it.
+                let id = EventId::derive(id_kind::TRANSCRIPTS_ENDED, &[e.stream_sid.as_u128(), e.track as u128]);
+                ended.push(Envelope { event_id: id, ..env.clone() });
+            }
+            Event::SpeechHints(SpeechHints { stream_sid, track: Some(track), hints }) => {
+                let key = (*stream_sid, *track);
+                log.put_state(CURSOR, &hints_key(key.0, key.1), hints.as_bytes())?;
+                s.hints.insert(key, s.pool.prompt(hints));
+            }
+            Event::SpeechProgress(piece) => {
+                let hints = track_hints(s, log, piece.stream_sid, piece.track)?;
+                take_piece(&mut s.open, &env, piece, s.partials, hints);
+            }
+            Event::SpeechSegment(seg) => {
+                if !s.recent.insert(env.event_id) {
                     continue;
                 }
-            };
-            match &env.payload {
-                Event::SpeechEnded(e) => {
-                    if let Some(old) = s.open.remove(&(e.stream_sid, e.track)) {
-                        wasted(&old);
-                    }
-                    // Forgotten once this batch is committed (a crash before re-reads it with them).
-                    if s.hints.remove(&(e.stream_sid, e.track)).is_some() {
-                        hints_ended.push((e.stream_sid, e.track));
-                    }
-                    // Passed on after this batch's transcripts: the track's last one is in before it.
-                    let id = EventId::derive(id_kind::TRANSCRIPTS_ENDED, &[e.stream_sid.as_u128(), e.track as u128]);
-                    ended.push(Envelope { event_id: id, ..env.clone() });
-                }
-                Event::SpeechHints(SpeechHints { stream_sid, track: Some(track), hints }) => {
-                    let key = (*stream_sid, *track);
-                    s.log.put_state(CURSOR, &hints_key(key.0, key.1), hints.as_bytes())?;
-                    s.hints.insert(key, s.pool.prompt(hints));
-                }
-                Event::SpeechProgress(piece) => {
-                    let hints = track_hints(s, piece.stream_sid, piece.track)?;
-                    take_piece(&mut s.open, &env, piece, s.partials, hints);
-                }
-                Event::SpeechSegment(seg) => {
-                    if !s.recent.insert(env.event_id) {
-                        continue;
-                    }
-                    let hints = track_hints(s, seg.stream_sid, seg.track)?;
-                    let clip: Vec<f32> = pcm_f32(&seg.pcm16le).collect();
-                    let ready = speculated(&mut s.open, seg, &clip, &hints);
-                    pending.push(Pending { env, clip, hints, ready });
-                }
-                _ => {}
+                let hints = track_hints(s, log, seg.stream_sid, seg.track)?;
+                let clip: Vec<f32> = pcm_f32(&seg.pcm16le).collect();
+                let ready = speculated(&mut s.open, seg, &clip, &hints);
+                pending.push(Pending { env, clip, hints, ready });
             }
+            _ => {}
         }
     }
 
@@ -655,7 +640,7 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         // Partials alone are interim: greedy; a speculative final decodes as the final would.
         let work = transcribe(&s.pool, clips, Some(cancel.clone()), expected.is_empty());
         tokio::pin!(work);
-        let watch = cancel_on_finals(&s.log, &new_next, &expected, only_pauses, &cancel);
+        let watch = cancel_on_finals(log, &batch.next, &expected, only_pauses, &cancel);
         tokio::pin!(watch);
         tokio::select! {
             r = &mut work => r,
@@ -668,7 +653,6 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
         transcribe(&s.pool, clips, None, false).await
     };
 
-    let mut partial_out: Vec<(u64, Vec<u8>)> = Vec::new();
     for (job, r) in jobs.into_iter().zip(results) {
         match job {
             Job::Final(i) => pending[i].ready = r,
@@ -721,27 +705,13 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
                         occurred_at: h.occurred_at,
                         payload: Event::PartialTranscript(ev),
                     };
-                    partial_out.push((h.call.partition_key(), voxgate_protocol::encode(&env)));
+                    out.push(topics::TRANSCRIPTS, h.call.partition_key(), voxgate_protocol::encode(&env));
+                    s.partials_out += 1;
                 }
             }
         }
     }
-    if !partial_out.is_empty() {
-        s.log.append_many(topics::TRANSCRIPTS, partial_out.iter().map(|(k, b)| (*k, b.as_slice()))).await?;
-        metrics::counter!("voxgate_partial_transcripts_total").increment(partial_out.len() as u64);
-    }
-    if pending.is_empty() {
-        append_ended(s, &ended).await?;
-        if new_next != s.next {
-            commit(s, &new_next).await?;
-        }
-        forget_hints(s, &hints_ended)?;
-        return Ok(more);
-    }
-
     let model = s.pool.model_id().to_owned();
-    let mut out: Vec<(u64, Vec<u8>)> = Vec::with_capacity(pending.len());
-    let mut closed_at: Vec<i64> = Vec::with_capacity(pending.len());
     for p in pending {
         let Event::SpeechSegment(seg) = &p.env.payload else { continue };
         let Some(call) = p.env.call else { continue };
@@ -778,31 +748,14 @@ async fn poll(s: &mut SttState) -> Result<bool, StorageError> {
             occurred_at: p.env.occurred_at,
             payload: Event::Transcript(ev),
         };
-        out.push((call.partition_key(), voxgate_protocol::encode(&env)));
-        closed_at.push(p.env.occurred_at.as_micros());
+        out.push(topics::TRANSCRIPTS, call.partition_key(), voxgate_protocol::encode(&env));
+        s.closed_at.push(p.env.occurred_at.as_micros());
     }
-    if !out.is_empty() {
-        s.log.append_many(topics::TRANSCRIPTS, out.iter().map(|(k, b)| (*k, b.as_slice()))).await?;
-        metrics::counter!("voxgate_transcripts_total").increment(out.len() as u64);
-        // From the audio that closed each segment reaching voxgate (the end of speech plus the
-        // VAD's hangover) to its transcript being durable.
-        let now = s.clock.now().as_micros();
-        let delay = metrics::histogram!("voxgate_transcript_delay_seconds");
-        for at in closed_at {
-            delay.record(now.saturating_sub(at).max(0) as f64 / 1e6);
+    // The tracks whose speech ended, after their last transcript.
+    for e in &ended {
+        if let Some(c) = e.call {
+            out.push(topics::TRANSCRIPTS, c.partition_key(), voxgate_protocol::encode(e));
         }
-    }
-    append_ended(s, &ended).await?;
-    commit(s, &new_next).await?;
-    forget_hints(s, &hints_ended)?;
-    Ok(more)
-}
-
-/// Drops the kept hints of tracks whose speech ended (after the batch that read the end is
-/// committed).
-fn forget_hints(s: &SttState, ended: &[(StreamSid, Track)]) -> Result<(), StorageError> {
-    for &(stream, track) in ended {
-        s.log.delete_state(CURSOR, &hints_key(stream, track))?;
     }
     Ok(())
 }
@@ -869,11 +822,11 @@ async fn transcribe(
 
 /// A track's prompt text: as the speech log told it, or (after a restart) as the stage's state
 /// kept it.
-fn track_hints(s: &mut SttState, stream: StreamSid, track: Track) -> Result<Arc<str>, StorageError> {
+fn track_hints(s: &mut SttStage, log: &Log, stream: StreamSid, track: Track) -> Result<Arc<str>, StorageError> {
     if let Some(h) = s.hints.get(&(stream, track)) {
         return Ok(h.clone());
     }
-    let kept = s.log.get_state(CURSOR, &hints_key(stream, track))?;
+    let kept = log.get_state(CURSOR, &hints_key(stream, track))?;
     let hints = s.pool.prompt(&String::from_utf8_lossy(kept.as_deref().unwrap_or_default()));
     // Kept (a miss too) until the track's speech ends.
     s.hints.insert((stream, track), hints.clone());
@@ -945,27 +898,4 @@ async fn cancel_on_finals(
             return std::future::pending().await;
         }
     }
-}
-
-/// The tracks whose speech ended, on the transcripts log after their last transcript.
-async fn append_ended(s: &SttState, ended: &[Envelope]) -> Result<(), StorageError> {
-    if ended.is_empty() {
-        return Ok(());
-    }
-    let out: Vec<(u64, Vec<u8>)> =
-        ended.iter().filter_map(|e| e.call.map(|c| (c.partition_key(), voxgate_protocol::encode(e)))).collect();
-    s.log.append_many(topics::TRANSCRIPTS, out.iter().map(|(k, b)| (*k, b.as_slice()))).await?;
-    Ok(())
-}
-
-async fn commit(s: &mut SttState, next: &[u64]) -> Result<(), StorageError> {
-    for (p, n) in next.iter().enumerate() {
-        if *n == crate::progress::NOT_OURS {
-            continue;
-        }
-        s.log.store_cursor(CURSOR, topics::SPEECH, p as u32, *n)?;
-        s.progress.set(p as u32, *n);
-    }
-    s.next = next.to_vec();
-    s.log.sync().await
 }

@@ -2,7 +2,8 @@
 //! stopped), and the node's side of each stage — the tasks that follow a log and act outside the
 //! pure cores in voxgate-actors (ending calls at Twilio, delivering callbacks, publishing events).
 //!
-//! - `serve`: the node; `cluster`: roles, leases and partitions across nodes.
+//! - `serve`: the node; `roster`: which role runs which stage, how much work it claims and how
+//!   it starts; `cluster`: roles, leases and partitions across nodes.
 //! - `transcription`: transcode and STT stages and Twilio's real-time transcription callbacks.
 //! - `fraud`, `billing`: their stages' effects (blocks, hang-ups, usage-trigger callbacks);
 //!   `hangup`: ending a call; `recovery`: calls a crash left open.
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod fraud;
 pub mod hangup;
 pub mod recovery;
+pub mod roster;
 pub mod serve;
 pub mod tenancy;
 pub mod transcription;

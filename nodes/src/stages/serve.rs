@@ -10,17 +10,17 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use ractor::Actor;
 use voxgate_actors::call::CallSupervisor;
-use voxgate_actors::fraud::stage::{FraudMsg, FraudStage, FraudStageArgs};
-use voxgate_actors::fraud::{FraudEngine, PrefixTable};
+use voxgate_actors::fraud::stage::FraudMsg;
 use voxgate_actors::progress::Progress;
-use voxgate_actors::stt::stage::{SttPool, SttStage, SttStageArgs};
-use voxgate_actors::transcode::stage::{TranscodeStage, TranscodeStageArgs};
-use voxgate_storage::{topics, Log};
+use voxgate_actors::stage::StageMsg;
+use voxgate_actors::stt::stage::SttPool;
+use voxgate_storage::Log;
 
 use crate::config::Config;
 use crate::http::health::{Health, Runner, StageEntry};
 use crate::http::{router, AppState};
-use crate::stages::cluster::{Claimed, Role, Start, Stop};
+use crate::stages::cluster::{Claimed, Role};
+use crate::stages::roster::{self, FraudSlot, StageKind, ROSTER};
 
 /// Installs the Prometheus recorder with the runbook's histogram buckets.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -86,10 +86,8 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// Runs the node until SIGINT/SIGTERM, then drains: calls end, queued audio reaches the log,
-/// the log is flushed.
 /// Runs a log follower; if it stops on a log error, says so (its stage is then down).
-async fn log_failure(
+pub(crate) async fn log_failure(
     stage: &'static str,
     task: impl std::future::Future<Output = Result<(), voxgate_storage::StorageError>>,
 ) {
@@ -107,10 +105,7 @@ pub struct ConfigSource {
 
 /// On SIGHUP: reads the config again and hands the fraud stage its new rules (the other settings
 /// need a restart). A config that does not load is reported and changes nothing.
-fn reload_on_hangup(
-    source: ConfigSource,
-    fraud: Arc<std::sync::Mutex<Option<ractor::ActorRef<FraudMsg>>>>,
-) -> tokio::task::JoinHandle<()> {
+fn reload_on_hangup(source: ConfigSource, fraud: FraudSlot) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
@@ -123,7 +118,7 @@ fn reload_on_hangup(
                         let actor = fraud.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         if let Some(actor) = actor {
                             tracing::info!("SIGHUP: reloading fraud rules");
-                            let _ = actor.cast(FraudMsg::Reconfigure(Box::new(c.fraud)));
+                            let _ = actor.cast(StageMsg::Stage(FraudMsg::Reconfigure(Box::new(c.fraud))));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
@@ -133,6 +128,8 @@ fn reload_on_hangup(
     })
 }
 
+/// Runs the node until SIGINT/SIGTERM, then drains: calls end, queued audio reaches the log,
+/// the log is flushed. The stages it runs are the rows of the [`ROSTER`] its roles name.
 pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<()> {
     let handle = install_metrics()?;
     let cfg = Arc::new(cfg);
@@ -166,79 +163,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let tenancy_task = tokio::spawn(log_failure("tenancy", tenancy.clone().follow()));
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
-    let mut stages = Vec::new();
-    let mut claimed: Vec<Claimed> = Vec::new();
-
-    let transcode_progress = Arc::new(Progress::new(log.partitions(topics::MEDIA)? as usize));
-    if roles.has(Role::Transcode) {
-        let (l, c, progress) = (log.clone(), cfg.transcode.clone(), transcode_progress.clone());
-        let start: Start = Box::new(move |owned: Vec<u32>| {
-            let args = TranscodeStageArgs {
-                log: l.clone(),
-                config: c.clone(),
-                progress: progress.clone(),
-                partitions: Some(owned),
-            };
-            Box::pin(async move {
-                let (actor, done) =
-                    Actor::spawn(None, TranscodeStage, args).await.context("starting the transcode stage")?;
-                Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
-            })
-        });
-        let units = log.partitions(topics::MEDIA)?;
-        let c = Claimed::run(&log, "transcode", units, &node, &["transcode"], start).await?;
-        stages.push(StageEntry {
-            name: "transcode",
-            input: topics::MEDIA,
-            runner: Runner::Task(c.alive()),
-            progress: transcode_progress.clone(),
-            share: clustered.then(|| c.share()),
-        });
-        claimed.push(c);
-    }
-
-    let fraud_slot: Arc<std::sync::Mutex<Option<ractor::ActorRef<FraudMsg>>>> = Arc::default();
-    if roles.has(Role::Fraud) {
-        let fraud_progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
-        FraudEngine::new(cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
-        let (l, fc, progress, slot) = (log.clone(), cfg.fraud.clone(), fraud_progress.clone(), fraud_slot.clone());
-        let start: Start = Box::new(move |_owned: Vec<u32>| {
-            let (l, fc, progress, slot) = (l.clone(), fc.clone(), progress.clone(), slot.clone());
-            Box::pin(async move {
-                let engine = FraudEngine::new(fc, PrefixTable::builtin()).context("fraud rules")?;
-                let (actor, done) = Actor::spawn(None, FraudStage, FraudStageArgs { log: l, engine, progress })
-                    .await
-                    .context("starting the fraud stage")?;
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.clone());
-                let stop: Stop = Box::new(move || {
-                    Box::pin(async move {
-                        slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-                        actor.stop(None);
-                        let _ = done.await;
-                    })
-                });
-                Ok(stop)
-            })
-        });
-        let c = Claimed::run(&log, "fraud", 1, &node, &["fraud"], start).await?;
-        stages.push(StageEntry {
-            name: "fraud",
-            input: topics::CALLS,
-            runner: Runner::Task(c.alive()),
-            progress: fraud_progress,
-            share: clustered.then(|| c.share()),
-        });
-        claimed.push(c);
-    }
     let twilio = crate::stages::hangup::TwilioRest::new(&cfg.twilio_api_url);
-    // Blocks go into this node's webhook gate and hang-ups to its call actors: an ingress concern.
-    let follower = roles.has(Role::Ingress).then(|| {
-        tokio::spawn(log_failure(
-            "fraud",
-            crate::stages::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
-        ))
-    });
-    let reload = reload_on_hangup(config_source, fraud_slot.clone());
     // Every node keeps the usage books (the REST API reads them); one node acts on them.
     let billing = Arc::new(crate::stages::billing::Billing::new(
         &cfg,
@@ -256,36 +181,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             alive.store(false, std::sync::atomic::Ordering::Release);
         })
     };
-    let mut billing_share = None;
-    if roles.has(Role::Billing) {
-        let b = billing.clone();
-        let start: Start = Box::new(move |_owned: Vec<u32>| {
-            let b = b.clone();
-            Box::pin(async move {
-                b.take_over().await;
-                let stop: Stop = Box::new(move || {
-                    Box::pin(async move {
-                        b.step_down();
-                    })
-                });
-                Ok(stop)
-            })
-        });
-        let c = Claimed::run(&log, "billing", 1, &node, &[], start).await?;
-        billing_share = clustered.then(|| c.share());
-        claimed.push(c);
-    }
-    stages.push(StageEntry {
-        name: "billing",
-        input: topics::CALLS,
-        runner: Runner::Task(billing_alive),
-        progress: billing.progress(),
-        share: billing_share,
-    });
-
-    let stt_progress = Arc::new(Progress::new(log.partitions(topics::SPEECH)? as usize));
-    let stt_on = cfg.stt.enabled && roles.has(Role::Stt);
-    if stt_on {
+    let app = Arc::new(crate::http::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
+    let stt = if ROSTER.iter().any(|r| r.stage == StageKind::Stt && r.runs(&roles, &cfg)) {
         let dir = cfg.stt.model_dir.clone();
         let workers = cfg.stt.workers;
         let loaded = Instant::now();
@@ -294,35 +191,69 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             .await
             .context("starting the stt workers")??;
         tracing::info!(model_dir = %cfg.stt.model_dir.display(), workers, load_ms = loaded.elapsed().as_millis() as u64, "whisper model loaded");
-        let (l, pool, progress, max_batch) = (log.clone(), Arc::new(pool), stt_progress.clone(), cfg.stt.max_batch);
-        let stt_clock = clock.clone();
-        let partials = cfg.stt.partials;
-        let start: Start = Box::new(move |owned: Vec<u32>| {
-            let args = SttStageArgs {
-                log: l.clone(),
-                pool: pool.clone(),
-                progress: progress.clone(),
-                max_batch,
-                partitions: Some(owned),
-                clock: stt_clock.clone(),
-                partials,
-            };
-            Box::pin(async move {
-                let (actor, done) = Actor::spawn(None, SttStage, args).await.context("starting the stt stage")?;
-                Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
-            })
-        });
-        let units = log.partitions(topics::SPEECH)?;
-        let c = Claimed::run(&log, "stt", units, &node, &["stt"], start).await?;
-        stages.push(StageEntry {
-            name: "stt",
-            input: topics::SPEECH,
-            runner: Runner::Task(c.alive()),
-            progress: stt_progress.clone(),
-            share: clustered.then(|| c.share()),
-        });
-        claimed.push(c);
+        Some(Arc::new(pool))
+    } else {
+        None
+    };
+    let fraud_slot: FraudSlot = Arc::default();
+    let deps = roster::Deps {
+        cfg: cfg.clone(),
+        log: log.clone(),
+        clock: clock.clone(),
+        billing: billing.clone(),
+        transcription: crate::stages::transcription::Deps {
+            log: log.clone(),
+            tenancy: tenancy.clone(),
+            app: app.clone(),
+            clock: clock.clone(),
+        },
+        fraud: fraud_slot.clone(),
+        stt,
+    };
+
+    // The stages this node's roles run, each on its claimed share of the stage's work.
+    let mut stages = Vec::new();
+    let mut claimed: Vec<Claimed> = Vec::new();
+    let mut draining: Vec<(Arc<Progress>, &'static str, Duration)> = Vec::new();
+    for row in &ROSTER {
+        let mut share = None;
+        if row.runs(&roles, &cfg) {
+            let progress = Arc::new(Progress::new(log.partitions(row.input)? as usize));
+            let start = roster::starter(row, &deps, progress.clone())?;
+            let c = Claimed::run(&log, row.name, row.units(&log)?, &node, row.refresh, start).await?;
+            if row.health {
+                stages.push(StageEntry {
+                    name: row.name,
+                    input: row.input,
+                    runner: Runner::Task(c.alive()),
+                    progress: progress.clone(),
+                    share: clustered.then(|| c.share()),
+                });
+            }
+            if let Some(d) = row.drain {
+                draining.push((progress, row.input, d));
+            }
+            share = clustered.then(|| c.share());
+            claimed.push(c);
+        }
+        if row.stage == StageKind::Billing {
+            stages.push(StageEntry {
+                name: row.name,
+                input: row.input,
+                runner: Runner::Task(billing_alive.clone()),
+                progress: billing.progress(),
+                share,
+            });
+        }
     }
+    // Blocks go into this node's webhook gate and hang-ups to its call actors: an ingress concern.
+    let follower = roles.has(Role::Ingress).then(|| {
+        tokio::spawn(log_failure(
+            "fraud",
+            crate::stages::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
+        ))
+    });
+    let reload = reload_on_hangup(config_source, fraud_slot);
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(log_failure(
@@ -337,7 +268,6 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         nats: analytics.as_ref().map(|(url, up, _)| (url.clone(), up.clone())),
         roles: roles.names(),
     });
-    let app = Arc::new(crate::http::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
     // The console's index follows the logs on every node that answers HTTP.
     let console = cfg.console.enabled.then(|| Arc::new(crate::http::console::Console::new(&cfg)));
     let console_task = console.as_ref().map(|c| {
@@ -360,28 +290,6 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             public_url: cfg.public_url.clone(),
         }),
     };
-    // Real-time transcription callbacks to the apps: one node of the cluster sends them.
-    if roles.has(Role::Ingress) {
-        let deps = crate::stages::transcription::Deps {
-            log: log.clone(),
-            tenancy: tenancy.clone(),
-            app: state.app.clone(),
-            clock: clock.clone(),
-        };
-        let start: Start = Box::new(move |_owned: Vec<u32>| {
-            let deps = deps.clone();
-            Box::pin(async move {
-                let task = tokio::spawn(log_failure("transcription", crate::stages::transcription::follow(deps)));
-                let stop: Stop = Box::new(move || {
-                    Box::pin(async move {
-                        task.abort();
-                    })
-                });
-                Ok(stop)
-            })
-        });
-        claimed.push(Claimed::run(&log, "transcription", 1, &node, &[], start).await?);
-    }
     // Calls a crash left open get their actors back before Twilio can reach this node. In a
     // cluster another ingress node may hold them.
     if !clustered && roles.has(Role::Ingress) {
@@ -447,14 +355,10 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     supervisor.stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await;
     supervisor.stop(None);
     let _ = supervisor_done.await;
-    // Let the transcoder and STT finish what the calls left in their logs (bounded).
-    for (on, progress, topic, secs) in [
-        (roles.has(Role::Transcode), &transcode_progress, topics::MEDIA, 10),
-        (stt_on, &stt_progress, topics::SPEECH, 30),
-    ] {
-        let drain_until = std::time::Instant::now() + Duration::from_secs(secs);
-        while on
-            && std::time::Instant::now() < drain_until
+    // Let the stages that drain (transcode, STT) finish what the calls left in their logs (bounded).
+    for (progress, topic, within) in &draining {
+        let drain_until = std::time::Instant::now() + *within;
+        while std::time::Instant::now() < drain_until
             && crate::http::health::lag(&log, progress, topic).unwrap_or(0) > 0
         {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,0 +1,560 @@
+//! The one runtime every log-to-log stage runs on: a ractor actor ([`StageActor`]) around a
+//! [`Stage`], which says what it reads and decides what to append.
+//!
+//! A round: read a batch of the input topic from the stage's durable cursor (on the partitions it
+//! owns), hand it to [`Stage::handle`], append what it decided ([`Outputs`], one group commit per
+//! output topic), let the stage record what follows a durable append ([`Stage::appended`]), store
+//! the cursor ([`Stage::commit_at`]: a stage may hold it back to rebuild state after a restart),
+//! sync as [`Durability`] says, and report the stage's lag (`voxgate_stage_lag_events{stage}`,
+//! `voxgate_stage_lag_seconds{stage}`). The actor wakes when its input grows and goes round again
+//! while batches come back full.
+//!
+//! A round that fails on the log is not retried in place (the stage's state may have moved
+//! halfway): the stage is dropped and opened again from its durable cursor, which is the path of
+//! a restart after a crash (output ids derive from inputs, consumers de-duplicate). Reopening
+//! waits, with backoff, while the log reports that it cannot write.
+//!
+//! Must not: decide anything (that is the stage's), read the wall clock except for lag metrics,
+//! or loop inside a message (a node's shutdown stops the actor between messages).
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use voxgate_storage::{Log, Record, StorageError};
+
+use crate::progress::{Progress, NOT_OURS};
+
+/// Why a stage could not open or run a round.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The stage's own settings refuse to build it (invalid rules).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a stage reads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Each owned partition is a round of its own, of up to `batch` records (the stage's state
+    /// is per partition).
+    PerPartition { batch: usize },
+    /// One round over every owned partition, up to `per_partition` records from each (the stage
+    /// decides across partitions: event-time order, or a batch for its workers).
+    Together { per_partition: usize },
+}
+
+/// When the harness waits for cursors and state to reach the disk (outputs always do before
+/// their cursor is stored, as appends wait for their flush).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After every round.
+    EachRound,
+    /// When a partition's round came back short (caught up); while behind, a later flush takes
+    /// the cursors along, and a restart before it only repeats outputs under the same ids.
+    WhenCaughtUp,
+}
+
+/// What a round read.
+#[derive(Default)]
+pub struct Batch {
+    /// Per partition read this round (one in [`Reading::PerPartition`]), with its records.
+    pub reads: Vec<(u32, Vec<Record>)>,
+    /// Every partition's next offset once this round is done ([`NOT_OURS`] for the others).
+    pub next: Vec<u64>,
+}
+
+impl Batch {
+    /// Every record of the round, partition by partition.
+    pub fn records(&self) -> impl Iterator<Item = (u32, &Record)> {
+        self.reads.iter().flat_map(|(p, rs)| rs.iter().map(move |r| (*p, r)))
+    }
+}
+
+/// What a round appends: encoded events with their partition keys, in order. Each output topic
+/// gets one append of its events, topics in the order they first appear.
+#[derive(Default)]
+pub struct Outputs {
+    items: Vec<(&'static str, u64, Vec<u8>)>,
+}
+
+impl Outputs {
+    pub fn push(&mut self, topic: &'static str, key: u64, payload: Vec<u8>) {
+        self.items.push((topic, key, payload));
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// How many events go to `topic`.
+    pub fn count(&self, topic: &str) -> usize {
+        self.items.iter().filter(|o| o.0 == topic).count()
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+    }
+
+    async fn append(&self, log: &Log) -> Result<(), StorageError> {
+        let mut topics: Vec<&'static str> = Vec::new();
+        for (t, _, _) in &self.items {
+            if !topics.contains(t) {
+                topics.push(t);
+            }
+        }
+        for topic in topics {
+            let batch = self.items.iter().filter(|o| o.0 == topic).map(|o| (o.1, o.2.as_slice()));
+            log.append_many(topic, batch).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A stage: what it reads, and the decision it makes on each round. The harness does the rest.
+pub trait Stage: Sized + Send + 'static {
+    /// What the stage is built from; kept by the harness to open the stage again after a failed
+    /// round.
+    type Args: Send + Sync + 'static;
+    /// Messages of its own besides the harness's (a rules reload); `Infallible` when none.
+    type Msg: Send + 'static;
+
+    /// The `stage` label of its metrics and logs.
+    const NAME: &'static str;
+    /// Its cursor's name (and, by convention, its state's).
+    const CURSOR: &'static str;
+    /// The topic it reads.
+    const INPUT: &'static str;
+    const DURABILITY: Durability;
+
+    /// How it reads, given how many partitions it owns.
+    fn reading(args: &Self::Args, owned: usize) -> Reading;
+
+    /// Builds the stage, which goes on from `from` (per partition, [`NOT_OURS`] for those it
+    /// does not own): rebuild what it keeps in memory (from the log up to there, or its state).
+    fn open(args: &Self::Args, log: &Log, from: &[u64]) -> impl Future<Output = Result<Self, StageError>> + Send;
+
+    /// Decides on a round's records: what to append.
+    fn handle(
+        &mut self,
+        log: &Log,
+        batch: &Batch,
+        out: &mut Outputs,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// The round's outputs are durable (also called when there were none): state that must not
+    /// run ahead of them, and their metrics.
+    fn appended(&mut self, _log: &Log, _out: &Outputs) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// How far the cursor of `partition` may be committed once it reads on from `next`.
+    fn commit_at(&self, _partition: u32, next: u64) -> u64 {
+        next
+    }
+
+    /// One of its own messages; `args` is what the harness opens it from again (update it so a
+    /// reopen keeps the change).
+    fn message(&mut self, _args: &mut Self::Args, _msg: Self::Msg) {}
+}
+
+/// Messages a stage actor takes.
+pub enum StageMsg<M> {
+    /// New input may be durable: go round.
+    Poll,
+    /// Open the stage again after a failed round.
+    Reopen,
+    /// The stage's own message.
+    Stage(M),
+}
+
+/// What the harness needs to run a stage.
+pub struct StageArgs<S: Stage> {
+    pub log: Log,
+    /// Where the stage reports how far it has read (health, drain at shutdown).
+    pub progress: Arc<Progress>,
+    /// The input partitions this instance works on (`None`: all; in a cluster, its claims).
+    pub partitions: Option<Vec<u32>>,
+    pub stage: S::Args,
+}
+
+/// The harness's state around a stage.
+pub struct StageState<S: Stage> {
+    log: Log,
+    progress: Arc<Progress>,
+    partitions: Option<Vec<u32>>,
+    args: S::Args,
+    /// `None` while it waits to be opened again after a failed round.
+    running: Option<Running<S>>,
+    watcher: tokio::task::JoinHandle<()>,
+    backoff: Duration,
+}
+
+struct Running<S> {
+    stage: S,
+    next: Vec<u64>,
+    batch: Batch,
+    out: Outputs,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The actor that runs a [`Stage`].
+pub struct StageActor<S>(PhantomData<fn() -> S>);
+
+impl<S> Default for StageActor<S> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<S: Stage> StageState<S> {
+    async fn open(&mut self) -> Result<(), StageError> {
+        let cursor = self.log.cursor(S::CURSOR, S::INPUT)?;
+        let next = crate::progress::starting_points(cursor, self.partitions.as_deref());
+        let stage = S::open(&self.args, &self.log, &next).await?;
+        for (p, n) in next.iter().enumerate() {
+            self.progress.set(p as u32, *n);
+        }
+        self.running = Some(Running { stage, next, batch: Batch::default(), out: Outputs::default() });
+        Ok(())
+    }
+}
+
+impl<S: Stage> Running<S> {
+    /// One round over every owned partition; true when more input waits.
+    async fn round(&mut self, log: &Log, progress: &Progress, args: &S::Args) -> Result<bool, StorageError> {
+        let owned = self.next.iter().filter(|n| **n != NOT_OURS).count();
+        match S::reading(args, owned) {
+            Reading::PerPartition { batch } => {
+                let mut more = false;
+                for p in 0..self.next.len() as u32 {
+                    if self.next[p as usize] == NOT_OURS {
+                        continue;
+                    }
+                    more |= self.partition_round(log, progress, p, batch.max(1)).await?;
+                }
+                Ok(more)
+            }
+            Reading::Together { per_partition } => self.together_round(log, progress, per_partition.max(1)).await,
+        }
+    }
+
+    async fn partition_round(
+        &mut self,
+        log: &Log,
+        progress: &Progress,
+        p: u32,
+        batch: usize,
+    ) -> Result<bool, StorageError> {
+        let mut records = match self.batch.reads.pop() {
+            Some((_, mut r)) => {
+                r.clear();
+                r
+            }
+            None => Vec::with_capacity(batch),
+        };
+        self.batch.reads.clear();
+        let from = self.next[p as usize];
+        let to = log.read(S::INPUT, p, from, batch, &mut records)?;
+        let full = records.len() == batch;
+        let empty = records.is_empty();
+        self.batch.reads.push((p, records));
+        if empty {
+            return Ok(false);
+        }
+        self.batch.next.clone_from(&self.next);
+        self.batch.next[p as usize] = to;
+        self.decide(log).await?;
+        self.next[p as usize] = to;
+        progress.set(p, to);
+        log.store_cursor(S::CURSOR, S::INPUT, p, self.stage.commit_at(p, to))?;
+        if S::DURABILITY == Durability::EachRound || !full {
+            log.sync().await?;
+        }
+        Ok(full)
+    }
+
+    async fn together_round(&mut self, log: &Log, progress: &Progress, per: usize) -> Result<bool, StorageError> {
+        let mut spare: Vec<Vec<Record>> = self.batch.reads.drain(..).map(|(_, r)| r).collect();
+        let mut next = self.next.clone();
+        let mut more = false;
+        for (p, n) in next.iter_mut().enumerate() {
+            if *n == NOT_OURS {
+                continue;
+            }
+            let mut records = spare.pop().unwrap_or_default();
+            records.clear();
+            *n = log.read(S::INPUT, p as u32, *n, per, &mut records)?;
+            more |= records.len() == per;
+            if !records.is_empty() {
+                self.batch.reads.push((p as u32, records));
+            }
+        }
+        if next == self.next {
+            return Ok(false);
+        }
+        self.batch.next.clone_from(&next);
+        if !self.batch.reads.is_empty() {
+            self.decide(log).await?;
+        }
+        for (p, n) in next.iter().enumerate() {
+            if *n == NOT_OURS {
+                continue;
+            }
+            log.store_cursor(S::CURSOR, S::INPUT, p as u32, self.stage.commit_at(p as u32, *n))?;
+            progress.set(p as u32, *n);
+        }
+        self.next = next;
+        if S::DURABILITY == Durability::EachRound || !more {
+            log.sync().await?;
+        }
+        Ok(more)
+    }
+
+    /// The stage decides on the batch; its outputs are appended.
+    async fn decide(&mut self, log: &Log) -> Result<(), StorageError> {
+        self.out.clear();
+        self.stage.handle(log, &self.batch, &mut self.out).await?;
+        if !self.out.is_empty() {
+            self.out.append(log).await?;
+        }
+        self.stage.appended(log, &self.out)
+    }
+}
+
+impl<S: Stage> Actor for StageActor<S> {
+    type Msg = StageMsg<S::Msg>;
+    type State = StageState<S>;
+    type Arguments = StageArgs<S>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: StageArgs<S>,
+    ) -> Result<StageState<S>, ActorProcessingErr> {
+        let watcher = crate::progress::wake_on_append(&args.log, S::INPUT, myself.clone(), || StageMsg::Poll)?;
+        let mut state = StageState {
+            log: args.log,
+            progress: args.progress,
+            partitions: args.partitions,
+            args: args.stage,
+            running: None,
+            watcher,
+            backoff: FIRST_BACKOFF,
+        };
+        if let Err(e) = state.open().await {
+            state.watcher.abort();
+            return Err(e.into());
+        }
+        myself.cast(StageMsg::Poll)?;
+        Ok(state)
+    }
+
+    async fn post_stop(&self, _: ActorRef<Self::Msg>, s: &mut StageState<S>) -> Result<(), ActorProcessingErr> {
+        s.watcher.abort();
+        let _ = s.log.sync().await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut StageState<S>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            StageMsg::Poll => {
+                let Some(run) = s.running.as_mut() else { return Ok(()) };
+                match run.round(&s.log, &s.progress, &s.args).await {
+                    Ok(more) => {
+                        s.backoff = FIRST_BACKOFF;
+                        crate::progress::report_lag(&s.log, S::NAME, S::INPUT, &run.next);
+                        if more {
+                            myself.cast(StageMsg::Poll)?;
+                        }
+                    }
+                    Err(StorageError::Closed) => {
+                        tracing::info!(stage = S::NAME, "the log is shut down; the stage stops");
+                        myself.stop(None);
+                    }
+                    Err(e) => {
+                        metrics::counter!("voxgate_stage_restarts_total", "stage" => S::NAME).increment(1);
+                        tracing::error!(stage = S::NAME, error = %e, retry_ms = s.backoff.as_millis() as u64, "stage round failed; opening it again from its cursor");
+                        s.running = None;
+                        reopen_later(&myself, s);
+                    }
+                }
+            }
+            StageMsg::Reopen => {
+                if s.running.is_some() {
+                    return Ok(());
+                }
+                if let Some(why) = s.log.write_failure() {
+                    tracing::warn!(stage = S::NAME, error = %why, "the log cannot write; the stage waits");
+                    reopen_later(&myself, s);
+                    return Ok(());
+                }
+                match s.open().await {
+                    Ok(()) => {
+                        tracing::info!(stage = S::NAME, "stage opened again from its cursor");
+                        myself.cast(StageMsg::Poll)?;
+                    }
+                    Err(e) => {
+                        tracing::error!(stage = S::NAME, error = %e, retry_ms = s.backoff.as_millis() as u64, "stage did not open again");
+                        reopen_later(&myself, s);
+                    }
+                }
+            }
+            StageMsg::Stage(m) => match s.running.as_mut() {
+                Some(run) => run.stage.message(&mut s.args, m),
+                None => tracing::warn!(stage = S::NAME, "stage message dropped: the stage is opening again"),
+            },
+        }
+        Ok(())
+    }
+}
+
+/// Schedules a [`StageMsg::Reopen`] after the current backoff, and doubles it.
+fn reopen_later<S: Stage>(myself: &ActorRef<StageMsg<S::Msg>>, s: &mut StageState<S>) {
+    myself.send_after(s.backoff, || StageMsg::Reopen);
+    s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use voxgate_protocol::time::SystemClock;
+    use voxgate_storage::{topics, TopicSpec};
+
+    /// Copies each record of the calls log to the alerts log, and holds its cursor back by
+    /// `hold` records.
+    struct Copy {
+        hold: u64,
+    }
+
+    impl Stage for Copy {
+        type Args = u64;
+        type Msg = std::convert::Infallible;
+        const NAME: &'static str = "copy";
+        const CURSOR: &'static str = "copy";
+        const INPUT: &'static str = topics::CALLS;
+        const DURABILITY: Durability = Durability::WhenCaughtUp;
+
+        fn reading(_: &u64, _: usize) -> Reading {
+            Reading::PerPartition { batch: 3 }
+        }
+
+        async fn open(hold: &u64, _: &Log, _: &[u64]) -> Result<Self, StageError> {
+            Ok(Copy { hold: *hold })
+        }
+
+        async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+            for (_, r) in batch.records() {
+                out.push(topics::ALERTS, 0, r.payload().to_vec());
+            }
+            Ok(())
+        }
+
+        fn commit_at(&self, _: u32, next: u64) -> u64 {
+            next.saturating_sub(self.hold)
+        }
+    }
+
+    fn open_log(dir: &std::path::Path) -> Log {
+        let specs = vec![
+            TopicSpec::new(topics::CALLS, 1, Default::default()),
+            TopicSpec::new(topics::ALERTS, 1, Default::default()),
+        ];
+        Log::open(dir, &specs, Arc::new(SystemClock)).unwrap()
+    }
+
+    async fn copied(log: &Log, want: u64) -> u64 {
+        for _ in 0..500 {
+            if log.durable_head(topics::ALERTS, 0).unwrap() >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log.durable_head(topics::ALERTS, 0).unwrap()
+    }
+
+    #[tokio::test]
+    async fn copies_in_batches_and_commits_where_the_stage_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(dir.path());
+        for i in 0..7u8 {
+            log.append(topics::CALLS, 0, &[i]).await.unwrap();
+        }
+        let progress = Arc::new(Progress::new(1));
+        let args = StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: None, stage: 2 };
+        let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
+        assert_eq!(copied(&log, 7).await, 7);
+        log.append(topics::CALLS, 0, &[7]).await.unwrap();
+        assert_eq!(copied(&log, 8).await, 8);
+        actor.stop(None);
+        done.await.unwrap();
+        assert_eq!(progress.snapshot(), vec![8]);
+        assert_eq!(log.cursor("copy", topics::CALLS).unwrap(), vec![6]);
+        let mut out = Vec::new();
+        log.read(topics::ALERTS, 0, 0, 100, &mut out).unwrap();
+        let bytes: Vec<u8> = out.iter().map(|r| r.payload()[0]).collect();
+        assert_eq!(bytes, (0..8).collect::<Vec<u8>>());
+    }
+
+    #[tokio::test]
+    async fn a_restart_goes_on_from_the_committed_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(dir.path());
+        for i in 0..4u8 {
+            log.append(topics::CALLS, 0, &[i]).await.unwrap();
+        }
+        let progress = Arc::new(Progress::new(1));
+        let args = StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: None, stage: 1 };
+        let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
+        assert_eq!(copied(&log, 4).await, 4);
+        actor.stop(None);
+        done.await.unwrap();
+        // Committed at 3: the last record is read (and copied) again.
+        let args = StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: None, stage: 0 };
+        let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
+        assert_eq!(copied(&log, 5).await, 5);
+        actor.stop(None);
+        done.await.unwrap();
+        assert_eq!(log.cursor("copy", topics::CALLS).unwrap(), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn partitions_it_does_not_own_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = vec![
+            TopicSpec::new(topics::CALLS, 2, Default::default()),
+            TopicSpec::new(topics::ALERTS, 1, Default::default()),
+        ];
+        let log = Log::open(dir.path(), &specs, Arc::new(SystemClock)).unwrap();
+        let key_in = |p: u32| (0u64..1000).find(|k| log.partition_of(topics::CALLS, *k).unwrap() == p).unwrap();
+        log.append(topics::CALLS, key_in(0), &[0]).await.unwrap();
+        log.append(topics::CALLS, key_in(1), &[1]).await.unwrap();
+        let progress = Arc::new(Progress::new(2));
+        let args =
+            StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: Some(vec![1]), stage: 0 };
+        let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
+        assert_eq!(copied(&log, 1).await, 1);
+        actor.stop(None);
+        done.await.unwrap();
+        assert_eq!(progress.snapshot(), vec![NOT_OURS, 1]);
+        let mut out = Vec::new();
+        log.read(topics::ALERTS, 0, 0, 100, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].payload(), &[1]);
+    }
+}
