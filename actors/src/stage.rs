@@ -156,6 +156,12 @@ pub trait Stage: Sized + Send + 'static {
         Ok(())
     }
 
+    /// The round's cursors are stored (and synced, with [`Durability::EachRound`]): what may go
+    /// only once the input that asked for it will not be read again (deleting kept state).
+    fn committed(&mut self, _log: &Log) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// How far the cursor of `partition` may be committed once it reads on from `next`.
     fn commit_at(&self, _partition: u32, next: u64) -> u64 {
         next
@@ -196,6 +202,8 @@ pub struct StageState<S: Stage> {
     running: Option<Running<S>>,
     watcher: tokio::task::JoinHandle<()>,
     backoff: Duration,
+    /// The stage's own messages that came while it was opening again, for it once it is open.
+    held: Vec<S::Msg>,
 }
 
 struct Running<S> {
@@ -225,7 +233,11 @@ impl<S: Stage> StageState<S> {
         for (p, n) in next.iter().enumerate() {
             self.progress.set(p as u32, *n);
         }
-        self.running = Some(Running { stage, next, batch: Batch::default(), out: Outputs::default() });
+        let mut run = Running { stage, next, batch: Batch::default(), out: Outputs::default() };
+        for m in self.held.drain(..) {
+            run.stage.message(&mut self.args, m);
+        }
+        self.running = Some(run);
         Ok(())
     }
 }
@@ -281,6 +293,7 @@ impl<S: Stage> Running<S> {
         if S::DURABILITY == Durability::EachRound || !full {
             log.sync().await?;
         }
+        self.stage.committed(log)?;
         Ok(full)
     }
 
@@ -318,6 +331,7 @@ impl<S: Stage> Running<S> {
         if S::DURABILITY == Durability::EachRound || !more {
             log.sync().await?;
         }
+        self.stage.committed(log)?;
         Ok(more)
     }
 
@@ -351,6 +365,7 @@ impl<S: Stage> Actor for StageActor<S> {
             running: None,
             watcher,
             backoff: FIRST_BACKOFF,
+            held: Vec::new(),
         };
         if let Err(e) = state.open().await {
             state.watcher.abort();
@@ -417,7 +432,8 @@ impl<S: Stage> Actor for StageActor<S> {
             }
             StageMsg::Stage(m) => match s.running.as_mut() {
                 Some(run) => run.stage.message(&mut s.args, m),
-                None => tracing::warn!(stage = S::NAME, "stage message dropped: the stage is opening again"),
+                // Kept for the stage once it is open again (a rules reload must not be lost).
+                None => s.held.push(m),
             },
         }
         Ok(())

@@ -280,7 +280,7 @@ pub struct SttStage {
     open: HashMap<(StreamSid, Track), Heard>,
     /// Each track's prompt text (the node's hints and the track's), as the speech log told it.
     hints: HashMap<(StreamSid, Track), Arc<str>>,
-    /// Tracks whose speech ended last round: their kept hints are deleted at the next.
+    /// Tracks whose speech ended this round: their kept hints are deleted once it is committed.
     hints_ended: Vec<(StreamSid, Track)>,
     /// The round's output, for its metrics once durable: partials, transcripts, and when each
     /// transcript's segment closed.
@@ -394,7 +394,7 @@ impl Stage for SttStage {
         decode_round(self, log, batch, out).await
     }
 
-    fn appended(&mut self, _: &Log, out: &Outputs) -> Result<(), StorageError> {
+    fn appended(&mut self, _: &Log, _: &Outputs) -> Result<(), StorageError> {
         if self.partials_out > 0 {
             metrics::counter!("voxgate_partial_transcripts_total").increment(self.partials_out as u64);
         }
@@ -409,7 +409,13 @@ impl Stage for SttStage {
             }
         }
         self.partials_out = 0;
-        let _ = out;
+        Ok(())
+    }
+
+    fn committed(&mut self, log: &Log) -> Result<(), StorageError> {
+        for (stream, track) in self.hints_ended.drain(..) {
+            log.delete_state(CURSOR, &hints_key(stream, track))?;
+        }
         Ok(())
     }
 }
@@ -526,9 +532,6 @@ fn speculated(
 async fn decode_round(s: &mut SttStage, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
     let mut pending: Vec<Pending> = Vec::new();
     let mut ended: Vec<Envelope> = Vec::new();
-    for (stream, track) in s.hints_ended.drain(..) {
-        log.delete_state(CURSOR, &hints_key(stream, track))?;
-    }
     s.partials_out = 0;
     s.closed_at.clear();
     for (p, r) in batch.records() {
@@ -545,8 +548,8 @@ async fn decode_round(s: &mut SttStage, log: &Log, batch: &Batch, out: &mut Outp
                 if let Some(old) = s.open.remove(&(e.stream_sid, e.track)) {
                     wasted(&old);
                 }
-                // Its kept hints go at the next round, once this one's cursor is stored (a crash
-                // before re-reads this round with them).
+                // Its kept hints go once this round is committed (a crash before re-reads the
+                // round with them).
                 if s.hints.remove(&(e.stream_sid, e.track)).is_some() {
                     s.hints_ended.push((e.stream_sid, e.track));
                 }

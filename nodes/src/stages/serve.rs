@@ -164,6 +164,10 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
     let twilio = crate::stages::hangup::TwilioRest::new(&cfg.twilio_api_url);
+    // SIGHUP reloads the fraud rules from here on (before the slow start-up below: SIGHUP's
+    // default action would end the node).
+    let fraud_slot: FraudSlot = Arc::default();
+    let reload = reload_on_hangup(config_source, fraud_slot.clone());
     // Every node keeps the usage books (the REST API reads them); one node acts on them.
     let billing = Arc::new(crate::stages::billing::Billing::new(
         &cfg,
@@ -195,7 +199,6 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     } else {
         None
     };
-    let fraud_slot: FraudSlot = Arc::default();
     let deps = roster::Deps {
         cfg: cfg.clone(),
         log: log.clone(),
@@ -253,7 +256,6 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             crate::stages::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
         ))
     });
-    let reload = reload_on_hangup(config_source, fraud_slot);
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(log_failure(
