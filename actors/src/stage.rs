@@ -549,6 +549,90 @@ mod tests {
         assert_eq!(log.cursor("copy", topics::CALLS).unwrap(), vec![4]);
     }
 
+    /// Fails its first round; copies each record as the tag its last message set; counts the
+    /// rounds committed.
+    struct Flaky {
+        tag: u8,
+        shared: Arc<FlakyShared>,
+    }
+
+    struct FlakyShared {
+        failures_left: std::sync::atomic::AtomicU32,
+        committed: std::sync::atomic::AtomicU32,
+    }
+
+    struct FlakyArgs {
+        tag: u8,
+        shared: Arc<FlakyShared>,
+    }
+
+    impl Stage for Flaky {
+        type Args = FlakyArgs;
+        type Msg = u8;
+        const NAME: &'static str = "flaky";
+        const CURSOR: &'static str = "flaky";
+        const INPUT: &'static str = topics::CALLS;
+        const DURABILITY: Durability = Durability::EachRound;
+
+        fn reading(_: &FlakyArgs, _: usize) -> Reading {
+            Reading::Together { per_partition: 10 }
+        }
+
+        async fn open(args: &FlakyArgs, _: &Log, _: &[u64]) -> Result<Self, StageError> {
+            Ok(Flaky { tag: args.tag, shared: args.shared.clone() })
+        }
+
+        async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+            use std::sync::atomic::Ordering;
+            let left = self.shared.failures_left.load(Ordering::SeqCst);
+            if left > 0 {
+                self.shared.failures_left.store(left - 1, Ordering::SeqCst);
+                return Err(StorageError::Engine("a failed round".into()));
+            }
+            for _ in batch.records() {
+                out.push(topics::ALERTS, 0, vec![self.tag]);
+            }
+            Ok(())
+        }
+
+        fn committed(&mut self, _: &Log) -> Result<(), StorageError> {
+            self.shared.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+
+        fn message(&mut self, args: &mut FlakyArgs, tag: u8) {
+            self.tag = tag;
+            args.tag = tag;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_round_reopens_from_the_cursor_and_keeps_messages_that_came_meanwhile() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(dir.path());
+        log.append(topics::CALLS, 0, &[0]).await.unwrap();
+        let shared = Arc::new(FlakyShared { failures_left: AtomicU32::new(1), committed: AtomicU32::new(0) });
+        let args = StageArgs::<Flaky> {
+            log: log.clone(),
+            progress: Arc::new(Progress::new(1)),
+            partitions: None,
+            stage: FlakyArgs { tag: 1, shared: shared.clone() },
+        };
+        let (actor, done) = Actor::spawn(None, StageActor::<Flaky>::default(), args).await.unwrap();
+        // Behind the first round (which fails) in the mailbox: it arrives while the stage waits
+        // to open again, and must reach it once it has.
+        actor.cast(StageMsg::Stage(9)).unwrap();
+        assert_eq!(copied(&log, 1).await, 1);
+        actor.stop(None);
+        done.await.unwrap();
+        let mut out = Vec::new();
+        log.read(topics::ALERTS, 0, 0, 100, &mut out).unwrap();
+        assert_eq!(out.iter().map(|r| r.payload()[0]).collect::<Vec<u8>>(), vec![9], "copied once, after the reload");
+        assert_eq!(log.cursor("flaky", topics::CALLS).unwrap(), vec![1]);
+        assert!(shared.committed.load(Ordering::SeqCst) >= 1, "committed after the cursor was stored");
+    }
+
     #[tokio::test]
     async fn partitions_it_does_not_own_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
