@@ -132,7 +132,10 @@ impl Row {
 }
 
 /// The fraud stage running on this node, for rule reloads (SIGHUP).
-pub type FraudSlot = Arc<Mutex<Option<ActorRef<StageMsg<FraudMsg>>>>>;
+pub type FraudSlot = Slot<FraudMsg>;
+
+/// Where a running stage's actor can be found (to send it its own messages).
+pub type Slot<M> = Arc<Mutex<Option<ActorRef<StageMsg<M>>>>>;
 
 /// What the stages are started with.
 pub struct Deps {
@@ -150,7 +153,7 @@ pub struct Deps {
 pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Result<Start> {
     let log = deps.log.clone();
     Ok(match row.stage {
-        StageKind::Transcode => on_harness::<TranscodeStage>(log, progress, true, deps.cfg.transcode.clone()),
+        StageKind::Transcode => on_harness::<TranscodeStage>(log, progress, true, deps.cfg.transcode.clone(), None),
         StageKind::Stt => {
             let pool = deps.stt.clone().context("the stt workers are not loaded")?;
             let settings = SttSettings {
@@ -159,35 +162,13 @@ pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Resul
                 clock: deps.clock.clone(),
                 partials: deps.cfg.stt.partials,
             };
-            on_harness::<SttStage>(log, progress, true, settings)
+            on_harness::<SttStage>(log, progress, true, settings, None)
         }
         StageKind::Fraud => {
             FraudEngine::new(deps.cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
             let settings = FraudSettings { config: deps.cfg.fraud.clone(), prefixes: PrefixTable::builtin() };
-            let slot = deps.fraud.clone();
-            Box::new(move |_owned: Vec<u32>| {
-                let args = StageArgs::<FraudStage> {
-                    log: log.clone(),
-                    progress: progress.clone(),
-                    partitions: None,
-                    stage: settings.clone(),
-                };
-                let slot = slot.clone();
-                Box::pin(async move {
-                    let (actor, done) = Actor::spawn(None, StageActor::<FraudStage>::default(), args)
-                        .await
-                        .context("starting the fraud stage")?;
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.clone());
-                    let stop: Stop = Box::new(move || {
-                        Box::pin(async move {
-                            slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-                            actor.stop(None);
-                            let _ = done.await;
-                        })
-                    });
-                    Ok(stop)
-                })
-            })
+            // Every partition (its rules look across calls), and its actor where SIGHUP finds it.
+            on_harness::<FraudStage>(log, progress, false, settings, Some(deps.fraud.clone()))
         }
         StageKind::Billing => {
             let b = deps.billing.clone();
@@ -225,8 +206,15 @@ pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Resul
     })
 }
 
-/// A harness stage on the partitions it is given (`partitioned`), or on all of them.
-fn on_harness<S: Stage>(log: Log, progress: Arc<Progress>, partitioned: bool, args: S::Args) -> Start
+/// A harness stage on the partitions it is given (`partitioned`), or on all of them; its actor
+/// is kept in `slot` (if any) while it runs.
+fn on_harness<S: Stage>(
+    log: Log,
+    progress: Arc<Progress>,
+    partitioned: bool,
+    args: S::Args,
+    slot: Option<Slot<S::Msg>>,
+) -> Start
 where
     S::Args: Clone,
 {
@@ -237,11 +225,21 @@ where
             partitions: partitioned.then_some(owned),
             stage: args.clone(),
         };
+        let slot = slot.clone();
         Box::pin(async move {
             let (actor, done) = Actor::spawn(None, StageActor::<S>::default(), args)
                 .await
                 .with_context(|| format!("starting the {} stage", S::NAME))?;
-            Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
+            let Some(slot) = slot else {
+                return Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done));
+            };
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.clone());
+            let stop = crate::stages::cluster::stop_actor(actor.get_cell(), done);
+            let stop: Stop = Box::new(move || {
+                slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                stop()
+            });
+            Ok(stop)
         })
     })
 }
