@@ -373,7 +373,7 @@ fn status_event(status: CallStatus, source: StatusSource, sequence: Option<u32>,
 // Stream queue
 
 /// One item for the media log, in stream order.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum StreamItem {
     /// Audio; may be shed when the writer falls behind.
     Audio(MediaBatch),
@@ -462,6 +462,18 @@ impl StreamQueue {
         shed
     }
 
+    /// Counts frames shed before the queue got them (by an ingress node that held them for a
+    /// call node that did not answer); the next [`take`](Self::take) reports them.
+    pub fn add_shed(&self, frames: u32) {
+        if frames == 0 {
+            return;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.shed_frames = s.shed_frames.saturating_add(frames);
+        }
+        self.ready.notify_one();
+    }
+
     /// Takes everything queued, and the frames shed since the last take.
     pub fn take(&self, into: &mut Vec<(Timestamp, StreamItem)>) -> u32 {
         let Ok(mut s) = self.state.lock() else {
@@ -538,6 +550,9 @@ pub enum CallMsg {
     /// A real-time transcription of the call brought vocabulary hints: they join the call's, for
     /// its speech from now on.
     AddHints(String),
+    /// Replies once everything queued on the stream before it is in the media log (or waits in
+    /// the call for a log that cannot write): a call node acknowledges an ingress node's audio.
+    Sync(RpcReplyPort<()>),
 }
 
 /// A call's owner and the time its webhook was received.
@@ -732,6 +747,10 @@ impl Actor for CallActor {
                 run_effects(&myself, s, fx, now, None).await?;
             }
             CallMsg::Pump => pump(&myself, s).await?,
+            CallMsg::Sync(reply) => {
+                pump(&myself, s).await?;
+                let _ = reply.send(());
+            }
             CallMsg::AddHints(h) => {
                 if !s.hints.add(&h) {
                     return Ok(());

@@ -137,6 +137,11 @@ fn valid_token(s: &str) -> bool {
 }
 
 impl Cluster {
+    /// The connection and the subject prefix.
+    pub(crate) fn nats(&self) -> (async_nats::Client, String) {
+        (self.client.clone(), self.prefix.clone())
+    }
+
     /// Connects, and creates (or checks) the streams and buckets for `specs`.
     pub(crate) async fn connect(
         opts: &ClusterOptions,

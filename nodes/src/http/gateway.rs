@@ -749,7 +749,7 @@ pub async fn answer(
     if let Err(r) = append_events(state, tenant, call, events).await {
         return r;
     }
-    add_hints(call, hints.join(", "));
+    add_hints(state, call, hints.join(", ")).await;
     metrics::histogram!("voxgate_gateway_added_seconds")
         .record(started.elapsed().saturating_sub(app_time).as_secs_f64());
     crate::http::ingress::twiml_response(twiml)
@@ -849,21 +849,19 @@ pub async fn start_transcription(
     let id = EventId::derive(id_kind::TRANSCRIPTION_STARTED, &[call.as_u128(), n, 1]);
     append(state, tenant, call, vec![(id, Event::TranscriptionStarted(started.clone()))]).await?;
     if let Some(h) = request.get("hints") {
-        add_hints(call, h.to_owned());
+        add_hints(state, call, h.to_owned()).await;
     }
     Ok(started)
 }
 
 /// A transcription's `hints` join the call's vocabulary hints (its actor records them on the
 /// media log, in order with the audio they apply to).
-fn add_hints(call: CallSid, hints: String) {
+async fn add_hints(state: &AppState, call: CallSid, hints: String) {
     if hints.trim().is_empty() {
         return;
     }
-    if let Some(actor) = voxgate_actors::call::CallActor::find(call) {
-        if actor.cast(voxgate_actors::call::CallMsg::AddHints(hints)).is_err() {
-            tracing::warn!(stage = "gateway", call_sid = %call, "the call ended before its transcription's hints reached it");
-        }
+    if !state.calls.add_hints(call, hints).await {
+        tracing::warn!(stage = "gateway", call_sid = %call, "the call ended before its transcription's hints reached it");
     }
 }
 

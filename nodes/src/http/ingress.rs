@@ -14,9 +14,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use ractor::RpcReplyPort;
 use voxgate_actors::billing::usage::{duration_bound_secs, observed_secs};
-use voxgate_actors::call::{id_kind, CallActor, CallIdentity, CallMsg};
+use voxgate_actors::call::{id_kind, CallIdentity};
 use voxgate_protocol::event::{
     CallDurationImplausible, CallReceived, CallRejected, CallStatusChanged, Event, RejectReason, StatusSource,
 };
@@ -176,7 +175,7 @@ pub(crate) async fn inbound(State(state): State<AppState>, uri: Uri, headers: He
         .tenancy
         .read(|d| d.owner_of(&hook.to).filter(|n| n.tenant == account).map(|n| n.routing.clone()))
         .filter(|r| r.voice_url.is_some());
-    if CallActor::find(call).is_some() {
+    if state.calls.identity(call).await.is_some() {
         // Twilio retried a webhook we already took: the same answer, nothing appended twice.
         if let Some(r) = routing {
             return crate::http::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
@@ -240,9 +239,9 @@ pub(crate) async fn inbound(State(state): State<AppState>, uri: Uri, headers: He
         }
     }
     let started = state.start_call(account, call, hook.call_status, received_at, slot).await;
-    if !matches!(started, Ok(Ok(_))) {
+    if let Err(e) = started {
         // The call is in the log; Twilio will retry the webhook and the retry starts the actor.
-        tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, result = ?started.err(), "call actor did not start");
+        tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, error = %e, "call actor did not start");
         return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "call could not be started; retry");
     }
     metrics::counter!("twilio_calls_total", "status" => "accepted", "from_country" => from_country).increment(1);
@@ -323,19 +322,13 @@ pub(crate) async fn status(State(state): State<AppState>, uri: Uri, headers: Hea
             metrics::histogram!("twilio_call_duration_seconds").record(f64::from(d));
         }
     }
-    if let Some(actor) = CallActor::find(call) {
-        let r = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Status {
-            status: cb.call_status,
-            sequence: cb.sequence_number,
-            duration_secs: duration,
-            reply,
-        });
+    if let Some(r) = state.calls.status(call, cb.call_status, cb.sequence_number, duration).await {
         match r {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 crate::http::gateway::forward_status(&state, account, call, &token, &pairs);
                 return StatusCode::NO_CONTENT.into_response();
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, error = %e, "status not recorded");
                 metrics::counter!("voxgate_ingress_log_failures_total").increment(1);
                 return twilio_error(
@@ -344,8 +337,6 @@ pub(crate) async fn status(State(state): State<AppState>, uri: Uri, headers: Hea
                     format!("event log unavailable: {e}; retry"),
                 );
             }
-            // The actor ended between lookup and call: record it directly below.
-            Err(_) => {}
         }
     }
     // No running actor (the call already ended, or another node owns it): record the callback.
@@ -387,10 +378,8 @@ static FOREIGN_LINES: crate::http::perimeter::LineLimit = crate::http::perimeter
 /// received (on any node) that it still remembers. A call the book has not seen may simply not
 /// have reached it yet, so the book is given a moment to catch up with the calls log.
 pub(crate) async fn call_owner(state: &AppState, call: CallSid) -> Option<CallIdentity> {
-    if let Some(actor) = CallActor::find(call) {
-        if let Ok(id) = ractor::call!(actor, CallMsg::Identity) {
-            return Some(id);
-        }
+    if let Some(id) = state.calls.identity(call).await {
+        return Some(id);
     }
     let deadline = Instant::now() + std::time::Duration::from_secs(2);
     loop {

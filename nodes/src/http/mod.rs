@@ -33,9 +33,9 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ractor::{ActorRef, RpcReplyPort};
+use ractor::ActorRef;
 use serde_json::json;
-use voxgate_actors::call::{CallArgs, CallMsg, SupervisorMsg};
+use voxgate_actors::call::SupervisorMsg;
 use voxgate_protocol::{AccountSid, CallSid, Clock};
 use voxgate_storage::Log;
 
@@ -56,8 +56,8 @@ pub struct AppState {
     pub health: Arc<Health>,
     pub tenancy: Arc<Tenancy>,
     pub billing: Arc<crate::stages::billing::Billing>,
-    /// Twilio's REST API for the call actors (re-attaching dropped streams).
-    pub control: Arc<dyn voxgate_actors::call::CallControl>,
+    /// Where call actors run, and how to reach them.
+    pub calls: crate::stages::calls::Calls,
     /// The clock tests move forward (`VOXGATE_TEST_CLOCK=manual` only).
     pub test_clock: Option<Arc<crate::http::clock::ManualClock>>,
     /// Gateway mode's side toward the customers' apps.
@@ -67,7 +67,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Starts the actor of `call` (or finds the running one), holding its quota place.
+    /// Starts the actor of `call` (here or on its call node), holding its quota place.
     pub async fn start_call(
         &self,
         tenant: AccountSid,
@@ -75,20 +75,8 @@ impl AppState {
         status: voxgate_protocol::event::CallStatus,
         received_at: voxgate_protocol::Timestamp,
         slot: crate::stages::tenancy::QuotaSlot,
-    ) -> Result<Result<ActorRef<CallMsg>, voxgate_actors::call::CallError>, ractor::RactorErr<SupervisorMsg>> {
-        let args = CallArgs {
-            tenant,
-            call,
-            status,
-            received_at,
-            config: self.cfg.calls.clone(),
-            log: self.log.clone(),
-            clock: self.clock.clone(),
-            quota_slot: Some(Box::new(slot)),
-            control: Some(self.control.clone()),
-            hints: self.tenancy.read(|d| d.tenant(tenant).map(|t| t.hints.clone())).unwrap_or_default(),
-        };
-        ractor::call!(self.supervisor, |reply: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), reply))
+    ) -> Result<(), crate::stages::calls::LinkError> {
+        self.calls.start(tenant, call, status, received_at, slot).await
     }
 }
 

@@ -13,8 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use ractor::{ActorRef, RpcReplyPort};
-use voxgate_actors::call::{media_batch, CallActor, CallMsg, StreamItem, StreamQueue};
+use voxgate_actors::call::{media_batch, StreamItem, StreamQueue};
 use voxgate_protocol::event::{
     Dtmf, Event, FaultKind, StopReason, StreamFault, StreamMark, StreamStarted, StreamStopped, Track,
 };
@@ -23,6 +22,7 @@ use voxgate_protocol::twilio::{decode_payload_into, parse_inbound, signature, In
 use voxgate_protocol::{AccountSid, CallSid, Clock, StreamSid};
 
 use crate::http::{twilio_error, AppState};
+use crate::stages::calls::{AttachError, StreamSink};
 
 /// Largest WebSocket message accepted (a 20 ms frame is ~400 bytes of JSON).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -65,13 +65,9 @@ pub async fn upgrade(
         ws_error("unknown_call");
         return twilio_error(StatusCode::NOT_FOUND, 20404, "no such media stream session");
     };
-    let Some(actor) = CallActor::find(call) else {
+    let Some(voxgate_actors::call::CallIdentity { tenant, .. }) = state.calls.identity(call).await else {
         ws_error("unknown_call");
         tracing::warn!(stage = "ingress", call_sid = %call, "media stream for a call that is not active");
-        return twilio_error(StatusCode::NOT_FOUND, 20404, format!("no active call {call}"));
-    };
-    let Ok(voxgate_actors::call::CallIdentity { tenant, .. }) = ractor::call!(actor, CallMsg::Identity) else {
-        ws_error("unknown_call");
         return twilio_error(StatusCode::NOT_FOUND, 20404, format!("no active call {call}"));
     };
     if state.cfg.validate_stream_signature {
@@ -96,13 +92,25 @@ pub async fn upgrade(
             );
         }
     }
-    let Ok(Some(queue)) = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::AttachStream { reply }) else {
-        ws_error("duplicate_stream");
-        return twilio_error(
-            StatusCode::CONFLICT,
-            31960,
-            format!("call {call} already has a media stream or has ended"),
-        );
+    let (queue, sink) = match state.calls.attach(call).await {
+        Ok(a) => a,
+        Err(AttachError::NotFound) => {
+            ws_error("unknown_call");
+            return twilio_error(StatusCode::NOT_FOUND, 20404, format!("no active call {call}"));
+        }
+        Err(AttachError::Busy) => {
+            ws_error("duplicate_stream");
+            return twilio_error(
+                StatusCode::CONFLICT,
+                31960,
+                format!("call {call} already has a media stream or has ended"),
+            );
+        }
+        Err(AttachError::Link(e)) => {
+            ws_error("call_node");
+            tracing::error!(stage = "ingress", call_sid = %call, error = %e, "the call's node did not take the stream");
+            return twilio_error(StatusCode::SERVICE_UNAVAILABLE, 20503, "the call's node is unavailable; retry");
+        }
     };
     let clock = state.clock.clone();
     let batch_frames = state.cfg.calls.batch_frames;
@@ -111,7 +119,7 @@ pub async fn upgrade(
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
-            let mut ingest = Ingest::new(call, tenant, queue, actor, clock, batch_frames);
+            let mut ingest = Ingest::new(call, tenant, queue, sink, clock, batch_frames);
             ingest.run(socket, idle).await;
         })
         .into_response()
@@ -121,7 +129,7 @@ struct Ingest {
     call: CallSid,
     tenant: AccountSid,
     queue: Arc<StreamQueue>,
-    actor: ActorRef<CallMsg>,
+    sink: StreamSink,
     clock: Arc<dyn Clock>,
     batch_bytes: usize,
     stream: Option<StreamSid>,
@@ -168,7 +176,7 @@ impl Ingest {
         call: CallSid,
         tenant: AccountSid,
         queue: Arc<StreamQueue>,
-        actor: ActorRef<CallMsg>,
+        sink: StreamSink,
         clock: Arc<dyn Clock>,
         batch_frames: u32,
     ) -> Self {
@@ -177,7 +185,7 @@ impl Ingest {
             call,
             tenant,
             queue,
-            actor,
+            sink,
             clock,
             batch_bytes,
             stream: None,
@@ -256,7 +264,7 @@ impl Ingest {
                 frames: 0,
             }));
         }
-        let _ = self.actor.cast(CallMsg::StreamEnded { reason: reason.clone() });
+        self.sink.ended(reason.clone());
         connections.decrement(1.0);
         tracing::info!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, ?reason, "media stream closed");
     }
@@ -347,7 +355,7 @@ impl Ingest {
                 let full = acc.bytes.len() >= self.batch_bytes;
                 if !self.flowing {
                     self.flowing = true;
-                    let _ = self.actor.cast(CallMsg::MediaFlowing);
+                    self.sink.media_flowing();
                 }
                 if full {
                     self.flush_track(t);

@@ -93,6 +93,8 @@ pub struct Billing {
     clock: Arc<dyn Clock>,
     tenancy: Arc<Tenancy>,
     twilio: TwilioRest,
+    /// Where the calls a spent budget ends run.
+    calls: crate::stages::calls::Calls,
     http: reqwest::Client,
     /// `allow_private_callbacks`: callbacks may go to non-public addresses.
     allow_private: bool,
@@ -123,6 +125,7 @@ impl Billing {
         clock: Arc<dyn Clock>,
         tenancy: Arc<Tenancy>,
         twilio: TwilioRest,
+        calls: crate::stages::calls::Calls,
     ) -> anyhow::Result<Self> {
         let since = clock.now();
         let mut usage =
@@ -147,6 +150,7 @@ impl Billing {
             clock,
             tenancy,
             twilio,
+            calls,
             http,
             policy,
             commands: tokio::sync::Mutex::new(()),
@@ -361,10 +365,10 @@ impl Billing {
     /// Refuses the account's new calls until `until` and ends its active ones.
     fn stop(&self, account: AccountSid, until: Timestamp, budget: u64) {
         for (tenant, call) in self.tenancy.stop_for_budget(account, until, budget) {
-            let (tenancy, twilio) = (self.tenancy.clone(), self.twilio.clone());
+            let (tenancy, twilio, calls) = (self.tenancy.clone(), self.twilio.clone(), self.calls.clone());
             crate::stages::hangup::count_requested("billing");
             tokio::spawn(async move {
-                end_call(call, tenant, "billing", "monthly budget spent", &tenancy, &twilio).await;
+                end_call(call, tenant, "billing", "monthly budget spent", &calls, &tenancy, &twilio).await;
             });
         }
     }

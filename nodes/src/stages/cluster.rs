@@ -2,9 +2,11 @@
 //! JetStream log (`--nats`, `[cluster]`), and how a stage runs on the share of work this node
 //! has claimed, starting again on a new share when nodes join, leave or die.
 //!
-//! Work sharing: transcode and stt claim their input topic's partitions (per-call order holds, as
-//! a call's records live in one partition); fraud and billing's actions claim one unit each, so
-//! they run once in the cluster, with failover (their rules look across calls and tenants).
+//! Work sharing: call nodes claim the calls log's partitions (a call's actor runs on the node
+//! that owns its partition; see `calls`); transcode and stt claim their input topic's partitions
+//! (per-call order holds, as a call's records live in one partition); fraud and billing's actions
+//! claim one unit each, so they run once in the cluster, with failover (their rules look across
+//! calls and tenants).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -19,9 +21,10 @@ use voxgate_storage::Log;
 /// What a node can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
-    /// Twilio's webhooks, Media Streams and the REST API (with the call actors and the spool).
+    /// Twilio's webhooks, Media Streams and the REST API (with the spool).
     Ingress,
-    /// Call actors (always with ingress: a call's actor lives where its stream arrives).
+    /// Call actors, for the calls in this node's share of the calls log's partitions; ingress
+    /// nodes reach them over NATS.
     Call,
     Transcode,
     Stt,
@@ -57,8 +60,7 @@ impl Roles {
         self.0.contains(&r)
     }
 
-    /// `all`, or a comma-separated list (`ingress,call`, `transcode,stt`, `fraud,billing`).
-    /// `ingress` and `call` go together.
+    /// `all`, or a comma-separated list (`ingress`, `call,transcode,stt`, `fraud,billing`).
     pub fn parse(s: &str) -> Result<Self, ClusterConfigError> {
         if s.trim() == "all" {
             return Ok(Self::all());
@@ -73,9 +75,6 @@ impl Roles {
         }
         if set.is_empty() {
             return Err(ClusterConfigError::NoRoles);
-        }
-        if set.contains(&Role::Ingress) != set.contains(&Role::Call) {
-            return Err(ClusterConfigError::IngressWithoutCall);
         }
         Ok(Self(set))
     }
@@ -145,8 +144,6 @@ pub enum ClusterConfigError {
     UnknownRole(String),
     #[error("no roles given")]
     NoRoles,
-    #[error("ingress and call go together: a call's actor lives on the node its webhook and stream reach")]
-    IngressWithoutCall,
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -307,7 +304,8 @@ mod tests {
         assert_eq!(Roles::parse("all").unwrap(), Roles::all());
         let r = Roles::parse("transcode, stt").unwrap();
         assert!(r.has(Role::Stt) && r.has(Role::Transcode) && !r.has(Role::Ingress));
-        assert_eq!(Roles::parse("ingress").unwrap_err(), ClusterConfigError::IngressWithoutCall);
+        let r = Roles::parse("ingress").unwrap();
+        assert!(r.has(Role::Ingress) && !r.has(Role::Call));
         assert!(Roles::parse("fraud,bogus").unwrap_err().to_string().contains("bogus"));
         assert!(Roles::parse("").is_err());
     }

@@ -5,14 +5,29 @@
 use std::sync::Arc;
 
 use voxgate_actors::tenancy::directory::Block;
-use voxgate_protocol::{Clock, Envelope, Event};
+use voxgate_protocol::{CallSid, Clock, Envelope, Event};
 use voxgate_storage::{topics, Log, StorageError};
 
+use crate::stages::calls::Calls;
 use crate::stages::hangup::{count_requested, end_call, TwilioRest};
 use crate::stages::tenancy::Tenancy;
 
+/// Whether this node ends a call a verdict asks to end: every call on an embedded node; in a
+/// cluster, the calls whose partition this node runs (one node acts on each hang-up).
+pub type HangsUp = Arc<dyn Fn(CallSid) -> bool + Send + Sync>;
+
+/// What the follower acts with.
+#[derive(Clone)]
+pub struct Effects {
+    pub tenancy: Arc<Tenancy>,
+    pub twilio: TwilioRest,
+    pub calls: Calls,
+    pub hangs_up: HangsUp,
+}
+
 /// Applies one fraud-log event; `live` events also end calls (not those read at startup).
-async fn act(env: &Envelope, tenancy: &Arc<Tenancy>, twilio: &TwilioRest, clock: &dyn Clock, live: bool) {
+async fn act(env: &Envelope, fx: &Effects, clock: &dyn Clock, live: bool) {
+    let tenancy = &fx.tenancy;
     match &env.payload {
         Event::FraudVerdict(v) => {
             if let (Some(number), Some(until)) = (&v.blocked_number, v.blocked_until) {
@@ -35,22 +50,22 @@ async fn act(env: &Envelope, tenancy: &Arc<Tenancy>, twilio: &TwilioRest, clock:
         }
         Event::HangupRequested(h) if live => {
             let Some(call) = env.call else { return };
+            if !(fx.hangs_up)(call) {
+                return;
+            }
             // Ending a call waits for its actor and for Twilio; blocks keep flowing meanwhile.
-            let (tenant, h, tenancy, twilio) = (env.tenant, h.clone(), tenancy.clone(), twilio.clone());
+            let (tenant, h, fx) = (env.tenant, h.clone(), fx.clone());
             count_requested("fraud");
-            tokio::spawn(async move { end_call(call, tenant, &h.source, &h.reason, &tenancy, &twilio).await });
+            tokio::spawn(async move {
+                end_call(call, tenant, &h.source, &h.reason, &fx.calls, &fx.tenancy, &fx.twilio).await
+            });
         }
         _ => {}
     }
 }
 
 /// Reads the whole fraud log (blocks still in force), then follows it until the log closes.
-pub async fn follow(
-    log: Log,
-    tenancy: Arc<Tenancy>,
-    twilio: TwilioRest,
-    clock: Arc<dyn Clock>,
-) -> Result<(), StorageError> {
+pub async fn follow(log: Log, fx: Effects, clock: Arc<dyn Clock>) -> Result<(), StorageError> {
     let parts = log.partitions(topics::FRAUD)?;
     let mut next = vec![0u64; parts as usize];
     let mut rx = log.watch(topics::FRAUD)?;
@@ -66,7 +81,7 @@ pub async fn follow(
                 }
                 for r in &recs {
                     if let Ok(env) = voxgate_protocol::decode(r.payload()) {
-                        act(&env, &tenancy, &twilio, clock.as_ref(), live).await;
+                        act(&env, &fx, clock.as_ref(), live).await;
                     }
                 }
                 *n = to;

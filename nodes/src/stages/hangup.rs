@@ -3,15 +3,11 @@
 
 use std::time::Duration;
 
-use ractor::RpcReplyPort;
-use voxgate_actors::call::{CallActor, CallMsg};
 use voxgate_protocol::{AccountSid, CallSid};
 
 pub use crate::http::twilio_rest::TwilioRest;
+use crate::stages::calls::Calls;
 use crate::stages::tenancy::Tenancy;
-
-/// How long (in 10 ms polls) a hang-up waits for the call's actor to start.
-const ACTOR_WAIT_POLLS: u32 = 200;
 
 /// Counts a hang-up about to be handed to [`end_call`] (`voxgate_hangups_requested_total`), before
 /// the task that runs it is spawned: with `voxgate_hangups_total` (counted when Twilio answered or
@@ -20,35 +16,29 @@ pub fn count_requested(source: &'static str) {
     metrics::counter!("voxgate_hangups_requested_total", "source" => source).increment(1);
 }
 
-/// Ends `call`: its actor records `HangupRequested` and `completed` (source voxgate) and closes
-/// the stream; then Twilio completes it. Ingress appends `CallReceived` before it starts the call's
-/// actor, so a decision can overtake the actor's start by a few milliseconds: wait for it briefly.
+/// Ends `call`: its actor (here or on its call node) records `HangupRequested` and `completed`
+/// (source voxgate) and closes the stream; then Twilio completes it. Ingress appends
+/// `CallReceived` before it starts the call's actor, so a decision can overtake the actor's start
+/// by a few milliseconds: wait for it briefly.
 pub async fn end_call(
     call: CallSid,
     tenant: AccountSid,
     source: &str,
     reason: &str,
+    calls: &Calls,
     tenancy: &Tenancy,
     twilio: &TwilioRest,
 ) {
-    let mut actor = CallActor::find(call);
-    for _ in 0..ACTOR_WAIT_POLLS {
-        if actor.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        actor = CallActor::find(call);
+    let mut recorded = calls.hangup(call, source, reason).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while recorded.is_none() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        recorded = calls.hangup(call, source, reason).await;
     }
-    match actor {
-        Some(actor) => {
-            let r = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Hangup {
-                source: source.to_owned(),
-                reason: reason.to_owned(),
-                reply
-            });
-            if !matches!(r, Ok(Ok(()))) {
-                tracing::error!(stage = source, call_sid = %call, tenant = %tenant, result = ?r, "call actor did not record the hang-up");
-            }
+    match recorded {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            tracing::error!(stage = source, call_sid = %call, tenant = %tenant, error = %e, "call actor did not record the hang-up")
         }
         None => {
             tracing::info!(stage = source, call_sid = %call, tenant = %tenant, "no live actor for the call; ending it at Twilio only")

@@ -5,6 +5,7 @@
 //! - `serve`: the node; `roster`: which role runs which stage, how much work it claims and how
 //!   it starts; `cluster`: roles, leases and partitions across nodes.
 //! - `transcription`: transcode and STT stages and Twilio's real-time transcription callbacks.
+//! - `calls`: where call actors run (here, or on the cluster's `call` nodes over NATS).
 //! - `fraud`, `billing`: their stages' effects (blocks, hang-ups, usage-trigger callbacks);
 //!   `hangup`: ending a call; `recovery`: calls a crash left open.
 //! - `tenancy`: the node's tenant directory (auth, quotas) and its follower of the tenants log;
@@ -12,6 +13,7 @@
 
 pub mod analytics;
 pub mod billing;
+pub mod calls;
 pub mod cluster;
 pub mod fraud;
 pub mod hangup;

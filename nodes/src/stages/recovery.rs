@@ -22,38 +22,52 @@ pub struct OpenCall {
 
 /// Every open call on the calls log, in no particular order.
 pub fn open_calls(log: &Log) -> Result<Vec<(CallSid, OpenCall)>, StorageError> {
-    let mut open: HashMap<CallSid, OpenCall> = HashMap::new();
+    let mut open = Vec::new();
     for p in 0..log.partitions(topics::CALLS)? {
-        let from = log.first_offset(topics::CALLS, p)?;
-        log.scan(topics::CALLS, p, from, |r| {
-            let Ok(env) = voxgate_protocol::decode(r.payload()) else {
-                return Ok::<(), StorageError>(());
-            };
-            let Some(call) = env.call else { return Ok(()) };
-            match env.payload {
-                Event::CallReceived(c) => {
-                    open.entry(call).or_insert(OpenCall {
-                        tenant: env.tenant,
-                        received_at: env.occurred_at,
-                        status: c.status,
-                    });
-                }
-                Event::CallStatusChanged(c) if c.status.is_terminal() => {
-                    open.remove(&call);
-                }
-                Event::CallStatusChanged(c) => {
-                    if let Some(o) = open.get_mut(&call) {
-                        // Callbacks arrive out of order; a call never steps back from in-progress.
-                        if o.status != CallStatus::InProgress {
-                            o.status = c.status;
-                        }
+        open.extend(open_calls_in(log, p, None)?);
+    }
+    Ok(open)
+}
+
+/// The open calls of one partition of the calls log (only `only`, if given).
+pub fn open_calls_in(
+    log: &Log,
+    partition: u32,
+    only: Option<CallSid>,
+) -> Result<Vec<(CallSid, OpenCall)>, StorageError> {
+    let mut open: HashMap<CallSid, OpenCall> = HashMap::new();
+    let from = log.first_offset(topics::CALLS, partition)?;
+    log.scan(topics::CALLS, partition, from, |r| {
+        let Ok(env) = voxgate_protocol::decode(r.payload()) else {
+            return Ok::<(), StorageError>(());
+        };
+        let Some(call) = env.call else { return Ok(()) };
+        if only.is_some_and(|o| o != call) {
+            return Ok(());
+        }
+        match env.payload {
+            Event::CallReceived(c) => {
+                open.entry(call).or_insert(OpenCall {
+                    tenant: env.tenant,
+                    received_at: env.occurred_at,
+                    status: c.status,
+                });
+            }
+            Event::CallStatusChanged(c) if c.status.is_terminal() => {
+                open.remove(&call);
+            }
+            Event::CallStatusChanged(c) => {
+                if let Some(o) = open.get_mut(&call) {
+                    // Callbacks arrive out of order; a call never steps back from in-progress.
+                    if o.status != CallStatus::InProgress {
+                        o.status = c.status;
                     }
                 }
-                _ => {}
             }
-            Ok(())
-        })?;
-    }
+            _ => {}
+        }
+        Ok(())
+    })?;
     Ok(open.into_iter().collect())
 }
 
@@ -64,10 +78,8 @@ pub async fn restore(state: &AppState) -> anyhow::Result<usize> {
         let slot = state.tenancy.resume(o.tenant, *call);
         let started = state.start_call(o.tenant, *call, o.status, o.received_at, slot).await;
         // One call that cannot come back must not keep the node from serving the others.
-        match started {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored"),
-            Err(e) => tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored"),
+        if let Err(e) = started {
+            tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored");
         }
     }
     if !open.is_empty() {

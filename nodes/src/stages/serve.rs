@@ -14,7 +14,7 @@ use voxgate_actors::fraud::stage::FraudMsg;
 use voxgate_actors::progress::Progress;
 use voxgate_actors::stage::StageMsg;
 use voxgate_actors::stt::stage::SttPool;
-use voxgate_storage::Log;
+use voxgate_storage::{topics, Log};
 
 use crate::config::Config;
 use crate::http::health::{Health, Runner, StageEntry};
@@ -164,6 +164,20 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
     let twilio = crate::stages::hangup::TwilioRest::new(&cfg.twilio_api_url);
+    let control: Arc<dyn voxgate_actors::call::CallControl> = Arc::new(crate::http::twilio_rest::Control {
+        twilio: twilio.clone(),
+        tenancy: tenancy.clone(),
+        public_url: cfg.public_url.clone(),
+    });
+    // Where call actors run: here, or (clustered) on the node that owns the call's partition.
+    let calls = crate::stages::calls::Calls::new(
+        cfg.clone(),
+        log.clone(),
+        clock.clone(),
+        supervisor.clone(),
+        control,
+        tenancy.clone(),
+    )?;
     // SIGHUP reloads the fraud rules from here on (before the slow start-up below: SIGHUP's
     // default action would end the node).
     let fraud_slot: FraudSlot = Arc::default();
@@ -175,6 +189,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         clock.clone(),
         tenancy.clone(),
         twilio.clone(),
+        calls.clone(),
     )?);
     let cursor = billing.rebuild().await.context("rebuilding usage from the logs")?;
     let billing_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -249,12 +264,38 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             });
         }
     }
-    // Blocks go into this node's webhook gate and hang-ups to its call actors: an ingress concern.
-    let follower = roles.has(Role::Ingress).then(|| {
-        tokio::spawn(log_failure(
-            "fraud",
-            crate::stages::fraud::follow(log.clone(), tenancy.clone(), twilio.clone(), clock.clone()),
-        ))
+    // A call node runs the actors of the calls in its share of the calls log's partitions.
+    let call_node =
+        match (clustered && roles.has(Role::Call)).then(|| crate::stages::calls::CallNode::new(calls.clone())) {
+            Some(n) => {
+                let start: crate::stages::cluster::Start = Box::new(move |share| {
+                    let n = n.clone();
+                    Box::pin(async move { n.run(share).await })
+                });
+                Some(Claimed::run(&log, "call", log.partitions(topics::CALLS)?, &node, &[], start).await?)
+            }
+            None => None,
+        };
+    // Blocks go into this node's webhook gate (ingress), hang-ups to the calls it runs (call).
+    let follower = (roles.has(Role::Ingress) || roles.has(Role::Call)).then(|| {
+        let hangs_up: crate::stages::fraud::HangsUp = match &call_node {
+            None if clustered => Arc::new(|_| false),
+            None => Arc::new(|_| true),
+            Some(c) => {
+                let (share, parts) = (c.share(), log.partitions(topics::CALLS).unwrap_or(1));
+                Arc::new(move |call: voxgate_protocol::CallSid| {
+                    let p = voxgate_storage::log::partition_for(call.partition_key(), parts);
+                    share.lock().unwrap_or_else(|e| e.into_inner()).contains(&p)
+                })
+            }
+        };
+        let fx = crate::stages::fraud::Effects {
+            tenancy: tenancy.clone(),
+            twilio: twilio.clone(),
+            calls: calls.clone(),
+            hangs_up,
+        };
+        tokio::spawn(log_failure("fraud", crate::stages::fraud::follow(log.clone(), fx, clock.clone())))
     });
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -286,11 +327,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         health,
         tenancy: tenancy.clone(),
         billing,
-        control: Arc::new(crate::http::twilio_rest::Control {
-            twilio: twilio.clone(),
-            tenancy: tenancy.clone(),
-            public_url: cfg.public_url.clone(),
-        }),
+        calls,
     };
     // Calls a crash left open get their actors back before Twilio can reach this node. In a
     // cluster another ingress node may hold them.
@@ -354,6 +391,10 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     tracing::info!("shutting down: ending calls and flushing the log");
     retention.abort();
     metrics_task.abort();
+    // The call partitions go to the other call nodes, which give the calls their actors back.
+    if let Some(c) = call_node {
+        c.stop().await;
+    }
     supervisor.stop_children_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await;
     supervisor.stop(None);
     let _ = supervisor_done.await;

@@ -103,6 +103,11 @@ impl JetStreamBackend {
         value.into()
     }
 
+    /// The NATS connection and subject prefix ([`Log::nats`]).
+    pub(crate) fn nats(&self) -> (async_nats::Client, String) {
+        self.cluster.nats()
+    }
+
     /// After JetStream acked: wait (briefly) until this node's mirror shows the records, so a
     /// node reads its own writes, and write out cursors stored since the last append (as a sled
     /// flush would).

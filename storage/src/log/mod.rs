@@ -259,6 +259,15 @@ impl Log {
         self.inner.backend.describe()
     }
 
+    /// The cluster's NATS connection and its subject prefix (`None` on sled): for requests
+    /// between nodes beside the log, such as a call's inputs reaching the node that runs its actor.
+    pub fn nats(&self) -> Option<(async_nats::Client, String)> {
+        match &self.inner.backend {
+            AnyBackend::JetStream(j) => Some(j.nats()),
+            AnyBackend::Sled(_) => None,
+        }
+    }
+
     /// Claims this node's share of `units` work units of `group` (a stage's partitions, or one
     /// unit for a stage that runs once in the cluster). The receiver holds the units this node
     /// owns now, and changes when nodes join, leave or die; dropping it gives the units back. On
