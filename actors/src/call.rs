@@ -773,6 +773,10 @@ impl Actor for CallActor {
             }
             CallMsg::StreamEnded { reason } => {
                 pump(&myself, s).await?;
+                // A stream whose reader could not say so itself (its ingress node died).
+                if reason == StopReason::Disconnected {
+                    record_stream_stopped(&myself, s, reason.clone(), now).await?;
+                }
                 s.stream_ended = true;
                 if reason == StopReason::Disconnected && !s.core.is_finished() {
                     metrics::counter!("voxgate_stream_drops_total").increment(1);

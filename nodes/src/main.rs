@@ -52,7 +52,8 @@ enum Command {
         #[arg(long)]
         nats: Option<String>,
         /// Roles this node runs, comma-separated: ingress,call,transcode,stt,fraud,billing (default
-        /// all; a subset needs --nats).
+        /// all; a subset needs --nats). An `ingress` node reaches the calls' actors on `call`
+        /// nodes over NATS.
         #[arg(long)]
         roles: Option<String>,
     },

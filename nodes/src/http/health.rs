@@ -49,6 +49,8 @@ pub struct Health {
     pub nats: Option<(String, Arc<AtomicBool>)>,
     /// The roles this node runs.
     pub roles: Vec<&'static str>,
+    /// On a call node of a cluster, the calls log's partitions whose calls it runs now.
+    pub call_partitions: Option<crate::stages::cluster::Share>,
 }
 
 /// Durable events in `topic` that a stage has not processed yet.
@@ -100,6 +102,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         // Analytics only: NATS being away delays publishing (nothing is lost), it is not a failure.
         "nats": state.health.nats.as_ref().map(|(url, up)| json!({ "url": url, "connected": up.load(Ordering::Acquire) })),
         "active_calls": active,
+        "call_partitions": state.health.call_partitions.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone()),
     });
     let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()

@@ -287,6 +287,8 @@ impl Remote {
 pub struct Calls {
     local: Local,
     remote: Option<Remote>,
+    /// On a node of the call role: the partitions it runs now.
+    here: Arc<std::sync::OnceLock<crate::stages::cluster::Share>>,
 }
 
 impl Calls {
@@ -311,12 +313,29 @@ impl Calls {
             }),
             None => None,
         };
-        Ok(Self { local: Local { supervisor, cfg, log, clock, control, tenancy }, remote })
+        Ok(Self { local: Local { supervisor, cfg, log, clock, control, tenancy }, remote, here: Arc::default() })
     }
 
-    /// True when call actors run on other nodes (a cluster).
-    pub fn is_remote(&self) -> bool {
-        self.remote.is_some()
+    /// This node runs the call role on `share` of the calls log's partitions.
+    pub fn runs_calls(&self, share: crate::stages::cluster::Share) {
+        let _ = self.here.set(share);
+    }
+
+    /// Where `call`'s actor is reached: `None` for this node. A node of the call role runs the
+    /// calls of its own partitions without a hop, and, while NATS is unreachable, every call it
+    /// is given (an ingress node beside it keeps answering Twilio through the outage).
+    fn route(&self, call: CallSid) -> Option<&Remote> {
+        let r = self.remote.as_ref()?;
+        let Some(share) = self.here.get() else { return Some(r) };
+        if r.client.connection_state() != async_nats::connection::State::Connected {
+            return None;
+        }
+        let p = r.partition(call);
+        if share.lock().unwrap_or_else(|e| e.into_inner()).contains(&p) {
+            None
+        } else {
+            Some(r)
+        }
     }
 
     /// Starts the actor of an accepted call (or finds it running), holding its quota place.
@@ -328,7 +347,7 @@ impl Calls {
         received_at: Timestamp,
         slot: QuotaSlot,
     ) -> Result<(), LinkError> {
-        let Some(r) = &self.remote else {
+        let Some(r) = self.route(call) else {
             return self.local.start(tenant, call, status, received_at, Some(slot), None).await.map(drop);
         };
         let hints = self.local.tenancy.read(|d| d.tenant(tenant).map(|t| t.hints.clone())).unwrap_or_default();
@@ -344,7 +363,7 @@ impl Calls {
 
     /// Whose call `call` is, if its actor runs.
     pub async fn identity(&self, call: CallSid) -> Option<CallIdentity> {
-        let Some(r) = &self.remote else {
+        let Some(r) = self.route(call) else {
             let actor = CallActor::find(call)?;
             return ractor::call!(actor, CallMsg::Identity).ok();
         };
@@ -367,7 +386,7 @@ impl Calls {
         sequence: Option<u32>,
         duration_secs: Option<u32>,
     ) -> Option<Result<(), String>> {
-        let Some(r) = &self.remote else {
+        let Some(r) = self.route(call) else {
             let actor = CallActor::find(call)?;
             let res = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Status {
                 status,
@@ -396,7 +415,7 @@ impl Calls {
 
     /// Asks the call's actor to record a hang-up; `None` when no actor runs for the call.
     pub async fn hangup(&self, call: CallSid, source: &str, reason: &str) -> Option<Result<(), String>> {
-        let Some(r) = &self.remote else {
+        let Some(r) = self.route(call) else {
             let actor = CallActor::find(call)?;
             let res = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::Hangup {
                 source: source.to_owned(),
@@ -420,7 +439,7 @@ impl Calls {
 
     /// A transcription's hints join the call's; false when no actor runs for the call.
     pub async fn add_hints(&self, call: CallSid, hints: String) -> bool {
-        let Some(r) = &self.remote else {
+        let Some(r) = self.route(call) else {
             return CallActor::find(call).is_some_and(|a| a.cast(CallMsg::AddHints(hints)).is_ok());
         };
         matches!(r.ask(call, &Request::AddHints { call, hints }, FIND_OWNER).await, Ok(Reply::Done))
@@ -430,7 +449,7 @@ impl Calls {
     /// how it tells the call about the stream. Remote, a forwarder takes the queue to the call's
     /// node.
     pub async fn attach(&self, call: CallSid) -> Result<(Arc<StreamQueue>, StreamSink), AttachError> {
-        let Some(r) = &self.remote else {
+        let Some(r) = self.route(call) else {
             let actor = CallActor::find(call).ok_or(AttachError::NotFound)?;
             return match ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::AttachStream { reply }) {
                 Ok(Some(q)) => Ok((q, StreamSink::Local(actor))),
@@ -538,8 +557,9 @@ struct Served {
     /// The stream each call last lost to silence (its ingress node died): its late items are
     /// refused.
     detached: HashMap<CallSid, u64>,
-    /// The calls whose actors this node runs, by partition.
-    owned: HashMap<CallSid, u32>,
+    /// Calls in progress this node took over, since when: their stream may have been on an
+    /// ingress node that died too; if none sends for them, their stream is dropped.
+    adopted: HashMap<CallSid, Instant>,
 }
 
 /// Runs the actors of the calls in this node's share of the calls log's partitions and answers
@@ -564,17 +584,19 @@ impl CallNode {
     /// the share's requests until stopped.
     pub async fn run(&self, share: Vec<u32>) -> anyhow::Result<Stop> {
         let remote = self.calls.remote.clone().ok_or_else(|| anyhow::anyhow!("the call role needs a cluster"))?;
-        let gone: Vec<CallSid> = {
-            let mut s = self.served();
-            let gone: Vec<CallSid> = s.owned.iter().filter(|(_, p)| !share.contains(p)).map(|(c, _)| *c).collect();
-            for c in &gone {
-                s.owned.remove(c);
-                s.feeds.remove(c);
+        // Every call actor of this node, whoever started it (a request, or this node's ingress).
+        let running: Vec<CallSid> = ractor::registry::registered()
+            .iter()
+            .filter_map(|n| n.strip_prefix("call:").and_then(|s| CallSid::parse(s).ok()))
+            .collect();
+        for c in running.into_iter().filter(|c| !share.contains(&remote.partition(*c))) {
+            {
+                let mut s = self.served();
+                s.feeds.remove(&c);
+                s.adopted.remove(&c);
             }
-            gone
-        };
-        for c in &gone {
-            if let Some(a) = CallActor::find(*c) {
+            if let Some(a) = CallActor::find(c) {
+                tracing::info!(stage = "call", call_sid = %c, "the call's partition moved to another node; its actor goes on there");
                 a.stop(Some("its partition moved to another node".into()));
             }
         }
@@ -584,12 +606,13 @@ impl CallNode {
             let open =
                 tokio::task::spawn_blocking(move || crate::stages::recovery::open_calls_in(&log, p, None)).await??;
             for (call, o) in open {
-                if CallActor::find(call).is_none() {
-                    restored += 1;
-                }
+                let new = CallActor::find(call).is_none();
+                restored += usize::from(new);
                 match self.calls.local.start(o.tenant, call, o.status, o.received_at, None, None).await {
                     Ok(_) => {
-                        self.served().owned.insert(call, p);
+                        if new && o.status == CallStatus::InProgress {
+                            self.served().adopted.insert(call, Instant::now());
+                        }
                     }
                     Err(e) => tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored"),
                 }
@@ -658,9 +681,16 @@ impl CallNode {
                 let _ = f.actor.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected });
             }
         }
-        s.owned.retain(|c, _| CallActor::find(*c).is_some());
-        let Served { detached, owned, .. } = &mut *s;
-        detached.retain(|c, _| owned.contains_key(c));
+        let quiet: Vec<CallSid> =
+            s.adopted.iter().filter(|(_, since)| since.elapsed() > REMOTE_IDLE).map(|(c, _)| *c).collect();
+        for c in quiet {
+            s.adopted.remove(&c);
+            if let Some(a) = CallActor::find(c) {
+                tracing::warn!(stage = "call", call_sid = %c, "no ingress node sends the stream of a call taken over; the stream is dropped");
+                let _ = a.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected });
+            }
+        }
+        s.detached.retain(|c, _| CallActor::find(*c).is_some());
     }
 
     /// The call's actor, given back from the calls log if this node owns the call but has not
@@ -676,19 +706,14 @@ impl CallNode {
                 .ok()?
                 .ok()?;
         let (_, o) = open.into_iter().next()?;
-        let a = self.calls.local.start(o.tenant, call, o.status, o.received_at, None, None).await.ok()?;
-        self.served().owned.insert(call, partition);
-        Some(a)
+        self.calls.local.start(o.tenant, call, o.status, o.received_at, None, None).await.ok()
     }
 
     async fn handle(&self, partition: u32, req: Request<'_>) -> Reply {
         match req {
             Request::Start { tenant, call, status, received_at, hints } => {
                 match self.calls.local.start(tenant, call, status, received_at, None, Some(hints)).await {
-                    Ok(_) => {
-                        self.served().owned.insert(call, partition);
-                        Reply::Done
-                    }
+                    Ok(_) => Reply::Done,
                     Err(e) => Reply::Failed(e.to_string()),
                 }
             }
@@ -743,6 +768,7 @@ impl CallNode {
         let q = ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::AttachStream { reply }).ok()??;
         let mut s = self.served();
         s.detached.remove(&call);
+        s.adopted.remove(&call);
         s.feeds.insert(call, Feed { link, queue: q.clone(), actor, last: Instant::now(), flowing: false });
         Some(q)
     }

@@ -272,7 +272,9 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
                     let n = n.clone();
                     Box::pin(async move { n.run(share).await })
                 });
-                Some(Claimed::run(&log, "call", log.partitions(topics::CALLS)?, &node, &[], start).await?)
+                let c = Claimed::run(&log, "call", log.partitions(topics::CALLS)?, &node, &[], start).await?;
+                calls.runs_calls(c.share());
+                Some(c)
             }
             None => None,
         };
@@ -310,6 +312,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         stt_model: cfg.stt.enabled.then(|| cfg.stt.model_dir.display().to_string()),
         nats: analytics.as_ref().map(|(url, up, _)| (url.clone(), up.clone())),
         roles: roles.names(),
+        call_partitions: call_node.as_ref().map(Claimed::share),
     });
     // The console's index follows the logs on every node that answers HTTP.
     let console = cfg.console.enabled.then(|| Arc::new(crate::http::console::Console::new(&cfg)));
