@@ -25,14 +25,16 @@ use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::recorder::Recorder;
 use voxgate_scenarios::speech::{script, Voice};
-use voxgate_scenarios::twilio::{extract_attr, Pace};
+use voxgate_scenarios::twilio::{extract_attr, MediaStream, Pace};
 use voxgate_storage::{topics, ClusterOptions, Log};
 
 const CALLS: u128 = 24;
+/// Every call at once, on every node (the test is about the calls, not the quotas).
+const QUOTAS: &str = "[quotas]\nmax_concurrent_calls = 1000\ncalls_per_second = 1000\n";
 
 fn node_config(nats: &str, twilio: &str, roles: &str, node: &str) -> String {
     config(&format!(
-        "twilio_api_url = \"{twilio}\"\nsecrets_key = \"{SECRETS_KEY}\"\n[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n"
+        "twilio_api_url = \"{twilio}\"\nsecrets_key = \"{SECRETS_KEY}\"\n{QUOTAS}[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n"
     ))
 }
 
@@ -78,6 +80,37 @@ fn collect(log: &Log) -> BTreeMap<CallSid, PerCall> {
     out
 }
 
+/// Sends `audio` in 20 ms frames, twice real time, numbering on from `next`.
+async fn send(ws: &mut MediaStream, sid: StreamSid, audio: &[u8], next: &mut u64) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for frame in audio.chunks(160) {
+        tick.tick().await;
+        ws.send_frame(sid, *next, frame).await?;
+        *next += 1;
+    }
+    Ok(())
+}
+
+/// Sends silence in real time until `go` (Twilio never stops sending while a call is up).
+async fn silence_until(
+    ws: &mut MediaStream,
+    sid: StreamSid,
+    next: &mut u64,
+    go: &mut tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while !*go.borrow_and_update() {
+        tokio::select! {
+            _ = tick.tick() => {
+                ws.send_frame(sid, *next, &[0xffu8; 160]).await?;
+                *next += 1;
+            }
+            r = go.changed() => r?,
+        }
+    }
+    Ok(())
+}
+
 async fn call_partitions(node: &Node) -> Vec<u64> {
     let Ok((_, h)) = node.get_json("/api/voice/health").await else { return Vec::new() };
     h["call_partitions"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
@@ -101,9 +134,11 @@ async fn wait_call_partitions(nodes: &[&Node], all: &[u64]) {
     }
 }
 
-async fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+async fn wait_until(what: &str, within: Duration, failed: &std::sync::Mutex<Vec<String>>, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
     while !f() {
+        let failed = failed.lock().unwrap().clone();
+        assert!(failed.is_empty(), "calls failed while waiting for {what}: {failed:#?}");
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -146,6 +181,7 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
     .unwrap();
 
     let first_sent = Arc::new(AtomicUsize::new(0));
+    let failed: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let (go, go_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..CALLS {
@@ -154,58 +190,72 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
         let live = sim(&ingress1);
         let (part1, part2, first_sent, twilio) = (part1.clone(), part2.clone(), first_sent.clone(), twilio.clone());
         let mut go = go_rx.clone();
+        let failed = failed.clone();
         tasks.push(tokio::spawn(async move {
-            let call = call_sid(i);
-            let answer = s.inbound_call(call, &caller(i), NUMBER).await?;
-            let stream_url = answer.stream_url.ok_or_else(|| anyhow::anyhow!("no <Stream>: {}", answer.body))?;
-            let mut ws = s.connect_stream(&stream_url).await?;
-            let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
-            ws.start(sid, s.account(), call).await?;
-            ws.send_audio(sid, &part1, Pace::Faster(2)).await?;
-            first_sent.fetch_add(1, Ordering::SeqCst);
-            go.wait_for(|g| *g).await?;
-            if on_second {
-                // Its ingress node is gone: the call's actor asks Twilio for a fresh stream,
-                // which Twilio opens through the live ingress node.
-                drop(ws);
-                let path = format!("/2010-04-01/Accounts/{ACCOUNT}/Calls/{call}.json");
-                let asked = twilio.wait_for(1, Duration::from_secs(60), |r| r.uri == path).await;
-                let twiml = asked
-                    .first()
-                    .and_then(|r| r.param("Twiml"))
-                    .ok_or_else(|| anyhow::anyhow!("{call}: no re-attach asked"))?;
-                let fresh = extract_attr(&twiml, "<Stream", "url")
-                    .ok_or_else(|| anyhow::anyhow!("no <Stream url> in {twiml}"))?;
-                let mut ws = live.connect_stream(&fresh).await?;
-                let sid2 = StreamSid::from_u128(call.as_u128() ^ 0xa5a5);
-                ws.start(sid2, s.account(), call).await?;
-                ws.send_audio(sid2, &part2, Pace::Faster(2)).await?;
-                ws.stop(sid2, s.account(), call).await?;
-                ws.close().await;
-            } else {
-                ws.send_audio(sid, &part2, Pace::Faster(2)).await?;
-                ws.stop(sid, s.account(), call).await?;
-                ws.close().await;
+            let r = async move {
+                let call = call_sid(i);
+                let answer = s.inbound_call(call, &caller(i), NUMBER).await?;
+                let stream_url = answer.stream_url.ok_or_else(|| anyhow::anyhow!("no <Stream>: {}", answer.body))?;
+                let mut ws = s.connect_stream(&stream_url).await?;
+                let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
+                ws.start(sid, s.account(), call).await?;
+                let mut next = 0;
+                send(&mut ws, sid, &part1, &mut next).await?;
+                first_sent.fetch_add(1, Ordering::SeqCst);
+                if on_second {
+                    // Its ingress node dies while the caller pauses.
+                    let _ = silence_until(&mut ws, sid, &mut next, &mut go).await;
+                    // Its ingress node is gone: the call's actor asks Twilio for a fresh stream,
+                    // which Twilio opens through the live ingress node.
+                    drop(ws);
+                    let path = format!("/2010-04-01/Accounts/{ACCOUNT}/Calls/{call}.json");
+                    let asked = twilio.wait_for(1, Duration::from_secs(60), |r| r.uri == path).await;
+                    let twiml = asked
+                        .first()
+                        .and_then(|r| r.param("Twiml"))
+                        .ok_or_else(|| anyhow::anyhow!("{call}: no re-attach asked"))?;
+                    let fresh = extract_attr(&twiml, "<Stream", "url")
+                        .ok_or_else(|| anyhow::anyhow!("no <Stream url> in {twiml}"))?;
+                    let mut ws = live.connect_stream(&fresh).await?;
+                    let sid2 = StreamSid::from_u128(call.as_u128() ^ 0xa5a5);
+                    ws.start(sid2, s.account(), call).await?;
+                    send(&mut ws, sid2, &part2, &mut 0).await?;
+                    ws.stop(sid2, s.account(), call).await?;
+                    ws.close().await;
+                } else {
+                    silence_until(&mut ws, sid, &mut next, &mut go).await?;
+                    send(&mut ws, sid, &part2, &mut next).await?;
+                    ws.stop(sid, s.account(), call).await?;
+                    ws.close().await;
+                }
+                let secs = ((part1.len() + part2.len()) / 8000) as u32;
+                let code = live.status_callback(call, "completed", 2, Some(secs)).await?;
+                anyhow::ensure!(code / 100 == 2, "{call}: status callback answered {code}");
+                anyhow::Ok(())
             }
-            let secs = ((part1.len() + part2.len()) / 8000) as u32;
-            let code = live.status_callback(call, "completed", 2, Some(secs)).await?;
-            anyhow::ensure!(code / 100 == 2, "{call}: status callback answered {code}");
-            anyhow::Ok(())
+            .await;
+            if let Err(e) = &r {
+                failed.lock().unwrap().push(format!("call {i}: {e:#}"));
+            }
+            r
         }));
     }
 
     // A call node dies while the first sentences stream; the other takes its partitions.
     let fs = first_sent.clone();
-    wait_until("half the first sentences", Duration::from_secs(120), || {
+    wait_until("half the first sentences", Duration::from_secs(120), &failed, || {
         fs.load(Ordering::SeqCst) >= CALLS as usize / 2
     })
     .await;
     call_b.kill();
     wait_call_partitions(&[&call_a], &all).await;
-    wait_until("every first sentence", Duration::from_secs(120), || fs.load(Ordering::SeqCst) == CALLS as usize).await;
+    wait_until("every first sentence", Duration::from_secs(120), &failed, || {
+        fs.load(Ordering::SeqCst) == CALLS as usize
+    })
+    .await;
     // Every first sentence transcribed before the ingress node dies (what it held is then lost
     // with it by design: one gap, recorded).
-    wait_until("the first sentences' transcripts", Duration::from_secs(240), || {
+    wait_until("the first sentences' transcripts", Duration::from_secs(240), &failed, || {
         let got = collect(&reader);
         got.values().filter(|c| !c.transcripts.is_empty()).count() == CALLS as usize
     })
@@ -216,12 +266,23 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
         t.await.unwrap().unwrap();
     }
 
-    let mut clustered = BTreeMap::new();
-    wait_until("every call completed with both sentences", Duration::from_secs(240), || {
-        clustered = collect(&reader);
-        clustered.len() == CALLS as usize && clustered.values().all(|c| c.completed && c.transcripts.len() == 2)
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let clustered = loop {
+        let got = collect(&reader);
+        let short: Vec<(&CallSid, &PerCall)> =
+            got.iter().filter(|(_, c)| !c.completed || c.transcripts.len() != 2).collect();
+        if got.len() == CALLS as usize && short.is_empty() {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls not completed with both sentences ({} calls seen): {short:#?}\ncall node:\n{}\ningress:\n{}",
+            got.len(),
+            call_a.logs(),
+            ingress1.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     for i in 0..CALLS {
         let c = &clustered[&call_sid(i)];
         assert_eq!(
@@ -247,7 +308,7 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
     drop((ingress1, ingress2, call_a, call_b, decisions, reader));
 
     // The same calls through one embedded node, on one stream each.
-    let mut embedded = Node::start(&config("")).unwrap();
+    let mut embedded = Node::start(&config(QUOTAS)).unwrap();
     let mut tasks = Vec::new();
     for i in 0..CALLS {
         let (s, audio) = (sim(&embedded), [part1.as_slice(), part2.as_slice()].concat());
