@@ -28,7 +28,7 @@ use voxgate_scenarios::speech::{script, Voice};
 use voxgate_scenarios::twilio::{extract_attr, MediaStream, Pace};
 use voxgate_storage::{topics, ClusterOptions, Log};
 
-const CALLS: u128 = 24;
+const CALLS: u128 = 50;
 /// Every call at once, on every node (the test is about the calls, not the quotas).
 const QUOTAS: &str = "[quotas]\nmax_concurrent_calls = 1000\ncalls_per_second = 1000\n";
 
@@ -134,11 +134,17 @@ async fn wait_call_partitions(nodes: &[&Node], all: &[u64]) {
     }
 }
 
-async fn wait_until(what: &str, within: Duration, failed: &std::sync::Mutex<Vec<String>>, mut f: impl FnMut() -> bool) {
+async fn wait_until(
+    diag: &dyn Fn() -> String,
+    what: &str,
+    within: Duration,
+    failed: &std::sync::Mutex<Vec<String>>,
+    mut f: impl FnMut() -> bool,
+) {
     let deadline = tokio::time::Instant::now() + within;
     while !f() {
         let failed = failed.lock().unwrap().clone();
-        assert!(failed.is_empty(), "calls failed while waiting for {what}: {failed:#?}");
+        assert!(failed.is_empty(), "calls failed while waiting for {what}: {failed:#?}\n{}", diag());
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -180,6 +186,10 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
     .await
     .unwrap();
 
+    let logs = [ingress1.log_path.clone(), call_a.log_path.clone()];
+    let diag = move || {
+        logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect::<Vec<_>>().join("\n----\n")
+    };
     let first_sent = Arc::new(AtomicUsize::new(0));
     let failed: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let (go, go_rx) = tokio::sync::watch::channel(false);
@@ -243,19 +253,19 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
 
     // A call node dies while the first sentences stream; the other takes its partitions.
     let fs = first_sent.clone();
-    wait_until("half the first sentences", Duration::from_secs(120), &failed, || {
+    wait_until(&diag, "half the first sentences", Duration::from_secs(120), &failed, || {
         fs.load(Ordering::SeqCst) >= CALLS as usize / 2
     })
     .await;
     call_b.kill();
     wait_call_partitions(&[&call_a], &all).await;
-    wait_until("every first sentence", Duration::from_secs(120), &failed, || {
+    wait_until(&diag, "every first sentence", Duration::from_secs(120), &failed, || {
         fs.load(Ordering::SeqCst) == CALLS as usize
     })
     .await;
     // Every first sentence transcribed before the ingress node dies (what it held is then lost
     // with it by design: one gap, recorded).
-    wait_until("the first sentences' transcripts", Duration::from_secs(240), &failed, || {
+    wait_until(&diag, "the first sentences' transcripts", Duration::from_secs(240), &failed, || {
         let got = collect(&reader);
         got.values().filter(|c| !c.transcripts.is_empty()).count() == CALLS as usize
     })

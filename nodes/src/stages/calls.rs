@@ -548,7 +548,10 @@ struct Feed {
     link: u64,
     queue: Arc<StreamQueue>,
     actor: ActorRef<CallMsg>,
+    /// When its ingress node last sent, or a request of its was last answered.
     last: Instant,
+    /// A request of its is being handled (this node being slow is not its ingress node dying).
+    busy: bool,
     flowing: bool,
 }
 
@@ -674,7 +677,7 @@ impl CallNode {
     fn sweep(&self) {
         let mut s = self.served();
         let silent: Vec<CallSid> =
-            s.feeds.iter().filter(|(_, f)| f.last.elapsed() > REMOTE_IDLE).map(|(c, _)| *c).collect();
+            s.feeds.iter().filter(|(_, f)| !f.busy && f.last.elapsed() > REMOTE_IDLE).map(|(c, _)| *c).collect();
         for c in silent {
             if let Some(f) = s.feeds.remove(&c) {
                 metrics::counter!("voxgate_call_link_silent_total").increment(1);
@@ -780,7 +783,7 @@ impl CallNode {
         let mut s = self.served();
         s.detached.remove(&call);
         s.adopted.remove(&call);
-        s.feeds.insert(call, Feed { link, queue: q.clone(), actor, last: Instant::now(), flowing: false });
+        s.feeds.insert(call, Feed { link, queue: q.clone(), actor, last: Instant::now(), busy: false, flowing: false });
         Some(q)
     }
 
@@ -799,6 +802,7 @@ impl CallNode {
             match feeds.get_mut(&call) {
                 Some(f) if f.link == link => {
                     f.last = Instant::now();
+                    f.busy = true;
                     let first_audio = !f.flowing && items.iter().any(|(_, i)| matches!(i, StreamItem::Audio(_)));
                     f.flowing |= first_audio;
                     Some((f.queue.clone(), f.actor.clone(), first_audio))
@@ -823,6 +827,7 @@ impl CallNode {
                 };
                 if let Some(f) = self.served().feeds.get_mut(&call) {
                     f.flowing = true;
+                    f.busy = true;
                 }
                 (q, a, true)
             }
@@ -837,7 +842,12 @@ impl CallNode {
             let _ = actor.cast(CallMsg::MediaFlowing);
         }
         // Acknowledged once in the media log: a node that dies after this loses nothing.
-        if ractor::call!(actor, CallMsg::Sync).is_err() {
+        let synced = ractor::call!(actor, CallMsg::Sync).is_ok();
+        if let Some(f) = self.served().feeds.get_mut(&call).filter(|f| f.link == link) {
+            f.busy = false;
+            f.last = Instant::now();
+        }
+        if !synced {
             return Reply::Stream { closed: Some(StopReason::CallEnded) };
         }
         if let Some(reason) = ended {
