@@ -411,7 +411,11 @@ impl Calls {
             Ok(Reply::NotFound) => None,
             Ok(Reply::Failed(e)) => Some(Err(e)),
             Ok(other) => Some(Err(format!("unexpected answer {other:?}"))),
-            Err(e) => Some(Err(e.to_string())),
+            Err(e) => {
+                // Twilio does not retry a status callback: the ingress records it itself.
+                tracing::warn!(call_sid = %call, error = %e, "the call's node did not take a status callback; recording it here");
+                None
+            }
         }
     }
 
@@ -518,7 +522,7 @@ async fn forward(
                 if since.elapsed() > r.stale_audio {
                     metrics::counter!("voxgate_call_link_lost_total").increment(1);
                     tracing::error!(stage = "ingress", call_sid = %call, answer = ?other, "the call's node has not taken the stream's items for too long; they are lost");
-                    queue.close(StopReason::CallEnded);
+                    queue.close(StopReason::Disconnected);
                     return;
                 }
                 if since.elapsed() < pause {
@@ -550,8 +554,8 @@ struct Feed {
     actor: ActorRef<CallMsg>,
     /// When its ingress node last sent, or a request of its was last answered.
     last: Instant,
-    /// A request of its is being handled (this node being slow is not its ingress node dying).
-    busy: bool,
+    /// Requests of its being handled (this node being slow is not its ingress node dying).
+    busy: u32,
     flowing: bool,
 }
 
@@ -675,9 +679,21 @@ impl CallNode {
 
     /// Ends the streams whose ingress node went silent, and forgets calls whose actor ended.
     fn sweep(&self) {
+        let connected = self
+            .calls
+            .remote
+            .as_ref()
+            .is_none_or(|r| r.client.connection_state() == async_nats::connection::State::Connected);
         let mut s = self.served();
+        if !connected {
+            // Nobody can send while NATS is away: silence means nothing until it is back.
+            let now = Instant::now();
+            s.feeds.values_mut().for_each(|f| f.last = now);
+            s.adopted.values_mut().for_each(|since| *since = now);
+            return;
+        }
         let silent: Vec<CallSid> =
-            s.feeds.iter().filter(|(_, f)| !f.busy && f.last.elapsed() > REMOTE_IDLE).map(|(c, _)| *c).collect();
+            s.feeds.iter().filter(|(_, f)| f.busy == 0 && f.last.elapsed() > REMOTE_IDLE).map(|(c, _)| *c).collect();
         for c in silent {
             if let Some(f) = s.feeds.remove(&c) {
                 metrics::counter!("voxgate_call_link_silent_total").increment(1);
@@ -783,7 +799,7 @@ impl CallNode {
         let mut s = self.served();
         s.detached.remove(&call);
         s.adopted.remove(&call);
-        s.feeds.insert(call, Feed { link, queue: q.clone(), actor, last: Instant::now(), busy: false, flowing: false });
+        s.feeds.insert(call, Feed { link, queue: q.clone(), actor, last: Instant::now(), busy: 0, flowing: false });
         Some(q)
     }
 
@@ -802,7 +818,7 @@ impl CallNode {
             match feeds.get_mut(&call) {
                 Some(f) if f.link == link => {
                     f.last = Instant::now();
-                    f.busy = true;
+                    f.busy += 1;
                     let first_audio = !f.flowing && items.iter().any(|(_, i)| matches!(i, StreamItem::Audio(_)));
                     f.flowing |= first_audio;
                     Some((f.queue.clone(), f.actor.clone(), first_audio))
@@ -827,7 +843,7 @@ impl CallNode {
                 };
                 if let Some(f) = self.served().feeds.get_mut(&call) {
                     f.flowing = true;
-                    f.busy = true;
+                    f.busy += 1;
                 }
                 (q, a, true)
             }
@@ -844,15 +860,18 @@ impl CallNode {
         // Acknowledged once in the media log: a node that dies after this loses nothing.
         let synced = ractor::call!(actor, CallMsg::Sync).is_ok();
         if let Some(f) = self.served().feeds.get_mut(&call).filter(|f| f.link == link) {
-            f.busy = false;
+            f.busy = f.busy.saturating_sub(1);
             f.last = Instant::now();
         }
         if !synced {
+            // The call ended: its stream is not one that went silent.
+            self.served().feeds.remove(&call);
             return Reply::Stream { closed: Some(StopReason::CallEnded) };
         }
         if let Some(reason) = ended {
-            self.served().feeds.remove(&call);
+            // Told before the feed goes, so a waiting end of the call comes after the stream's.
             let _ = actor.cast(CallMsg::StreamEnded { reason });
+            self.served().feeds.remove(&call);
         }
         Reply::Stream { closed: queue.closed() }
     }
