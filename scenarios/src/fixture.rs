@@ -100,3 +100,14 @@ pub fn twilio_client(node: &crate::node::Node, account: &str, token: &str, args:
     assert!(out.status.success(), "twilio_client.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// A reader of our own on a cluster's log (its local mirror lives in the returned directory).
+pub async fn cluster_reader(nats_url: &str) -> (tempfile::TempDir, voxgate_storage::Log) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let opts = voxgate_storage::ClusterOptions::new(nats_url);
+    let clock = std::sync::Arc::new(voxgate_protocol::SystemClock);
+    let log = voxgate_storage::Log::open_cluster(dir.path(), &node_specs(), clock, 64 << 20, &opts)
+        .await
+        .expect("a reader on the cluster's log");
+    (dir, log)
+}

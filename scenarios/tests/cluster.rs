@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use serde_json::Value;
 use voxgate_protocol::{CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{calls_usage, config, each_event_once, node_specs, sim, NUMBER, SECRETS_KEY};
+use voxgate_scenarios::fixture::{
+    calls_usage, cluster_reader, config, each_event_once, node_specs, sim, NUMBER, SECRETS_KEY,
+};
 use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::speech::{script, Voice};
 use voxgate_scenarios::twilio::Pace;
-use voxgate_storage::{topics, ClusterOptions, Log};
+use voxgate_storage::{topics, Log};
 
 const CALLS: u128 = 50;
 
@@ -125,16 +127,7 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
     place(&ingress, &audio, 35..CALLS).await;
 
     // A reader of our own on the cluster's log: every call's transcript, once.
-    let reader_dir = tempfile::tempdir().unwrap();
-    let reader = Log::open_cluster(
-        reader_dir.path(),
-        &node_specs(),
-        Arc::new(SystemClock),
-        64 << 20,
-        &ClusterOptions::new(&url),
-    )
-    .await
-    .unwrap();
+    let (_reader_dir, reader) = cluster_reader(&url).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
     let clustered = loop {
         let got = collect(&reader);

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::Value;
-use voxgate_protocol::{AccountSid, CallSid, Event, SystemClock};
-use voxgate_scenarios::fixture::{config, each_event_once, node_specs, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY};
+use voxgate_protocol::{AccountSid, CallSid, Event};
+use voxgate_scenarios::fixture::{cluster_reader, config, each_event_once, sim, ACCOUNT, NUMBER, PUBLIC, SECRETS_KEY};
 use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::recorder::Recorder;
 use voxgate_scenarios::twilio::{Pace, Simulator};
-use voxgate_storage::{topics, ClusterOptions, Log};
+use voxgate_storage::{topics, Log};
 
 const ADMIN: &str = "admin-3b7d1f9e5a2c4e6f8a0b1c2d";
 
@@ -27,14 +27,6 @@ fn node_config(nats: &str, roles: &str, node: &str, top: &str, tables: &str) -> 
     config(&format!(
         "secrets_key = \"{SECRETS_KEY}\"\nadmin_token = \"{ADMIN}\"\n{top}\n[cluster]\nnats_url = \"{nats}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n{tables}"
     ))
-}
-
-async fn reader(nats: &str) -> (tempfile::TempDir, Log) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Log::open_cluster(dir.path(), &node_specs(), Arc::new(SystemClock), 64 << 20, &ClusterOptions::new(nats))
-        .await
-        .unwrap();
-    (dir, log)
 }
 
 /// What one call left on the log: the kinds of its call events (in order) and its media frames.
@@ -153,7 +145,7 @@ async fn ingress_answers_through_a_nats_outage_and_forwards_every_event_once() {
         assert!(tokio::time::Instant::now() < deadline, "the spool did not drain: {h}\n{}", ingress.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (_dir, log) = reader(&nats.url()).await;
+    let (_dir, log) = cluster_reader(&nats.url()).await;
     let got = trails(&log);
     // Every call answered during the run has all of its events on the cluster's log, once: the
     // same trail as every other call.

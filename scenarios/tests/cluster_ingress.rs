@@ -20,13 +20,15 @@ use std::time::Duration;
 use serde_json::Value;
 use voxgate_protocol::event::CallStatus;
 use voxgate_protocol::{CallSid, Event, StreamSid, SystemClock};
-use voxgate_scenarios::fixture::{calls_usage, config, each_event_once, node_specs, sim, ACCOUNT, NUMBER, SECRETS_KEY};
+use voxgate_scenarios::fixture::{
+    calls_usage, cluster_reader, config, each_event_once, node_specs, sim, ACCOUNT, NUMBER, SECRETS_KEY,
+};
 use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::recorder::Recorder;
 use voxgate_scenarios::speech::{script, Voice};
 use voxgate_scenarios::twilio::{extract_attr, MediaStream, Pace};
-use voxgate_storage::{topics, ClusterOptions, Log};
+use voxgate_storage::{topics, Log};
 
 const CALLS: u128 = 50;
 /// Every call at once, on every node (the test is about the calls, not the quotas).
@@ -175,16 +177,7 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
     wait_call_partitions(&[&call_a, &call_b], &all).await;
 
     // A reader of our own on the cluster's log.
-    let reader_dir = tempfile::tempdir().unwrap();
-    let reader = Log::open_cluster(
-        reader_dir.path(),
-        &node_specs(),
-        Arc::new(SystemClock),
-        64 << 20,
-        &ClusterOptions::new(&url),
-    )
-    .await
-    .unwrap();
+    let (_reader_dir, reader) = cluster_reader(&url).await;
 
     let logs = [ingress1.log_path.clone(), call_a.log_path.clone()];
     let diag = move || {
