@@ -218,6 +218,7 @@ impl Billing {
         let mut changes = Vec::new();
         let mut created = false;
         let mut stops = Vec::new();
+        let mut ended = Vec::new();
         let mut books = self.read();
         for (t, topic) in TOPICS.iter().enumerate() {
             for (p, from) in next[t].iter_mut().enumerate() {
@@ -227,6 +228,11 @@ impl Billing {
                             created |= matches!(env.payload, Event::UsageTriggerCreated(_));
                             if let Event::BudgetExceeded(b) = &env.payload {
                                 stops.push((env.tenant, b.until, b.budget_micros));
+                            }
+                            if let (Event::CallStatusChanged(c), Some(call)) = (&env.payload, env.call) {
+                                if c.status.is_terminal() {
+                                    ended.push(call);
+                                }
                             }
                             let ch = books.apply(&env);
                             if collect {
@@ -248,6 +254,10 @@ impl Billing {
             }
         }
         drop(books);
+        // Quota places an ingress node holds for calls running elsewhere are given back.
+        for call in ended {
+            self.calls.ended(call);
+        }
         report_lag(&self.log, "billing", topics::CALLS, &next[1]);
         Ok(CaughtUp { events: n, changes, created, stops })
     }

@@ -115,6 +115,9 @@ enum Reply {
     Stream {
         closed: Option<StopReason>,
     },
+    /// The call's partition moved to another node while this one had the request: not taken;
+    /// send it again (to the new owner).
+    Moved,
     Failed(String),
 }
 
@@ -255,14 +258,15 @@ impl Remote {
         }
     }
 
-    /// Asks, looking for an owner for up to `within` (none answers while a partition moves).
+    /// Asks, looking for an owner for up to `within` (none answers, or the old owner says the
+    /// call moved, while a partition moves).
     async fn ask(&self, call: CallSid, req: &Request<'_>, within: Duration) -> Result<Reply, LinkError> {
         let payload = bytes::Bytes::from(postcard::to_allocvec(req)?);
         let until = Instant::now() + within;
         let mut pause = Duration::from_millis(50);
         loop {
             match self.ask_once(call, &payload).await {
-                Err(LinkError::NoOwner(_)) if Instant::now() + pause < until => {
+                Err(LinkError::NoOwner(_)) | Ok(Reply::Moved) if Instant::now() + pause < until => {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }
@@ -363,6 +367,14 @@ impl Calls {
         }
     }
 
+    /// `call` ended (its terminal status is on the calls log): the quota place this ingress
+    /// node held for it, while its actor ran on another node, is given back.
+    pub fn ended(&self, call: CallSid) {
+        if let Some(r) = &self.remote {
+            r.release_slot(call);
+        }
+    }
+
     /// Whose call `call` is, if its actor runs.
     pub async fn identity(&self, call: CallSid) -> Option<CallIdentity> {
         let Some(r) = self.route(call) else {
@@ -455,7 +467,10 @@ impl Calls {
     /// how it tells the call about the stream. Remote, a forwarder takes the queue to the call's
     /// node.
     pub async fn attach(&self, call: CallSid) -> Result<(Arc<StreamQueue>, StreamSink), AttachError> {
-        let Some(r) = self.route(call) else {
+        // A stream goes through the call's node even when that is this node, so the stream
+        // survives the call's partition moving to another node; only a NATS outage keeps it here.
+        let connected = |r: &&Remote| r.client.connection_state() == async_nats::connection::State::Connected;
+        let Some(r) = self.remote.as_ref().filter(connected) else {
             let actor = CallActor::find(call).ok_or(AttachError::NotFound)?;
             return match ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::AttachStream { reply }) {
                 Ok(Some(q)) => Ok((q, StreamSink::Local(actor))),
@@ -589,8 +604,8 @@ impl CallNode {
     }
 
     /// Takes `share`: ends the actors of calls whose partition moved away (quietly: they go on
-    /// elsewhere), gives the open calls of the share their actors from the calls log, and answers
-    /// the share's requests until stopped.
+    /// elsewhere), answers the share's requests, and gives the open calls of the share their
+    /// actors from the calls log, until stopped.
     pub async fn run(&self, share: Vec<u32>) -> anyhow::Result<Stop> {
         let remote = self.calls.remote.clone().ok_or_else(|| anyhow::anyhow!("the call role needs a cluster"))?;
         // Every call actor of this node, whoever started it (a request, or this node's ingress).
@@ -608,28 +623,6 @@ impl CallNode {
                 tracing::info!(stage = "call", call_sid = %c, "the call's partition moved to another node; its actor goes on there");
                 a.stop(Some("its partition moved to another node".into()));
             }
-        }
-        let mut restored = 0usize;
-        for &p in &share {
-            let log = self.calls.local.log.clone();
-            let open =
-                tokio::task::spawn_blocking(move || crate::stages::recovery::open_calls_in(&log, p, None)).await??;
-            for (call, o) in open {
-                let new = CallActor::find(call).is_none();
-                restored += usize::from(new);
-                match self.calls.local.start(o.tenant, call, o.status, o.received_at, None, None).await {
-                    Ok(_) => {
-                        if new && o.status == CallStatus::InProgress {
-                            self.served().adopted.insert(call, Instant::now());
-                        }
-                    }
-                    Err(e) => tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored"),
-                }
-            }
-        }
-        if restored > 0 {
-            metrics::counter!("voxgate_calls_restored_total").increment(restored as u64);
-            tracing::warn!(calls = restored, partitions = ?share, "calls in progress on the partitions this node took over have their actors back");
         }
         let mut tasks = Vec::new();
         for &p in &share {
@@ -660,6 +653,37 @@ impl CallNode {
                 }
             }));
         }
+        // Requests are answered from here on; a call not restored yet is restored on demand.
+        let mut restored = 0usize;
+        for &p in &share {
+            let log = self.calls.local.log.clone();
+            let open = match tokio::task::spawn_blocking(move || crate::stages::recovery::open_calls_in(&log, p, None))
+                .await
+            {
+                Ok(Ok(open)) => open,
+                r => {
+                    // Restored on demand instead, when their requests come.
+                    tracing::error!(partition = p, result = ?r.map(|r| r.map(|o| o.len())), "open calls of a partition taken over not read");
+                    continue;
+                }
+            };
+            for (call, o) in open {
+                let new = CallActor::find(call).is_none();
+                restored += usize::from(new);
+                match self.calls.local.start(o.tenant, call, o.status, o.received_at, None, None).await {
+                    Ok(_) => {
+                        if new && o.status == CallStatus::InProgress {
+                            self.served().adopted.insert(call, Instant::now());
+                        }
+                    }
+                    Err(e) => tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored"),
+                }
+            }
+        }
+        if restored > 0 {
+            metrics::counter!("voxgate_calls_restored_total").increment(restored as u64);
+            tracing::warn!(calls = restored, partitions = ?share, "calls in progress on the partitions this node took over have their actors back");
+        }
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(REMOTE_IDLE / 5);
@@ -678,6 +702,14 @@ impl CallNode {
     }
 
     /// Ends the streams whose ingress node went silent, and forgets calls whose actor ended.
+    /// The call's partition is (still) this node's.
+    fn ours(&self, call: CallSid) -> bool {
+        match (&self.calls.remote, self.calls.here.get()) {
+            (Some(r), Some(share)) => share.lock().unwrap_or_else(|e| e.into_inner()).contains(&r.partition(call)),
+            _ => true,
+        }
+    }
+
     fn sweep(&self) {
         let connected = self
             .calls
@@ -712,6 +744,23 @@ impl CallNode {
             }
         }
         s.detached.retain(|c, _| CallActor::find(*c).is_some());
+        drop(s);
+        // Actors of calls another node owns now: started here while NATS was away, or left when
+        // this node's share changed. (An empty share is a moment between two shares: no verdict.)
+        let held = self.calls.here.get().is_some_and(|s| !s.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        if held {
+            let stray = ractor::registry::registered()
+                .iter()
+                .filter_map(|n| n.strip_prefix("call:").and_then(|s| CallSid::parse(s).ok()))
+                .filter(|c| !self.ours(*c))
+                .collect::<Vec<_>>();
+            for c in stray {
+                if let Some(a) = CallActor::find(c) {
+                    tracing::info!(stage = "call", call_sid = %c, "another node runs this call now; its actor here stops");
+                    a.stop(Some("its partition is another node's".into()));
+                }
+            }
+        }
     }
 
     /// The call's actor, given back from the calls log if this node owns the call but has not
@@ -733,6 +782,9 @@ impl CallNode {
     async fn handle(&self, partition: u32, req: Request<'_>) -> Reply {
         match req {
             Request::Start { tenant, call, status, received_at, hints } => {
+                if !self.ours(call) {
+                    return Reply::Moved;
+                }
                 match self.calls.local.start(tenant, call, status, received_at, None, Some(hints)).await {
                     Ok(_) => Reply::Done,
                     Err(e) => Reply::Failed(e.to_string()),
@@ -747,6 +799,9 @@ impl CallNode {
                 }
             }
             Request::Attach { call, link } => {
+                if !self.ours(call) {
+                    return Reply::Moved;
+                }
                 if self.served().feeds.get(&call).is_some_and(|f| f.link == link) {
                     return Reply::Done;
                 }
@@ -812,6 +867,9 @@ impl CallNode {
         shed: u32,
         ended: Option<StopReason>,
     ) -> Reply {
+        if !self.ours(call) {
+            return Reply::Moved;
+        }
         let found = {
             let mut s = self.served();
             let Served { feeds, detached, .. } = &mut *s;
@@ -864,8 +922,11 @@ impl CallNode {
             f.last = Instant::now();
         }
         if !synced {
-            // The call ended: its stream is not one that went silent.
+            // The call ended, or its actor stopped because its partition moved on.
             self.served().feeds.remove(&call);
+            if !self.ours(call) {
+                return Reply::Moved;
+            }
             return Reply::Stream { closed: Some(StopReason::CallEnded) };
         }
         if let Some(reason) = ended {
@@ -873,6 +934,9 @@ impl CallNode {
             let _ = actor.cast(CallMsg::StreamEnded { reason });
             self.served().feeds.remove(&call);
         }
-        Reply::Stream { closed: queue.closed() }
+        match queue.closed() {
+            Some(_) if !self.ours(call) => Reply::Moved,
+            closed => Reply::Stream { closed },
+        }
     }
 }
