@@ -467,10 +467,10 @@ impl Calls {
     /// how it tells the call about the stream. Remote, a forwarder takes the queue to the call's
     /// node.
     pub async fn attach(&self, call: CallSid) -> Result<(Arc<StreamQueue>, StreamSink), AttachError> {
-        // A stream goes through the call's node even when that is this node, so the stream
-        // survives the call's partition moving to another node; only a NATS outage keeps it here.
-        let connected = |r: &&Remote| r.client.connection_state() == async_nats::connection::State::Connected;
-        let Some(r) = self.remote.as_ref().filter(connected) else {
+        // A stream whose call runs here (or any, while NATS is away) feeds the actor directly:
+        // its audio must not wait on NATS. (Such a stream ends if the call's partition moves to
+        // another node while it runs; a remote one goes on with the new owner.)
+        let Some(r) = self.route(call) else {
             let actor = CallActor::find(call).ok_or(AttachError::NotFound)?;
             return match ractor::call!(actor, |reply: RpcReplyPort<_>| CallMsg::AttachStream { reply }) {
                 Ok(Some(q)) => Ok((q, StreamSink::Local(actor))),

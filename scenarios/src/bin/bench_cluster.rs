@@ -9,8 +9,12 @@
 //! 2. **Throughput**: 64 producers appending call events as fast as they are acknowledged, and
 //!    the time until the consuming node has all of them.
 //! 3. **Webhooks** through the real binary: a signed inbound webhook answered once its event is
-//!    durable, against one embedded node and against the ingress node of a cluster (p50, p99,
-//!    throughput at 32 connections).
+//!    durable, against one embedded node, against an `ingress,call` node of a cluster, and against
+//!    an `ingress` node whose calls run on a separate `call` node (p50, p99, throughput at 32
+//!    connections).
+//! 4. **The ingress → call hop** (an `ingress` node and a `call` node): a Media Streams batch's
+//!    last frame sent to the ingress node → the batch in the media log, as a reader of the
+//!    cluster sees it (the call node has acknowledged it by then).
 //!
 //! `cargo run --release -p voxgate-scenarios --bin bench_cluster [events]`
 
@@ -114,15 +118,62 @@ async fn measure(writer: &Log, reader: &Log, events: &[(u64, Vec<u8>)], sequenti
     }
 }
 
-fn node_config(cluster: Option<&str>) -> String {
+/// A node's config: embedded, or in the cluster at `url` with `roles`.
+fn node_config(cluster: Option<(&str, &str)>) -> String {
     let cluster = cluster
-        .map(|url| {
-            format!("secrets_key = \"{SECRETS_KEY}\"\n[cluster]\nnats_url = \"{url}\"\nroles = \"ingress,call\"\nnode = \"bench\"\n")
+        .map(|(url, roles)| {
+            let node = roles.replace(',', "-");
+            format!("secrets_key = \"{SECRETS_KEY}\"\n[cluster]\nnats_url = \"{url}\"\nroles = \"{roles}\"\nnode = \"{node}\"\n")
         })
         .unwrap_or_default();
     format!(
         "public_url = \"https://bench.voxgate.test\"\n{cluster}[stt]\nenabled = false\n[quotas]\nmax_concurrent_calls = 1000000\ncalls_per_second = 100000\n[callers]\nmax_calls_per_window = 0\n[fraud]\ndisabled_rules = [\"velocity_from\", \"spend_velocity\"]\n[[tenants]]\naccount_sid = \"{ACCOUNT}\"\nauth_token = \"{TOKEN}\"\nnumbers = [\"{NUMBER}\"]\n"
     )
+}
+
+/// One call's stream through `ingress`: each 5-frame batch's last frame sent → the batch seen on
+/// the media log by a reader of the cluster; p50 and p99 in ms.
+async fn stream_hop(ingress: &Node, nats_url: &str, batches: usize) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let reader =
+        Log::open_cluster(dir.path(), &specs(), Arc::new(SystemClock), 64 << 20, &ClusterOptions::new(nats_url))
+            .await?;
+    let account = AccountSid::parse(ACCOUNT)?;
+    let sim = voxgate_scenarios::twilio::Simulator::new(&ingress.url(), "https://bench.voxgate.test", account, TOKEN);
+    let call = CallSid::from_u128(0x40b0);
+    let answer = sim.inbound_call(call, "+14155550123", NUMBER).await?;
+    let url = answer.stream_url.ok_or_else(|| anyhow::anyhow!("no <Stream>: {}", answer.body))?;
+    let mut ws = sim.connect_stream(&url).await?;
+    let sid = voxgate_protocol::StreamSid::from_u128(0x40b0);
+    ws.start(sid, account, call).await?;
+    let partition = reader.partition_of(topics::MEDIA, call.partition_key())?;
+    let mut rx = reader.watch(topics::MEDIA)?;
+    let (mut next, mut seen_batches, mut recs) = (reader.first_offset(topics::MEDIA, partition)?, 0usize, Vec::new());
+    let mut lat = Vec::with_capacity(batches);
+    let frame = [0xffu8; 160];
+    for b in 0..batches as u64 {
+        for f in 0..5 {
+            ws.send_frame(sid, b * 5 + f, &frame).await?;
+        }
+        let sent = Instant::now();
+        while seen_batches <= b as usize {
+            recs.clear();
+            next = reader.read(topics::MEDIA, partition, next, 256, &mut recs)?;
+            for r in &recs {
+                let env = voxgate_protocol::decode(r.payload())?;
+                if env.call == Some(call) && matches!(env.payload, voxgate_protocol::Event::MediaBatch(_)) {
+                    seen_batches += 1;
+                }
+            }
+            if recs.is_empty() {
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(50), rx.changed()).await;
+            }
+        }
+        lat.push(ms(sent.elapsed()));
+    }
+    ws.stop(sid, account, call).await?;
+    lat.sort_by(f64::total_cmp);
+    Ok((quantile(&mut lat, 0.5), quantile(&mut lat, 0.99)))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -153,9 +204,16 @@ async fn main() -> anyhow::Result<()> {
     let wh_embedded = webhook_figures(&node, ACCOUNT, TOKEN, NUMBER, hooks).await?;
     drop(node);
     let wh_nats = Nats::fresh();
-    let node = Node::start(&node_config(Some(&wh_nats.url())))?;
+    let node = Node::start(&node_config(Some((&wh_nats.url(), "ingress,call"))))?;
     let wh_cluster = webhook_figures(&node, ACCOUNT, TOKEN, NUMBER, hooks).await?;
     drop(node);
+    let split_nats = Nats::fresh();
+    let calls = Node::start(&node_config(Some((&split_nats.url(), "call"))))?;
+    let ingress = Node::start(&node_config(Some((&split_nats.url(), "ingress"))))?;
+    let wh_split = webhook_figures(&ingress, ACCOUNT, TOKEN, NUMBER, hooks).await?;
+    let batches = 300;
+    let hop = stream_hop(&ingress, &split_nats.url(), batches).await?;
+    drop((ingress, calls));
 
     println!("one stage hop on loopback, release build: {sequential} sequential call events, then {} from {WRITERS} producers", n - sequential);
     println!("{:<40} {:>12} {:>12} {:>8}", "", "embedded", "JetStream", "ratio");
@@ -179,15 +237,25 @@ async fn main() -> anyhow::Result<()> {
         "inbound webhook → TwiML through voxgate serve ({hooks} sequential, then {} at 32 connections)",
         hooks * 2
     );
-    row("webhook answer, p50", wh_embedded.p50, wh_cluster.p50, "ms");
-    row("webhook answer, p99", wh_embedded.p99, wh_cluster.p99, "ms");
+    println!("{:<40} {:>12} {:>12} {:>12}   ratios to embedded", "", "embedded", "ingress,call", "ingress|call");
+    let row3 = |name: &str, e: f64, c: f64, d: f64, unit: &str| {
+        println!("{:<40} {:>9.3} {unit} {:>9.3} {unit} {:>9.3} {unit}   {:.1}× {:.1}×", name, e, c, d, c / e, d / e);
+    };
+    row3("webhook answer, p50", wh_embedded.p50, wh_cluster.p50, wh_split.p50, "ms");
+    row3("webhook answer, p99", wh_embedded.p99, wh_cluster.p99, wh_split.p99, "ms");
     println!(
-        "{:<40} {:>12.0} {:>12.0} {:>7.2}×",
+        "{:<40} {:>12.0} {:>12.0} {:>12.0}   {:.2}× {:.2}×",
         "webhooks/s at 32 connections",
         wh_embedded.rate,
         wh_cluster.rate,
-        wh_cluster.rate / wh_embedded.rate
+        wh_split.rate,
+        wh_cluster.rate / wh_embedded.rate,
+        wh_split.rate / wh_embedded.rate
     );
-    drop((nats, wh_nats));
+    println!();
+    println!("ingress node → call node: {batches} Media Streams batches of 5 frames, one call, sent one at a time");
+    println!("{:<40} {:>9.3} ms", "last frame sent → batch in the media log, p50", hop.0);
+    println!("{:<40} {:>9.3} ms", "last frame sent → batch in the media log, p99", hop.1);
+    drop((nats, wh_nats, split_nats));
     Ok(())
 }
