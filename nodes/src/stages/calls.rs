@@ -592,11 +592,13 @@ struct Served {
 pub struct CallNode {
     calls: Calls,
     served: Arc<Mutex<Served>>,
+    /// The partitions it answers for now (empty between two shares).
+    share: Arc<Mutex<Vec<u32>>>,
 }
 
 impl CallNode {
     pub fn new(calls: Calls) -> Self {
-        Self { calls, served: Arc::default() }
+        Self { calls, served: Arc::default(), share: Arc::default() }
     }
 
     fn served(&self) -> std::sync::MutexGuard<'_, Served> {
@@ -608,6 +610,7 @@ impl CallNode {
     /// actors from the calls log, until stopped.
     pub async fn run(&self, share: Vec<u32>) -> anyhow::Result<Stop> {
         let remote = self.calls.remote.clone().ok_or_else(|| anyhow::anyhow!("the call role needs a cluster"))?;
+        share.clone_into(&mut self.share.lock().unwrap_or_else(|e| e.into_inner()));
         // Every call actor of this node, whoever started it (a request, or this node's ingress).
         let running: Vec<CallSid> = ractor::registry::registered()
             .iter()
@@ -692,8 +695,11 @@ impl CallNode {
                 me.sweep();
             }
         }));
+        let current = self.share.clone();
         Ok(Box::new(move || {
             Box::pin(async move {
+                // Requests still in hand are answered "moved": their senders try again.
+                current.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 for t in tasks {
                     t.abort();
                 }
@@ -701,15 +707,16 @@ impl CallNode {
         }))
     }
 
-    /// Ends the streams whose ingress node went silent, and forgets calls whose actor ended.
     /// The call's partition is (still) this node's.
     fn ours(&self, call: CallSid) -> bool {
-        match (&self.calls.remote, self.calls.here.get()) {
-            (Some(r), Some(share)) => share.lock().unwrap_or_else(|e| e.into_inner()).contains(&r.partition(call)),
-            _ => true,
+        match &self.calls.remote {
+            Some(r) => self.share.lock().unwrap_or_else(|e| e.into_inner()).contains(&r.partition(call)),
+            None => true,
         }
     }
 
+    /// Ends the streams whose ingress node went silent, stops actors of calls another node
+    /// owns, and forgets calls whose actor ended.
     fn sweep(&self) {
         let connected = self
             .calls
@@ -747,7 +754,7 @@ impl CallNode {
         drop(s);
         // Actors of calls another node owns now: started here while NATS was away, or left when
         // this node's share changed. (An empty share is a moment between two shares: no verdict.)
-        let held = self.calls.here.get().is_some_and(|s| !s.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        let held = !self.share.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
         if held {
             let stray = ractor::registry::registered()
                 .iter()
