@@ -77,6 +77,8 @@ enum Request<'a> {
     Items {
         call: CallSid,
         link: u64,
+        /// Numbers the stream's batches from 1: a batch sent again is taken once.
+        seq: u64,
         items: Cow<'a, [(Timestamp, StreamItem)]>,
         shed: u32,
         ended: Option<StopReason>,
@@ -504,18 +506,28 @@ async fn forward(
 ) {
     let mut items: Vec<(Timestamp, StreamItem)> = Vec::new();
     let mut end: Option<StopReason> = None;
+    // The batch in hand (numbered `seq`) until the call's node acknowledges it; a batch sent
+    // again after a lost answer has the same number, so the call's node takes it once.
+    let (mut seq, mut pending, mut shed, mut batch_end) = (0u64, false, 0u32, None::<StopReason>);
     let mut failing_since: Option<Instant> = None;
     let mut pause = Duration::from_millis(50);
     loop {
-        if failing_since.is_none() && end.is_none() {
-            tokio::select! {
-                _ = queue.ready() => {}
-                e = &mut ended => end = Some(e.unwrap_or(StopReason::Disconnected)),
-                _ = tokio::time::sleep(HEARTBEAT) => {}
+        if !pending {
+            if end.is_none() {
+                tokio::select! {
+                    _ = queue.ready() => {}
+                    e = &mut ended => end = Some(e.unwrap_or(StopReason::Disconnected)),
+                    _ = tokio::time::sleep(HEARTBEAT) => {}
+                }
             }
+            // The stream's reader queues everything before it says the stream ended: a batch
+            // taken after that is the last.
+            batch_end = end.clone();
+            shed = queue.take(&mut items);
+            seq += 1;
+            pending = true;
         }
-        let shed = queue.take(&mut items);
-        let req = Request::Items { call, link, items: Cow::Borrowed(&items), shed, ended: end.clone() };
+        let req = Request::Items { call, link, seq, items: Cow::Borrowed(&items), shed, ended: batch_end.clone() };
         let answer = match postcard::to_allocvec(&req) {
             Ok(p) => r.ask_once(call, &bytes::Bytes::from(p)).await,
             Err(e) => Err(e.into()),
@@ -523,12 +535,13 @@ async fn forward(
         match answer {
             Ok(Reply::Stream { closed }) => {
                 items.clear();
+                pending = false;
                 failing_since = None;
                 pause = Duration::from_millis(50);
                 if let Some(reason) = closed {
                     queue.close(reason);
                 }
-                if end.is_some() {
+                if batch_end.is_some() {
                     return;
                 }
             }
@@ -544,9 +557,8 @@ async fn forward(
                     tracing::warn!(stage = "ingress", call_sid = %call, answer = ?other, "the call's node did not take the stream's items; holding them");
                 }
                 metrics::counter!("voxgate_call_link_retries_total").increment(1);
-                // Back in front of anything queued since; the bounds hold while we wait.
-                queue.requeue(std::mem::take(&mut items));
-                queue.add_shed(shed);
+                // The batch stays in hand; what comes meanwhile waits in the queue, whose
+                // bounds shed the oldest audio.
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
                 if end.is_none() {
@@ -571,6 +583,8 @@ struct Feed {
     last: Instant,
     /// Requests of its being handled (this node being slow is not its ingress node dying).
     busy: u32,
+    /// The last batch taken.
+    seq: u64,
     flowing: bool,
 }
 
@@ -815,8 +829,8 @@ impl CallNode {
                 let Some(a) = self.actor(partition, call).await else { return Reply::NotFound };
                 self.attach(call, link, a).await.map_or(Reply::Busy, |_| Reply::Done)
             }
-            Request::Items { call, link, items, shed, ended } => {
-                self.items(partition, call, link, items, shed, ended).await
+            Request::Items { call, link, seq, items, shed, ended } => {
+                self.items(partition, call, (link, seq), items, shed, ended).await
             }
             Request::Status { call, status, sequence, duration_secs } => {
                 let Some(a) = CallActor::find(call) else { return Reply::NotFound };
@@ -861,7 +875,10 @@ impl CallNode {
         let mut s = self.served();
         s.detached.remove(&call);
         s.adopted.remove(&call);
-        s.feeds.insert(call, Feed { link, queue: q.clone(), actor, last: Instant::now(), busy: 0, flowing: false });
+        s.feeds.insert(
+            call,
+            Feed { link, queue: q.clone(), actor, last: Instant::now(), busy: 0, seq: 0, flowing: false },
+        );
         Some(q)
     }
 
@@ -869,7 +886,7 @@ impl CallNode {
         &self,
         partition: u32,
         call: CallSid,
-        link: u64,
+        (link, seq): (u64, u64),
         items: Cow<'_, [(Timestamp, StreamItem)]>,
         shed: u32,
         ended: Option<StopReason>,
@@ -881,8 +898,14 @@ impl CallNode {
             let mut s = self.served();
             let Served { feeds, detached, .. } = &mut *s;
             match feeds.get_mut(&call) {
+                // A batch sent again after its answer was lost: taken already.
+                Some(f) if f.link == link && seq <= f.seq => {
+                    f.last = Instant::now();
+                    return Reply::Stream { closed: f.queue.closed() };
+                }
                 Some(f) if f.link == link => {
                     f.last = Instant::now();
+                    f.seq = seq;
                     f.busy += 1;
                     let first_audio = !f.flowing && items.iter().any(|(_, i)| matches!(i, StreamItem::Audio(_)));
                     f.flowing |= first_audio;
@@ -909,6 +932,7 @@ impl CallNode {
                 if let Some(f) = self.served().feeds.get_mut(&call) {
                     f.flowing = true;
                     f.busy += 1;
+                    f.seq = seq;
                 }
                 (q, a, true)
             }
