@@ -689,7 +689,8 @@ impl CallNode {
                 restored += usize::from(new);
                 match self.calls.local.start(o.tenant, call, o.status, o.received_at, None, None).await {
                     Ok(_) => {
-                        if new && o.status == CallStatus::InProgress {
+                        // Not a gateway call: a fresh stream's TwiML would replace the app's.
+                        if new && o.status == CallStatus::InProgress && !o.gateway {
                             self.served().adopted.insert(call, Instant::now());
                         }
                     }

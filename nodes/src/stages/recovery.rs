@@ -18,6 +18,8 @@ pub struct OpenCall {
     pub received_at: Timestamp,
     /// The furthest status it reached.
     pub status: CallStatus,
+    /// The customer's app answered it (gateway mode): its call flow is the app's.
+    pub gateway: bool,
 }
 
 /// Every open call on the calls log, in no particular order.
@@ -51,7 +53,13 @@ pub fn open_calls_in(
                     tenant: env.tenant,
                     received_at: env.occurred_at,
                     status: c.status,
+                    gateway: false,
                 });
+            }
+            Event::GatewayAnswered(_) => {
+                if let Some(o) = open.get_mut(&call) {
+                    o.gateway = true;
+                }
             }
             Event::CallStatusChanged(c) if c.status.is_terminal() => {
                 open.remove(&call);
