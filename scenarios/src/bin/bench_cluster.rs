@@ -134,10 +134,8 @@ fn node_config(cluster: Option<(&str, &str)>) -> String {
 /// One call's stream through `ingress`: each 5-frame batch's last frame sent → the batch seen on
 /// the media log by a reader of the cluster; p50 and p99 in ms.
 async fn stream_hop(ingress: &Node, nats_url: &str, batches: usize) -> anyhow::Result<(f64, f64)> {
-    let dir = tempfile::tempdir()?;
-    let reader =
-        Log::open_cluster(dir.path(), &specs(), Arc::new(SystemClock), 64 << 20, &ClusterOptions::new(nats_url))
-            .await?;
+    // The nodes' topics (the fixture's partitions), not this bench's own.
+    let (_dir, reader) = voxgate_scenarios::fixture::cluster_reader(nats_url).await;
     let account = AccountSid::parse(ACCOUNT)?;
     let sim = voxgate_scenarios::twilio::Simulator::new(&ingress.url(), "https://bench.voxgate.test", account, TOKEN);
     let call = CallSid::from_u128(0x40b0);
