@@ -175,7 +175,7 @@ pub(crate) async fn inbound(State(state): State<AppState>, uri: Uri, headers: He
         .tenancy
         .read(|d| d.owner_of(&hook.to).filter(|n| n.tenant == account).map(|n| n.routing.clone()))
         .filter(|r| r.voice_url.is_some());
-    if state.calls.identity(call).await.is_some() {
+    if already_received(&state, call) {
         // Twilio retried a webhook we already took: the same answer, nothing appended twice.
         if let Some(r) = routing {
             return crate::http::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
@@ -250,6 +250,14 @@ pub(crate) async fn inbound(State(state): State<AppState>, uri: Uri, headers: He
         return crate::http::gateway::answer(&state, account, call, &token, &pairs, &r, request_started).await;
     }
     twiml_response(xml)
+}
+
+/// Whether `call` was received already (a webhook Twilio retried). Its actor running here says
+/// so; in a cluster, where the actor may run on another node, so does the usage book, which every
+/// node keeps from the calls log: no round trip to the call's node on the webhook's path.
+fn already_received(state: &AppState, call: CallSid) -> bool {
+    voxgate_actors::call::CallActor::find(call).is_some()
+        || (state.calls.clustered() && state.billing.read().usage.call_owner(call).is_some())
 }
 
 /// `POST /api/voice/twilio/status`

@@ -324,6 +324,11 @@ impl Calls {
         Ok(Self { local: Local { supervisor, cfg, log, clock, control, tenancy }, remote, here: Arc::default() })
     }
 
+    /// True in a cluster (call actors may run on other nodes).
+    pub fn clustered(&self) -> bool {
+        self.remote.is_some()
+    }
+
     /// This node runs the call role on `share` of the calls log's partitions.
     pub fn runs_calls(&self, share: crate::stages::cluster::Share) {
         let _ = self.here.set(share);
