@@ -65,13 +65,15 @@ async fn a_twilio_app_keeps_its_flow_and_hears_both_sides() {
         assert_eq!(s.status_callback(call, "completed", 3, Some(25)).await.unwrap(), 204);
     }
 
-    // Every session ends with transcription-stopped once the last transcript is in.
+    // Every session ends with transcription-stopped once the last transcript is in; every status
+    // callback is forwarded (on its own task: it may come after the last transcription event).
     let hits = app
         .wait_until(Duration::from_secs(180), |h| {
             h.iter()
                 .filter(|x| x.path == "/realtime" && x.param("TranscriptionEvent") == Some("transcription-stopped"))
                 .count()
                 == calls as usize
+                && h.iter().filter(|x| x.path == "/status").count() == calls as usize
         })
         .await;
     assert!(hits.iter().all(|h| h.signature_valid), "every request the app got is signed as Twilio signs");
