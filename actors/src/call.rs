@@ -624,6 +624,14 @@ impl CallActor {
     pub fn find(call: CallSid) -> Option<ActorRef<CallMsg>> {
         ractor::registry::where_is(Self::name(call)).map(ActorRef::from)
     }
+
+    /// Every call whose actor runs in this process.
+    pub fn running() -> Vec<CallSid> {
+        ractor::registry::registered()
+            .iter()
+            .filter_map(|n| n.strip_prefix("call:").and_then(|s| CallSid::parse(s).ok()))
+            .collect()
+    }
 }
 
 impl Actor for CallActor {

@@ -238,7 +238,7 @@ pub(crate) async fn inbound(State(state): State<AppState>, uri: Uri, headers: He
             return r;
         }
     }
-    let started = state.start_call(account, call, hook.call_status, received_at, slot).await;
+    let started = state.calls.start(account, call, hook.call_status, received_at, slot).await;
     if let Err(e) = started {
         // The call is in the log; Twilio will retry the webhook and the retry starts the actor.
         tracing::error!(stage = "ingress", call_sid = %call, tenant = %account, error = %e, "call actor did not start");

@@ -36,7 +36,7 @@ use axum::{Json, Router};
 use ractor::ActorRef;
 use serde_json::json;
 use voxgate_actors::call::SupervisorMsg;
-use voxgate_protocol::{AccountSid, CallSid, Clock};
+use voxgate_protocol::Clock;
 use voxgate_storage::Log;
 
 use crate::config::Config;
@@ -64,20 +64,6 @@ pub struct AppState {
     pub app: Arc<crate::http::gateway::App>,
     /// The console (`None` when `[console] enabled = false`).
     pub console: Option<Arc<crate::http::console::Console>>,
-}
-
-impl AppState {
-    /// Starts the actor of `call` (here or on its call node), holding its quota place.
-    pub async fn start_call(
-        &self,
-        tenant: AccountSid,
-        call: CallSid,
-        status: voxgate_protocol::event::CallStatus,
-        received_at: voxgate_protocol::Timestamp,
-        slot: crate::stages::tenancy::QuotaSlot,
-    ) -> Result<(), crate::stages::calls::LinkError> {
-        self.calls.start(tenant, call, status, received_at, slot).await
-    }
 }
 
 /// The routes Twilio and operators reach on the main listener.

@@ -228,7 +228,8 @@ impl Local {
 #[derive(Clone)]
 struct Remote {
     client: async_nats::Client,
-    prefix: String,
+    /// `{prefix}.call.{partition}`, by partition.
+    subjects: Arc<[async_nats::Subject]>,
     partitions: u32,
     /// Quota places of the calls this ingress node accepted, until they end (a terminal status
     /// through this node, or their maximum duration).
@@ -238,19 +239,19 @@ struct Remote {
     stale_audio: Duration,
 }
 
-fn subject(prefix: &str, partition: u32) -> String {
-    format!("{prefix}.call.{partition}")
-}
-
 impl Remote {
     fn partition(&self, call: CallSid) -> u32 {
         voxgate_storage::log::partition_for(call.partition_key(), self.partitions)
     }
 
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     async fn ask_once(&self, call: CallSid, payload: &bytes::Bytes) -> Result<Reply, LinkError> {
         let p = self.partition(call);
         let req = async_nats::Request::new().payload(payload.clone()).timeout(Some(ASK_TIMEOUT));
-        match self.client.send_request(subject(&self.prefix, p), req).await {
+        match self.client.send_request(self.subjects[p as usize].clone(), req).await {
             Ok(m) => Ok(postcard::from_bytes(&m.payload)?),
             Err(e) => Err(match e.kind() {
                 async_nats::RequestErrorKind::NoResponders => LinkError::NoOwner(p),
@@ -310,15 +311,20 @@ impl Calls {
         tenancy: Arc<Tenancy>,
     ) -> anyhow::Result<Self> {
         let remote = match log.nats() {
-            Some((client, prefix)) => Some(Remote {
-                client,
-                prefix,
-                partitions: log.partitions(topics::CALLS)?,
-                slots: Arc::default(),
-                max_duration: cfg.calls.max_duration,
-                queue_bytes: cfg.calls.queue_bytes,
-                stale_audio: cfg.calls.stale_audio,
-            }),
+            Some((client, prefix)) => {
+                let partitions = log.partitions(topics::CALLS)?;
+                Some(Remote {
+                    client,
+                    subjects: (0..partitions)
+                        .map(|p| async_nats::Subject::from(format!("{prefix}.call.{p}")))
+                        .collect(),
+                    partitions,
+                    slots: Arc::default(),
+                    max_duration: cfg.calls.max_duration,
+                    queue_bytes: cfg.calls.queue_bytes,
+                    stale_audio: cfg.calls.stale_audio,
+                })
+            }
             None => None,
         };
         Ok(Self { local: Local { supervisor, cfg, log, clock, control, tenancy }, remote, here: Arc::default() })
@@ -334,21 +340,24 @@ impl Calls {
         let _ = self.here.set(share);
     }
 
+    /// Whether this node runs `call`'s actor: always on an embedded node; in a cluster, when
+    /// it runs the call role on the call's partition.
+    pub fn runs_here(&self, call: CallSid) -> bool {
+        let Some(r) = &self.remote else { return true };
+        self.here
+            .get()
+            .is_some_and(|share| share.lock().unwrap_or_else(|e| e.into_inner()).contains(&r.partition(call)))
+    }
+
     /// Where `call`'s actor is reached: `None` for this node. A node of the call role runs the
     /// calls of its own partitions without a hop, and, while NATS is unreachable, every call it
     /// is given (an ingress node beside it keeps answering Twilio through the outage).
     fn route(&self, call: CallSid) -> Option<&Remote> {
         let r = self.remote.as_ref()?;
-        let Some(share) = self.here.get() else { return Some(r) };
-        if r.client.connection_state() != async_nats::connection::State::Connected {
+        if self.here.get().is_some() && (!r.connected() || self.runs_here(call)) {
             return None;
         }
-        let p = r.partition(call);
-        if share.lock().unwrap_or_else(|e| e.into_inner()).contains(&p) {
-            None
-        } else {
-            Some(r)
-        }
+        Some(r)
     }
 
     /// Starts the actor of an accepted call (or finds it running), holding its quota place.
@@ -603,6 +612,8 @@ struct Served {
     /// Calls in progress this node took over, since when: their stream may have been on an
     /// ingress node that died too; if none sends for them, their stream is dropped.
     adopted: HashMap<CallSid, Instant>,
+    /// NATS was away since the last sweep: this node may have started other nodes' calls.
+    after_outage: bool,
 }
 
 /// Runs the actors of the calls in this node's share of the calls log's partitions and answers
@@ -631,11 +642,7 @@ impl CallNode {
         let remote = self.calls.remote.clone().ok_or_else(|| anyhow::anyhow!("the call role needs a cluster"))?;
         share.clone_into(&mut self.share.lock().unwrap_or_else(|e| e.into_inner()));
         // Every call actor of this node, whoever started it (a request, or this node's ingress).
-        let running: Vec<CallSid> = ractor::registry::registered()
-            .iter()
-            .filter_map(|n| n.strip_prefix("call:").and_then(|s| CallSid::parse(s).ok()))
-            .collect();
-        for c in running.into_iter().filter(|c| !share.contains(&remote.partition(*c))) {
+        for c in CallActor::running().into_iter().filter(|c| !share.contains(&remote.partition(*c))) {
             {
                 let mut s = self.served();
                 s.feeds.remove(&c);
@@ -648,7 +655,7 @@ impl CallNode {
         }
         let mut tasks = Vec::new();
         for &p in &share {
-            let mut sub = remote.client.subscribe(subject(&remote.prefix, p)).await?;
+            let mut sub = remote.client.subscribe(remote.subjects[p as usize].clone()).await?;
             let me = self.clone();
             let client = remote.client.clone();
             tasks.push(tokio::spawn(async move {
@@ -738,14 +745,11 @@ impl CallNode {
     /// Ends the streams whose ingress node went silent, stops actors of calls another node
     /// owns, and forgets calls whose actor ended.
     fn sweep(&self) {
-        let connected = self
-            .calls
-            .remote
-            .as_ref()
-            .is_none_or(|r| r.client.connection_state() == async_nats::connection::State::Connected);
+        let connected = self.calls.remote.as_ref().is_none_or(Remote::connected);
         let mut s = self.served();
         if !connected {
             // Nobody can send while NATS is away: silence means nothing until it is back.
+            s.after_outage = true;
             let now = Instant::now();
             s.feeds.values_mut().for_each(|f| f.last = now);
             s.adopted.values_mut().for_each(|since| *since = now);
@@ -771,21 +775,18 @@ impl CallNode {
             }
         }
         s.detached.retain(|c, _| CallActor::find(*c).is_some());
-        drop(s);
-        // Actors of calls another node owns now: started here while NATS was away, or left when
-        // this node's share changed. (An empty share is a moment between two shares: no verdict.)
+        // Once NATS is back: actors of calls another node owns, which this node's ingress
+        // started while it was away. (A share change stops them in `run`; an empty share is a
+        // moment between two shares: no verdict.)
         let held = !self.share.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
-        if held {
-            let stray = ractor::registry::registered()
-                .iter()
-                .filter_map(|n| n.strip_prefix("call:").and_then(|s| CallSid::parse(s).ok()))
-                .filter(|c| !self.ours(*c))
-                .collect::<Vec<_>>();
-            for c in stray {
-                if let Some(a) = CallActor::find(c) {
-                    tracing::info!(stage = "call", call_sid = %c, "another node runs this call now; its actor here stops");
-                    a.stop(Some("its partition is another node's".into()));
-                }
+        if !(held && std::mem::take(&mut s.after_outage)) {
+            return;
+        }
+        drop(s);
+        for c in CallActor::running().into_iter().filter(|c| !self.ours(*c)) {
+            if let Some(a) = CallActor::find(c) {
+                tracing::info!(stage = "call", call_sid = %c, "another node runs this call now; its actor here stops");
+                a.stop(Some("its partition is another node's".into()));
             }
         }
     }
@@ -900,6 +901,7 @@ impl CallNode {
         if !self.ours(call) {
             return Reply::Moved;
         }
+        let audio = items.iter().any(|(_, i)| matches!(i, StreamItem::Audio(_)));
         let found = {
             let mut s = self.served();
             let Served { feeds, detached, .. } = &mut *s;
@@ -913,7 +915,7 @@ impl CallNode {
                     f.last = Instant::now();
                     f.seq = seq;
                     f.busy += 1;
-                    let first_audio = !f.flowing && items.iter().any(|(_, i)| matches!(i, StreamItem::Audio(_)));
+                    let first_audio = !f.flowing && audio;
                     f.flowing |= first_audio;
                     Some((f.queue.clone(), f.actor.clone(), first_audio))
                 }
@@ -943,9 +945,7 @@ impl CallNode {
                 (q, a, true)
             }
         };
-        let items = items.into_owned();
-        let audio = items.iter().any(|(_, i)| matches!(i, StreamItem::Audio(_)));
-        for (at, item) in items {
+        for (at, item) in items.into_owned() {
             queue.push(at, item);
         }
         queue.add_shed(shed);

@@ -84,7 +84,7 @@ pub async fn restore(state: &AppState) -> anyhow::Result<usize> {
     let open = open_calls(&state.log)?;
     for (call, o) in &open {
         let slot = state.tenancy.resume(o.tenant, *call);
-        let started = state.start_call(o.tenant, *call, o.status, o.received_at, slot).await;
+        let started = state.calls.start(o.tenant, *call, o.status, o.received_at, slot).await;
         // One call that cannot come back must not keep the node from serving the others.
         if let Err(e) = started {
             tracing::error!(call_sid = %call, tenant = %o.tenant, error = %e, "call not restored");

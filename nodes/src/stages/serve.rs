@@ -280,17 +280,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         };
     // Blocks go into this node's webhook gate (ingress), hang-ups to the calls it runs (call).
     let follower = (roles.has(Role::Ingress) || roles.has(Role::Call)).then(|| {
-        let hangs_up: crate::stages::fraud::HangsUp = match &call_node {
-            None if clustered => Arc::new(|_| false),
-            None => Arc::new(|_| true),
-            Some(c) => {
-                let (share, parts) = (c.share(), log.partitions(topics::CALLS).unwrap_or(1));
-                Arc::new(move |call: voxgate_protocol::CallSid| {
-                    let p = voxgate_storage::log::partition_for(call.partition_key(), parts);
-                    share.lock().unwrap_or_else(|e| e.into_inner()).contains(&p)
-                })
-            }
-        };
+        let here = calls.clone();
+        let hangs_up: crate::stages::fraud::HangsUp = Arc::new(move |call| here.runs_here(call));
         let fx = crate::stages::fraud::Effects {
             tenancy: tenancy.clone(),
             twilio: twilio.clone(),
