@@ -111,3 +111,16 @@ pub async fn cluster_reader(nats_url: &str) -> (tempfile::TempDir, voxgate_stora
         .expect("a reader on the cluster's log");
     (dir, log)
 }
+
+/// The tenant's `calls` usage on `node` once it counts `count` calls (or as it stands after 30 s:
+/// the caller's assertion says what is wrong).
+pub async fn calls_usage_once(node: &Node, count: u128) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let u = calls_usage(node).await;
+        if u["count"] == serde_json::json!(count.to_string()) || tokio::time::Instant::now() > deadline {
+            return u;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use voxgate_protocol::{CallSid, Event, SystemClock};
 use voxgate_scenarios::fixture::{
-    calls_usage, cluster_reader, config, each_event_once, node_specs, sim, NUMBER, SECRETS_KEY,
+    calls_usage, calls_usage_once, cluster_reader, config, each_event_once, node_specs, sim, NUMBER, SECRETS_KEY,
 };
 use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
@@ -153,14 +153,7 @@ async fn three_nodes_on_jetstream_survive_a_sigkill_and_match_an_embedded_node()
         assert!(done > 0.0, "a speech node transcribed nothing:\n{m}");
     }
     // Usage is kept on every node; the decisions node acts on it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let cluster_usage = loop {
-        let u = calls_usage(&ingress).await;
-        if u["count"] == serde_json::json!(CALLS.to_string()) || tokio::time::Instant::now() > deadline {
-            break u;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let cluster_usage = calls_usage_once(&ingress, CALLS).await;
     assert_eq!(calls_usage(&decisions).await, cluster_usage);
     let (_, h) = decisions.get_json("/api/voice/health").await.unwrap();
     assert_eq!(h["stages"]["fraud"]["state"], "running", "{h}");

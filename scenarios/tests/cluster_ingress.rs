@@ -21,7 +21,8 @@ use serde_json::Value;
 use voxgate_protocol::event::CallStatus;
 use voxgate_protocol::{CallSid, Event, StreamSid, SystemClock};
 use voxgate_scenarios::fixture::{
-    calls_usage, cluster_reader, config, each_event_once, node_specs, sim, ACCOUNT, NUMBER, SECRETS_KEY,
+    calls_usage, calls_usage_once, cluster_reader, config, each_event_once, node_specs, sim, ACCOUNT, NUMBER,
+    SECRETS_KEY,
 };
 use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
@@ -296,14 +297,7 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
         );
     }
     // Usage: kept on every node; exact.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let usage = loop {
-        let u = calls_usage(&ingress1).await;
-        if u["count"] == serde_json::json!(CALLS.to_string()) || tokio::time::Instant::now() > deadline {
-            break u;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let usage = calls_usage_once(&ingress1, CALLS).await;
     assert_eq!(usage["count"], serde_json::json!(CALLS.to_string()), "{usage}");
     assert_eq!(calls_usage(&decisions).await, usage);
     let m = call_a.scrape().await.unwrap();
