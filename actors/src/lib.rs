@@ -1,7 +1,9 @@
 //! voxgate-actors: the stages of a call's life, each a thin actor around a pure core.
 //!
 //! Owns: the stage harness ([`stage`]: the one actor every log-to-log stage runs on, reading
-//! from a durable cursor, appending what the stage decides, committing, reporting lag), the call
+//! from a durable cursor, appending what the stage decides, committing, reporting lag), the
+//! follower harness ([`follow`]: the one actor every log follower runs on, folding whole logs
+//! into memory and acting on what arrives), the call
 //! actor and its supervisor ([`call`]: state machine, stream queue, maximum
 //! duration), the transcoder ([`transcode`]: µ-law → PCM16, 8 → 16 kHz, voice activity, and the
 //! stage that turns the media log into the speech log), speech-to-text ([`stt`]), tenancy
@@ -16,6 +18,7 @@
 
 pub mod billing;
 pub mod call;
+pub mod follow;
 pub mod fraud;
 pub mod progress;
 pub mod stage;

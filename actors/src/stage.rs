@@ -14,6 +14,10 @@
 //! a restart after a crash (output ids derive from inputs, consumers de-duplicate). Reopening
 //! waits, with backoff, while the log reports that it cannot write.
 //!
+//! A stage whose state is per tenant (fraud) can run as [`Shard`]s: each shard is an actor of its
+//! own with its own cursor, reads every partition and decides for its share of the tenants, so
+//! the tenants spread over the nodes of the role.
+//!
 //! Must not: decide anything (that is the stage's), read the wall clock except for lag metrics,
 //! or loop inside a message (a node's shutdown stops the actor between messages).
 
@@ -23,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use voxgate_protocol::AccountSid;
 use voxgate_storage::{Log, Record, StorageError};
 
 use crate::progress::{Progress, NOT_OURS};
@@ -57,6 +62,39 @@ pub enum Durability {
     /// When a partition's round came back short (caught up); while behind, a later flush takes
     /// the cursors along, and a restart before it only repeats outputs under the same ids.
     WhenCaughtUp,
+}
+
+/// A share of the tenants: shard `index` of `of` holds the tenants whose key falls in it. One
+/// shard of one ([`Shard::ALL`]) holds every tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl Shard {
+    /// Every tenant: a stage that is not sharded.
+    pub const ALL: Shard = Shard { index: 0, of: 1 };
+
+    /// The shard of `of` that holds `tenant`.
+    pub fn of_tenant(tenant: AccountSid, of: u32) -> u32 {
+        voxgate_storage::log::partition_for(tenant.partition_key(), of)
+    }
+
+    /// Whether this shard holds `tenant`.
+    pub fn holds(self, tenant: AccountSid) -> bool {
+        self.of <= 1 || Self::of_tenant(tenant, self.of) == self.index
+    }
+
+    /// The cursor of a stage's shard: the stage's own name when there is one shard, so an
+    /// unsharded stage keeps the cursor it always had.
+    pub fn cursor(self, base: &str) -> String {
+        if self.of <= 1 {
+            base.to_owned()
+        } else {
+            format!("{base}.{}of{}", self.index, self.of)
+        }
+    }
 }
 
 /// What a round read.
@@ -139,8 +177,14 @@ pub trait Stage: Sized + Send + 'static {
     fn reading(args: &Self::Args, owned: usize) -> Reading;
 
     /// Builds the stage, which goes on from `from` (per partition, [`NOT_OURS`] for those it
-    /// does not own): rebuild what it keeps in memory (from the log up to there, or its state).
-    fn open(args: &Self::Args, log: &Log, from: &[u64]) -> impl Future<Output = Result<Self, StageError>> + Send;
+    /// does not own) for the tenants of `shard`: rebuild what it keeps in memory (from the log
+    /// up to there, or its state).
+    fn open(
+        args: &Self::Args,
+        log: &Log,
+        from: &[u64],
+        shard: Shard,
+    ) -> impl Future<Output = Result<Self, StageError>> + Send;
 
     /// Decides on a round's records: what to append.
     fn handle(
@@ -189,6 +233,8 @@ pub struct StageArgs<S: Stage> {
     pub progress: Arc<Progress>,
     /// The input partitions this instance works on (`None`: all; in a cluster, its claims).
     pub partitions: Option<Vec<u32>>,
+    /// The tenants it decides for ([`Shard::ALL`] unless the stage runs sharded).
+    pub shard: Shard,
     pub stage: S::Args,
 }
 
@@ -197,6 +243,9 @@ pub struct StageState<S: Stage> {
     log: Log,
     progress: Arc<Progress>,
     partitions: Option<Vec<u32>>,
+    shard: Shard,
+    /// The cursor's name (the shard's).
+    cursor: Arc<str>,
     args: S::Args,
     /// `None` while it waits to be opened again after a failed round.
     running: Option<Running<S>>,
@@ -208,6 +257,9 @@ pub struct StageState<S: Stage> {
 
 struct Running<S> {
     stage: S,
+    cursor: Arc<str>,
+    /// Its slot in the shared [`Progress`] (the shard's index).
+    slot: u32,
     next: Vec<u64>,
     batch: Batch,
     out: Outputs,
@@ -227,13 +279,31 @@ impl<S> Default for StageActor<S> {
 
 impl<S: Stage> StageState<S> {
     async fn open(&mut self) -> Result<(), StageError> {
-        let cursor = self.log.cursor(S::CURSOR, S::INPUT)?;
-        let next = crate::progress::starting_points(cursor, self.partitions.as_deref());
-        let stage = S::open(&self.args, &self.log, &next).await?;
-        for (p, n) in next.iter().enumerate() {
-            self.progress.set(p as u32, *n);
+        let mut cursor = self.log.cursor(&self.cursor, S::INPUT)?;
+        if self.shard.of > 1 {
+            // A shard new to this cluster goes on from where the unsharded stage stopped (its
+            // outputs' ids derive from the inputs, so what it repeats is de-duplicated).
+            let whole = self.log.cursor(S::CURSOR, S::INPUT)?;
+            for (c, w) in cursor.iter_mut().zip(whole) {
+                if *c == 0 {
+                    *c = w;
+                }
+            }
         }
-        let mut run = Running { stage, next, batch: Batch::default(), out: Outputs::default() };
+        let next = crate::progress::starting_points(cursor, self.partitions.as_deref());
+        let stage = S::open(&self.args, &self.log, &next, self.shard).await?;
+        let slot = self.shard.index;
+        for (p, n) in next.iter().enumerate() {
+            self.progress.set_in(slot, p as u32, *n);
+        }
+        let mut run = Running {
+            stage,
+            cursor: self.cursor.clone(),
+            slot,
+            next,
+            batch: Batch::default(),
+            out: Outputs::default(),
+        };
         for m in self.held.drain(..) {
             run.stage.message(&mut self.args, m);
         }
@@ -288,8 +358,8 @@ impl<S: Stage> Running<S> {
         self.batch.next[p as usize] = to;
         self.decide(log).await?;
         self.next[p as usize] = to;
-        progress.set(p, to);
-        log.store_cursor(S::CURSOR, S::INPUT, p, self.stage.commit_at(p, to))?;
+        progress.set_in(self.slot, p, to);
+        log.store_cursor(&self.cursor, S::INPUT, p, self.stage.commit_at(p, to))?;
         if S::DURABILITY == Durability::EachRound || !full {
             log.sync().await?;
         }
@@ -324,8 +394,8 @@ impl<S: Stage> Running<S> {
             if *n == NOT_OURS {
                 continue;
             }
-            log.store_cursor(S::CURSOR, S::INPUT, p as u32, self.stage.commit_at(p as u32, *n))?;
-            progress.set(p as u32, *n);
+            log.store_cursor(&self.cursor, S::INPUT, p as u32, self.stage.commit_at(p as u32, *n))?;
+            progress.set_in(self.slot, p as u32, *n);
         }
         self.next = next;
         if S::DURABILITY == Durability::EachRound || !more {
@@ -361,6 +431,8 @@ impl<S: Stage> Actor for StageActor<S> {
             log: args.log,
             progress: args.progress,
             partitions: args.partitions,
+            shard: args.shard,
+            cursor: args.shard.cursor(S::CURSOR).into(),
             args: args.stage,
             running: None,
             watcher,
@@ -377,6 +449,8 @@ impl<S: Stage> Actor for StageActor<S> {
 
     async fn post_stop(&self, _: ActorRef<Self::Msg>, s: &mut StageState<S>) -> Result<(), ActorProcessingErr> {
         s.watcher.abort();
+        // A shard another node takes over is no longer this node's lag.
+        s.progress.release(s.shard.index);
         let _ = s.log.sync().await;
         Ok(())
     }
@@ -393,7 +467,7 @@ impl<S: Stage> Actor for StageActor<S> {
                 match run.round(&s.log, &s.progress, &s.args).await {
                     Ok(more) => {
                         s.backoff = FIRST_BACKOFF;
-                        crate::progress::report_lag(&s.log, S::NAME, S::INPUT, &run.next);
+                        crate::progress::report_lag(&s.log, S::NAME, S::INPUT, &s.progress.snapshot());
                         if more {
                             myself.cast(StageMsg::Poll)?;
                         }
@@ -470,7 +544,7 @@ mod tests {
             Reading::PerPartition { batch: 3 }
         }
 
-        async fn open(hold: &u64, _: &Log, _: &[u64]) -> Result<Self, StageError> {
+        async fn open(hold: &u64, _: &Log, _: &[u64], _: Shard) -> Result<Self, StageError> {
             Ok(Copy { hold: *hold })
         }
 
@@ -512,7 +586,13 @@ mod tests {
             log.append(topics::CALLS, 0, &[i]).await.unwrap();
         }
         let progress = Arc::new(Progress::new(1));
-        let args = StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: None, stage: 2 };
+        let args = StageArgs::<Copy> {
+            log: log.clone(),
+            progress: progress.clone(),
+            partitions: None,
+            shard: Shard::ALL,
+            stage: 2,
+        };
         let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
         assert_eq!(copied(&log, 7).await, 7);
         log.append(topics::CALLS, 0, &[7]).await.unwrap();
@@ -535,13 +615,25 @@ mod tests {
             log.append(topics::CALLS, 0, &[i]).await.unwrap();
         }
         let progress = Arc::new(Progress::new(1));
-        let args = StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: None, stage: 1 };
+        let args = StageArgs::<Copy> {
+            log: log.clone(),
+            progress: progress.clone(),
+            partitions: None,
+            shard: Shard::ALL,
+            stage: 1,
+        };
         let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
         assert_eq!(copied(&log, 4).await, 4);
         actor.stop(None);
         done.await.unwrap();
         // Committed at 3: the last record is read (and copied) again.
-        let args = StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: None, stage: 0 };
+        let args = StageArgs::<Copy> {
+            log: log.clone(),
+            progress: progress.clone(),
+            partitions: None,
+            shard: Shard::ALL,
+            stage: 0,
+        };
         let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
         assert_eq!(copied(&log, 5).await, 5);
         actor.stop(None);
@@ -578,7 +670,7 @@ mod tests {
             Reading::Together { per_partition: 10 }
         }
 
-        async fn open(args: &FlakyArgs, _: &Log, _: &[u64]) -> Result<Self, StageError> {
+        async fn open(args: &FlakyArgs, _: &Log, _: &[u64], _: Shard) -> Result<Self, StageError> {
             Ok(Flaky { tag: args.tag, shared: args.shared.clone() })
         }
 
@@ -617,6 +709,7 @@ mod tests {
             log: log.clone(),
             progress: Arc::new(Progress::new(1)),
             partitions: None,
+            shard: Shard::ALL,
             stage: FlakyArgs { tag: 1, shared: shared.clone() },
         };
         let (actor, done) = Actor::spawn(None, StageActor::<Flaky>::default(), args).await.unwrap();
@@ -633,6 +726,18 @@ mod tests {
         assert!(shared.committed.load(Ordering::SeqCst) >= 1, "committed after the cursor was stored");
     }
 
+    #[test]
+    fn every_tenant_is_in_exactly_one_shard_and_one_shard_is_the_unsharded_stage() {
+        for i in 0..200u128 {
+            let t = AccountSid::from_u128(i * 7919);
+            let holders: Vec<u32> = (0..8).filter(|&index| Shard { index, of: 8 }.holds(t)).collect();
+            assert_eq!(holders, vec![Shard::of_tenant(t, 8)]);
+            assert!(Shard::ALL.holds(t));
+        }
+        assert_eq!(Shard::ALL.cursor("fraud"), "fraud");
+        assert_eq!(Shard { index: 3, of: 8 }.cursor("fraud"), "fraud.3of8");
+    }
+
     #[tokio::test]
     async fn partitions_it_does_not_own_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -645,8 +750,13 @@ mod tests {
         log.append(topics::CALLS, key_in(0), &[0]).await.unwrap();
         log.append(topics::CALLS, key_in(1), &[1]).await.unwrap();
         let progress = Arc::new(Progress::new(2));
-        let args =
-            StageArgs::<Copy> { log: log.clone(), progress: progress.clone(), partitions: Some(vec![1]), stage: 0 };
+        let args = StageArgs::<Copy> {
+            log: log.clone(),
+            progress: progress.clone(),
+            partitions: Some(vec![1]),
+            shard: Shard::ALL,
+            stage: 0,
+        };
         let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
         assert_eq!(copied(&log, 1).await, 1);
         actor.stop(None);

@@ -468,6 +468,7 @@ impl Config {
                         prefix: "voxgate".into(),
                         node: None,
                         lease_ttl_secs: 6,
+                        tenant_shards: crate::stages::cluster::DEFAULT_TENANT_SHARDS,
                         auth: Default::default(),
                     })
                 }

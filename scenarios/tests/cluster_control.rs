@@ -3,7 +3,8 @@
 //! - an ingress node keeps answering Twilio while NATS is down under traffic, spools
 //!   what it records, and forwards it on reconnect: every event arrives exactly once;
 //! - a tenant and number created over REST on one node take calls on another, and a budget stop
-//!   recorded by the billing node refuses calls and ends active ones on the ingress node.
+//!   recorded by the billing node holding the account's tenant shard (of two billing nodes)
+//!   refuses calls and ends active ones on the ingress node.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -191,6 +192,22 @@ async fn tenants_and_budget_stops_recorded_on_one_node_act_on_another() {
     let tables = format!("[stt]\nenabled = false\n[billing.budgets.tenants]\n{ACCOUNT} = 1020000\n");
     let ingress = Node::start(&node_config(&url, "ingress,call", "ingress", &top, &tables)).unwrap();
     let decisions = Node::start(&node_config(&url, "fraud,billing", "decisions", &top, &tables)).unwrap();
+    // A second billing node: the tenants' shards spread over the two, and only the node holding
+    // the account's shard acts on its budget.
+    let decisions2 = Node::start(&node_config(&url, "fraud,billing", "decisions2", &top, &tables)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut held = Vec::new();
+        for n in [&decisions, &decisions2] {
+            let (_, h) = n.get_json("/api/voice/health").await.unwrap();
+            held.push(h["stages"]["billing"]["tenant_shards"].as_array().map_or(0, Vec::len));
+        }
+        if held == [4, 4] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "billing's tenant shards never split: {held:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A tenant and its number, created on the decisions node, answer on the ingress node.
     let r = rest(&decisions, Method::POST, "/2010-04-01/Accounts.json", "admin", ADMIN, &[("FriendlyName", "B")]).await;
@@ -242,8 +259,19 @@ async fn tenants_and_budget_stops_recorded_on_one_node_act_on_another() {
     // The stop is the account's: the other tenant still calls.
     let a = sim_b.inbound_call(CallSid::from_u128(0xb2), "+14155550032", b_number).await.unwrap();
     assert!(a.body.contains("<Stream"), "{}", a.body);
-    let m = decisions.scrape().await.unwrap();
-    assert!(m.contains("voxgate_budget_stops_total"), "the billing node recorded the stop:\n{m}");
+    let shard = voxgate_storage::log::partition_for(AccountSid::parse(ACCOUNT).unwrap().partition_key(), 8);
+    let mut acting = Vec::new();
+    for (name, n) in [("decisions", &decisions), ("decisions2", &decisions2)] {
+        let (_, h) = n.get_json("/api/voice/health").await.unwrap();
+        let held = h["stages"]["billing"]["tenant_shards"].as_array().is_some_and(|a| a.contains(&shard.into()));
+        let stopped = n.scrape().await.unwrap().contains("voxgate_budget_stops_total");
+        assert_eq!(
+            held, stopped,
+            "{name} holds the account's shard {shard}: {held}; recorded the stop: {stopped}; {h}"
+        );
+        acting.extend(stopped.then_some(name));
+    }
+    assert_eq!(acting.len(), 1, "one billing node acts for the account: {acting:?}");
     let m = ingress.scrape().await.unwrap();
     assert!(!m.contains("voxgate_budget_stops_total"), "only the acting billing node records a stop:\n{m}");
 }

@@ -10,14 +10,18 @@
 //! - [`triggers`]: the [`TriggerBook`] of usage triggers (fire at most once per period, with the
 //!   Twilio callback's parameters) and budgets.
 //!
-//! Everything here is a pure function of the events fed in and the times passed in: no clock, no
-//! I/O, ordered maps only. Applying an event twice changes nothing, and the book's contents depend
+//! - [`stage`]: the billing stage on the follower harness: every node's books, and the acting
+//!   side (triggers fired, budgets stopped, callbacks delivered) for the tenant shards it holds.
+//!
+//! Apart from [`stage`], everything here is a pure function of the events fed in and the times
+//! passed in: no clock, no I/O, ordered maps only. Applying an event twice changes nothing, and the book's contents depend
 //! on the set of events applied (and the latest time seen), not on their order. Money is integer
 //! micro-dollars (`u64`) throughout; it is only turned into a decimal string at the edge
-//! ([`format_micros`]). The stage actor, REST API and CLI around it live elsewhere.
+//! ([`format_micros`]). The REST API and CLI around it live in nodes/.
 
 pub mod periods;
 pub mod prices;
+pub mod stage;
 pub mod triggers;
 pub mod usage;
 

@@ -540,13 +540,25 @@ impl TriggerBook {
     /// changed account or any of its ancestors (whose records include it). Firings come in
     /// (account, sid) order.
     pub fn evaluate(&mut self, book: &UsageBook, changes: &[UsageChange], at: Timestamp) -> Vec<Firing> {
+        self.evaluate_for(book, changes, at, |_| true)
+    }
+
+    /// [`TriggerBook::evaluate`] for the triggers of the accounts `owns` says (a billing node
+    /// acts for its tenant shards; the others' triggers are left as they are).
+    pub fn evaluate_for(
+        &mut self,
+        book: &UsageBook,
+        changes: &[UsageChange],
+        at: Timestamp,
+        owns: impl Fn(AccountSid) -> bool,
+    ) -> Vec<Firing> {
         let mut watched: BTreeSet<(AccountSid, Category)> = BTreeSet::new();
         for c in changes {
             for acct in book.self_and_ancestors(c.tenant) {
                 watched.insert((acct, c.category));
             }
         }
-        let accounts: BTreeSet<AccountSid> = watched.iter().map(|(a, _)| *a).collect();
+        let accounts: BTreeSet<AccountSid> = watched.iter().map(|(a, _)| *a).filter(|a| owns(*a)).collect();
         let mut out = Vec::new();
         for acct in accounts {
             for (_, t) in self.triggers.range_mut((acct, TriggerSid(0))..=(acct, TriggerSid(u128::MAX))) {
@@ -560,7 +572,17 @@ impl TriggerBook {
 
     /// Evaluates every trigger at `at` (after creating triggers, or on a timer).
     pub fn evaluate_all(&mut self, book: &UsageBook, at: Timestamp) -> Vec<Firing> {
-        self.triggers.values_mut().filter_map(|t| check(t, book, at)).collect()
+        self.evaluate_all_for(book, at, |_| true)
+    }
+
+    /// [`TriggerBook::evaluate_all`] for the triggers of the accounts `owns` says.
+    pub fn evaluate_all_for(
+        &mut self,
+        book: &UsageBook,
+        at: Timestamp,
+        owns: impl Fn(AccountSid) -> bool,
+    ) -> Vec<Firing> {
+        self.triggers.iter_mut().filter(|((a, _), _)| owns(*a)).filter_map(|(_, t)| check(t, book, at)).collect()
     }
 
     /// Applies a billing-log event (trigger created, updated, deleted or fired; budget exceeded).

@@ -2,7 +2,9 @@
 //! each round of new events in event-time order, and appends what it decides: verdicts and
 //! hang-up requests to the fraud log, alerts to the alerts log.
 //!
-//! It runs on the stage harness ([`crate::stage`]), one round over every partition.
+//! It runs on the stage harness ([`crate::stage`]), one round over every partition. Its state is
+//! per tenant, so in a cluster it runs as tenant shards spread over the fraud nodes; each shard
+//! judges only its tenants' events.
 //!
 //! Restart: the engine's windows are rebuilt by feeding it the calls log up to the cursor without
 //! emitting (the calls log holds only lifecycle events, so this is quick), then it goes on from
@@ -17,7 +19,7 @@ use super::engine::FraudEngine;
 use super::prefixes::PrefixTable;
 use super::rules::FraudConfig;
 use crate::call::id_kind;
-use crate::stage::{Batch, Durability, Outputs, Reading, Stage, StageError};
+use crate::stage::{Batch, Durability, Outputs, Reading, Shard, Stage, StageError};
 
 /// The stage's cursor name on the calls log.
 pub const CURSOR: &str = "fraud";
@@ -39,6 +41,8 @@ pub struct FraudSettings {
 /// The fraud stage: its engine, windows warmed up on what was judged before.
 pub struct FraudStage {
     engine: FraudEngine,
+    /// The tenants it judges.
+    shard: Shard,
 }
 
 /// The events a verdict leads to, in append order: (topic, key, envelope).
@@ -98,7 +102,7 @@ impl Stage for FraudStage {
         Reading::Together { per_partition: READ_BATCH }
     }
 
-    async fn open(settings: &FraudSettings, log: &Log, from: &[u64]) -> Result<Self, StageError> {
+    async fn open(settings: &FraudSettings, log: &Log, from: &[u64], shard: Shard) -> Result<Self, StageError> {
         let mut engine = FraudEngine::new(settings.config.clone(), settings.prefixes.clone())
             .map_err(|e| StageError::Setup(format!("fraud rules: {e}")))?;
         // Warm the windows up on what was already judged (no output).
@@ -115,7 +119,11 @@ impl Stage for FraudStage {
                 if recs.is_empty() {
                     break;
                 }
-                round.extend(recs.iter().filter_map(|r| voxgate_protocol::decode(r.payload()).ok()));
+                round.extend(
+                    recs.iter()
+                        .filter_map(|r| voxgate_protocol::decode(r.payload()).ok())
+                        .filter(|e| shard.holds(e.tenant)),
+                );
                 at = next;
             }
         }
@@ -123,8 +131,14 @@ impl Stage for FraudStage {
         for env in &round {
             let _ = engine.apply(env);
         }
-        tracing::info!(stage = "fraud", warmed_up_events = round.len(), "fraud stage ready");
-        Ok(Self { engine })
+        tracing::info!(
+            stage = "fraud",
+            shard = shard.index,
+            of = shard.of,
+            warmed_up_events = round.len(),
+            "fraud stage ready"
+        );
+        Ok(Self { engine, shard })
     }
 
     /// Every partition's new events, judged in event-time order.
@@ -132,7 +146,8 @@ impl Stage for FraudStage {
         let mut round = Vec::new();
         for (p, r) in batch.records() {
             match voxgate_protocol::decode(r.payload()) {
-                Ok(e) => round.push(e),
+                Ok(e) if self.shard.holds(e.tenant) => round.push(e),
+                Ok(_) => {}
                 Err(e) => {
                     metrics::counter!("voxgate_stage_undecodable_total", "stage" => "fraud").increment(1);
                     tracing::error!(stage = "fraud", partition = p, offset = r.offset, error = %e, "call record cannot be decoded; skipped");

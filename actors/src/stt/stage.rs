@@ -376,7 +376,7 @@ impl Stage for SttStage {
         Reading::Together { per_partition: settings.max_batch.max(1).div_ceil(owned.max(1)).max(1) }
     }
 
-    async fn open(settings: &SttSettings, _: &Log, _: &[u64]) -> Result<Self, StageError> {
+    async fn open(settings: &SttSettings, _: &Log, _: &[u64], _: crate::stage::Shard) -> Result<Self, StageError> {
         Ok(Self {
             pool: settings.pool.clone(),
             recent: RecentIds { set: HashSet::new(), order: VecDeque::new(), cap: 4096 },

@@ -87,7 +87,7 @@ impl Stage for TranscodeStage {
         Reading::PerPartition { batch: READ_BATCH }
     }
 
-    async fn open(config: &TranscodeConfig, _: &Log, from: &[u64]) -> Result<Self, StageError> {
+    async fn open(config: &TranscodeConfig, _: &Log, from: &[u64], _: crate::stage::Shard) -> Result<Self, StageError> {
         Ok(Self {
             config: config.clone(),
             partitions: from.iter().map(|_| HashMap::new()).collect(),

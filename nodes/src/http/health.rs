@@ -35,8 +35,10 @@ pub struct StageEntry {
     pub input: &'static str,
     pub runner: Runner,
     pub progress: Arc<Progress>,
-    /// In a cluster, the partitions (units) of the stage's work this node holds now.
+    /// In a cluster, the units of the stage's work this node holds now.
     pub share: Option<crate::stages::cluster::Share>,
+    /// What those units are: `partitions` of its input, or `tenant_shards`.
+    pub units: &'static str,
 }
 
 /// What the health endpoint reports on.
@@ -74,7 +76,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         let mut entry =
             json!({ "state": if running { "running" } else { "stopped" }, "input": s.input, "lag_events": lag });
         if let Some(share) = &s.share {
-            entry["partitions"] = json!(*share.lock().unwrap_or_else(|e| e.into_inner()));
+            entry[s.units] = json!(*share.lock().unwrap_or_else(|e| e.into_inner()));
         }
         stages.insert(s.name.to_owned(), entry);
     }

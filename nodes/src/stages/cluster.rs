@@ -5,8 +5,9 @@
 //! Work sharing: call nodes claim the calls log's partitions (a call's actor runs on the node
 //! that owns its partition; see `calls`); transcode and stt claim their input topic's partitions
 //! (per-call order holds, as a call's records live in one partition); fraud and billing's actions
-//! claim one unit each, so they run once in the cluster, with failover (their rules look across
-//! calls and tenants).
+//! claim tenant shards (`tenant_shards`, each tenant's state on one node at a time), so the
+//! tenants spread over the nodes of the role, with failover (their rules look across a tenant's
+//! calls).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -102,6 +103,10 @@ pub struct ClusterFile {
     /// Seconds before a dead node's work moves to the others.
     #[serde(default = "default_lease")]
     pub lease_ttl_secs: u64,
+    /// How many shards the tenants are split into for fraud and billing, which spread the shards
+    /// over their nodes. The same on every node (like the topics' partitions).
+    #[serde(default = "default_tenant_shards")]
+    pub tenant_shards: u32,
     /// Credentials and TLS for the NATS server (`[cluster.auth]`).
     #[serde(default)]
     pub auth: voxgate_storage::NatsAuth,
@@ -115,6 +120,13 @@ fn default_lease() -> u64 {
     6
 }
 
+/// Tenant shards of fraud and billing in a cluster unless `tenant_shards` says otherwise.
+pub const DEFAULT_TENANT_SHARDS: u32 = 8;
+
+fn default_tenant_shards() -> u32 {
+    DEFAULT_TENANT_SHARDS
+}
+
 /// The cluster settings in force.
 #[derive(Clone)]
 pub struct ClusterConfig {
@@ -122,6 +134,7 @@ pub struct ClusterConfig {
     pub prefix: String,
     pub node: String,
     pub lease_ttl: Duration,
+    pub tenant_shards: u32,
     pub auth: voxgate_storage::NatsAuth,
 }
 
@@ -132,6 +145,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("prefix", &self.prefix)
             .field("node", &self.node)
             .field("lease_ttl", &self.lease_ttl)
+            .field("tenant_shards", &self.tenant_shards)
             .field("auth", &self.auth)
             .finish()
     }
@@ -166,6 +180,9 @@ impl ClusterConfig {
         if !(1..=300).contains(&f.lease_ttl_secs) {
             return Err(invalid("lease_ttl_secs", format!("must be 1..=300, got {}", f.lease_ttl_secs)));
         }
+        if !(1..=256).contains(&f.tenant_shards) {
+            return Err(invalid("tenant_shards", format!("must be 1..=256, got {}", f.tenant_shards)));
+        }
         let node = match &f.node {
             Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') => {
                 n.clone()
@@ -184,6 +201,7 @@ impl ClusterConfig {
             prefix: f.prefix.clone(),
             node,
             lease_ttl: Duration::from_secs(f.lease_ttl_secs),
+            tenant_shards: f.tenant_shards,
             auth: f.auth.clone(),
         })
     }

@@ -1,12 +1,14 @@
-//! The node's side of fraud screening: it follows the fraud log and acts on it — blocks go into
-//! the webhook gate (so the next call from that number is refused synchronously), hang-up requests
-//! end the call's actor and ask Twilio to complete the call through its REST API.
+//! The node's side of fraud screening: it follows the fraud log ([`FraudActions`], on the follower
+//! harness) and acts on it — blocks go into the webhook gate (so the next call from that number is
+//! refused synchronously), hang-up requests end the call's actor and ask Twilio to complete the
+//! call through its REST API.
 
 use std::sync::Arc;
 
+use voxgate_actors::follow::Follower;
 use voxgate_actors::tenancy::directory::Block;
 use voxgate_protocol::{CallSid, Clock, Envelope, Event};
-use voxgate_storage::{topics, Log, StorageError};
+use voxgate_storage::topics;
 
 use crate::stages::calls::Calls;
 use crate::stages::hangup::{count_requested, end_call, TwilioRest};
@@ -64,33 +66,34 @@ async fn act(env: &Envelope, fx: &Effects, clock: &dyn Clock, live: bool) {
     }
 }
 
-/// Reads the whole fraud log (blocks still in force), then follows it until the log closes.
-pub async fn follow(log: Log, fx: Effects, clock: Arc<dyn Clock>) -> Result<(), StorageError> {
-    let parts = log.partitions(topics::FRAUD)?;
-    let mut next = vec![0u64; parts as usize];
-    let mut rx = log.watch(topics::FRAUD)?;
-    let mut recs = Vec::new();
-    let mut live = false;
-    loop {
-        for (p, n) in next.iter_mut().enumerate() {
-            loop {
-                recs.clear();
-                let to = log.read(topics::FRAUD, p as u32, *n, 256, &mut recs)?;
-                if recs.is_empty() {
-                    break;
-                }
-                for r in &recs {
-                    if let Ok(env) = voxgate_protocol::decode(r.payload()) {
-                        act(&env, &fx, clock.as_ref(), live).await;
-                    }
-                }
-                *n = to;
-            }
-        }
-        // Everything up to the heads at startup only restores blocks; what comes after is live.
-        live = true;
-        if rx.changed().await.is_err() {
-            return Ok(());
+/// Fraud's effects on the follower harness: the whole fraud log at start (blocks still in force),
+/// then what arrives (blocks and hang-ups).
+pub struct FraudActions {
+    fx: Effects,
+    clock: Arc<dyn Clock>,
+    round: Vec<Envelope>,
+}
+
+impl FraudActions {
+    pub fn new(fx: Effects, clock: Arc<dyn Clock>) -> Self {
+        Self { fx, clock, round: Vec::new() }
+    }
+}
+
+impl Follower for FraudActions {
+    type Msg = std::convert::Infallible;
+    const NAME: &'static str = "fraud_actions";
+    const TOPICS: &'static [&'static str] = &[topics::FRAUD];
+    const LAG: &'static str = topics::FRAUD;
+
+    fn apply(&mut self, _: &'static str, env: Envelope) {
+        self.round.push(env);
+    }
+
+    /// What the log held at start only restores blocks; what comes after also ends calls.
+    async fn settle(&mut self, live: bool) {
+        for env in std::mem::take(&mut self.round) {
+            act(&env, &self.fx, self.clock.as_ref(), live).await;
         }
     }
 }

@@ -9,16 +9,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ractor::{Actor, ActorRef};
+use voxgate_actors::follow::{FollowerActor, FollowerArgs};
 use voxgate_actors::fraud::stage::{FraudMsg, FraudSettings, FraudStage};
 use voxgate_actors::fraud::{FraudEngine, PrefixTable};
 use voxgate_actors::progress::Progress;
-use voxgate_actors::stage::{Stage, StageActor, StageArgs, StageMsg};
+use voxgate_actors::stage::{Shard, Stage, StageActor, StageArgs, StageMsg};
 use voxgate_actors::stt::stage::{SttPool, SttSettings, SttStage};
 use voxgate_actors::transcode::stage::TranscodeStage;
 use voxgate_storage::{topics, Log};
 
 use crate::config::Config;
 use crate::stages::cluster::{Role, Start, Stop};
+use crate::stages::transcription::Transcription;
 
 /// The stages a role can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub enum StageKind {
 pub enum Units {
     /// One per partition of its input topic: nodes of the role share them.
     Partitions,
+    /// One per tenant shard (`[cluster] tenant_shards`; one on the embedded log): each tenant's
+    /// state lives on one node at a time, and the tenants spread over the nodes of the role.
+    TenantShards,
     /// One: the stage runs on one node at a time, with failover.
     One,
 }
@@ -78,7 +83,7 @@ pub const ROSTER: [Row; 5] = [
         name: "fraud",
         role: Role::Fraud,
         input: topics::CALLS,
-        units: Units::One,
+        units: Units::TenantShards,
         refresh: &["fraud"],
         health: true,
         drain: None,
@@ -89,7 +94,7 @@ pub const ROSTER: [Row; 5] = [
         name: "billing",
         role: Role::Billing,
         input: topics::CALLS,
-        units: Units::One,
+        units: Units::TenantShards,
         refresh: &[],
         health: false,
         drain: None,
@@ -123,19 +128,52 @@ impl Row {
     }
 
     /// How many units its claims group has.
-    pub fn units(&self, log: &Log) -> anyhow::Result<u32> {
+    pub fn units(&self, log: &Log, cfg: &Config) -> anyhow::Result<u32> {
         Ok(match self.units {
             Units::Partitions => log.partitions(self.input)?,
+            Units::TenantShards => tenant_shards(cfg),
             Units::One => 1,
+        })
+    }
+
+    /// What health calls its units.
+    pub fn units_name(&self) -> &'static str {
+        match self.units {
+            Units::TenantShards => "tenant_shards",
+            Units::Partitions | Units::One => "partitions",
+        }
+    }
+
+    /// Where its progress through its input is kept (one slot per tenant shard when sharded).
+    pub fn progress(&self, log: &Log, cfg: &Config) -> anyhow::Result<Progress> {
+        let partitions = log.partitions(self.input)? as usize;
+        Ok(match self.units {
+            Units::TenantShards if tenant_shards(cfg) > 1 => Progress::sharded(partitions, tenant_shards(cfg)),
+            _ => Progress::new(partitions),
         })
     }
 }
 
-/// The fraud stage running on this node, for rule reloads (SIGHUP).
+/// How many tenant shards fraud and billing run as: `[cluster] tenant_shards`, one on the embedded
+/// log.
+pub fn tenant_shards(cfg: &Config) -> u32 {
+    cfg.cluster.as_ref().map_or(1, |c| c.tenant_shards.max(1))
+}
+
+/// The fraud stage's shards running on this node, for rule reloads (SIGHUP).
 pub type FraudSlot = Slot<FraudMsg>;
 
-/// Where a running stage's actor can be found (to send it its own messages).
-pub type Slot<M> = Arc<Mutex<Option<ActorRef<StageMsg<M>>>>>;
+/// Where a running stage's actors can be found (to send them its own messages).
+pub type Slot<M> = Arc<Mutex<Vec<ActorRef<StageMsg<M>>>>>;
+
+/// How a harness stage spreads over the nodes of its role.
+#[derive(Debug, Clone, Copy)]
+enum Spread {
+    /// On the input partitions it claimed.
+    Partitions,
+    /// Every partition, one actor per tenant shard it claimed (of this many).
+    TenantShards(u32),
+}
 
 /// What the stages are started with.
 pub struct Deps {
@@ -153,7 +191,9 @@ pub struct Deps {
 pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Result<Start> {
     let log = deps.log.clone();
     Ok(match row.stage {
-        StageKind::Transcode => on_harness::<TranscodeStage>(log, progress, true, deps.cfg.transcode.clone(), None),
+        StageKind::Transcode => {
+            on_harness::<TranscodeStage>(log, progress, Spread::Partitions, deps.cfg.transcode.clone(), None)
+        }
         StageKind::Stt => {
             let pool = deps.stt.clone().context("the stt workers are not loaded")?;
             let settings = SttSettings {
@@ -162,20 +202,23 @@ pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Resul
                 clock: deps.clock.clone(),
                 partials: deps.cfg.stt.partials,
             };
-            on_harness::<SttStage>(log, progress, true, settings, None)
+            on_harness::<SttStage>(log, progress, Spread::Partitions, settings, None)
         }
         StageKind::Fraud => {
             FraudEngine::new(deps.cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
             let settings = FraudSettings { config: deps.cfg.fraud.clone(), prefixes: PrefixTable::builtin() };
-            // Every partition (its rules look across calls), and its actor where SIGHUP finds it.
-            on_harness::<FraudStage>(log, progress, false, settings, Some(deps.fraud.clone()))
+            // Its rules look across a tenant's calls: every partition, a shard of the tenants; its
+            // actors where SIGHUP finds them.
+            let shards = Spread::TenantShards(tenant_shards(&deps.cfg));
+            on_harness::<FraudStage>(log, progress, shards, settings, Some(deps.fraud.clone()))
         }
         StageKind::Billing => {
             let b = deps.billing.clone();
-            Box::new(move |_owned: Vec<u32>| {
+            let of = tenant_shards(&deps.cfg);
+            Box::new(move |owned: Vec<u32>| {
                 let b = b.clone();
                 Box::pin(async move {
-                    b.take_over().await;
+                    b.take_over(owned, of).await;
                     let stop: Stop = Box::new(move || {
                         Box::pin(async move {
                             b.step_down();
@@ -188,30 +231,29 @@ pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Resul
         StageKind::Transcription => {
             let deps = deps.transcription.clone();
             Box::new(move |_owned: Vec<u32>| {
-                let deps = deps.clone();
+                let args = FollowerArgs {
+                    log: deps.log.clone(),
+                    follower: Transcription::new(deps.clone()),
+                    progress: progress.clone(),
+                    from: None,
+                };
                 Box::pin(async move {
-                    let task = tokio::spawn(crate::stages::serve::log_failure(
-                        "transcription",
-                        crate::stages::transcription::follow(deps),
-                    ));
-                    let stop: Stop = Box::new(move || {
-                        Box::pin(async move {
-                            task.abort();
-                        })
-                    });
-                    Ok(stop)
+                    let (actor, done) = Actor::spawn(None, FollowerActor::<Transcription>::default(), args)
+                        .await
+                        .context("starting the transcription follower")?;
+                    Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done))
                 })
             })
         }
     })
 }
 
-/// A harness stage on the partitions it is given (`partitioned`), or on all of them; its actor
-/// is kept in `slot` (if any) while it runs.
+/// A harness stage on the units it is given (input partitions, or tenant shards with an actor
+/// each); its actors are kept in `slot` (if any) while they run.
 fn on_harness<S: Stage>(
     log: Log,
     progress: Arc<Progress>,
-    partitioned: bool,
+    spread: Spread,
     args: S::Args,
     slot: Option<Slot<S::Msg>>,
 ) -> Start
@@ -219,25 +261,48 @@ where
     S::Args: Clone,
 {
     Box::new(move |owned: Vec<u32>| {
-        let args = StageArgs::<S> {
-            log: log.clone(),
-            progress: progress.clone(),
-            partitions: partitioned.then_some(owned),
-            stage: args.clone(),
+        let instances: Vec<(Option<Vec<u32>>, Shard)> = match spread {
+            Spread::Partitions => vec![(Some(owned), Shard::ALL)],
+            Spread::TenantShards(of) => owned.into_iter().map(|index| (None, Shard { index, of })).collect(),
         };
-        let slot = slot.clone();
+        let (log, progress, args, slot) = (log.clone(), progress.clone(), args.clone(), slot.clone());
         Box::pin(async move {
-            let (actor, done) = Actor::spawn(None, StageActor::<S>::default(), args)
-                .await
-                .with_context(|| format!("starting the {} stage", S::NAME))?;
-            let Some(slot) = slot else {
-                return Ok(crate::stages::cluster::stop_actor(actor.get_cell(), done));
-            };
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(actor.clone());
-            let stop = crate::stages::cluster::stop_actor(actor.get_cell(), done);
+            let mut stops = Vec::with_capacity(instances.len());
+            let mut actors = Vec::with_capacity(instances.len());
+            for (partitions, shard) in instances {
+                let args = StageArgs::<S> {
+                    log: log.clone(),
+                    progress: progress.clone(),
+                    partitions,
+                    shard,
+                    stage: args.clone(),
+                };
+                match Actor::spawn(None, StageActor::<S>::default(), args).await {
+                    Ok((actor, done)) => {
+                        actors.push(actor.clone());
+                        stops.push(crate::stages::cluster::stop_actor(actor.get_cell(), done));
+                    }
+                    Err(e) => {
+                        // None of the share runs: what started stops, and the claim loop says so.
+                        for stop in stops {
+                            stop().await;
+                        }
+                        return Err(anyhow::Error::new(e).context(format!("starting the {} stage", S::NAME)));
+                    }
+                }
+            }
+            if let Some(slot) = &slot {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = actors;
+            }
             let stop: Stop = Box::new(move || {
-                slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-                stop()
+                if let Some(slot) = &slot {
+                    slot.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                }
+                Box::pin(async move {
+                    for stop in stops {
+                        stop().await;
+                    }
+                })
             });
             Ok(stop)
         })

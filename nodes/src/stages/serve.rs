@@ -9,7 +9,9 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use ractor::Actor;
+use voxgate_actors::billing::stage::BillingFollower;
 use voxgate_actors::call::CallSupervisor;
+use voxgate_actors::follow::{FollowerActor, FollowerArgs};
 use voxgate_actors::fraud::stage::FraudMsg;
 use voxgate_actors::progress::Progress;
 use voxgate_actors::stage::StageMsg;
@@ -115,10 +117,12 @@ fn reload_on_hangup(source: ConfigSource, fraud: FraudSlot) -> tokio::task::Join
             while hup.recv().await.is_some() {
                 match Config::load(source.path.as_deref(), std::env::vars(), &source.flags) {
                     Ok(c) => {
-                        let actor = fraud.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                        if let Some(actor) = actor {
-                            tracing::info!("SIGHUP: reloading fraud rules");
-                            let _ = actor.cast(StageMsg::Stage(FraudMsg::Reconfigure(Box::new(c.fraud))));
+                        let actors = fraud.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        if !actors.is_empty() {
+                            tracing::info!(shards = actors.len(), "SIGHUP: reloading fraud rules");
+                        }
+                        for actor in actors {
+                            let _ = actor.cast(StageMsg::Stage(FraudMsg::Reconfigure(Box::new(c.fraud.clone()))));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded"),
@@ -160,7 +164,18 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             .context("loading the tenant directory")?,
     );
     // Tenants, numbers, quotas and blocks recorded through any node's REST API.
-    let tenancy_task = tokio::spawn(log_failure("tenancy", tenancy.clone().follow()));
+    let (tenancy_actor, tenancy_done) = Actor::spawn(
+        None,
+        FollowerActor::<crate::stages::tenancy::TenancyFollower>::default(),
+        FollowerArgs {
+            log: log.clone(),
+            follower: crate::stages::tenancy::TenancyFollower(tenancy.clone()),
+            progress: Arc::new(Progress::new(1)),
+            from: Some(tenancy.follow_from()),
+        },
+    )
+    .await
+    .context("following the tenants log")?;
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
     let twilio = crate::stages::hangup::TwilioRest::new(&cfg.twilio_api_url);
@@ -182,8 +197,9 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     // default action would end the node).
     let fraud_slot: FraudSlot = Arc::default();
     let reload = reload_on_hangup(config_source, fraud_slot.clone());
-    // Every node keeps the usage books (the REST API reads them); one node acts on them.
-    let billing = Arc::new(crate::stages::billing::Billing::new(
+    // Every node keeps the usage books (the REST API reads them), rebuilt from the logs before
+    // the node answers anything; the billing nodes act on them for their tenant shards.
+    let billing = Arc::new(crate::stages::billing::open(
         &cfg,
         log.clone(),
         clock.clone(),
@@ -191,15 +207,18 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         twilio.clone(),
         calls.clone(),
     )?);
-    let cursor = billing.rebuild().await.context("rebuilding usage from the logs")?;
-    let billing_alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let billing_task = {
-        let (billing, alive) = (billing.clone(), billing_alive.clone());
-        tokio::spawn(async move {
-            log_failure("billing", billing.follow(cursor)).await;
-            alive.store(false, std::sync::atomic::Ordering::Release);
-        })
-    };
+    let (billing_actor, billing_done) = Actor::spawn(
+        None,
+        FollowerActor::<BillingFollower>::default(),
+        FollowerArgs {
+            log: log.clone(),
+            follower: BillingFollower::new(billing.clone()),
+            progress: billing.progress(),
+            from: None,
+        },
+    )
+    .await
+    .context("rebuilding usage from the logs")?;
     let app = Arc::new(crate::http::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
     let stt = if ROSTER.iter().any(|r| r.stage == StageKind::Stt && r.runs(&roles, &cfg)) {
         let dir = cfg.stt.model_dir.clone();
@@ -236,9 +255,9 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     for row in &ROSTER {
         let mut share = None;
         if row.runs(&roles, &cfg) {
-            let progress = Arc::new(Progress::new(log.partitions(row.input)? as usize));
+            let progress = Arc::new(row.progress(&log, &cfg)?);
             let start = roster::starter(row, &deps, progress.clone())?;
-            let c = Claimed::run(&log, row.name, row.units(&log)?, &node, row.refresh, start).await?;
+            let c = Claimed::run(&log, row.name, row.units(&log, &cfg)?, &node, row.refresh, start).await?;
             if row.health {
                 stages.push(StageEntry {
                     name: row.name,
@@ -246,6 +265,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
                     runner: Runner::Task(c.alive()),
                     progress: progress.clone(),
                     share: clustered.then(|| c.share()),
+                    units: row.units_name(),
                 });
             }
             if let Some(d) = row.drain {
@@ -258,9 +278,10 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             stages.push(StageEntry {
                 name: row.name,
                 input: row.input,
-                runner: Runner::Task(billing_alive.clone()),
+                runner: Runner::Actor(billing_actor.get_cell()),
                 progress: billing.progress(),
                 share,
+                units: row.units_name(),
             });
         }
     }
@@ -288,8 +309,18 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             calls: calls.clone(),
             hangs_up,
         };
-        tokio::spawn(log_failure("fraud", crate::stages::fraud::follow(log.clone(), fx, clock.clone())))
+        let args = FollowerArgs {
+            log: log.clone(),
+            follower: crate::stages::fraud::FraudActions::new(fx, clock.clone()),
+            progress: Arc::new(Progress::new(log.partitions(topics::FRAUD).unwrap_or(1) as usize)),
+            from: None,
+        };
+        Actor::spawn(None, FollowerActor::<crate::stages::fraud::FraudActions>::default(), args)
     });
+    let follower = match follower {
+        Some(spawned) => Some(spawned.await.context("starting the fraud actions follower")?),
+        None => None,
+    };
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(log_failure(
@@ -402,11 +433,14 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         }
     }
     reload.abort();
-    if let Some(f) = follower {
-        f.abort();
+    if let Some((actor, done)) = follower {
+        actor.stop(None);
+        let _ = done.await;
     }
-    billing_task.abort();
-    tenancy_task.abort();
+    billing_actor.stop(None);
+    let _ = billing_done.await;
+    tenancy_actor.stop(None);
+    let _ = tenancy_done.await;
     if let Some(t) = console_task {
         t.abort();
     }

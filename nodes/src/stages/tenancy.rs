@@ -100,9 +100,11 @@ pub struct Tenancy {
     lockout: Mutex<Lockout>,
     log: Log,
     clock: Arc<dyn Clock>,
-    /// One command (or catch-up) at a time; holds the next offset of the `tenants` log to apply,
-    /// so the directory is always a prefix of the log, whichever node recorded the events.
-    commands: tokio::sync::Mutex<u64>,
+    /// One command at a time (each is checked against the one before).
+    commands: tokio::sync::Mutex<()>,
+    /// The next offset of the `tenants` log to apply: the directory is always a prefix of the log,
+    /// whichever node recorded the events. Only the follower ([`TenancyFollower`]) moves it on.
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Tenancy {
@@ -259,48 +261,20 @@ impl Tenancy {
             lockout: Mutex::new(Lockout::new(cfg.throttle.lockout())),
             log,
             clock,
-            commands: tokio::sync::Mutex::new(applied),
+            commands: tokio::sync::Mutex::new(()),
+            applied: tokio::sync::watch::Sender::new(applied),
         })
     }
 
-    /// Applies the `tenants` log from `*next` on (what another node recorded, in a cluster).
-    /// An event that cannot be applied here (sealed with another secrets key) is reported and
-    /// skipped, never the end of the follower.
-    fn catch_up(&self, next: &mut u64) -> Result<(), voxgate_storage::StorageError> {
-        let mut g = lock(&self.gate);
-        *next = self.log.scan(topics::TENANTS, 0, *next, |r| {
-            let applied = voxgate_protocol::decode(r.payload())
-                .map_err(|e| e.to_string())
-                .and_then(|env| g.directory.apply(&env, &self.sealer).map_err(|e| e.to_string()));
-            if let Err(reason) = applied {
-                metrics::counter!("voxgate_stage_undecodable_total", "stage" => "tenancy").increment(1);
-                tracing::error!(stage = "tenancy", offset = r.offset, %reason, "tenants event not applied; skipped");
-            }
-            Ok::<_, voxgate_storage::StorageError>(())
-        })?;
-        Ok(())
+    /// Where the follower goes on from: what [`Tenancy::open`] loaded.
+    pub fn follow_from(&self) -> Vec<Vec<u64>> {
+        vec![vec![*self.applied.borrow()]]
     }
 
-    /// Follows the `tenants` log until it closes, so a tenant, number, quota or block recorded
-    /// through another node's REST API reaches this node's gate. On one sled node every event is
-    /// already applied by [`Tenancy::command`] and this finds nothing new.
-    pub async fn follow(self: Arc<Self>) -> Result<(), voxgate_storage::StorageError> {
-        let mut rx = self.log.watch(topics::TENANTS)?;
-        // A timer too: what arrived between loading and subscribing, or after a failed read, is
-        // picked up without waiting for the next change.
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let mut next = self.commands.lock().await;
-            if let Err(e) = self.catch_up(&mut next) {
-                tracing::error!(stage = "tenancy", error = %e, "reading the tenants log failed; retrying");
-            }
-            drop(next);
-            tokio::select! {
-                r = rx.changed() => if r.is_err() { return Ok(()) },
-                _ = tick.tick() => {}
-            }
-        }
+    /// Waits (at most `within`) until the follower has applied the `tenants` log up to `next`.
+    async fn applied_to(&self, next: u64, within: std::time::Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(within, async { rx.wait_for(|n| *n >= next).await.is_ok() }).await.unwrap_or(false)
     }
 
     /// Reads the directory.
@@ -391,9 +365,14 @@ impl Tenancy {
         tenant: AccountSid,
         check: impl FnOnce(&Directory) -> Result<Vec<Event>, TenancyError>,
     ) -> Result<Vec<Envelope>, CommandError> {
-        let mut next = self.commands.lock().await;
+        let _one_at_a_time = self.commands.lock().await;
         // Checked against everything recorded so far, on any node.
-        self.catch_up(&mut next)?;
+        let head = self.log.durable_head(topics::TENANTS, 0)?;
+        if !self.applied_to(head, std::time::Duration::from_secs(10)).await {
+            return Err(CommandError::Log(voxgate_storage::StorageError::Engine(
+                "the tenant directory is behind the log; try again".into(),
+            )));
+        }
         let payloads = check(&lock(&self.gate).directory)?;
         let now = self.clock.now();
         let envs: Vec<Envelope> = payloads
@@ -407,12 +386,13 @@ impl Tenancy {
         };
         // On a cluster the local mirror may show the event a moment after JetStream acknowledged
         // it; then it is applied in log order with whatever another node recorded just before.
-        if !self.log.wait_readable(topics::TENANTS, at, std::time::Duration::from_secs(10)).await? {
+        if !self.log.wait_readable(topics::TENANTS, at, std::time::Duration::from_secs(10)).await?
+            || !self.applied_to(at.offset + 1, std::time::Duration::from_secs(10)).await
+        {
             return Err(CommandError::Log(voxgate_storage::StorageError::Engine(
                 "the change is recorded but not yet readable here; it applies once it is".into(),
             )));
         }
-        self.catch_up(&mut next)?;
         // A number claimed through another node at the same moment: the log's first claim holds
         // and this one changed nothing, so it is refused as it would have been a moment later.
         for env in &envs {
@@ -503,4 +483,31 @@ impl Tenancy {
             Principal::Tenant(sid) => self.read(|d| d.may_access(sid, target)),
         }
     }
+}
+
+/// The tenants log on the follower harness: a tenant, number, quota or block recorded through any
+/// node's REST API (this one's included) reaches this node's gate. It goes on from where
+/// [`Tenancy::open`] loaded the log. An event that cannot be applied here (sealed with another
+/// secrets key) is reported and skipped, never the end of the follower.
+pub struct TenancyFollower(pub Arc<Tenancy>);
+
+impl voxgate_actors::follow::Follower for TenancyFollower {
+    type Msg = std::convert::Infallible;
+    const NAME: &'static str = "tenancy";
+    const TOPICS: &'static [&'static str] = &[topics::TENANTS];
+    const LAG: &'static str = topics::TENANTS;
+
+    fn apply(&mut self, _: &'static str, env: Envelope) {
+        let t = &self.0;
+        if let Err(e) = lock(&t.gate).directory.apply(&env, &t.sealer) {
+            metrics::counter!("voxgate_stage_undecodable_total", "stage" => "tenancy").increment(1);
+            tracing::error!(stage = "tenancy", event = %env.event_id, reason = %e, "tenants event not applied; skipped");
+        }
+    }
+
+    fn reached(&mut self, _: &'static str, _: u32, next: u64) {
+        self.0.applied.send_replace(next);
+    }
+
+    async fn settle(&mut self, _live: bool) {}
 }

@@ -10,16 +10,18 @@
 //! its reference.
 //!
 //! [`Sessions`] is the pure core: a fold of the calls and transcripts logs into the callbacks to
-//! send. At start the follower folds the logs from the beginning, skipping what an earlier run
-//! delivered (its `app_exchange` records), then follows them.
+//! send. [`Transcription`] runs it on the follower harness: at start it folds the logs from the
+//! beginning, skipping what an earlier run delivered (its `app_exchange` records), then follows
+//! them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use voxgate_actors::follow::Follower;
 use voxgate_protocol::event::{AppPurpose, HttpMethod, Track, TranscriptionStarted};
 use voxgate_protocol::{AccountSid, CallSid, Envelope, Event, EventId, Timestamp};
-use voxgate_storage::{topics, Log, StorageError};
+use voxgate_storage::{topics, Log};
 
 /// One callback to send.
 #[derive(Debug, Clone, PartialEq)]
@@ -321,94 +323,76 @@ pub struct Deps {
     pub clock: Arc<dyn voxgate_protocol::Clock>,
 }
 
-/// Folds the logs from the start (nothing sent), then follows them, sending each session's
-/// callbacks in order.
-pub async fn follow(deps: Deps) -> Result<(), StorageError> {
-    let log = deps.log.clone();
-    let mut sessions = Sessions::default();
-    let mut next: Vec<Vec<u64>> = Vec::new();
-    for topic in TOPICS {
-        let parts = log.partitions(topic)?;
-        next.push((0..parts).map(|p| log.first_offset(topic, p).unwrap_or(0)).collect());
-    }
-    // The past: what is still owed is what no earlier run delivered.
-    let owed = catch_up(&log, &mut sessions, &mut next)?;
-    let senders = Senders::new(deps.clone());
-    for d in owed {
-        senders.send(d);
-    }
-    let mut watches = Vec::new();
-    for topic in TOPICS {
-        watches.push(log.watch(topic)?);
-    }
-    let [mut a, mut b] = <[_; 2]>::try_from(watches).map_err(|_| StorageError::Engine("watches".into()))?;
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            r = a.changed() => if r.is_err() { return Ok(()) },
-            r = b.changed() => if r.is_err() { return Ok(()) },
-            _ = tick.tick() => {
-                for d in sessions.expire(deps.clock.now(), Duration::from_secs(300)) {
-                    senders.send(d);
-                }
-            }
-        }
-        match catch_up(&log, &mut sessions, &mut next) {
-            Ok(ds) => {
-                for d in ds {
-                    senders.send(d);
-                }
-            }
-            Err(e) => {
-                tracing::error!(stage = "transcription", error = %e, "reading the logs failed; retrying in 1 s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-        metrics::gauge!("voxgate_transcription_sessions").set(sessions.active() as f64);
+/// Twilio's transcription callbacks on the follower harness: folds both logs from the start
+/// (sending what no earlier run delivered), then follows them, sending each session's callbacks in
+/// order.
+pub struct Transcription {
+    sessions: Sessions,
+    senders: Arc<Senders>,
+    clock: Arc<dyn voxgate_protocol::Clock>,
+    /// The round's relevant events: (event time, topic, arrival, event).
+    round: Vec<(Timestamp, usize, usize, Envelope)>,
+}
+
+impl Transcription {
+    pub fn new(deps: Deps) -> Self {
+        let clock = deps.clock.clone();
+        Self { sessions: Sessions::default(), senders: Senders::new(deps), clock, round: Vec::new() }
     }
 }
 
-/// Reads both logs from `next` to their heads and folds them in event-time order.
-fn catch_up(log: &Log, sessions: &mut Sessions, next: &mut [Vec<u64>]) -> Result<Vec<Delivery>, StorageError> {
-    let mut batch: Vec<(Timestamp, usize, u64, Envelope)> = Vec::new();
-    for (t, topic) in TOPICS.iter().enumerate() {
-        for (p, from) in next[t].iter_mut().enumerate() {
-            let to = log.scan(topic, p as u32, *from, |r| {
-                if let Ok(env) = voxgate_protocol::decode(r.payload()) {
-                    let relevant = matches!(
-                        env.payload,
-                        Event::TranscriptionStarted(_)
-                            | Event::TranscriptionStopped(_)
-                            | Event::GatewayAnswered(_)
-                            | Event::CallStatusChanged(_)
-                            | Event::SpeechEnded(_)
-                            | Event::Transcript(_)
-                            | Event::PartialTranscript(_)
-                            | Event::AppExchange(_)
-                    );
-                    if relevant {
-                        batch.push((env.occurred_at, t, r.offset, env));
-                    }
+impl Follower for Transcription {
+    type Msg = std::convert::Infallible;
+    const NAME: &'static str = "transcription";
+    const TOPICS: &'static [&'static str] = &TOPICS;
+    const LAG: &'static str = topics::TRANSCRIPTS;
+    /// Sessions whose call ended long ago are stopped (a track's end that never came).
+    const TICK: Option<Duration> = Some(Duration::from_secs(5));
+
+    fn apply(&mut self, topic: &'static str, env: Envelope) {
+        let relevant = matches!(
+            env.payload,
+            Event::TranscriptionStarted(_)
+                | Event::TranscriptionStopped(_)
+                | Event::GatewayAnswered(_)
+                | Event::CallStatusChanged(_)
+                | Event::SpeechEnded(_)
+                | Event::Transcript(_)
+                | Event::PartialTranscript(_)
+                | Event::AppExchange(_)
+        );
+        if relevant {
+            let t = TOPICS.iter().position(|x| *x == topic).unwrap_or(0);
+            self.round.push((env.occurred_at, t, self.round.len(), env));
+        }
+    }
+
+    /// The round in event-time order; what it calls for is sent, less what an earlier run
+    /// delivered (recorded after it was called for).
+    async fn settle(&mut self, _live: bool) {
+        let mut round = std::mem::take(&mut self.round);
+        round.sort_by_key(|(at, t, n, _)| (*at, *t, *n));
+        let mut out = Vec::new();
+        let mut done = std::collections::HashSet::new();
+        for (_, _, _, env) in &round {
+            if let Event::AppExchange(x) = &env.payload {
+                if x.purpose == AppPurpose::Transcription && x.error_code.is_none() {
+                    done.extend(x.reference.clone());
                 }
-                Ok::<_, StorageError>(())
-            })?;
-            *from = to;
-        }
-    }
-    batch.sort_by_key(|(at, t, off, _)| (*at, *t, *off));
-    let mut out = Vec::new();
-    // Callbacks an earlier run delivered (recorded after they were called for).
-    let mut done = std::collections::HashSet::new();
-    for (_, _, _, env) in &batch {
-        if let Event::AppExchange(x) = &env.payload {
-            if x.purpose == AppPurpose::Transcription && x.error_code.is_none() {
-                done.extend(x.reference.clone());
             }
+            out.extend(self.sessions.apply(env));
         }
-        out.extend(sessions.apply(env));
+        for d in out.into_iter().filter(|d| !done.contains(&d.reference())) {
+            self.senders.send(d);
+        }
+        metrics::gauge!("voxgate_transcription_sessions").set(self.sessions.active() as f64);
     }
-    out.retain(|d| !done.contains(&d.reference()));
-    Ok(out)
+
+    async fn tick(&mut self) {
+        for d in self.sessions.expire(self.clock.now(), Duration::from_secs(300)) {
+            self.senders.send(d);
+        }
+    }
 }
 
 /// One queue per session, so a session's callbacks go in order and a slow app holds up only its

@@ -7,8 +7,8 @@ use voxgate_actors::billing::{
     CallbackMethod, Category, NewTrigger, Recurring, Trigger, TriggerBy, TriggerError, TriggerSid,
 };
 use voxgate_protocol::event::{UsageTriggerDeleted, UsageTriggerUpdated};
-use voxgate_protocol::AccountSid;
 use voxgate_protocol::Event;
+use voxgate_protocol::{AccountSid, EventId};
 
 use super::{page, ApiError, Params, Request, Resource, API};
 use crate::http::AppState;
@@ -51,7 +51,7 @@ pub(super) async fn handle(cx: &Request<'_>, method: &Method, res: Resource) -> 
             let sid = new.sid;
             state
                 .billing
-                .command(a, |b, now| {
+                .command(a, EventId(random_u128()), |b, now| {
                     Ok(Event::UsageTriggerCreated(b.triggers.prepare(new, &b.usage, now)?.created_event()))
                 })
                 .await?;
@@ -76,7 +76,7 @@ pub(super) async fn handle(cx: &Request<'_>, method: &Method, res: Resource) -> 
             let name = params.get("FriendlyName").map(str::to_owned);
             state
                 .billing
-                .command(a, |b, _| {
+                .command(a, EventId(random_u128()), |b, _| {
                     b.triggers.check_update(a, sid, url.as_deref(), name.as_deref())?;
                     Ok(Event::UsageTriggerUpdated(UsageTriggerUpdated {
                         sid: sid.to_string(),
@@ -92,7 +92,7 @@ pub(super) async fn handle(cx: &Request<'_>, method: &Method, res: Resource) -> 
         (Method::DELETE, Resource::Trigger(a, sid)) => {
             state
                 .billing
-                .command(a, |b, _| {
+                .command(a, EventId(random_u128()), |b, _| {
                     b.triggers.get(a, sid).ok_or(TriggerError::NotFound(sid))?;
                     Ok(Event::UsageTriggerDeleted(UsageTriggerDeleted { sid: sid.to_string() }))
                 })
