@@ -57,6 +57,9 @@ pub trait Follower: Sized + Send + 'static {
     /// Everything of `topic`/`partition` before `next` is folded in (after each batch).
     fn reached(&mut self, _topic: &'static str, _partition: u32, _next: u64) {}
 
+    /// The actor is stopping (the node shuts down, or the log closed).
+    fn stopped(&mut self) {}
+
     /// Its timer.
     fn tick(&mut self) -> impl Future<Output = ()> + Send {
         async {}
@@ -210,6 +213,7 @@ impl<F: Follower> Actor for FollowerActor<F> {
         if let Some(t) = s.ticker.take() {
             t.abort();
         }
+        s.follower.stopped();
         Ok(())
     }
 

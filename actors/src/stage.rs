@@ -280,22 +280,24 @@ impl<S> Default for StageActor<S> {
 impl<S: Stage> StageState<S> {
     async fn open(&mut self) -> Result<(), StageError> {
         let mut cursor = self.log.cursor(&self.cursor, S::INPUT)?;
-        if self.shard.of > 1 {
-            // A shard new to this cluster goes on from where the unsharded stage stopped (its
-            // outputs' ids derive from the inputs, so what it repeats is de-duplicated).
-            let whole = self.log.cursor(S::CURSOR, S::INPUT)?;
-            for (c, w) in cursor.iter_mut().zip(whole) {
+        if self.shard.of > 1 && cursor.contains(&0) {
+            // A shard new to this cluster goes on from where the stage stopped before its shards
+            // were laid out this way (its outputs' ids derive from the inputs, so what it repeats
+            // is de-duplicated), not from the start of history.
+            let before = earlier_layouts::<S>(&self.log, self.shard.of)?;
+            for (c, b) in cursor.iter_mut().zip(before) {
                 if *c == 0 {
-                    *c = w;
+                    *c = b;
                 }
             }
         }
         let next = crate::progress::starting_points(cursor, self.partitions.as_deref());
-        let stage = S::open(&self.args, &self.log, &next, self.shard).await?;
+        // Its position counts (and its lag shows) while it opens, or fails to.
         let slot = self.shard.index;
         for (p, n) in next.iter().enumerate() {
             self.progress.set_in(slot, p as u32, *n);
         }
+        let stage = S::open(&self.args, &self.log, &next, self.shard).await?;
         let mut run = Running {
             stage,
             cursor: self.cursor.clone(),
@@ -311,6 +313,34 @@ impl<S: Stage> StageState<S> {
         Ok(())
     }
 }
+
+/// Per partition, where the stage had got to under its other layouts: the unsharded cursor, or
+/// for a layout of `m` shards the least position any of its shards had reached (a shard that never
+/// stored one aside); the furthest of those. 0 where there is none.
+fn earlier_layouts<S: Stage>(log: &Log, of: u32) -> Result<Vec<u64>, StorageError> {
+    let mut best = log.cursor(S::CURSOR, S::INPUT)?;
+    for m in (2..=MAX_SHARDS).filter(|m| *m != of) {
+        if log.cursor(&Shard { index: 0, of: m }.cursor(S::CURSOR), S::INPUT)?.iter().all(|c| *c == 0) {
+            continue;
+        }
+        let mut least: Vec<Option<u64>> = vec![None; best.len()];
+        for index in 0..m {
+            let c = log.cursor(&Shard { index, of: m }.cursor(S::CURSOR), S::INPUT)?;
+            for (l, v) in least.iter_mut().zip(c) {
+                if v > 0 {
+                    *l = Some(l.map_or(v, |l| l.min(v)));
+                }
+            }
+        }
+        for (b, l) in best.iter_mut().zip(least) {
+            *b = (*b).max(l.unwrap_or(0));
+        }
+    }
+    Ok(best)
+}
+
+/// The most shards a stage may run as (`tenant_shards`).
+pub const MAX_SHARDS: u32 = 256;
 
 impl<S: Stage> Running<S> {
     /// One round over every owned partition; true when more input waits.
@@ -451,6 +481,7 @@ impl<S: Stage> Actor for StageActor<S> {
         s.watcher.abort();
         // A shard another node takes over is no longer this node's lag.
         s.progress.release(s.shard.index);
+        crate::progress::report_lag(&s.log, S::NAME, S::INPUT, &s.progress.snapshot());
         let _ = s.log.sync().await;
         Ok(())
     }
@@ -736,6 +767,33 @@ mod tests {
         }
         assert_eq!(Shard::ALL.cursor("fraud"), "fraud");
         assert_eq!(Shard { index: 3, of: 8 }.cursor("fraud"), "fraud.3of8");
+    }
+
+    #[tokio::test]
+    async fn a_new_shard_layout_goes_on_from_where_the_last_one_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(dir.path());
+        for i in 0..7u8 {
+            log.append(topics::CALLS, 0, &[i]).await.unwrap();
+        }
+        // The stage ran unsharded up to 2, then as two shards, the slower at 4.
+        log.store_cursor("copy", topics::CALLS, 0, 2).unwrap();
+        log.store_cursor("copy.0of2", topics::CALLS, 0, 6).unwrap();
+        log.store_cursor("copy.1of2", topics::CALLS, 0, 4).unwrap();
+        let progress = Arc::new(Progress::sharded(1, 4));
+        let args = StageArgs::<Copy> {
+            log: log.clone(),
+            progress: progress.clone(),
+            partitions: None,
+            shard: Shard { index: 3, of: 4 },
+            stage: 0,
+        };
+        let (actor, done) = Actor::spawn(None, StageActor::<Copy>::default(), args).await.unwrap();
+        assert_eq!(copied(&log, 3).await, 3, "records 4, 5 and 6");
+        actor.stop(None);
+        done.await.unwrap();
+        assert_eq!(log.cursor("copy.3of4", topics::CALLS).unwrap(), vec![7]);
+        assert_eq!(progress.snapshot(), vec![NOT_OURS], "the stopped shard left the node's position");
     }
 
     #[tokio::test]

@@ -527,7 +527,8 @@ async fn mirror_from(
 /// Holds this node's share of a group's work units, renewing its claims every third of the lease
 /// TTL. Members announce themselves under `m.{group}.{node}`; each takes up to
 /// ⌈units / members⌉ units as `l.{group}.{unit}` (a create that fails if another node holds it),
-/// gives back any above its share, and loses a unit whose renewal fails. A node that dies stops
+/// gives back any above its share (its stage stops on the unit at once; the lease goes a round
+/// later, so the next owner starts after that), and loses a unit whose renewal fails. A node that dies stops
 /// renewing: its keys expire with the bucket's `max_age` and the others take its units.
 pub(crate) async fn claim(
     cluster: std::sync::Arc<Cluster>,
@@ -540,12 +541,15 @@ pub(crate) async fn claim(
     let member = format!("m.{group}.{node}");
     let lease = |u: u32| format!("l.{group}.{u}");
     let mut held: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    // Units given back: their leases are kept one more round, so the stage on them has stopped
+    // here before another node can claim them.
+    let mut releasing: Vec<u32> = Vec::new();
     // Where this node starts looking, so nodes starting together do not all race for unit 0.
     let start = node.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % units.max(1);
     let every = cluster.lease_ttl / 3;
     loop {
         if tx.is_closed() {
-            for u in held.keys() {
+            for u in held.keys().chain(&releasing) {
                 let _ = leases.delete(lease(*u)).await;
             }
             let _ = leases.delete(member.as_str()).await;
@@ -562,10 +566,15 @@ pub(crate) async fn claim(
             }
         };
         let fair = units.div_ceil(members as u32) as usize;
+        for u in std::mem::take(&mut releasing) {
+            let _ = leases.delete(lease(u)).await;
+        }
         let mut keep = std::collections::BTreeMap::new();
         for (u, rev) in std::mem::take(&mut held) {
             if keep.len() >= fair {
-                let _ = leases.delete(lease(u)).await;
+                if leases.update(lease(u), node.clone().into(), rev).await.is_ok() {
+                    releasing.push(u);
+                }
                 continue;
             }
             if let Ok(r) = leases.update(lease(u), node.clone().into(), rev).await {

@@ -11,10 +11,11 @@
 //! Usage triggers and budget stops live on the `billing` log. A trigger's creation, update and
 //! deletion are recorded there by the REST API ([`Billing::command`]); a firing is recorded there
 //! (event id derived from the trigger and the period, so once per period) before its callback is
-//! sent, and every callback attempt after it is made. When a node takes a shard over, firings
-//! whose callback has no final attempt are resumed, so a callback is neither lost nor sent for a
-//! period twice by a restart (the receiver may see an attempt again if the node died between
-//! sending it and recording it: the `IdempotencyToken` is for that).
+//! sent, and every callback attempt after it is made. A node taking a shard over first folds in
+//! what the shard's previous owner recorded, then resumes the firings whose callback has no final
+//! attempt (and resumes any that arrive later), so a callback is not lost and not fired for a
+//! period twice by a restart or a move. The receiver may see an attempt again if a node died (or
+//! lost its shard) between sending it and recording it: the `IdempotencyToken` is for that.
 //!
 //! Must not: do I/O other than the log's (what billing does to the world goes through
 //! [`BillingEffects`]), or read the wall clock (time is the injected clock's).
@@ -73,6 +74,8 @@ pub struct Books {
     pub usage: UsageBook,
     pub triggers: TriggerBook,
     deliveries: BTreeMap<String, Delivery>,
+    /// Firings whose callback had its final attempt (a firing read again after it is not owed).
+    finished: BTreeSet<String>,
 }
 
 impl Books {
@@ -81,11 +84,13 @@ impl Books {
         match &env.payload {
             Event::UsageTriggerFired(f) => {
                 self.triggers.apply(env);
-                self.deliveries.entry(f.idempotency_token.clone()).or_insert_with(|| Delivery {
-                    tenant: env.tenant,
-                    fired: f.clone(),
-                    attempts: 0,
-                });
+                if !self.finished.contains(&f.idempotency_token) {
+                    self.deliveries.entry(f.idempotency_token.clone()).or_insert_with(|| Delivery {
+                        tenant: env.tenant,
+                        fired: f.clone(),
+                        attempts: 0,
+                    });
+                }
                 Vec::new()
             }
             Event::TriggerCallbackAttempted(a) => {
@@ -97,6 +102,7 @@ impl Books {
                     }
                     CallbackOutcome::Delivered | CallbackOutcome::GaveUp => {
                         self.deliveries.remove(&a.idempotency_token);
+                        self.finished.insert(a.idempotency_token.clone());
                     }
                 }
                 Vec::new()
@@ -146,6 +152,9 @@ pub struct Billing {
     acting: Mutex<Acting>,
     /// Callbacks being delivered by this node, by idempotency token (one sender each).
     sending: Mutex<BTreeSet<String>>,
+    /// How far the follower has folded the billing log in (a node taking tenants over first
+    /// sees what their previous owner fired).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why a trigger command failed.
@@ -170,7 +179,7 @@ impl Billing {
     ) -> Result<Self, StorageError> {
         let progress = Arc::new(Progress::new(log.partitions(topics::CALLS)? as usize));
         Ok(Self {
-            books: Mutex::new(Books { usage, triggers, deliveries: BTreeMap::new() }),
+            books: Mutex::new(Books { usage, triggers, deliveries: BTreeMap::new(), finished: BTreeSet::new() }),
             log,
             clock,
             effects,
@@ -179,7 +188,18 @@ impl Billing {
             progress,
             acting: Mutex::default(),
             sending: Mutex::default(),
+            applied: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Resumes the undelivered callbacks of the tenants this node acts for (those it is sending
+    /// already aside).
+    fn resume_deliveries(self: &Arc<Self>) {
+        let pending: Vec<Delivery> =
+            self.read().deliveries.values().filter(|d| self.acts_for(d.tenant)).cloned().collect();
+        for d in pending {
+            self.spawn_delivery(d);
+        }
     }
 
     fn acting(&self) -> MutexGuard<'_, Acting> {
@@ -196,13 +216,16 @@ impl Billing {
     /// in the billing log, and a firing's event id is derived from trigger and period, so nothing
     /// fires twice).
     pub async fn take_over(self: &Arc<Self>, shards: Vec<u32>, of: u32) {
+        // What the shards' previous owner recorded is folded in first.
+        let head = self.log.durable_head(topics::BILLING, 0).unwrap_or(0);
+        let mut rx = self.applied.subscribe();
+        if tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|n| *n >= head)).await.is_err() {
+            tracing::warn!(stage = "billing", head, "taking tenants over before the billing log is folded in");
+        }
+        drop(rx);
         tracing::info!(stage = "billing", ?shards, of, "acting for these tenant shards");
         *self.acting() = Acting { shards, of };
-        let pending: Vec<Delivery> =
-            self.read().deliveries.values().filter(|d| self.acts_for(d.tenant)).cloned().collect();
-        for d in pending {
-            self.spawn_delivery(d);
-        }
+        self.resume_deliveries();
         self.judge(&[], true).await;
     }
 
@@ -268,6 +291,11 @@ impl Billing {
             (firings, budgets)
         };
         for f in firings {
+            if !self.acts_for(f.account_sid) {
+                // Its shard moved meanwhile: the new owner judges it.
+                self.read().triggers.forget_firing(f.account_sid, f.usage_trigger_sid, f.period_start);
+                continue;
+            }
             let period = f.period_start.0 as u128;
             let sid = f.usage_trigger_sid.0;
             let event = f.event();
@@ -312,6 +340,9 @@ impl Billing {
             self.spawn_delivery(Delivery { tenant: f.account_sid, fired: event, attempts: 0 });
         }
         for (account, spent, budget) in budgets {
+            if !self.acts_for(account) {
+                continue;
+            }
             let month = Month::of(now);
             let ev = TriggerBook::budget_event(month, spent, budget);
             let until = ev.until;
@@ -515,14 +546,12 @@ impl Follower for BillingFollower {
             for (account, month, budget) in stops {
                 b.effects.stop_account(account, month.end(), budget);
             }
-            let resume: Vec<Delivery> =
-                b.read().deliveries.values().filter(|d| b.acts_for(d.tenant)).cloned().collect();
-            for d in resume {
-                b.spawn_delivery(d);
-            }
+            b.resume_deliveries();
             b.judge(&[], true).await;
             return;
         }
+        // A firing its previous owner recorded after this node took its tenant over.
+        b.resume_deliveries();
         // A stop the acting node recorded (maybe another node) reaches this node's gate and the
         // calls it holds.
         for (account, until, budget) in stops {
@@ -535,8 +564,15 @@ impl Follower for BillingFollower {
         }
     }
 
+    fn reached(&mut self, topic: &'static str, _: u32, next: u64) {
+        if topic == topics::BILLING {
+            self.billing.applied.send_replace(next);
+        }
+    }
+
     async fn tick(&mut self) {
         let b = &self.billing;
+        b.resume_deliveries();
         let now = b.clock.now();
         let changes = b.read().usage.advance(now);
         // Every trigger and budget is looked at (retrying what failed).

@@ -241,13 +241,14 @@ impl Claimed {
     /// unit at once, so the stage starts before this returns.
     pub async fn run(
         log: &Log,
-        group: &'static str,
+        group: &str,
         units: u32,
         node: &str,
         refresh: &'static [&'static str],
         mut start: Start,
     ) -> anyhow::Result<Self> {
         let mut claims = log.claim(group, units, node);
+        let group = group.to_owned();
         let first = claims.borrow_and_update().clone();
         let share: Share = Arc::default();
         let mut running = if first.is_empty() { None } else { Some(start(first.clone()).await?) };
@@ -272,19 +273,19 @@ impl Claimed {
                 }
                 for name in refresh {
                     while let Err(e) = log.refresh(name).await {
-                        tracing::warn!(stage = group, error = %e, "reloading cursors before taking over; retrying");
+                        tracing::warn!(stage = %group, error = %e, "reloading cursors before taking over; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
                 match start(owned.clone()).await {
                     Ok(s) => {
-                        tracing::info!(stage = group, units = ?owned, "stage running on its claimed share");
+                        tracing::info!(stage = %group, units = ?owned, "stage running on its claimed share");
                         sh.lock().unwrap_or_else(|e| e.into_inner()).clone_from(&owned);
                         running = Some(s);
                         a.store(true, Ordering::Release);
                     }
                     Err(e) => {
-                        tracing::error!(stage = group, error = %e, "stage did not start on its claimed share");
+                        tracing::error!(stage = %group, error = %e, "stage did not start on its claimed share");
                         a.store(false, Ordering::Release);
                     }
                 }

@@ -87,7 +87,15 @@ impl Follower for FraudActions {
     const LAG: &'static str = topics::FRAUD;
 
     fn apply(&mut self, _: &'static str, env: Envelope) {
-        self.round.push(env);
+        // Only what it acts on is kept until the round settles.
+        let acts = match &env.payload {
+            Event::FraudVerdict(v) => v.blocked_number.is_some(),
+            Event::HangupRequested(_) => true,
+            _ => false,
+        };
+        if acts {
+            self.round.push(env);
+        }
     }
 
     /// What the log held at start only restores blocks; what comes after also ends calls.

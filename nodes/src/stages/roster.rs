@@ -136,6 +136,15 @@ impl Row {
         })
     }
 
+    /// Its claims group: its name, with the shard count when sharded, so nodes that split the
+    /// tenants differently (a rolling change of `tenant_shards`) never hold the same tenants.
+    pub fn claims_group(&self, cfg: &Config) -> String {
+        match self.units {
+            Units::TenantShards if tenant_shards(cfg) > 1 => format!("{}-{}", self.name, tenant_shards(cfg)),
+            _ => self.name.to_owned(),
+        }
+    }
+
     /// What health calls its units.
     pub fn units_name(&self) -> &'static str {
         match self.units {
@@ -160,11 +169,19 @@ pub fn tenant_shards(cfg: &Config) -> u32 {
     cfg.cluster.as_ref().map_or(1, |c| c.tenant_shards.max(1))
 }
 
-/// The fraud stage's shards running on this node, for rule reloads (SIGHUP).
-pub type FraudSlot = Slot<FraudMsg>;
+/// The fraud stage's shards running on this node, and the rules in force, for rule reloads
+/// (SIGHUP): a shard started later (the node's share changed) starts with the reloaded rules.
+#[derive(Clone, Default)]
+pub struct FraudSlot {
+    pub actors: Slot<FraudMsg>,
+    pub rules: Arc<Mutex<Option<voxgate_actors::fraud::FraudConfig>>>,
+}
 
 /// Where a running stage's actors can be found (to send them its own messages).
 pub type Slot<M> = Arc<Mutex<Vec<ActorRef<StageMsg<M>>>>>;
+
+/// What a harness stage is built from, as of when it starts.
+type ArgsOf<S> = Arc<dyn Fn() -> <S as Stage>::Args + Send + Sync>;
 
 /// How a harness stage spreads over the nodes of its role.
 #[derive(Debug, Clone, Copy)]
@@ -192,7 +209,8 @@ pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Resul
     let log = deps.log.clone();
     Ok(match row.stage {
         StageKind::Transcode => {
-            on_harness::<TranscodeStage>(log, progress, Spread::Partitions, deps.cfg.transcode.clone(), None)
+            let config = deps.cfg.transcode.clone();
+            on_harness::<TranscodeStage>(log, progress, Spread::Partitions, Arc::new(move || config.clone()), None)
         }
         StageKind::Stt => {
             let pool = deps.stt.clone().context("the stt workers are not loaded")?;
@@ -202,15 +220,19 @@ pub fn starter(row: &Row, deps: &Deps, progress: Arc<Progress>) -> anyhow::Resul
                 clock: deps.clock.clone(),
                 partials: deps.cfg.stt.partials,
             };
-            on_harness::<SttStage>(log, progress, Spread::Partitions, settings, None)
+            on_harness::<SttStage>(log, progress, Spread::Partitions, Arc::new(move || settings.clone()), None)
         }
         StageKind::Fraud => {
             FraudEngine::new(deps.cfg.fraud.clone(), PrefixTable::builtin()).context("fraud rules")?;
-            let settings = FraudSettings { config: deps.cfg.fraud.clone(), prefixes: PrefixTable::builtin() };
+            let (initial, rules) = (deps.cfg.fraud.clone(), deps.fraud.rules.clone());
+            let settings: ArgsOf<FraudStage> = Arc::new(move || {
+                let config = rules.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| initial.clone());
+                FraudSettings { config, prefixes: PrefixTable::builtin() }
+            });
             // Its rules look across a tenant's calls: every partition, a shard of the tenants; its
             // actors where SIGHUP finds them.
             let shards = Spread::TenantShards(tenant_shards(&deps.cfg));
-            on_harness::<FraudStage>(log, progress, shards, settings, Some(deps.fraud.clone()))
+            on_harness::<FraudStage>(log, progress, shards, settings, Some(deps.fraud.actors.clone()))
         }
         StageKind::Billing => {
             let b = deps.billing.clone();
@@ -254,12 +276,9 @@ fn on_harness<S: Stage>(
     log: Log,
     progress: Arc<Progress>,
     spread: Spread,
-    args: S::Args,
+    args: ArgsOf<S>,
     slot: Option<Slot<S::Msg>>,
-) -> Start
-where
-    S::Args: Clone,
-{
+) -> Start {
     Box::new(move |owned: Vec<u32>| {
         let instances: Vec<(Option<Vec<u32>>, Shard)> = match spread {
             Spread::Partitions => vec![(Some(owned), Shard::ALL)],
@@ -270,13 +289,8 @@ where
             let mut stops = Vec::with_capacity(instances.len());
             let mut actors = Vec::with_capacity(instances.len());
             for (partitions, shard) in instances {
-                let args = StageArgs::<S> {
-                    log: log.clone(),
-                    progress: progress.clone(),
-                    partitions,
-                    shard,
-                    stage: args.clone(),
-                };
+                let args =
+                    StageArgs::<S> { log: log.clone(), progress: progress.clone(), partitions, shard, stage: args() };
                 match Actor::spawn(None, StageActor::<S>::default(), args).await {
                     Ok((actor, done)) => {
                         actors.push(actor.clone());

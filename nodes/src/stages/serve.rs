@@ -117,7 +117,13 @@ fn reload_on_hangup(source: ConfigSource, fraud: FraudSlot) -> tokio::task::Join
             while hup.recv().await.is_some() {
                 match Config::load(source.path.as_deref(), std::env::vars(), &source.flags) {
                     Ok(c) => {
-                        let actors = fraud.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        // Shards started from now on start with them (if they are valid rules;
+                        // the running shards report it when they are not).
+                        let prefixes = voxgate_actors::fraud::PrefixTable::builtin();
+                        if voxgate_actors::fraud::FraudEngine::new(c.fraud.clone(), prefixes).is_ok() {
+                            *fraud.rules.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.fraud.clone());
+                        }
+                        let actors = fraud.actors.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         if !actors.is_empty() {
                             tracing::info!(shards = actors.len(), "SIGHUP: reloading fraud rules");
                         }
@@ -164,13 +170,14 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             .context("loading the tenant directory")?,
     );
     // Tenants, numbers, quotas and blocks recorded through any node's REST API.
+    let tenancy_progress = Arc::new(Progress::new(1));
     let (tenancy_actor, tenancy_done) = Actor::spawn(
         None,
         FollowerActor::<crate::stages::tenancy::TenancyFollower>::default(),
         FollowerArgs {
             log: log.clone(),
             follower: crate::stages::tenancy::TenancyFollower(tenancy.clone()),
-            progress: Arc::new(Progress::new(1)),
+            progress: tenancy_progress.clone(),
             from: Some(tenancy.follow_from()),
         },
     )
@@ -195,7 +202,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     )?;
     // SIGHUP reloads the fraud rules from here on (before the slow start-up below: SIGHUP's
     // default action would end the node).
-    let fraud_slot: FraudSlot = Arc::default();
+    let fraud_slot = FraudSlot::default();
     let reload = reload_on_hangup(config_source, fraud_slot.clone());
     // Every node keeps the usage books (the REST API reads them), rebuilt from the logs before
     // the node answers anything; the billing nodes act on them for their tenant shards.
@@ -257,7 +264,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         if row.runs(&roles, &cfg) {
             let progress = Arc::new(row.progress(&log, &cfg)?);
             let start = roster::starter(row, &deps, progress.clone())?;
-            let c = Claimed::run(&log, row.name, row.units(&log, &cfg)?, &node, row.refresh, start).await?;
+            let group = row.claims_group(&cfg);
+            let c = Claimed::run(&log, &group, row.units(&log, &cfg)?, &node, row.refresh, start).await?;
             if row.health {
                 stages.push(StageEntry {
                     name: row.name,
@@ -300,6 +308,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             None => None,
         };
     // Blocks go into this node's webhook gate (ingress), hang-ups to the calls it runs (call).
+    let fraud_progress = Arc::new(Progress::new(log.partitions(topics::FRAUD)? as usize));
     let follower = (roles.has(Role::Ingress) || roles.has(Role::Call)).then(|| {
         let here = calls.clone();
         let hangs_up: crate::stages::fraud::HangsUp = Arc::new(move |call| here.runs_here(call));
@@ -312,7 +321,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let args = FollowerArgs {
             log: log.clone(),
             follower: crate::stages::fraud::FraudActions::new(fx, clock.clone()),
-            progress: Arc::new(Progress::new(log.partitions(topics::FRAUD).unwrap_or(1) as usize)),
+            progress: fraud_progress.clone(),
             from: None,
         };
         Actor::spawn(None, FollowerActor::<crate::stages::fraud::FraudActions>::default(), args)
@@ -321,6 +330,25 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         Some(spawned) => Some(spawned.await.context("starting the fraud actions follower")?),
         None => None,
     };
+    // The followers every node (or every node that acts on fraud) runs.
+    stages.push(StageEntry {
+        name: "tenancy",
+        input: topics::TENANTS,
+        runner: Runner::Actor(tenancy_actor.get_cell()),
+        progress: tenancy_progress,
+        share: None,
+        units: "partitions",
+    });
+    if let Some((actor, _)) = &follower {
+        stages.push(StageEntry {
+            name: "fraud_actions",
+            input: topics::FRAUD,
+            runner: Runner::Actor(actor.get_cell()),
+            progress: fraud_progress,
+            share: None,
+            units: "partitions",
+        });
+    }
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(log_failure(

@@ -105,6 +105,8 @@ pub struct Tenancy {
     /// The next offset of the `tenants` log to apply: the directory is always a prefix of the log,
     /// whichever node recorded the events. Only the follower ([`TenancyFollower`]) moves it on.
     applied: tokio::sync::watch::Sender<u64>,
+    /// The follower stopped: commands fail at once instead of waiting for it.
+    unfollowed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Tenancy {
@@ -263,6 +265,7 @@ impl Tenancy {
             clock,
             commands: tokio::sync::Mutex::new(()),
             applied: tokio::sync::watch::Sender::new(applied),
+            unfollowed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -272,9 +275,18 @@ impl Tenancy {
     }
 
     /// Waits (at most `within`) until the follower has applied the `tenants` log up to `next`.
-    async fn applied_to(&self, next: u64, within: std::time::Duration) -> bool {
+    async fn applied_to(&self, next: u64, within: std::time::Duration) -> Result<(), CommandError> {
+        let gone = || self.unfollowed.load(std::sync::atomic::Ordering::Acquire);
         let mut rx = self.applied.subscribe();
-        tokio::time::timeout(within, async { rx.wait_for(|n| *n >= next).await.is_ok() }).await.unwrap_or(false)
+        let reached = tokio::time::timeout(within, async { rx.wait_for(|n| *n >= next || gone()).await.is_ok() }).await;
+        let why = if gone() {
+            "the tenant directory no longer follows the log (the node is stopping)"
+        } else if !matches!(reached, Ok(true)) {
+            "the tenant directory is behind the log; try again"
+        } else {
+            return Ok(());
+        };
+        Err(CommandError::Log(voxgate_storage::StorageError::Engine(why.into())))
     }
 
     /// Reads the directory.
@@ -368,11 +380,7 @@ impl Tenancy {
         let _one_at_a_time = self.commands.lock().await;
         // Checked against everything recorded so far, on any node.
         let head = self.log.durable_head(topics::TENANTS, 0)?;
-        if !self.applied_to(head, std::time::Duration::from_secs(10)).await {
-            return Err(CommandError::Log(voxgate_storage::StorageError::Engine(
-                "the tenant directory is behind the log; try again".into(),
-            )));
-        }
+        self.applied_to(head, std::time::Duration::from_secs(10)).await?;
         let payloads = check(&lock(&self.gate).directory)?;
         let now = self.clock.now();
         let envs: Vec<Envelope> = payloads
@@ -386,13 +394,12 @@ impl Tenancy {
         };
         // On a cluster the local mirror may show the event a moment after JetStream acknowledged
         // it; then it is applied in log order with whatever another node recorded just before.
-        if !self.log.wait_readable(topics::TENANTS, at, std::time::Duration::from_secs(10)).await?
-            || !self.applied_to(at.offset + 1, std::time::Duration::from_secs(10)).await
-        {
+        if !self.log.wait_readable(topics::TENANTS, at, std::time::Duration::from_secs(10)).await? {
             return Err(CommandError::Log(voxgate_storage::StorageError::Engine(
                 "the change is recorded but not yet readable here; it applies once it is".into(),
             )));
         }
+        self.applied_to(at.offset + 1, std::time::Duration::from_secs(10)).await?;
         // A number claimed through another node at the same moment: the log's first claim holds
         // and this one changed nothing, so it is refused as it would have been a moment later.
         for env in &envs {
@@ -507,6 +514,12 @@ impl voxgate_actors::follow::Follower for TenancyFollower {
 
     fn reached(&mut self, _: &'static str, _: u32, next: u64) {
         self.0.applied.send_replace(next);
+    }
+
+    fn stopped(&mut self) {
+        self.0.unfollowed.store(true, std::sync::atomic::Ordering::Release);
+        // Wakes the commands waiting for it.
+        self.0.applied.send_modify(|_| {});
     }
 
     async fn settle(&mut self, _live: bool) {}
