@@ -40,6 +40,10 @@ pub enum StageError {
     /// The stage's own settings refuse to build it (invalid rules).
     #[error("{0}")]
     Setup(String),
+    /// What the stage hands its input to (outside the log) cannot take it now: the round is
+    /// tried again from the cursor.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// How a stage reads its input.
@@ -192,7 +196,7 @@ pub trait Stage: Sized + Send + 'static {
         log: &Log,
         batch: &Batch,
         out: &mut Outputs,
-    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+    ) -> impl Future<Output = Result<(), StageError>> + Send;
 
     /// The round's outputs are durable (also called when there were none): state that must not
     /// run ahead of them, and their metrics.
@@ -344,7 +348,7 @@ pub const MAX_SHARDS: u32 = 256;
 
 impl<S: Stage> Running<S> {
     /// One round over every owned partition; true when more input waits.
-    async fn round(&mut self, log: &Log, progress: &Progress, args: &S::Args) -> Result<bool, StorageError> {
+    async fn round(&mut self, log: &Log, progress: &Progress, args: &S::Args) -> Result<bool, StageError> {
         let owned = self.next.iter().filter(|n| **n != NOT_OURS).count();
         match S::reading(args, owned) {
             Reading::PerPartition { batch } => {
@@ -367,7 +371,7 @@ impl<S: Stage> Running<S> {
         progress: &Progress,
         p: u32,
         batch: usize,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<bool, StageError> {
         let mut records = match self.batch.reads.pop() {
             Some((_, mut r)) => {
                 r.clear();
@@ -397,7 +401,7 @@ impl<S: Stage> Running<S> {
         Ok(full)
     }
 
-    async fn together_round(&mut self, log: &Log, progress: &Progress, per: usize) -> Result<bool, StorageError> {
+    async fn together_round(&mut self, log: &Log, progress: &Progress, per: usize) -> Result<bool, StageError> {
         let mut spare: Vec<Vec<Record>> = self.batch.reads.drain(..).map(|(_, r)| r).collect();
         let mut next = self.next.clone();
         let mut more = false;
@@ -436,13 +440,13 @@ impl<S: Stage> Running<S> {
     }
 
     /// The stage decides on the batch; its outputs are appended.
-    async fn decide(&mut self, log: &Log) -> Result<(), StorageError> {
+    async fn decide(&mut self, log: &Log) -> Result<(), StageError> {
         self.out.clear();
         self.stage.handle(log, &self.batch, &mut self.out).await?;
         if !self.out.is_empty() {
             self.out.append(log).await?;
         }
-        self.stage.appended(log, &self.out)
+        Ok(self.stage.appended(log, &self.out)?)
     }
 }
 
@@ -503,7 +507,7 @@ impl<S: Stage> Actor for StageActor<S> {
                             myself.cast(StageMsg::Poll)?;
                         }
                     }
-                    Err(StorageError::Closed) => {
+                    Err(StageError::Storage(StorageError::Closed)) => {
                         tracing::info!(stage = S::NAME, "the log is shut down; the stage stops");
                         myself.stop(None);
                     }
@@ -579,7 +583,7 @@ mod tests {
             Ok(Copy { hold: *hold })
         }
 
-        async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+        async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StageError> {
             for (_, r) in batch.records() {
                 out.push(topics::ALERTS, 0, r.payload().to_vec());
             }
@@ -705,12 +709,12 @@ mod tests {
             Ok(Flaky { tag: args.tag, shared: args.shared.clone() })
         }
 
-        async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+        async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StageError> {
             use std::sync::atomic::Ordering;
             let left = self.shared.failures_left.load(Ordering::SeqCst);
             if left > 0 {
                 self.shared.failures_left.store(left - 1, Ordering::SeqCst);
-                return Err(StorageError::Engine("a failed round".into()));
+                return Err(StorageError::Engine("a failed round".into()).into());
             }
             for _ in batch.records() {
                 out.push(topics::ALERTS, 0, vec![self.tag]);

@@ -13,7 +13,7 @@
 
 use voxgate_protocol::event::{AlertRaised, Event, FraudVerdict, HangupRequested, Severity};
 use voxgate_protocol::{Envelope, EventId};
-use voxgate_storage::{topics, Log, StorageError};
+use voxgate_storage::{topics, Log};
 
 use super::engine::FraudEngine;
 use super::prefixes::PrefixTable;
@@ -142,7 +142,7 @@ impl Stage for FraudStage {
     }
 
     /// Every partition's new events, judged in event-time order.
-    async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+    async fn handle(&mut self, _: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StageError> {
         let mut round = Vec::new();
         for (p, r) in batch.records() {
             match voxgate_protocol::decode(r.payload()) {

@@ -390,7 +390,7 @@ impl Stage for SttStage {
         })
     }
 
-    async fn handle(&mut self, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+    async fn handle(&mut self, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StageError> {
         decode_round(self, log, batch, out).await
     }
 
@@ -529,7 +529,7 @@ fn speculated(
 
 /// Transcribes a round's segments (and open segments, while no final waits) and decides the
 /// transcripts.
-async fn decode_round(s: &mut SttStage, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+async fn decode_round(s: &mut SttStage, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StageError> {
     let mut pending: Vec<Pending> = Vec::new();
     let mut ended: Vec<Envelope> = Vec::new();
     s.partials_out = 0;

@@ -98,7 +98,7 @@ impl Stage for TranscodeStage {
         })
     }
 
-    async fn handle(&mut self, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StorageError> {
+    async fn handle(&mut self, log: &Log, batch: &Batch, out: &mut Outputs) -> Result<(), StageError> {
         self.finished.clear();
         self.round = batch.reads.first().map_or(0, |(p, _)| *p);
         for (p, r) in batch.records() {

@@ -7,24 +7,25 @@
 //! audio (media batches, speech segments) and requests to the apps (`app_request`, Twilio's whole
 //! parameter set) are not published. The JSON is `voxgate replay --json`'s
 //! line: the payload's fields plus `kind`, `call_sid`, `tenant`, `occurred_at`, `event_id`, `log`,
-//! `appended_at`. The publisher reads the logs from a durable cursor (`analytics`) and moves it
-//! only after NATS has the batch (a flush), so a NATS outage or a restart loses nothing: it
-//! resumes where NATS last confirmed.
+//! `appended_at`. Each log has its publisher, a stage on the harness reading it from a durable
+//! cursor (`analytics`) that moves only after NATS has the batch (a flush), so a NATS outage or a
+//! restart loses nothing: it resumes where NATS last confirmed.
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ractor::Actor;
+use voxgate_actors::progress::Progress;
+use voxgate_actors::stage::{Batch, Durability, Outputs, Reading, Shard, Stage, StageActor, StageArgs, StageError};
 use voxgate_protocol::Event;
-use voxgate_storage::{topics, Log, StorageError};
+use voxgate_storage::{topics, Log};
 
 use crate::cli::replay::{event_json, Entry};
 
 /// The durable cursor of the publisher.
 pub const CURSOR: &str = "analytics";
-
-const TOPICS: [&str; 6] =
-    [topics::CALLS, topics::TRANSCRIPTS, topics::TENANTS, topics::FRAUD, topics::ALERTS, topics::BILLING];
 
 /// `[analytics]`: where to publish, how to log in, and what to leave out.
 #[derive(Clone, serde::Deserialize, PartialEq, Eq)]
@@ -202,14 +203,109 @@ pub fn is_public(e: &Event) -> bool {
     !matches!(e, Event::MediaBatch(_) | Event::SpeechSegment(_) | Event::SpeechProgress(_) | Event::AppRequest(_))
 }
 
-/// Publishes every public event from the cursor on, then follows the logs until they close.
-/// `connected` tells health whether NATS is reachable.
-pub async fn publish(
-    log: Log,
-    cfg: AnalyticsConfig,
+/// What every analytics shard publishes with.
+#[derive(Clone)]
+pub struct Publisher {
+    client: async_nats::Client,
+    cfg: Arc<AnalyticsConfig>,
     key: [u8; 32],
     connected: Arc<AtomicBool>,
-) -> Result<(), StorageError> {
+}
+
+/// One topic's publisher: a stage on the harness (its own cursor, `analytics`, on that topic),
+/// whose "output" is NATS: a round's events are published and flushed before the cursor moves; a
+/// round NATS does not take fails and is tried again from the cursor (the harness backs off).
+pub struct Analytics<T> {
+    p: Publisher,
+    topic: PhantomData<fn() -> T>,
+}
+
+/// A topic analytics publishes, as a type (a stage's input is a constant).
+pub trait Published: Send + 'static {
+    const TOPIC: &'static str;
+    /// The stage's label in metrics.
+    const LABEL: &'static str;
+}
+
+macro_rules! published {
+    ($($name:ident => $topic:expr, $label:literal;)*) => {
+        $(
+            #[doc = concat!("The `", $label, "` publisher's topic.")]
+            pub struct $name;
+            impl Published for $name {
+                const TOPIC: &'static str = $topic;
+                const LABEL: &'static str = $label;
+            }
+        )*
+    };
+}
+
+published! {
+    CallsLog => topics::CALLS, "analytics_calls";
+    TranscriptsLog => topics::TRANSCRIPTS, "analytics_transcripts";
+    TenantsLog => topics::TENANTS, "analytics_tenants";
+    FraudLog => topics::FRAUD, "analytics_fraud";
+    AlertsLog => topics::ALERTS, "analytics_alerts";
+    BillingLog => topics::BILLING, "analytics_billing";
+}
+
+impl<T: Published> Stage for Analytics<T> {
+    type Args = Publisher;
+    type Msg = std::convert::Infallible;
+    const NAME: &'static str = T::LABEL;
+    const CURSOR: &'static str = CURSOR;
+    const INPUT: &'static str = T::TOPIC;
+    const DURABILITY: Durability = Durability::WhenCaughtUp;
+
+    fn reading(_: &Publisher, _: usize) -> Reading {
+        Reading::PerPartition { batch: 512 }
+    }
+
+    async fn open(p: &Publisher, _: &Log, _: &[u64], _: Shard) -> Result<Self, StageError> {
+        Ok(Self { p: p.clone(), topic: PhantomData })
+    }
+
+    async fn handle(&mut self, _: &Log, batch: &Batch, _: &mut Outputs) -> Result<(), StageError> {
+        let p = &self.p;
+        let mut sent = 0u64;
+        for (_, r) in batch.records() {
+            let Ok(env) = voxgate_protocol::decode(r.payload()) else { continue };
+            if !is_public(&env.payload) {
+                continue;
+            }
+            let subject = subject(&p.cfg.subject_prefix, &env);
+            let id = env.event_id.to_string();
+            let policy = p.cfg.redact.policy(env.tenant);
+            let mut json = event_json(&Entry { topic: T::TOPIC, env, appended_at: r.appended_at() });
+            scrub(&mut json, policy, &p.key);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            if p.client.publish_with_headers(subject, headers, json.to_string().into()).await.is_err() {
+                return Err(self.unreachable());
+            }
+            sent += 1;
+        }
+        // The cursor moves only once NATS has the batch.
+        if tokio::time::timeout(Duration::from_secs(5), p.client.flush()).await.map_or(true, |r| r.is_err()) {
+            return Err(self.unreachable());
+        }
+        p.connected.store(true, Ordering::Release);
+        metrics::counter!("voxgate_analytics_events_published_total").increment(sent);
+        Ok(())
+    }
+}
+
+impl<T> Analytics<T> {
+    fn unreachable(&self) -> StageError {
+        self.p.connected.store(false, Ordering::Release);
+        metrics::counter!("voxgate_analytics_publish_failures_total").increment(1);
+        StageError::Unavailable("the analytics NATS server is unreachable; events wait in the log".into())
+    }
+}
+
+/// Connects to the analytics NATS server (retrying until it can) and runs a publisher per topic
+/// until dropped; `connected` follows the connection.
+pub async fn publish(log: Log, cfg: AnalyticsConfig, key: [u8; 32], connected: Arc<AtomicBool>) {
     let shown = voxgate_storage::redact_url(&cfg.nats_url);
     let client = loop {
         let opts = async_nats::ConnectOptions::new().name("voxgate-analytics").retry_on_initial_connect();
@@ -229,87 +325,40 @@ pub async fn publish(
             }
         }
     };
-    let mut watches = Vec::new();
-    let mut next = Vec::new();
-    for topic in TOPICS {
-        watches.push(log.watch(topic)?);
-        next.push(log.cursor(CURSOR, topic)?);
+    let p = Publisher { client: client.clone(), cfg: Arc::new(cfg), key, connected: connected.clone() };
+    let mut running = Vec::new();
+    macro_rules! start {
+        ($($t:ty),*) => {
+            $(
+                let progress = Arc::new(Progress::new(log.partitions(<$t>::TOPIC).unwrap_or(1) as usize));
+                let args = StageArgs::<Analytics<$t>> {
+                    log: log.clone(),
+                    progress,
+                    partitions: None,
+                    shard: Shard::ALL,
+                    stage: p.clone(),
+                };
+                match Actor::spawn(None, StageActor::<Analytics<$t>>::default(), args).await {
+                    Ok(a) => running.push(StopOnDrop(a.0.get_cell())),
+                    Err(e) => tracing::error!(stage = "analytics", topic = <$t>::TOPIC, error = %e, "publisher did not start"),
+                }
+            )*
+        };
     }
-    let mut recs = Vec::new();
-    let mut backoff = Duration::from_millis(100);
+    start!(CallsLog, TranscriptsLog, TenantsLog, FraudLog, AlertsLog, BillingLog);
+    // Health follows the connection, events or not.
     loop {
         connected.store(client.connection_state() == async_nats::connection::State::Connected, Ordering::Release);
-        let mut sent = 0usize;
-        let mut progressed = false;
-        let mut failed = false;
-        'topics: for (t, topic) in TOPICS.iter().enumerate() {
-            for p in 0..next[t].len() {
-                // A read below the retention horizon starts at the oldest record kept.
-                let from = next[t][p];
-                recs.clear();
-                let to = log.read(topic, p as u32, from, 512, &mut recs)?;
-                if recs.is_empty() {
-                    continue;
-                }
-                for r in &recs {
-                    let Ok(env) = voxgate_protocol::decode(r.payload()) else { continue };
-                    if !is_public(&env.payload) {
-                        continue;
-                    }
-                    let subject = subject(&cfg.subject_prefix, &env);
-                    let id = env.event_id.to_string();
-                    let policy = cfg.redact.policy(env.tenant);
-                    let mut json = event_json(&Entry { topic, env, appended_at: r.appended_at() });
-                    scrub(&mut json, policy, &key);
-                    let body = json.to_string();
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", id.as_str());
-                    if client.publish_with_headers(subject, headers, body.into()).await.is_err() {
-                        failed = true;
-                        break 'topics;
-                    }
-                    sent += 1;
-                }
-                // The cursor moves only once NATS has the batch.
-                if tokio::time::timeout(Duration::from_secs(5), client.flush()).await.map_or(true, |r| r.is_err()) {
-                    failed = true;
-                    break 'topics;
-                }
-                next[t][p] = to;
-                progressed = true;
-                log.store_cursor(CURSOR, topic, p as u32, to)?;
-            }
-        }
-        connected
-            .store(!failed && client.connection_state() == async_nats::connection::State::Connected, Ordering::Release);
-        if failed {
-            metrics::counter!("voxgate_analytics_publish_failures_total").increment(1);
-            tracing::warn!(stage = "analytics", url = %shown, retry_ms = backoff.as_millis() as u64, "NATS unreachable; events wait in the log");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            continue;
-        }
-        backoff = Duration::from_millis(100);
-        metrics::counter!("voxgate_analytics_events_published_total").increment(sent as u64);
-        if progressed {
-            continue; // more may be waiting
-        }
-        // Caught up: wait for an append (or look again in a second, to notice NATS coming back).
-        let changed = async {
-            let [a, b, c, d, e, f] = &mut watches[..] else { return true };
-            tokio::select! {
-                r = a.changed() => r.is_ok(),
-                r = b.changed() => r.is_ok(),
-                r = c.changed() => r.is_ok(),
-                r = d.changed() => r.is_ok(),
-                r = e.changed() => r.is_ok(),
-                r = f.changed() => r.is_ok(),
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(1), changed).await {
-            Ok(false) => return Ok(()),
-            _ => continue,
-        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Stops a publisher when the task that started it ends.
+struct StopOnDrop(ractor::ActorCell);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop(None);
     }
 }
 

@@ -351,9 +351,11 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     }
     let analytics = cfg.analytics.clone().map(|a| {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let task = tokio::spawn(log_failure(
-            "analytics",
-            crate::stages::analytics::publish(log.clone(), a.clone(), tenancy.analytics_key(), up.clone()),
+        let task = tokio::spawn(crate::stages::analytics::publish(
+            log.clone(),
+            a.clone(),
+            tenancy.analytics_key(),
+            up.clone(),
         ));
         (voxgate_storage::redact_url(&a.nats_url), up, task)
     });
