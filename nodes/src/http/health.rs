@@ -15,6 +15,7 @@ use voxgate_storage::Log;
 use crate::http::AppState;
 
 /// What runs a stage: an actor, or a log-following task (billing) that flags its own end.
+#[derive(Clone)]
 pub enum Runner {
     Actor(ActorCell),
     Task(Arc<AtomicBool>),

@@ -1,5 +1,6 @@
 //! The node's roster: which role runs which stage, how much of its work a node claims, and how
-//! the stage starts on a claimed share. `serve` walks [`ROSTER`] for the roles it has.
+//! the stage starts on a claimed share ([`ROSTER`]); and what a node of some roles follows whole,
+//! without claims ([`FOLLOWERS`]). `serve` walks both tables for the roles it has.
 //!
 //! Must not: decide anything a stage decides, or hold the stages' effects (they live in the
 //! stage modules: `billing`, `transcription`, the actors in voxgate-actors).
@@ -19,7 +20,8 @@ use voxgate_actors::transcode::stage::TranscodeStage;
 use voxgate_storage::{topics, Log};
 
 use crate::config::Config;
-use crate::stages::cluster::{Role, Start, Stop};
+use crate::http::health::Runner;
+use crate::stages::cluster::{Role, Roles, Start, Stop};
 use crate::stages::transcription::Transcription;
 
 /// The stages a role can run.
@@ -123,7 +125,7 @@ pub const ROSTER: [Row; 5] = [
 
 impl Row {
     /// Whether a node with these roles and this config runs the row.
-    pub fn runs(&self, roles: &crate::stages::cluster::Roles, cfg: &Config) -> bool {
+    pub fn runs(&self, roles: &Roles, cfg: &Config) -> bool {
         roles.has(self.role) && (self.stage != StageKind::Stt || cfg.stt.enabled)
     }
 
@@ -163,6 +165,147 @@ impl Row {
     }
 }
 
+/// What a node follows whole (every partition, no claims).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowerKind {
+    /// The tenants log into this node's tenant directory (auth, quotas, blocks).
+    Tenancy,
+    /// The usage books (the REST API reads them on every node; the billing nodes act on them
+    /// for their tenant shards).
+    Books,
+    /// Fraud's blocks into this node's webhook gate, hang-ups to the calls it runs.
+    FraudActions,
+    /// The public logs to the analytics NATS server (`[analytics]`).
+    Analytics,
+    /// The console's index (`[console]`).
+    ConsoleIndex,
+}
+
+/// One row of the followers' table.
+#[derive(Debug, Clone, Copy)]
+pub struct Followed {
+    pub kind: FollowerKind,
+    /// Its name in health: a follower named like a [`ROSTER`] row shows that row's share.
+    pub name: &'static str,
+    /// A node with any of these roles follows it; none: every node.
+    pub roles: &'static [Role],
+    /// The topic its lag in health is behind.
+    pub input: &'static str,
+}
+
+/// What a node follows, by role. They start in this order, before the [`ROSTER`]'s stages (a
+/// billing node taking tenant shards over waits for the books), and stop in the reverse order,
+/// after the calls and before the stages.
+pub const FOLLOWERS: [Followed; 5] = [
+    Followed { kind: FollowerKind::Tenancy, name: "tenancy", roles: &[], input: topics::TENANTS },
+    Followed { kind: FollowerKind::Books, name: "billing", roles: &[], input: topics::CALLS },
+    Followed {
+        kind: FollowerKind::FraudActions,
+        name: "fraud_actions",
+        roles: &[Role::Ingress, Role::Call],
+        input: topics::FRAUD,
+    },
+    Followed { kind: FollowerKind::Analytics, name: "analytics", roles: &[], input: topics::CALLS },
+    Followed { kind: FollowerKind::ConsoleIndex, name: "console_index", roles: &[], input: topics::CALLS },
+];
+
+impl Followed {
+    /// Whether a node with these roles and this config follows it.
+    pub fn runs(&self, roles: &Roles, cfg: &Config) -> bool {
+        let by_role = self.roles.is_empty() || self.roles.iter().any(|r| roles.has(*r));
+        by_role
+            && match self.kind {
+                FollowerKind::Analytics => cfg.analytics.is_some(),
+                FollowerKind::ConsoleIndex => cfg.console.enabled,
+                FollowerKind::Tenancy | FollowerKind::Books | FollowerKind::FraudActions => true,
+            }
+    }
+}
+
+/// A follower running on this node.
+pub struct Following {
+    /// What health shows of it (an actor on the follower harness, and its position).
+    pub health: Option<(Runner, Arc<Progress>)>,
+    pub stop: Stop,
+}
+
+/// Starts a row of [`FOLLOWERS`]; a follower on the harness has folded in what the logs hold
+/// when this returns.
+pub async fn follow(row: &Followed, deps: &Deps) -> anyhow::Result<Following> {
+    let log = &deps.log;
+    Ok(match row.kind {
+        FollowerKind::Tenancy => {
+            let follower = crate::stages::tenancy::TenancyFollower(deps.tenancy.clone());
+            let from = Some(deps.tenancy.follow_from());
+            on_follower_harness(log, row, follower, Arc::new(Progress::new(log.partitions(row.input)? as usize)), from)
+                .await?
+        }
+        FollowerKind::Books => {
+            let follower = voxgate_actors::billing::stage::BillingFollower::new(deps.billing.clone());
+            on_follower_harness(log, row, follower, deps.billing.progress(), None).await?
+        }
+        FollowerKind::FraudActions => {
+            let calls = deps.calls.clone();
+            let hangs_up: crate::stages::fraud::HangsUp = Arc::new(move |call| calls.runs_here(call));
+            let fx = crate::stages::fraud::Effects {
+                tenancy: deps.tenancy.clone(),
+                twilio: deps.twilio.clone(),
+                calls: deps.calls.clone(),
+                hangs_up,
+            };
+            let follower = crate::stages::fraud::FraudActions::new(fx, deps.clock.clone());
+            let progress = Arc::new(Progress::new(log.partitions(row.input)? as usize));
+            on_follower_harness(log, row, follower, progress, None).await?
+        }
+        FollowerKind::Analytics => {
+            let cfg = deps.cfg.analytics.clone().context("no [analytics] settings")?;
+            let task = tokio::spawn(crate::stages::analytics::publish(
+                log.clone(),
+                cfg,
+                deps.tenancy.analytics_key(),
+                deps.analytics_up.clone(),
+            ));
+            Following { health: None, stop: abort(task) }
+        }
+        FollowerKind::ConsoleIndex => {
+            let console = deps.console.as_ref().context("the console is not enabled")?;
+            let task = tokio::spawn(crate::stages::serve::log_failure(
+                "console index",
+                crate::http::console::index::follow(log.clone(), console.index.clone()),
+            ));
+            Following { health: None, stop: abort(task) }
+        }
+    })
+}
+
+/// A follower on the harness ([`FollowerActor`]).
+async fn on_follower_harness<F: voxgate_actors::follow::Follower>(
+    log: &Log,
+    row: &Followed,
+    follower: F,
+    progress: Arc<Progress>,
+    from: Option<Vec<Vec<u64>>>,
+) -> anyhow::Result<Following> {
+    let args = FollowerArgs { log: log.clone(), follower, progress: progress.clone(), from };
+    let (actor, done) = Actor::spawn(None, FollowerActor::<F>::default(), args)
+        .await
+        .with_context(|| format!("starting the {} follower", row.name))?;
+    Ok(Following {
+        health: Some((Runner::Actor(actor.get_cell()), progress)),
+        stop: crate::stages::cluster::stop_actor(actor.get_cell(), done),
+    })
+}
+
+/// The [`Stop`] of a follower that is a task.
+fn abort(task: tokio::task::JoinHandle<()>) -> Stop {
+    Box::new(move || {
+        Box::pin(async move {
+            task.abort();
+            let _ = task.await;
+        })
+    })
+}
+
 /// How many tenant shards fraud and billing run as: `[cluster] tenant_shards`, one on the embedded
 /// log.
 pub fn tenant_shards(cfg: &Config) -> u32 {
@@ -192,12 +335,19 @@ enum Spread {
     TenantShards(u32),
 }
 
-/// What the stages are started with.
+/// What the stages and followers are started with.
 pub struct Deps {
     pub cfg: Arc<Config>,
     pub log: Log,
     pub clock: Arc<dyn voxgate_protocol::Clock>,
+    pub tenancy: Arc<crate::stages::tenancy::Tenancy>,
+    pub calls: crate::stages::calls::Calls,
+    pub twilio: crate::stages::hangup::TwilioRest,
     pub billing: Arc<crate::stages::billing::Billing>,
+    /// The console, when it is enabled (its index follows the logs).
+    pub console: Option<Arc<crate::http::console::Console>>,
+    /// Whether the analytics publishers reach their NATS server (health).
+    pub analytics_up: Arc<std::sync::atomic::AtomicBool>,
     pub transcription: crate::stages::transcription::Deps,
     pub fraud: FraudSlot,
     /// The Whisper workers, when this node runs STT.
@@ -326,6 +476,20 @@ fn on_harness<S: Stage>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn followers_run_where_their_roles_and_settings_say() {
+        let names: Vec<&str> = FOLLOWERS.iter().map(|f| f.name).collect();
+        assert_eq!(names, ["tenancy", "billing", "fraud_actions", "analytics", "console_index"]);
+        let cfg = Config::load(None, Vec::new(), &crate::config::Overrides::default()).unwrap();
+        let fraud_actions = &FOLLOWERS[2];
+        assert!(fraud_actions.runs(&Roles::parse("ingress").unwrap(), &cfg));
+        assert!(fraud_actions.runs(&Roles::parse("call,stt").unwrap(), &cfg));
+        assert!(!fraud_actions.runs(&Roles::parse("fraud,billing").unwrap(), &cfg));
+        assert!(FOLLOWERS[0].runs(&Roles::parse("stt").unwrap(), &cfg));
+        // Analytics only with its settings.
+        assert!(!FOLLOWERS[3].runs(&Roles::all(), &cfg));
+    }
 
     #[test]
     fn every_stage_is_in_the_roster_once_with_its_claims_group() {

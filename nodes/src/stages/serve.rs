@@ -9,9 +9,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use ractor::Actor;
-use voxgate_actors::billing::stage::BillingFollower;
 use voxgate_actors::call::CallSupervisor;
-use voxgate_actors::follow::{FollowerActor, FollowerArgs};
 use voxgate_actors::fraud::stage::FraudMsg;
 use voxgate_actors::progress::Progress;
 use voxgate_actors::stage::StageMsg;
@@ -22,7 +20,7 @@ use crate::config::Config;
 use crate::http::health::{Health, Runner, StageEntry};
 use crate::http::{router, AppState};
 use crate::stages::cluster::{Claimed, Role};
-use crate::stages::roster::{self, FraudSlot, StageKind, ROSTER};
+use crate::stages::roster::{self, FraudSlot, Row, StageKind, FOLLOWERS, ROSTER};
 
 /// Installs the Prometheus recorder with the runbook's histogram buckets.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -139,7 +137,7 @@ fn reload_on_hangup(source: ConfigSource, fraud: FraudSlot) -> tokio::task::Join
 }
 
 /// Runs the node until SIGINT/SIGTERM, then drains: calls end, queued audio reaches the log,
-/// the log is flushed. The stages it runs are the rows of the [`ROSTER`] its roles name.
+/// the log is flushed. What it runs are the rows of [`FOLLOWERS`] and [`ROSTER`] its roles name.
 pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<()> {
     let handle = install_metrics()?;
     let cfg = Arc::new(cfg);
@@ -169,20 +167,6 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         crate::stages::tenancy::Tenancy::open(&cfg, log.clone(), clock.clone())
             .context("loading the tenant directory")?,
     );
-    // Tenants, numbers, quotas and blocks recorded through any node's REST API.
-    let tenancy_progress = Arc::new(Progress::new(1));
-    let (tenancy_actor, tenancy_done) = Actor::spawn(
-        None,
-        FollowerActor::<crate::stages::tenancy::TenancyFollower>::default(),
-        FollowerArgs {
-            log: log.clone(),
-            follower: crate::stages::tenancy::TenancyFollower(tenancy.clone()),
-            progress: tenancy_progress.clone(),
-            from: Some(tenancy.follow_from()),
-        },
-    )
-    .await
-    .context("following the tenants log")?;
     let (supervisor, supervisor_done) =
         Actor::spawn(Some("calls".into()), CallSupervisor, ()).await.context("starting the call supervisor")?;
     let twilio = crate::stages::hangup::TwilioRest::new(&cfg.twilio_api_url);
@@ -204,8 +188,9 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     // default action would end the node).
     let fraud_slot = FraudSlot::default();
     let reload = reload_on_hangup(config_source, fraud_slot.clone());
-    // Every node keeps the usage books (the REST API reads them), rebuilt from the logs before
-    // the node answers anything; the billing nodes act on them for their tenant shards.
+    // Every node keeps the usage books (the REST API reads them; the `billing` follower rebuilds
+    // them from the logs before the node answers anything); the billing nodes act on them for
+    // their tenant shards.
     let billing = Arc::new(crate::stages::billing::open(
         &cfg,
         log.clone(),
@@ -214,18 +199,6 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         twilio.clone(),
         calls.clone(),
     )?);
-    let (billing_actor, billing_done) = Actor::spawn(
-        None,
-        FollowerActor::<BillingFollower>::default(),
-        FollowerArgs {
-            log: log.clone(),
-            follower: BillingFollower::new(billing.clone()),
-            progress: billing.progress(),
-            from: None,
-        },
-    )
-    .await
-    .context("rebuilding usage from the logs")?;
     let app = Arc::new(crate::http::gateway::App::new(cfg.gateway, cfg.allow_private_callbacks)?);
     let stt = if ROSTER.iter().any(|r| r.stage == StageKind::Stt && r.runs(&roles, &cfg)) {
         let dir = cfg.stt.model_dir.clone();
@@ -240,11 +213,17 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
     } else {
         None
     };
+    let console = cfg.console.enabled.then(|| Arc::new(crate::http::console::Console::new(&cfg)));
     let deps = roster::Deps {
         cfg: cfg.clone(),
         log: log.clone(),
         clock: clock.clone(),
+        tenancy: tenancy.clone(),
+        calls: calls.clone(),
+        twilio: twilio.clone(),
         billing: billing.clone(),
+        console: console.clone(),
+        analytics_up: Arc::default(),
         transcription: crate::stages::transcription::Deps {
             log: log.clone(),
             tenancy: tenancy.clone(),
@@ -255,43 +234,53 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         stt,
     };
 
-    // The stages this node's roles run, each on its claimed share of the stage's work.
+    // What this node follows whole: its tenant directory, the usage books, fraud's actions,
+    // analytics, the console's index; each has folded in what the logs hold before it is listed.
+    let mut followers = Vec::new();
     let mut stages = Vec::new();
-    let mut claimed: Vec<Claimed> = Vec::new();
-    let mut draining: Vec<(Arc<Progress>, &'static str, Duration)> = Vec::new();
-    for row in &ROSTER {
-        let mut share = None;
-        if row.runs(&roles, &cfg) {
-            let progress = Arc::new(row.progress(&log, &cfg)?);
-            let start = roster::starter(row, &deps, progress.clone())?;
-            let group = row.claims_group(&cfg);
-            let c = Claimed::run(&log, &group, row.units(&log, &cfg)?, &node, row.refresh, start).await?;
-            if row.health {
-                stages.push(StageEntry {
-                    name: row.name,
-                    input: row.input,
-                    runner: Runner::Task(c.alive()),
-                    progress: progress.clone(),
-                    share: clustered.then(|| c.share()),
-                    units: row.units_name(),
-                });
-            }
-            if let Some(d) = row.drain {
-                draining.push((progress, row.input, d));
-            }
-            share = clustered.then(|| c.share());
-            claimed.push(c);
-        }
-        if row.stage == StageKind::Billing {
+    for row in FOLLOWERS.iter().filter(|f| f.runs(&roles, &cfg)) {
+        let f = roster::follow(row, &deps).await?;
+        if let Some((runner, progress)) = &f.health {
+            let units = ROSTER.iter().find(|r| r.name == row.name).map_or("partitions", Row::units_name);
+            let progress = progress.clone();
             stages.push(StageEntry {
                 name: row.name,
                 input: row.input,
-                runner: Runner::Actor(billing_actor.get_cell()),
-                progress: billing.progress(),
-                share,
-                units: row.units_name(),
+                runner: runner.clone(),
+                progress,
+                share: None,
+                units,
             });
         }
+        followers.push(f.stop);
+    }
+
+    // The stages this node's roles run, each on its claimed share of the stage's work.
+    let mut claimed: Vec<Claimed> = Vec::new();
+    let mut draining: Vec<(Arc<Progress>, &'static str, Duration)> = Vec::new();
+    for row in ROSTER.iter().filter(|r| r.runs(&roles, &cfg)) {
+        let progress = Arc::new(row.progress(&log, &cfg)?);
+        let start = roster::starter(row, &deps, progress.clone())?;
+        let group = row.claims_group(&cfg);
+        let c = Claimed::run(&log, &group, row.units(&log, &cfg)?, &node, row.refresh, start).await?;
+        let share = clustered.then(|| c.share());
+        match stages.iter_mut().find(|s| s.name == row.name) {
+            // A follower shows it (billing: the books on every node), with the share it acts on.
+            Some(shown) => shown.share = share,
+            None if row.health => stages.push(StageEntry {
+                name: row.name,
+                input: row.input,
+                runner: Runner::Task(c.alive()),
+                progress: progress.clone(),
+                share,
+                units: row.units_name(),
+            }),
+            None => {}
+        }
+        if let Some(d) = row.drain {
+            draining.push((progress, row.input, d));
+        }
+        claimed.push(c);
     }
     // A call node runs the actors of the calls in its share of the calls log's partitions.
     let call_node =
@@ -307,69 +296,12 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             }
             None => None,
         };
-    // Blocks go into this node's webhook gate (ingress), hang-ups to the calls it runs (call).
-    let fraud_progress = Arc::new(Progress::new(log.partitions(topics::FRAUD)? as usize));
-    let follower = (roles.has(Role::Ingress) || roles.has(Role::Call)).then(|| {
-        let here = calls.clone();
-        let hangs_up: crate::stages::fraud::HangsUp = Arc::new(move |call| here.runs_here(call));
-        let fx = crate::stages::fraud::Effects {
-            tenancy: tenancy.clone(),
-            twilio: twilio.clone(),
-            calls: calls.clone(),
-            hangs_up,
-        };
-        let args = FollowerArgs {
-            log: log.clone(),
-            follower: crate::stages::fraud::FraudActions::new(fx, clock.clone()),
-            progress: fraud_progress.clone(),
-            from: None,
-        };
-        Actor::spawn(None, FollowerActor::<crate::stages::fraud::FraudActions>::default(), args)
-    });
-    let follower = match follower {
-        Some(spawned) => Some(spawned.await.context("starting the fraud actions follower")?),
-        None => None,
-    };
-    // The followers every node (or every node that acts on fraud) runs.
-    stages.push(StageEntry {
-        name: "tenancy",
-        input: topics::TENANTS,
-        runner: Runner::Actor(tenancy_actor.get_cell()),
-        progress: tenancy_progress,
-        share: None,
-        units: "partitions",
-    });
-    if let Some((actor, _)) = &follower {
-        stages.push(StageEntry {
-            name: "fraud_actions",
-            input: topics::FRAUD,
-            runner: Runner::Actor(actor.get_cell()),
-            progress: fraud_progress,
-            share: None,
-            units: "partitions",
-        });
-    }
-    let analytics = cfg.analytics.clone().map(|a| {
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let task = tokio::spawn(crate::stages::analytics::publish(
-            log.clone(),
-            a.clone(),
-            tenancy.analytics_key(),
-            up.clone(),
-        ));
-        (voxgate_storage::redact_url(&a.nats_url), up, task)
-    });
     let health = Arc::new(Health {
         stages,
         stt_model: cfg.stt.enabled.then(|| cfg.stt.model_dir.display().to_string()),
-        nats: analytics.as_ref().map(|(url, up, _)| (url.clone(), up.clone())),
+        nats: cfg.analytics.as_ref().map(|a| (voxgate_storage::redact_url(&a.nats_url), deps.analytics_up.clone())),
         roles: roles.names(),
         call_partitions: call_node.as_ref().map(Claimed::share),
-    });
-    // The console's index follows the logs on every node that answers HTTP.
-    let console = cfg.console.enabled.then(|| Arc::new(crate::http::console::Console::new(&cfg)));
-    let console_task = console.as_ref().map(|c| {
-        tokio::spawn(log_failure("console index", crate::http::console::index::follow(log.clone(), c.index.clone())))
     });
     let state = AppState {
         console,
@@ -463,19 +395,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         }
     }
     reload.abort();
-    if let Some((actor, done)) = follower {
-        actor.stop(None);
-        let _ = done.await;
-    }
-    billing_actor.stop(None);
-    let _ = billing_done.await;
-    tenancy_actor.stop(None);
-    let _ = tenancy_done.await;
-    if let Some(t) = console_task {
-        t.abort();
-    }
-    if let Some((_, _, task)) = analytics {
-        task.abort();
+    for stop in followers.into_iter().rev() {
+        stop().await;
     }
     // A log that cannot write (a full disk) must not hold the stages' shutdown.
     log.begin_close();
