@@ -2,8 +2,10 @@
 //! stopped), and the node's side of each stage — the tasks that follow a log and act outside the
 //! pure cores in voxgate-actors (ending calls at Twilio, delivering callbacks, publishing events).
 //!
-//! - `serve`: the node; `roster`: which role runs which stage, how much work it claims and how
-//!   it starts; `cluster`: roles, leases and partitions across nodes.
+//! - `serve`: the node; `roster`: its two tables, which role runs which stage (how much work it
+//!   claims and how it starts) and which role follows which log whole (tenancy, the usage books,
+//!   fraud's actions, analytics, the console's index); `cluster`: roles, leases and partitions
+//!   across nodes.
 //! - `transcription`: transcode and STT stages and Twilio's real-time transcription callbacks.
 //! - `calls`: where call actors run (here, or on the cluster's `call` nodes over NATS).
 //! - `fraud`, `billing`: their stages' effects (blocks, hang-ups, usage-trigger callbacks);
