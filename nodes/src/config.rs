@@ -210,6 +210,9 @@ pub struct LogFile {
     /// sled's page cache, MiB (an upper bound; a log larger than it is read back from disk on
     /// every rebuild).
     pub cache_mb: u64,
+    /// Group commit: how long a busy log gathers appends into one fsync, µs (0: flush whenever
+    /// appends wait). An append to an idle log is flushed at once.
+    pub commit_gather_us: u64,
 }
 
 impl Default for LogFile {
@@ -219,6 +222,9 @@ impl Default for LogFile {
             retention: BTreeMap::new(),
             retention_interval_secs: 60,
             cache_mb: voxgate_storage::log::DEFAULT_CACHE_BYTES / (1024 * 1024),
+            // Twilio's requests and streams are open-loop: gathering for 1 ms costs a webhook
+            // 0.76× the CPU (BENCHMARKS.md, group commit).
+            commit_gather_us: 1000,
         }
     }
 }
@@ -364,6 +370,8 @@ pub struct Config {
     pub retention_interval: Duration,
     /// sled's page cache, bytes.
     pub log_cache_bytes: u64,
+    /// `[log] commit_gather_us`.
+    pub commit_gather: Duration,
     pub tenants: Vec<Tenant>,
     pub admin_token: Option<Secret>,
     pub secrets_key: Option<Secret>,
@@ -493,6 +501,9 @@ impl Config {
             "json" => LogFormat::Json,
             other => return Err(invalid("log_format", format!("must be text or json, got {other:?}"))),
         };
+        if f.log.commit_gather_us > 50_000 {
+            return Err(invalid("log.commit_gather_us", "must be at most 50000 (50 ms)".into()));
+        }
         if f.calls.max_duration_secs == 0 || f.calls.max_duration_secs > 4 * 3600 {
             return Err(invalid("calls.max_duration_secs", "must be between 1 and 14400".into()));
         }
@@ -717,6 +728,7 @@ impl Config {
             topics,
             retention_interval: Duration::from_secs(f.log.retention_interval_secs.max(1)),
             log_cache_bytes: f.log.cache_mb.clamp(8, 1 << 20) * 1024 * 1024,
+            commit_gather: Duration::from_micros(f.log.commit_gather_us),
             tenants,
             admin_token: f.admin_token,
             secrets_key: f.secrets_key,

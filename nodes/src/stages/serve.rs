@@ -160,6 +160,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
                 .with_context(|| format!("joining the JetStream log at {}", voxgate_storage::redact_url(&c.nats_url)))?
         }
     };
+    log.set_commit_gather(cfg.commit_gather);
     let clustered = cfg.cluster.is_some();
     let node = cfg.cluster.as_ref().map_or_else(|| "local".to_owned(), |c| c.node.clone());
 

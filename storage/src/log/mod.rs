@@ -37,6 +37,7 @@ mod sled_backend;
 mod spool;
 
 use backend::{AnyBackend, Backend};
+pub use committer::DEFAULT_COMMIT_GATHER;
 use committer::{committer, CommitQueue};
 pub(crate) use engine::record_key;
 use engine::{describe, offset_of, Engine};
