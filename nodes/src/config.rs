@@ -867,6 +867,19 @@ mod tests {
     }
 
     #[test]
+    fn group_commit_gathers_for_a_millisecond_unless_told() {
+        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.commit_gather, Duration::from_millis(1));
+        let c = Config::load(None, vec![("VOXGATE_LOG__COMMIT_GATHER_US".into(), "0".into())], &Overrides::default())
+            .unwrap();
+        assert_eq!(c.commit_gather, Duration::ZERO);
+        let e =
+            Config::load(None, vec![("VOXGATE_LOG__COMMIT_GATHER_US".into(), "60000".into())], &Overrides::default())
+                .unwrap_err();
+        assert!(e.to_string().contains("log.commit_gather_us"), "{e}");
+    }
+
+    #[test]
     fn a_cluster_node_needs_the_shared_secrets_key() {
         let flags = Overrides {
             nats: Some("nats://127.0.0.1:4222".into()),
