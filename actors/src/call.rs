@@ -536,6 +536,9 @@ pub enum CallMsg {
     MediaFlowing,
     /// The WebSocket side is gone, for this reason; everything it queued is in the queue.
     StreamEnded { reason: StopReason },
+    /// The node that took the call over heard of no stream for it for a while: the stream is
+    /// dropped (as [`CallMsg::StreamEnded`], disconnected) unless one attached to this actor.
+    StreamAbsent,
     /// Twilio answered the request to re-attach the stream after drop `attempt`.
     Reattached { attempt: u32, result: Result<u16, ControlError> },
     /// Work is waiting in the stream queue.
@@ -779,20 +782,10 @@ impl Actor for CallActor {
                     }
                 }
             }
-            CallMsg::StreamEnded { reason } => {
-                pump(&myself, s).await?;
-                // A stream whose reader could not say so itself (its ingress node died).
-                if reason == StopReason::Disconnected {
-                    record_stream_stopped(&myself, s, reason.clone(), now).await?;
-                }
-                s.stream_ended = true;
-                if reason == StopReason::Disconnected && !s.core.is_finished() {
-                    metrics::counter!("voxgate_stream_drops_total").increment(1);
-                    tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, stream_sid = ?s.stream_sid, "media stream dropped while the call goes on");
-                }
-                let fx = s.core.apply(CallInput::StreamEnded { reason, stream_sid: s.stream_sid }, now);
-                run_effects(&myself, s, fx, now, None).await?;
-            }
+            CallMsg::StreamEnded { reason } => stream_ended(&myself, s, reason, now).await?,
+            // A stream that attached here (on whichever path) ends on its own.
+            CallMsg::StreamAbsent if s.queue.is_some() => {}
+            CallMsg::StreamAbsent => stream_ended(&myself, s, StopReason::Disconnected, now).await?,
             CallMsg::Reattached { attempt, result } => {
                 let outcome = if result.as_ref().is_ok_and(|st| (200..300).contains(st)) { "ok" } else { "failed" };
                 metrics::counter!("voxgate_stream_reattach_total", "outcome" => outcome).increment(1);
@@ -954,6 +947,29 @@ async fn drain_outbox(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The call's stream ended for `reason`: a drop (disconnected) is recorded, and the call asks
+/// Twilio for a fresh stream while it goes on.
+async fn stream_ended(
+    myself: &ActorRef<CallMsg>,
+    s: &mut CallActorState,
+    reason: StopReason,
+    now: Timestamp,
+) -> Result<(), ActorProcessingErr> {
+    pump(myself, s).await?;
+    // A stream whose reader could not say so itself (its ingress node died).
+    if reason == StopReason::Disconnected {
+        record_stream_stopped(myself, s, reason.clone(), now).await?;
+    }
+    s.stream_ended = true;
+    if reason == StopReason::Disconnected && !s.core.is_finished() {
+        metrics::counter!("voxgate_stream_drops_total").increment(1);
+        tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, stream_sid = ?s.stream_sid, "media stream dropped while the call goes on");
+    }
+    let fx = s.core.apply(CallInput::StreamEnded { reason, stream_sid: s.stream_sid }, now);
+    run_effects(myself, s, fx, now, None).await?;
+    Ok(())
 }
 
 async fn record_stream_stopped(

@@ -104,6 +104,9 @@ pub(crate) struct Cluster {
     pub(crate) ack_timeout: Duration,
     /// The ingress spool, on a node with `spool` on.
     pub(crate) spool: Option<Spool>,
+    /// Counts the client's (re)connections: a server that restarted lost the mirrors' ephemeral
+    /// consumers, which the client would notice only at its 15 s heartbeat.
+    connections: tokio::sync::watch::Receiver<u64>,
 }
 
 pub(crate) fn js_err(e: impl std::fmt::Display) -> StorageError {
@@ -160,7 +163,16 @@ impl Cluster {
             }
         }
         let shown = crate::nats::redact_url(&opts.url);
-        let connect = async_nats::ConnectOptions::new().name("voxgate").connection_timeout(Duration::from_secs(5));
+        let (connected, connections) = tokio::sync::watch::channel(0u64);
+        let connect = async_nats::ConnectOptions::new()
+            .name("voxgate")
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    connected.send_modify(|n| *n += 1);
+                }
+                async {}
+            });
         let connect = opts
             .auth
             .with_url_credentials(&opts.url)
@@ -246,6 +258,7 @@ impl Cluster {
             flushing: tokio::sync::Mutex::new(()),
             ack_timeout: opts.ack_timeout,
             spool,
+            connections,
         })
     }
 
@@ -446,14 +459,16 @@ async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::
 pub(crate) async fn mirror(inner: Weak<Inner>, cluster: Weak<Cluster>, ti: usize, partition: u32) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let (js, name, from) = {
+        let (js, name, from, mut connections) = {
             let Some(strong) = inner.upgrade() else { return };
             let Some(c) = cluster.upgrade() else { return };
             let t = &strong.topics[ti];
             let from = *t.partitions[partition as usize].durable.borrow();
-            (c.js.clone(), stream_name(&c.prefix, &t.spec.name, partition), from)
+            let mut connections = c.connections.clone();
+            connections.mark_unchanged();
+            (c.js.clone(), stream_name(&c.prefix, &t.spec.name, partition), from, connections)
         };
-        match mirror_from(&inner, &js, &name, ti, partition, from).await {
+        match mirror_from(&inner, &js, &name, ti, partition, from, &mut connections).await {
             Ok(()) => return,
             Err(e) => {
                 metrics::counter!("voxgate_log_mirror_errors_total").increment(1);
@@ -472,6 +487,7 @@ async fn mirror_from(
     ti: usize,
     partition: u32,
     from: u64,
+    connections: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), StorageError> {
     let stream = js.get_stream(name).await.map_err(js_err)?;
     let consumer = stream
@@ -484,7 +500,12 @@ async fn mirror_from(
     let mut messages = consumer.messages().await.map_err(js_err)?;
     let mut batch = Vec::with_capacity(256);
     loop {
-        let first = match messages.next().await {
+        let next = tokio::select! {
+            m = messages.next() => m,
+            // Made again from the local head at once: the server may have lost the consumer.
+            _ = connections.changed() => return Err(StorageError::JetStream("NATS reconnected".into())),
+        };
+        let first = match next {
             Some(m) => m.map_err(js_err)?,
             None => return Err(StorageError::JetStream("ordered consumer ended".into())),
         };

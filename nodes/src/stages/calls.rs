@@ -53,6 +53,10 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// moment: about the lease's time to live).
 const FIND_OWNER: Duration = Duration::from_secs(8);
 
+/// How long a node taking partitions over waits for the calls log to show all that was written
+/// to them (its own spool forwarded, its mirror at the head) before it restores their calls.
+const SETTLE: Duration = Duration::from_secs(15);
+
 /// What a node asks of a call's node.
 #[derive(Debug, Serialize, Deserialize)]
 enum Request<'a> {
@@ -684,8 +688,21 @@ impl CallNode {
         }
         // Requests are answered from here on; a call not restored yet is restored on demand.
         let mut restored = 0usize;
+        // Read after the log of record: a call whose end this node still had in its spool (it
+        // ended while NATS was away), or whose end the mirror had not brought yet, would
+        // otherwise come back as open and record a drop after its end.
+        let settle = tokio::time::Instant::now() + SETTLE;
         for &p in &share {
             let log = self.calls.local.log.clone();
+            let within = settle.saturating_duration_since(tokio::time::Instant::now());
+            match log.caught_up(topics::CALLS, p, within).await {
+                Ok(true) => {}
+                r => {
+                    // Restored on demand instead, when their requests come.
+                    tracing::error!(partition = p, result = ?r, spooled = log.spooled(), "the calls log did not catch up; open calls of a partition taken over not read");
+                    continue;
+                }
+            }
             let open = match tokio::task::spawn_blocking(move || crate::stages::recovery::open_calls_in(&log, p, None))
                 .await
             {
@@ -770,8 +787,8 @@ impl CallNode {
         for c in quiet {
             s.adopted.remove(&c);
             if let Some(a) = CallActor::find(c) {
-                tracing::warn!(stage = "call", call_sid = %c, "no ingress node sends the stream of a call taken over; the stream is dropped");
-                let _ = a.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected });
+                tracing::warn!(stage = "call", call_sid = %c, "no ingress node sends the stream of a call taken over; the stream is dropped unless one attached here");
+                let _ = a.cast(CallMsg::StreamAbsent);
             }
         }
         s.detached.retain(|c, _| CallActor::find(*c).is_some());
@@ -798,6 +815,11 @@ impl CallNode {
             return Some(a);
         }
         let log = self.calls.local.log.clone();
+        // As in `run`: read after the log of record, though a request waits for it only briefly
+        // (a stale read is still better than no actor).
+        if !matches!(log.caught_up(topics::CALLS, partition, Duration::from_secs(2)).await, Ok(true)) {
+            tracing::warn!(call_sid = %call, partition, "the calls log has not caught up; restoring the call from what it shows");
+        }
         let open =
             tokio::task::spawn_blocking(move || crate::stages::recovery::open_calls_in(&log, partition, Some(call)))
                 .await

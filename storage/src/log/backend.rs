@@ -14,6 +14,7 @@
 //! nothing for the dispatch (no boxed future).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -81,6 +82,10 @@ pub(crate) trait Backend {
 
     /// Records waiting in the ingress spool.
     fn spooled(&self) -> usize;
+
+    /// Waits, for at most `within`, until this node reads everything the log of record holds of
+    /// `partition` of topic `ti` (this node's spool forwarded first) ([`Log::caught_up`]).
+    async fn caught_up(&self, log: &Log, ti: usize, partition: u32, within: Duration) -> Result<bool, StorageError>;
 
     /// Retention removed the oldest records of `partition` of `topic` from the local `tree`
     /// (whose durable head is `head`): the log of record lets go of them too.
@@ -176,6 +181,10 @@ impl Backend for AnyBackend {
 
     fn spooled(&self) -> usize {
         forward!(self, b => b.spooled())
+    }
+
+    async fn caught_up(&self, log: &Log, ti: usize, partition: u32, within: Duration) -> Result<bool, StorageError> {
+        forward!(self, b => b.caught_up(log, ti, partition, within).await)
     }
 
     fn trimmed(&self, topic: &str, partition: u32, tree: &sled::Tree, head: u64) -> Result<(), StorageError> {

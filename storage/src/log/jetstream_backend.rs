@@ -298,6 +298,36 @@ impl Backend for JetStreamBackend {
         self.cluster.spool.as_ref().map_or(0, |s| s.len())
     }
 
+    async fn caught_up(&self, log: &Log, ti: usize, partition: u32, within: Duration) -> Result<bool, StorageError> {
+        let until = tokio::time::Instant::now() + within;
+        // What this node spooled belongs before anything it reads now: forwarded first (the
+        // spool is drained in order by its forwarder, which has no signal to wait on).
+        while self.spooled() > 0 {
+            if tokio::time::Instant::now() >= until {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !self.cluster.replicated[ti] {
+            // Not mirrored here: this node does not read the topic.
+            return Ok(true);
+        }
+        let Ok(bounds) = tokio::time::timeout_at(until, self.cluster.bounds(Self::topic(log, ti), partition)).await
+        else {
+            return Ok(false);
+        };
+        let (_, last) = bounds?;
+        let part =
+            log.inner.topics[ti].partitions.get(partition as usize).ok_or_else(|| StorageError::NoPartition {
+                topic: Self::topic(log, ti).to_owned(),
+                partition,
+                partitions: log.inner.topics[ti].spec.partitions,
+            })?;
+        let mut rx = part.durable.subscribe();
+        let seen = tokio::time::timeout_at(until, rx.wait_for(|d| *d >= last)).await;
+        Ok(matches!(seen, Ok(Ok(_))))
+    }
+
     fn trimmed(&self, topic: &str, partition: u32, tree: &sled::Tree, head: u64) -> Result<(), StorageError> {
         let first = tree.scan_prefix(partition.to_be_bytes()).next().transpose()?.and_then(|(k, _)| offset_of(&k));
         self.cluster.purge_below(topic, partition, first.unwrap_or(head));

@@ -284,6 +284,16 @@ impl Log {
         self.inner.backend.spooled()
     }
 
+    /// Waits, for at most `within`, until this node can read everything the log of record holds
+    /// of `partition` of `topic` now: on JetStream, once this node's spool is forwarded and its
+    /// mirror has reached the stream's last record; on sled, at once. False if not by then. A
+    /// node taking over a partition reads it after this, so what another node (or its own
+    /// spool) wrote last is not missed.
+    pub async fn caught_up(&self, topic: &str, partition: u32, within: Duration) -> Result<bool, StorageError> {
+        let (ti, _) = self.topic(topic)?;
+        self.inner.backend.caught_up(self, ti, partition, within).await
+    }
+
     /// The log over the opened database `db` in `dir`, backed by `backend`; starts the commit
     /// thread.
     pub(super) fn with_db(

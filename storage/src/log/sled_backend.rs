@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
@@ -270,6 +270,17 @@ impl Backend for SledBackend {
 
     fn spooled(&self) -> usize {
         0
+    }
+
+    async fn caught_up(
+        &self,
+        _log: &Log,
+        _ti: usize,
+        _partition: u32,
+        _within: Duration,
+    ) -> Result<bool, StorageError> {
+        // The local tree is the log of record: a reader sees every durable record.
+        Ok(true)
     }
 
     fn trimmed(&self, _topic: &str, _partition: u32, _tree: &sled::Tree, _head: u64) -> Result<(), StorageError> {
