@@ -477,6 +477,8 @@ impl<S: Stage> Actor for StageActor<S> {
             state.watcher.abort();
             return Err(e.into());
         }
+        // Each start opens the stage's state from the logs (a shard's warm-up).
+        metrics::counter!("voxgate_stage_starts_total", "stage" => S::NAME).increment(1);
         myself.cast(StageMsg::Poll)?;
         Ok(state)
     }

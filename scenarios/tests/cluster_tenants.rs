@@ -107,6 +107,15 @@ async fn verdicts(node: &Node) -> f64 {
         .sum()
 }
 
+/// How many times `node` started a fraud shard (its metrics).
+async fn fraud_starts(node: &Node) -> f64 {
+    let m = node.scrape().await.unwrap();
+    m.lines()
+        .filter(|l| l.starts_with("voxgate_stage_starts_total") && l.contains("stage=\"fraud\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Waits until Twilio was asked to end each of `calls` once.
 async fn ended_once(twilio: &Recorder, calls: &[CallSid]) {
     let want: Vec<String> = calls.iter().map(|c| format!("/Calls/{c}.json")).collect();
@@ -136,13 +145,21 @@ async fn fraud_and_billing_spread_over_their_nodes_by_tenant_shard() {
     let (va, vb) = (verdicts(&a).await, verdicts(&b).await);
     assert!(va > 0.0 && vb > 0.0, "node a ({:?}) judged {va}, node b ({:?}) {vb}", fraud[0], fraud[1]);
 
-    // One decisions node dies: the other takes every shard and screens its tenants too.
+    // One decisions node dies: the other takes every shard and screens its tenants too. It
+    // starts only the shards it gains: the ones it held run on.
+    let held = shards(&a, "fraud").await;
+    let starts_before = fraud_starts(&a).await;
     b.kill();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while shards(&a, "fraud").await.len() < SHARDS as usize || shards(&a, "billing").await.len() < SHARDS as usize {
         assert!(tokio::time::Instant::now() < deadline, "node a never took node b's shards");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        fraud_starts(&a).await - starts_before,
+        (SHARDS as usize - held.len()) as f64,
+        "node a held {held:?}: it should start only the other shards"
+    );
     let second = foreign_calls(&ingress, 0x2000, "+2348031234568").await;
     ended_once(&twilio, &second).await;
 

@@ -435,3 +435,21 @@ async fn analytics_logs_in_with_an_nkey_seed() {
     assert_eq!(health["nats"]["url"], url.as_str(), "{health}");
     assert_hidden(&seed, &node, &health);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_settings_that_cannot_be_used_stop_the_node_at_start_up() {
+    // The file exists (the settings check passes) but holds no credentials: the node says so and
+    // exits, rather than retrying settings that will never work.
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("broken.creds");
+    std::fs::write(&creds, "not a credentials file\n").unwrap();
+    let started = Node::start(&config(&format!(
+        "[stt]\nenabled = false\n[analytics]\nnats_url = \"nats://127.0.0.1:4\"\n[analytics.auth]\ncreds_file = \"{}\"\n",
+        creds.display()
+    )));
+    let err = match started {
+        Ok(node) => panic!("the node started with unusable analytics settings; its log:\n{}", node.logs()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("[analytics] NATS settings") && err.contains("broken.creds"), "{err}");
+}

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use ractor::Actor;
 use voxgate_actors::progress::Progress;
 use voxgate_actors::stage::{Batch, Durability, Outputs, Reading, Shard, Stage, StageActor, StageArgs, StageError};
@@ -303,28 +304,29 @@ impl<T> Analytics<T> {
     }
 }
 
-/// Connects to the analytics NATS server (retrying until it can) and runs a publisher per topic
-/// until dropped; `connected` follows the connection.
-pub async fn publish(log: Log, cfg: AnalyticsConfig, key: [u8; 32], connected: Arc<AtomicBool>) {
+/// The client for the analytics NATS server. Settings that cannot be used (an unreadable
+/// credentials file, a malformed URL) are an error here, at start-up; a server that is not up yet
+/// is not: the client keeps trying in the background and the publishers wait for it.
+pub async fn connect(cfg: &AnalyticsConfig) -> anyhow::Result<async_nats::Client> {
     let shown = voxgate_storage::redact_url(&cfg.nats_url);
-    let client = loop {
-        let opts = async_nats::ConnectOptions::new().name("voxgate-analytics").retry_on_initial_connect();
-        let opts = match cfg.auth.with_url_credentials(&cfg.nats_url).apply(opts).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(stage = "analytics", url = %shown, error = %e, "NATS settings unusable; retrying in 5 s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                continue;
-            }
-        };
-        match opts.connect(shown.as_str()).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::error!(stage = "analytics", url = %shown, error = %e, "NATS refused the connection; retrying in 5 s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
+    let opts = async_nats::ConnectOptions::new().name("voxgate-analytics").retry_on_initial_connect();
+    let opts = cfg
+        .auth
+        .with_url_credentials(&cfg.nats_url)
+        .apply(opts)
+        .await
+        .with_context(|| format!("[analytics] NATS settings for {shown}"))?;
+    opts.connect(shown.as_str()).await.with_context(|| format!("[analytics] connecting to {shown}"))
+}
+
+/// Runs a publisher per topic on `client` until dropped; `connected` follows the connection.
+pub async fn publish(
+    log: Log,
+    client: async_nats::Client,
+    cfg: AnalyticsConfig,
+    key: [u8; 32],
+    connected: Arc<AtomicBool>,
+) {
     let p = Publisher { client: client.clone(), cfg: Arc::new(cfg), key, connected: connected.clone() };
     let mut running = Vec::new();
     macro_rules! start {

@@ -234,6 +234,15 @@ pub struct Claimed {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How a claimed stage takes a changed share.
+enum Mode {
+    /// Stopped on the old share, started on the new one whole.
+    Whole(Start),
+    /// Each unit on its own: a change starts the units gained and stops the units lost, and the
+    /// units kept run on (a tenant shard's state is warmed up from the logs once).
+    EachUnit(Start),
+}
+
 impl Claimed {
     /// Claims a share of `units` units of `group` and runs `start` on it; when the share changes,
     /// stops what runs, reloads the cursors and state named in `refresh` (another node may have
@@ -245,15 +254,45 @@ impl Claimed {
         units: u32,
         node: &str,
         refresh: &'static [&'static str],
-        mut start: Start,
+        start: Start,
+    ) -> anyhow::Result<Self> {
+        Self::claim(log, group, units, node, refresh, Mode::Whole(start)).await
+    }
+
+    /// [`Claimed::run`] with `start` called for one unit at a time (`vec![unit]`): a change of
+    /// share stops only the units lost and starts only the units gained.
+    pub async fn run_each(
+        log: &Log,
+        group: &str,
+        units: u32,
+        node: &str,
+        refresh: &'static [&'static str],
+        start: Start,
+    ) -> anyhow::Result<Self> {
+        Self::claim(log, group, units, node, refresh, Mode::EachUnit(start)).await
+    }
+
+    async fn claim(
+        log: &Log,
+        group: &str,
+        units: u32,
+        node: &str,
+        refresh: &'static [&'static str],
+        mut mode: Mode,
     ) -> anyhow::Result<Self> {
         let mut claims = log.claim(group, units, node);
         let group = group.to_owned();
-        let first = claims.borrow_and_update().clone();
         let share: Share = Arc::default();
-        let mut running = if first.is_empty() { None } else { Some(start(first.clone()).await?) };
-        *share.lock().unwrap_or_else(|e| e.into_inner()) = first;
         let alive = Arc::new(AtomicBool::new(true));
+        // What runs, by the units it runs on (one entry for a whole share).
+        let mut running: Vec<(Vec<u32>, Stop)> = Vec::new();
+        let first = claims.borrow_and_update().clone();
+        // The first share: no cursor to reload (nothing ran here), and an error is the caller's.
+        for units in mode.plan(&running, &first) {
+            let stop = mode.start()(units.clone()).await?;
+            running.push((units, stop));
+        }
+        *share.lock().unwrap_or_else(|e| e.into_inner()) = first;
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let (log, a, sh) = (log.clone(), alive.clone(), share.clone());
         let task = tokio::spawn(async move {
@@ -263,12 +302,20 @@ impl Claimed {
                     _ = stopped.changed() => break,
                 }
                 let owned = claims.borrow_and_update().clone();
-                if let Some(s) = running.take() {
-                    s().await;
+                // What no longer fits the share stops first (whole: everything).
+                let mut kept = Vec::new();
+                for (units, stop) in running.drain(..) {
+                    if mode.keeps(&units, &owned) {
+                        kept.push((units, stop));
+                    } else {
+                        stop().await;
+                    }
                 }
+                running = kept;
                 // Health shows a share only once a stage runs on it.
-                sh.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                if owned.is_empty() {
+                *sh.lock().unwrap_or_else(|e| e.into_inner()) = running.iter().flat_map(|(u, _)| u.clone()).collect();
+                let plan = mode.plan(&running, &owned);
+                if plan.is_empty() {
                     continue;
                 }
                 for name in refresh {
@@ -277,20 +324,25 @@ impl Claimed {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
-                match start(owned.clone()).await {
-                    Ok(s) => {
-                        tracing::info!(stage = %group, units = ?owned, "stage running on its claimed share");
-                        sh.lock().unwrap_or_else(|e| e.into_inner()).clone_from(&owned);
-                        running = Some(s);
-                        a.store(true, Ordering::Release);
-                    }
-                    Err(e) => {
-                        tracing::error!(stage = %group, error = %e, "stage did not start on its claimed share");
-                        a.store(false, Ordering::Release);
+                let mut ok = true;
+                for units in plan {
+                    match mode.start()(units.clone()).await {
+                        Ok(s) => {
+                            tracing::info!(stage = %group, units = ?units, "stage running on its claimed share");
+                            running.push((units, s));
+                        }
+                        Err(e) => {
+                            tracing::error!(stage = %group, units = ?units, error = %e, "stage did not start on its claimed share");
+                            ok = false;
+                        }
                     }
                 }
+                let mut now: Vec<u32> = running.iter().flat_map(|(u, _)| u.clone()).collect();
+                now.sort_unstable();
+                *sh.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                a.store(ok, Ordering::Release);
             }
-            if let Some(s) = running.take() {
+            for (_, s) in running {
                 s().await;
             }
         });
@@ -314,9 +366,60 @@ impl Claimed {
     }
 }
 
+impl Mode {
+    fn start(&mut self) -> &mut Start {
+        match self {
+            Mode::Whole(s) | Mode::EachUnit(s) => s,
+        }
+    }
+
+    /// Whether what runs on `units` goes on in share `owned`.
+    fn keeps(&self, units: &[u32], owned: &[u32]) -> bool {
+        match self {
+            Mode::Whole(_) => false,
+            Mode::EachUnit(_) => units.iter().all(|u| owned.contains(u)),
+        }
+    }
+
+    /// What to start for share `owned`, given what runs.
+    fn plan(&self, running: &[(Vec<u32>, Stop)], owned: &[u32]) -> Vec<Vec<u32>> {
+        match self {
+            Mode::Whole(_) if owned.is_empty() => Vec::new(),
+            Mode::Whole(_) => vec![owned.to_vec()],
+            Mode::EachUnit(_) => {
+                owned.iter().filter(|u| !running.iter().any(|(r, _)| r.contains(u))).map(|u| vec![*u]).collect()
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn never() -> Start {
+        Box::new(|_| Box::pin(async { anyhow::bail!("not started in this test") }))
+    }
+
+    fn running(units: &[&[u32]]) -> Vec<(Vec<u32>, Stop)> {
+        let stop = || -> Stop { Box::new(|| Box::pin(async {})) };
+        units.iter().map(|u| (u.to_vec(), stop())).collect()
+    }
+
+    #[test]
+    fn a_whole_stage_restarts_on_any_change_and_a_unit_stage_only_where_it_changed() {
+        let whole = Mode::Whole(never());
+        assert!(!whole.keeps(&[1, 2], &[1, 2, 3]));
+        assert_eq!(whole.plan(&[], &[1, 2, 3]), vec![vec![1, 2, 3]]);
+        assert!(whole.plan(&[], &[]).is_empty());
+
+        let each = Mode::EachUnit(never());
+        // Share [1, 2, 5] becomes [2, 5, 6, 7]: 1 stops, 2 and 5 run on, 6 and 7 start.
+        assert!(!each.keeps(&[1], &[2, 5, 6, 7]));
+        assert!(each.keeps(&[2], &[2, 5, 6, 7]) && each.keeps(&[5], &[2, 5, 6, 7]));
+        assert_eq!(each.plan(&running(&[&[2], &[5]]), &[2, 5, 6, 7]), vec![vec![6], vec![7]]);
+        assert!(each.plan(&running(&[&[2]]), &[2]).is_empty());
+    }
 
     #[test]
     fn roles_parse() {

@@ -147,6 +147,14 @@ impl Row {
         }
     }
 
+    /// Whether its units start and stop one at a time (a change of share leaves the units kept
+    /// running): fraud's tenant shards, each an actor of its own that warms up from the logs.
+    /// Billing takes a share over whole (it folds in the billing log for all of it first), and a
+    /// partitioned stage is one actor over its share.
+    pub fn each_unit(&self) -> bool {
+        self.stage == StageKind::Fraud
+    }
+
     /// What health calls its units.
     pub fn units_name(&self) -> &'static str {
         match self.units {
@@ -259,8 +267,10 @@ pub async fn follow(row: &Followed, deps: &Deps) -> anyhow::Result<Following> {
         }
         FollowerKind::Analytics => {
             let cfg = deps.cfg.analytics.clone().context("no [analytics] settings")?;
+            let client = crate::stages::analytics::connect(&cfg).await?;
             let task = tokio::spawn(crate::stages::analytics::publish(
                 log.clone(),
+                client,
                 cfg,
                 deps.tenancy.analytics_key(),
                 deps.analytics_up.clone(),
@@ -455,12 +465,14 @@ fn on_harness<S: Stage>(
                     }
                 }
             }
+            // Beside the actors of the stage's other units (started one at a time).
+            let ids: Vec<ractor::ActorId> = actors.iter().map(|a| a.get_id()).collect();
             if let Some(slot) = &slot {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = actors;
+                slot.lock().unwrap_or_else(|e| e.into_inner()).extend(actors);
             }
             let stop: Stop = Box::new(move || {
                 if let Some(slot) = &slot {
-                    slot.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    slot.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| !ids.contains(&a.get_id()));
                 }
                 Box::pin(async move {
                     for stop in stops {

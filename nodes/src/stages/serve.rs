@@ -263,7 +263,12 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let progress = Arc::new(row.progress(&log, &cfg)?);
         let start = roster::starter(row, &deps, progress.clone())?;
         let group = row.claims_group(&cfg);
-        let c = Claimed::run(&log, &group, row.units(&log, &cfg)?, &node, row.refresh, start).await?;
+        let units = row.units(&log, &cfg)?;
+        let c = if row.each_unit() {
+            Claimed::run_each(&log, &group, units, &node, row.refresh, start).await?
+        } else {
+            Claimed::run(&log, &group, units, &node, row.refresh, start).await?
+        };
         let share = clustered.then(|| c.share());
         match stages.iter_mut().find(|s| s.name == row.name) {
             // A follower shows it (billing: the books on every node), with the share it acts on.
