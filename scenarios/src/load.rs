@@ -396,8 +396,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
-    Ok(http.get(url).send().await?.error_for_status()?.text().await?)
+/// The metrics of every node in `urls` (comma-separated), one text: counters and histogram
+/// buckets add up over the nodes (a split deployment's CPU is its nodes' CPU).
+async fn scrape(http: &reqwest::Client, urls: &str) -> anyhow::Result<String> {
+    let mut text = String::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        text.push_str(&http.get(url).send().await?.error_for_status()?.text().await?);
+        text.push('\n');
+    }
+    Ok(text)
 }
 
 /// Each stage's `lag_events` from the node's health.

@@ -235,44 +235,22 @@ pub struct Claimed {
 }
 
 /// How a claimed stage takes a changed share.
-enum Mode {
+pub enum Mode {
     /// Stopped on the old share, started on the new one whole.
     Whole(Start),
-    /// Each unit on its own: a change starts the units gained and stops the units lost, and the
-    /// units kept run on (a tenant shard's state is warmed up from the logs once).
+    /// Each unit on its own (the start is given one unit at a time): a change starts the units
+    /// gained and stops the units lost, and the units kept run on (a tenant shard's state is
+    /// warmed up from the logs once).
     EachUnit(Start),
 }
 
 impl Claimed {
-    /// Claims a share of `units` units of `group` and runs `start` on it; when the share changes,
-    /// stops what runs, reloads the cursors and state named in `refresh` (another node may have
-    /// moved them on) and starts again on the new share. On the sled log the node holds every
-    /// unit at once, so the stage starts before this returns.
+    /// Claims a share of `units` units of `group` and runs the stage on it (`mode` says how it
+    /// starts); when the share changes, stops what no longer fits it, reloads the cursors and
+    /// state named in `refresh` (another node may have moved them on) and starts what the new
+    /// share adds. On the sled log the node holds every unit at once, so the stage starts before
+    /// this returns.
     pub async fn run(
-        log: &Log,
-        group: &str,
-        units: u32,
-        node: &str,
-        refresh: &'static [&'static str],
-        start: Start,
-    ) -> anyhow::Result<Self> {
-        Self::claim(log, group, units, node, refresh, Mode::Whole(start)).await
-    }
-
-    /// [`Claimed::run`] with `start` called for one unit at a time (`vec![unit]`): a change of
-    /// share stops only the units lost and starts only the units gained.
-    pub async fn run_each(
-        log: &Log,
-        group: &str,
-        units: u32,
-        node: &str,
-        refresh: &'static [&'static str],
-        start: Start,
-    ) -> anyhow::Result<Self> {
-        Self::claim(log, group, units, node, refresh, Mode::EachUnit(start)).await
-    }
-
-    async fn claim(
         log: &Log,
         group: &str,
         units: u32,

@@ -19,7 +19,7 @@ use voxgate_storage::{topics, Log};
 use crate::config::Config;
 use crate::http::health::{Health, Runner, StageEntry};
 use crate::http::{router, AppState};
-use crate::stages::cluster::{Claimed, Role};
+use crate::stages::cluster::{Claimed, Mode, Role};
 use crate::stages::roster::{self, FraudSlot, Row, StageKind, FOLLOWERS, ROSTER};
 
 /// Installs the Prometheus recorder with the runbook's histogram buckets.
@@ -264,11 +264,8 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         let start = roster::starter(row, &deps, progress.clone())?;
         let group = row.claims_group(&cfg);
         let units = row.units(&log, &cfg)?;
-        let c = if row.each_unit() {
-            Claimed::run_each(&log, &group, units, &node, row.refresh, start).await?
-        } else {
-            Claimed::run(&log, &group, units, &node, row.refresh, start).await?
-        };
+        let mode = if row.each_unit() { Mode::EachUnit(start) } else { Mode::Whole(start) };
+        let c = Claimed::run(&log, &group, units, &node, row.refresh, mode).await?;
         let share = clustered.then(|| c.share());
         match stages.iter_mut().find(|s| s.name == row.name) {
             // A follower shows it (billing: the books on every node), with the share it acts on.
@@ -289,19 +286,20 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         claimed.push(c);
     }
     // A call node runs the actors of the calls in its share of the calls log's partitions.
-    let call_node =
-        match (clustered && roles.has(Role::Call)).then(|| crate::stages::calls::CallNode::new(calls.clone())) {
-            Some(n) => {
-                let start: crate::stages::cluster::Start = Box::new(move |share| {
-                    let n = n.clone();
-                    Box::pin(async move { n.run(share).await })
-                });
-                let c = Claimed::run(&log, "call", log.partitions(topics::CALLS)?, &node, &[], start).await?;
-                calls.runs_calls(c.share());
-                Some(c)
-            }
-            None => None,
-        };
+    let call_node = match (clustered && roles.has(Role::Call))
+        .then(|| crate::stages::calls::CallNode::new(calls.clone()))
+    {
+        Some(n) => {
+            let start: crate::stages::cluster::Start = Box::new(move |share| {
+                let n = n.clone();
+                Box::pin(async move { n.run(share).await })
+            });
+            let c = Claimed::run(&log, "call", log.partitions(topics::CALLS)?, &node, &[], Mode::Whole(start)).await?;
+            calls.runs_calls(c.share());
+            Some(c)
+        }
+        None => None,
+    };
     let health = Arc::new(Health {
         stages,
         stt_model: cfg.stt.enabled.then(|| cfg.stt.model_dir.display().to_string()),

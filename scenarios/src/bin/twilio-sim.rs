@@ -76,7 +76,8 @@ enum Cmd {
         #[arg(long, default_value = "espeak-ng:en-us")]
         voice: String,
         /// The node's Prometheus endpoint (e.g. http://127.0.0.1:9090/metrics), for frames
-        /// received and shed, ingest and transcript latency.
+        /// received and shed, ingest and transcript latency, and CPU; several, comma-separated,
+        /// for a deployment of several nodes (their figures add up).
         #[arg(long)]
         metrics: Option<String>,
         /// Seconds to wait after the traffic for the node's stages to catch up.
