@@ -1,6 +1,7 @@
 //! The call actor over a real event log: stream items reach the media log in order, a writer that
 //! falls behind sheds the oldest audio and records it, the supervisor outlives its calls, and a
-//! dropped stream is re-attached through Twilio (a fake Twilio here) with the log going on.
+//! dropped stream is re-attached through Twilio (a fake Twilio here) with the log going on, and a
+//! call taken over drops its stream only if none attached to it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -255,4 +256,54 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
             (Some(s3), StopReason::Twilio, 0)
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_taken_over_drops_its_stream_only_if_none_attached() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
+    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let twilio = Arc::new(FakeTwilio { asked: Default::default(), status: 200 });
+    let spawn = |call: CallSid| {
+        let args = CallArgs {
+            tenant: AccountSid::from_u128(1),
+            call,
+            status: CallStatus::InProgress,
+            received_at: clock.now(),
+            config: CallConfig::default(),
+            log: log.clone(),
+            clock: clock.clone(),
+            quota_slot: None,
+            control: Some(twilio.clone()),
+            hints: String::new(),
+        };
+        let sup = sup.clone();
+        async move { ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap() }
+    };
+    let drops = |call: CallSid| {
+        events(&log, topics::CALLS, call).iter().filter(|e| matches!(e, Event::StreamDropped(_))).count()
+    };
+
+    // No stream reached the actor since the node took the call over: the stream is dropped and
+    // Twilio is asked for a fresh one.
+    let (lost, kept) = (CallSid::from_u128(44), CallSid::from_u128(45));
+    let actor = spawn(lost).await;
+    actor.cast(CallMsg::StreamAbsent).unwrap();
+    complete(&actor).await;
+    assert_eq!(drops(lost), 1);
+
+    // A stream attached on a path the node's sweep does not see (its own ingress, directly): the
+    // same notice leaves it alone, and it ends as Twilio ends it.
+    let actor = spawn(kept).await;
+    let q = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
+    let sid = StreamSid::from_u128(7);
+    start(&q, clock.as_ref(), sid);
+    actor.cast(CallMsg::StreamAbsent).unwrap();
+    stopped(&q, clock.as_ref(), sid, StopReason::Twilio);
+    actor.cast(CallMsg::StreamEnded { reason: StopReason::Twilio }).unwrap();
+    complete(&actor).await;
+    assert_eq!(drops(kept), 0);
+    let media: Vec<&str> = events(&log, topics::MEDIA, kept).iter().map(|e| e.kind()).collect();
+    assert_eq!(media, ["stream_started", "stream_stopped"]);
 }
