@@ -184,7 +184,12 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
     // While the first stream is still attached, a second is refused.
     assert!(ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().is_none());
     actor.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected }).unwrap();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Twilio is asked, and its answer recorded, by the time the fresh stream comes (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !events(&log, topics::CALLS, call).iter().any(|e| matches!(e, Event::StreamReattachRequested(_))) {
+        assert!(tokio::time::Instant::now() < deadline, "Twilio's answer to the re-attach was not recorded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // Twilio was asked once; the fresh stream attaches and carries the call on.
     let q2 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
@@ -192,7 +197,8 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
     q2.push(clock.now(), StreamItem::Audio(media_batch(s2, Track::Inbound, 2, 0, 5, 0, Bytes::from(vec![0x55; 800]))));
     stopped(&q2, clock.as_ref(), s2, StopReason::Disconnected);
     actor.cast(CallMsg::StreamEnded { reason: StopReason::Disconnected }).unwrap();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // The actor takes its messages in order: once it answers this, it has taken the drop.
+    ractor::call!(actor, CallMsg::Sync).unwrap();
     // The attempts are spent: the drop is recorded, Twilio is not asked again, but a stream that
     // Twilio attaches on its own is still taken.
     let q3 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
