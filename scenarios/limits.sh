@@ -9,7 +9,8 @@
 #
 # DURATION (default 30 s) sets each step's length; OUT (default target/limits) keeps the JSON;
 # VOXGATE (default the release build) names another voxgate binary and SIM another twilio-sim, for
-# A/B runs; CALLS adds lines to the node's [calls] table (e.g. CALLS='batch_ms = 200').
+# A/B runs; CALLS adds lines to the node's [calls] table (e.g. CALLS='batch_ms = 200'), and
+# CONFIG whole tables at the end of its config (e.g. CONFIG=$'[console]\nenabled = false').
 #
 # NODES picks the deployment: `embedded` (the default: one node on its sled log), `cluster` (one
 # node of every role on a JetStream log, its own `nats-server -js`), or `split` (an `ingress` node
@@ -83,6 +84,7 @@ disabled_rules = ["velocity_from", "spend_velocity", "volume_anomaly", "short_ca
 account_sid = "$account"
 auth_token = "$token"
 numbers = ["$number"]
+${CONFIG:-}
 EOF
   pids=()
   nats_pid=

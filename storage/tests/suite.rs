@@ -385,6 +385,30 @@ async fn jetstream_nodes_share_the_log_cursors_and_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_node_mirrors_only_the_topics_it_reads() {
+    let h = Harness::jetstream();
+    let url = h.nats.as_ref().unwrap().url();
+    let specs = vec![TopicSpec::new("t", 2, Retention::default()), TopicSpec::new("audio", 2, Retention::default())];
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut opts = ClusterOptions::new(&url);
+    opts.replicate = Some(vec!["t".to_owned()]);
+    let a = Log::open_cluster(a_dir.path(), &specs, Arc::new(SystemClock), 64 << 20, &opts).await.unwrap();
+    let b = Log::open_cluster(b_dir.path(), &specs, Arc::new(SystemClock), 64 << 20, &ClusterOptions::new(&url))
+        .await
+        .unwrap();
+    // Node a writes to a topic it does not mirror: JetStream has it, node b reads it, node a's
+    // disk does not hold it.
+    let at = a.append("audio", 3, &envelope(7)).await.unwrap();
+    a.append("t", 3, &envelope(8)).await.unwrap();
+    assert!(b.caught_up("audio", at.partition, Duration::from_secs(10)).await.unwrap());
+    let mut out = Vec::new();
+    b.read("audio", at.partition, at.offset, 10, &mut out).unwrap();
+    assert_eq!(voxgate_protocol::peek_event_id(out[0].payload()).unwrap().0, 7);
+    assert_eq!((0..2).map(|p| a.durable_head("audio", p).unwrap()).sum::<u64>(), 0);
+    assert_eq!((0..2).map(|p| a.durable_head("t", p).unwrap()).sum::<u64>(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_mirror_follows_the_log_across_a_server_restart() {
     let mut h = Harness::jetstream();
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

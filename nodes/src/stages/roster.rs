@@ -230,6 +230,21 @@ impl Followed {
     }
 }
 
+/// The topics a cluster node mirrors into its local log: every topic, except the audio logs
+/// (media, speech) where nothing on the node reads them: only a stage of the [`ROSTER`] that
+/// takes one as its input (transcode, STT) or the console (its index and audio) does. An ingress
+/// node without the console, or a node of decisions alone, no longer writes every call's audio to
+/// its disk; what it appends to them (a call node's media) is JetStream's all the same.
+pub fn mirrored(roles: &Roles, cfg: &Config) -> Vec<String> {
+    let read = |topic: &str| cfg.console.enabled || ROSTER.iter().any(|r| r.input == topic && r.runs(roles, cfg));
+    cfg.topics
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|name| !matches!(*name, topics::MEDIA | topics::SPEECH) || read(name))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A follower running on this node.
 pub struct Following {
     /// What health shows of it (an actor on the follower harness, and its position).
@@ -501,6 +516,26 @@ mod tests {
         assert!(FOLLOWERS[0].runs(&Roles::parse("stt").unwrap(), &cfg));
         // Analytics only with its settings.
         assert!(!FOLLOWERS[3].runs(&Roles::all(), &cfg));
+    }
+
+    #[test]
+    fn the_audio_logs_are_mirrored_only_where_read() {
+        let mut cfg = Config::load(None, Vec::new(), &crate::config::Overrides::default()).unwrap();
+        let all: Vec<String> = cfg.topics.iter().map(|t| t.name.clone()).collect();
+        let without = |dropped: &[&str]| -> Vec<String> {
+            all.iter().filter(|t| !dropped.contains(&t.as_str())).cloned().collect()
+        };
+        // The console (on by default) reads both.
+        assert_eq!(mirrored(&Roles::parse("ingress").unwrap(), &cfg), all);
+        cfg.console.enabled = false;
+        assert_eq!(mirrored(&Roles::parse("ingress").unwrap(), &cfg), without(&[topics::MEDIA, topics::SPEECH]));
+        assert_eq!(mirrored(&Roles::parse("fraud,billing").unwrap(), &cfg), without(&[topics::MEDIA, topics::SPEECH]));
+        assert_eq!(mirrored(&Roles::parse("call,transcode").unwrap(), &cfg), without(&[topics::SPEECH]));
+        assert_eq!(mirrored(&Roles::parse("stt").unwrap(), &cfg), without(&[topics::MEDIA]));
+        assert_eq!(mirrored(&Roles::all(), &cfg), all);
+        // STT off: nothing reads the speech log.
+        cfg.stt.enabled = false;
+        assert_eq!(mirrored(&Roles::all(), &cfg), without(&[topics::SPEECH]));
     }
 
     #[test]

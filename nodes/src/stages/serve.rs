@@ -154,6 +154,7 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
             opts.auth = c.auth.clone();
             // An ingress node keeps answering Twilio through a NATS outage.
             opts.spool = roles.has(Role::Ingress);
+            opts.replicate = Some(roster::mirrored(&roles, &cfg));
             tracing::info!(nats = %voxgate_storage::redact_url(&c.nats_url), node = %c.node, roles = ?roles.names(), "joining the cluster");
             Log::open_cluster(&cfg.data_dir.join("log"), &cfg.topics, clock.clone(), cfg.log_cache_bytes, &opts)
                 .await
