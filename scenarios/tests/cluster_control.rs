@@ -260,6 +260,17 @@ async fn tenants_and_budget_stops_recorded_on_one_node_act_on_another() {
     let a = sim_b.inbound_call(CallSid::from_u128(0xb2), "+14155550032", b_number).await.unwrap();
     assert!(a.body.contains("<Stream"), "{}", a.body);
     let shard = voxgate_storage::log::partition_for(AccountSid::parse(ACCOUNT).unwrap().partition_key(), 8);
+    // The billing node acts on the stop first and counts it once it and its alert are recorded:
+    // wait for a count (bounded), then see whose it is.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (one, two) = (decisions.scrape().await.unwrap(), decisions2.scrape().await.unwrap());
+        if one.contains("voxgate_budget_stops_total") || two.contains("voxgate_budget_stops_total") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no billing node counted the budget stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut acting = Vec::new();
     for (name, n) in [("decisions", &decisions), ("decisions2", &decisions2)] {
         let (_, h) = n.get_json("/api/voice/health").await.unwrap();
