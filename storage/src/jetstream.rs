@@ -397,17 +397,7 @@ impl Cluster {
             Bucket::Cursors => &self.cursors,
             Bucket::State => &self.state,
         };
-        let mut keys = match store.keys().await {
-            Ok(k) => k,
-            Err(e) => return Err(js_err(e)),
-        };
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(js_err)?;
-            if k.starts_with(prefix) {
-                names.push(k);
-            }
-        }
+        let names = keys_under(&self.client, store, prefix).await?;
         let mut out = Vec::with_capacity(names.len());
         for k in names {
             if let Some(v) = store.get(k.as_str()).await.map_err(js_err)? {
@@ -576,7 +566,7 @@ pub(crate) async fn claim(
             let _ = leases.delete(member.as_str()).await;
             return;
         }
-        let members = match claim_round(leases, &member, &group, &node).await {
+        let members = match claim_round(&cluster.client, leases, &member, &group, &node).await {
             Ok(m) => m.max(1),
             Err(e) => {
                 tracing::warn!(group = %group, error = %e, "work claims not renewed (NATS unreachable?)");
@@ -633,15 +623,63 @@ pub(crate) async fn claim(
 }
 
 /// Announces this node in `group`; returns how many members the group has.
-async fn claim_round(leases: &kv::Store, member: &str, group: &str, node: &str) -> Result<usize, StorageError> {
+async fn claim_round(
+    client: &async_nats::Client,
+    leases: &kv::Store,
+    member: &str,
+    group: &str,
+    node: &str,
+) -> Result<usize, StorageError> {
     leases.put(member, node.to_owned().into()).await.map_err(js_err)?;
-    let prefix = format!("m.{group}.");
-    let mut keys = leases.keys().await.map_err(js_err)?;
-    let mut n = 0;
-    while let Some(k) = keys.next().await {
-        if k.map_err(js_err)?.starts_with(&prefix) {
-            n += 1;
+    Ok(keys_under(client, leases, &format!("m.{group}.")).await?.len())
+}
+
+/// The keys of `store` that start with `prefix` (whole dot-separated tokens, ending in `.`; or
+/// "" for every key), as of now, deleted keys left out. Not the client's `keys()`: that lists
+/// the whole bucket and ends only once an entry comes with nothing pending behind it, which on a
+/// bucket other nodes keep writing (leases renewed every second, cursors every round) can take
+/// as long as they keep writing.
+async fn keys_under(client: &async_nats::Client, store: &kv::Store, prefix: &str) -> Result<Vec<String>, StorageError> {
+    let consumer = store
+        .stream
+        .create_consumer(consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}{prefix}>", store.prefix),
+            headers_only: true,
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            replay_policy: consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(js_err)?;
+    // The latest entry of each key as it was made: they come first, in stream order; what is
+    // written after that is newer than this listing and comes after them.
+    let want = consumer.cached_info().num_pending as usize;
+    let mut live = std::collections::BTreeSet::new();
+    if want == 0 {
+        return Ok(Vec::new());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut messages = consumer.messages().await.map_err(js_err)?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(js_err)?;
+        let seq = m.info().map_err(js_err)?.stream_sequence;
+        if let Some(key) = m.subject.strip_prefix(store.prefix.as_str()) {
+            let deleted = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            if deleted {
+                live.remove(key);
+            } else {
+                live.insert(key.to_owned());
+            }
+        }
+        seen.insert(seq);
+        if seen.len() >= want {
+            break;
         }
     }
-    Ok(n)
+    Ok(live.into_iter().collect())
 }
