@@ -26,6 +26,27 @@ fn events(log: &Log, topic: &str, call: CallSid) -> Vec<Event> {
         .collect()
 }
 
+/// A call of tenant 1 received now, with the default settings, no quota place and no Twilio.
+fn args(log: &Log, clock: &Arc<dyn Clock>, call: CallSid, status: CallStatus) -> CallArgs {
+    CallArgs {
+        tenant: AccountSid::from_u128(1),
+        call,
+        status,
+        received_at: clock.now(),
+        config: CallConfig::default(),
+        log: log.clone(),
+        clock: clock.clone(),
+        quota_slot: None,
+        control: None,
+        hints: String::new(),
+    }
+}
+
+/// The call's actor, started by `sup`.
+async fn spawn(sup: &ractor::ActorRef<SupervisorMsg>, args: CallArgs) -> ractor::ActorRef<CallMsg> {
+    ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap()
+}
+
 /// Sets its flag when dropped (stands for a quota place).
 struct Released(Arc<std::sync::atomic::AtomicBool>);
 
@@ -44,18 +65,11 @@ async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
     let call = CallSid::from_u128(42);
     let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let args = CallArgs {
-        tenant: AccountSid::from_u128(1),
-        call,
-        status: CallStatus::Ringing,
-        received_at: clock.now(),
         config: CallConfig { queue_bytes: 400 / 20 * 160, ..CallConfig::default() },
-        log: log.clone(),
-        clock: clock.clone(),
         quota_slot: Some(Box::new(Released(released.clone()))),
-        control: None,
-        hints: String::new(),
+        ..args(&log, &clock, call, CallStatus::Ringing)
     };
-    let actor = ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap();
+    let actor = spawn(&sup, args).await;
     let queue = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
     let sid = StreamSid::from_u128(9);
     start(&queue, clock.as_ref(), sid);
@@ -159,18 +173,11 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
     let call = CallSid::from_u128(43);
     let twilio = Arc::new(FakeTwilio { asked: Default::default(), status: 200 });
     let args = CallArgs {
-        tenant: AccountSid::from_u128(1),
-        call,
-        status: CallStatus::InProgress,
-        received_at: clock.now(),
         config: CallConfig { reattach_attempts: 1, ..CallConfig::default() },
-        log: log.clone(),
-        clock: clock.clone(),
-        quota_slot: None,
         control: Some(twilio.clone()),
-        hints: String::new(),
+        ..args(&log, &clock, call, CallStatus::InProgress)
     };
-    let actor = ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap();
+    let actor = spawn(&sup, args).await;
 
     // The first stream carries 10 frames, then its socket drops (no `stop`).
     let q1 = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
@@ -271,22 +278,6 @@ async fn a_call_taken_over_drops_its_stream_only_if_none_attached() {
     let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
     let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
     let twilio = Arc::new(FakeTwilio { asked: Default::default(), status: 200 });
-    let spawn = |call: CallSid| {
-        let args = CallArgs {
-            tenant: AccountSid::from_u128(1),
-            call,
-            status: CallStatus::InProgress,
-            received_at: clock.now(),
-            config: CallConfig::default(),
-            log: log.clone(),
-            clock: clock.clone(),
-            quota_slot: None,
-            control: Some(twilio.clone()),
-            hints: String::new(),
-        };
-        let sup = sup.clone();
-        async move { ractor::call!(sup, |r: RpcReplyPort<_>| SupervisorMsg::Start(Box::new(args), r)).unwrap().unwrap() }
-    };
     let drops = |call: CallSid| {
         events(&log, topics::CALLS, call).iter().filter(|e| matches!(e, Event::StreamDropped(_))).count()
     };
@@ -294,14 +285,18 @@ async fn a_call_taken_over_drops_its_stream_only_if_none_attached() {
     // No stream reached the actor since the node took the call over: the stream is dropped and
     // Twilio is asked for a fresh one.
     let (lost, kept) = (CallSid::from_u128(44), CallSid::from_u128(45));
-    let actor = spawn(lost).await;
+    let actor =
+        spawn(&sup, CallArgs { control: Some(twilio.clone()), ..args(&log, &clock, lost, CallStatus::InProgress) })
+            .await;
     actor.cast(CallMsg::StreamAbsent).unwrap();
     complete(&actor).await;
     assert_eq!(drops(lost), 1);
 
     // A stream attached on a path the node's sweep does not see (its own ingress, directly): the
     // same notice leaves it alone, and it ends as Twilio ends it.
-    let actor = spawn(kept).await;
+    let actor =
+        spawn(&sup, CallArgs { control: Some(twilio.clone()), ..args(&log, &clock, kept, CallStatus::InProgress) })
+            .await;
     let q = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
     let sid = StreamSid::from_u128(7);
     start(&q, clock.as_ref(), sid);

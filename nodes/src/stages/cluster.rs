@@ -291,7 +291,7 @@ impl Claimed {
                 }
                 running = kept;
                 // Health shows a share only once a stage runs on it.
-                *sh.lock().unwrap_or_else(|e| e.into_inner()) = running.iter().flat_map(|(u, _)| u.clone()).collect();
+                *sh.lock().unwrap_or_else(|e| e.into_inner()) = held(&running);
                 let plan = mode.plan(&running, &owned);
                 if plan.is_empty() {
                     continue;
@@ -315,9 +315,7 @@ impl Claimed {
                         }
                     }
                 }
-                let mut now: Vec<u32> = running.iter().flat_map(|(u, _)| u.clone()).collect();
-                now.sort_unstable();
-                *sh.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                *sh.lock().unwrap_or_else(|e| e.into_inner()) = held(&running);
                 a.store(ok, Ordering::Release);
             }
             for (_, s) in running {
@@ -342,6 +340,13 @@ impl Claimed {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
+}
+
+/// The units what runs runs on, in order.
+fn held(running: &[(Vec<u32>, Stop)]) -> Vec<u32> {
+    let mut units: Vec<u32> = running.iter().flat_map(|(u, _)| u.iter().copied()).collect();
+    units.sort_unstable();
+    units
 }
 
 impl Mode {

@@ -287,19 +287,17 @@ pub async fn serve(cfg: Config, config_source: ConfigSource) -> anyhow::Result<(
         claimed.push(c);
     }
     // A call node runs the actors of the calls in its share of the calls log's partitions.
-    let call_node = match (clustered && roles.has(Role::Call))
-        .then(|| crate::stages::calls::CallNode::new(calls.clone()))
-    {
-        Some(n) => {
-            let start: crate::stages::cluster::Start = Box::new(move |share| {
-                let n = n.clone();
-                Box::pin(async move { n.run(share).await })
-            });
-            let c = Claimed::run(&log, "call", log.partitions(topics::CALLS)?, &node, &[], Mode::Whole(start)).await?;
-            calls.runs_calls(c.share());
-            Some(c)
-        }
-        None => None,
+    let call_node = if clustered && roles.has(Role::Call) {
+        let n = crate::stages::calls::CallNode::new(calls.clone());
+        let start: crate::stages::cluster::Start = Box::new(move |share| {
+            let n = n.clone();
+            Box::pin(async move { n.run(share).await })
+        });
+        let c = Claimed::run(&log, "call", log.partitions(topics::CALLS)?, &node, &[], Mode::Whole(start)).await?;
+        calls.runs_calls(c.share());
+        Some(c)
+    } else {
+        None
     };
     let health = Arc::new(Health {
         stages,

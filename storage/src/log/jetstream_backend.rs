@@ -317,15 +317,12 @@ impl Backend for JetStreamBackend {
             return Ok(false);
         };
         let (_, last) = bounds?;
-        let part =
-            log.inner.topics[ti].partitions.get(partition as usize).ok_or_else(|| StorageError::NoPartition {
-                topic: Self::topic(log, ti).to_owned(),
-                partition,
-                partitions: log.inner.topics[ti].spec.partitions,
-            })?;
-        let mut rx = part.durable.subscribe();
-        let seen = tokio::time::timeout_at(until, rx.wait_for(|d| *d >= last)).await;
-        Ok(matches!(seen, Ok(Ok(_))))
+        if last == 0 {
+            return Ok(true);
+        }
+        // The stream's last record (sequence `last`) is the local offset `last - 1`.
+        let within = until.saturating_duration_since(tokio::time::Instant::now());
+        Ok(log.readable_within(ti, Position { partition, offset: last - 1 }, within).await)
     }
 
     fn trimmed(&self, topic: &str, partition: u32, tree: &sled::Tree, head: u64) -> Result<(), StorageError> {
