@@ -1119,8 +1119,13 @@ async fn append_media_events(
                 (control_id(s.call, &ev, at), ev)
             }
         };
+        // Room for the envelope's fields and the audio, so encoding does not grow the buffer.
+        let audio = match &ev {
+            Event::MediaBatch(b) => b.payload.len(),
+            _ => 0,
+        };
         let env = Envelope { event_id: id, tenant: s.tenant, call: Some(s.call), occurred_at: at, payload: ev };
-        let mut buf = Vec::with_capacity(64);
+        let mut buf = Vec::with_capacity(128 + audio);
         voxgate_protocol::encode_into(&env, &mut buf)
             .map_err(|e| voxgate_storage::StorageError::Engine(e.to_string()))?;
         encoded.push(buf);

@@ -74,6 +74,20 @@ pub struct Header {
 /// audio compare [`Header::variant`] with it (a test pins it to the enum).
 pub const MEDIA_BATCH_VARIANT: u32 = 4;
 
+/// [`Event::SpeechSegment`](crate::event::Event::SpeechSegment)'s variant index (pinned by a test).
+pub const SPEECH_SEGMENT_VARIANT: u32 = 11;
+
+/// [`Event::SpeechProgress`](crate::event::Event::SpeechProgress)'s variant index (pinned by a test).
+pub const SPEECH_PROGRESS_VARIANT: u32 = 41;
+
+impl Header {
+    /// The record carries audio (a media batch, a speech segment or a piece of one): a reader
+    /// that wants only where a call's records are can skip decoding it.
+    pub fn is_audio(&self) -> bool {
+        matches!(self.variant, MEDIA_BATCH_VARIANT | SPEECH_SEGMENT_VARIANT | SPEECH_PROGRESS_VARIANT)
+    }
+}
+
 /// The header of a current-version record; `None` for other versions and for bytes that are
 /// not an envelope (decode those whole).
 pub fn peek_header(bytes: &[u8]) -> Option<Header> {
@@ -141,6 +155,39 @@ mod tests {
             ..sample()
         };
         assert_eq!(peek_header(&encode(&media)).map(|h| h.variant), Some(MEDIA_BATCH_VARIANT));
+        let segment = Envelope {
+            payload: Event::SpeechSegment(SpeechSegment {
+                stream_sid: StreamSid::from_u128(3),
+                index: 0,
+                start_ms: 0,
+                end_ms: 20,
+                sample_rate: 16_000,
+                pcm16le: Bytes::from_static(&[0; 640]),
+                track: Track::Inbound,
+            }),
+            ..sample()
+        };
+        let piece = Envelope {
+            payload: Event::SpeechProgress(SpeechProgress {
+                stream_sid: StreamSid::from_u128(3),
+                track: Track::Inbound,
+                index: 0,
+                start_ms: 0,
+                from_ms: 0,
+                end_ms: 20,
+                paused: false,
+                pcm16le: Bytes::from_static(&[0; 640]),
+            }),
+            ..sample()
+        };
+        for (env, variant) in
+            [(&media, MEDIA_BATCH_VARIANT), (&segment, SPEECH_SEGMENT_VARIANT), (&piece, SPEECH_PROGRESS_VARIANT)]
+        {
+            let h = peek_header(&encode(env)).expect("a header");
+            assert_eq!(h.variant, variant);
+            assert!(h.is_audio());
+        }
+        assert!(!peek_header(&encode(&sample())).expect("a header").is_audio());
         assert_eq!(peek_header(b"\x01abc"), None);
         assert_eq!(peek_header(b""), None);
     }

@@ -15,7 +15,10 @@ pub mod ids;
 pub mod time;
 pub mod twilio;
 
-pub use codec::{decode, encode, encode_into, peek_event_id, peek_header, CodecError, Header, MEDIA_BATCH_VARIANT};
+pub use codec::{
+    decode, encode, encode_into, peek_event_id, peek_header, CodecError, Header, MEDIA_BATCH_VARIANT,
+    SPEECH_PROGRESS_VARIANT, SPEECH_SEGMENT_VARIANT,
+};
 pub use event::{Envelope, Event, EventId};
 pub use ids::{AccountSid, CallSid, PhoneNumberSid, SidError, StreamSid};
 pub use time::{Clock, SystemClock, Timestamp};

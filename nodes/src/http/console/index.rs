@@ -493,14 +493,19 @@ pub async fn follow(log: Log, index: Arc<Index>) -> Result<(), StorageError> {
                 pass += 1;
                 more = false;
                 for (p, from) in next[ti].iter_mut().enumerate() {
+                    // Most wake-ups are one partition's append: the others have nothing new.
+                    if *from >= log.durable_head(topic, p as u32)? {
+                        continue;
+                    }
                     batch.clear();
                     let first = log.first_offset(topic, p as u32)?;
                     // Retention removed what was not read yet: go on from what is left.
                     let at = (*from).max(first);
                     let to = log.read(topic, p as u32, at, 512, &mut batch)?;
                     for r in &batch {
+                        // Audio says nothing the index shows but where a call's records start.
                         if let Some(h) = voxgate_protocol::peek_header(r.payload()) {
-                            if h.variant == voxgate_protocol::MEDIA_BATCH_VARIANT {
+                            if h.is_audio() {
                                 index.note_audio(ti, r.offset, &h);
                                 continue;
                             }
