@@ -142,48 +142,38 @@ mod tests {
             (env.event_id, env.tenant, env.call, env.occurred_at)
         );
         assert_eq!(h.variant, 2);
-        let media = Envelope {
-            payload: Event::MediaBatch(MediaBatch {
-                stream_sid: StreamSid::from_u128(3),
-                track: Track::Inbound,
-                first_sequence: 1,
-                frames: 1,
-                start_ms: 0,
-                payload: Bytes::from_static(&[0xff; 160]),
-                gap_frames: 0,
-            }),
-            ..sample()
-        };
-        assert_eq!(peek_header(&encode(&media)).map(|h| h.variant), Some(MEDIA_BATCH_VARIANT));
-        let segment = Envelope {
-            payload: Event::SpeechSegment(SpeechSegment {
-                stream_sid: StreamSid::from_u128(3),
-                index: 0,
-                start_ms: 0,
-                end_ms: 20,
-                sample_rate: 16_000,
-                pcm16le: Bytes::from_static(&[0; 640]),
-                track: Track::Inbound,
-            }),
-            ..sample()
-        };
-        let piece = Envelope {
-            payload: Event::SpeechProgress(SpeechProgress {
-                stream_sid: StreamSid::from_u128(3),
-                track: Track::Inbound,
-                index: 0,
-                start_ms: 0,
-                from_ms: 0,
-                end_ms: 20,
-                paused: false,
-                pcm16le: Bytes::from_static(&[0; 640]),
-            }),
-            ..sample()
-        };
-        for (env, variant) in
-            [(&media, MEDIA_BATCH_VARIANT), (&segment, SPEECH_SEGMENT_VARIANT), (&piece, SPEECH_PROGRESS_VARIANT)]
+        let media = Event::MediaBatch(MediaBatch {
+            stream_sid: StreamSid::from_u128(3),
+            track: Track::Inbound,
+            first_sequence: 1,
+            frames: 1,
+            start_ms: 0,
+            payload: Bytes::from_static(&[0xff; 160]),
+            gap_frames: 0,
+        });
+        let segment = Event::SpeechSegment(SpeechSegment {
+            stream_sid: StreamSid::from_u128(3),
+            index: 0,
+            start_ms: 0,
+            end_ms: 20,
+            sample_rate: 16_000,
+            pcm16le: Bytes::from_static(&[0; 640]),
+            track: Track::Inbound,
+        });
+        let piece = Event::SpeechProgress(SpeechProgress {
+            stream_sid: StreamSid::from_u128(3),
+            track: Track::Inbound,
+            index: 0,
+            start_ms: 0,
+            from_ms: 0,
+            end_ms: 20,
+            paused: false,
+            pcm16le: Bytes::from_static(&[0; 640]),
+        });
+        for (payload, variant) in
+            [(media, MEDIA_BATCH_VARIANT), (segment, SPEECH_SEGMENT_VARIANT), (piece, SPEECH_PROGRESS_VARIANT)]
         {
-            let h = peek_header(&encode(env)).expect("a header");
+            let h = peek_header(&encode(&Envelope { payload, ..sample() })).expect("a header");
             assert_eq!(h.variant, variant);
             assert!(h.is_audio());
         }

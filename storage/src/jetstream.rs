@@ -655,15 +655,15 @@ async fn keys_under(client: &async_nats::Client, store: &kv::Store, prefix: &str
     // The latest entry of each key as it was made: they come first, in stream order; what is
     // written after that is newer than this listing and comes after them.
     let want = consumer.cached_info().num_pending as usize;
-    let mut live = std::collections::BTreeSet::new();
     if want == 0 {
         return Ok(Vec::new());
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut live = std::collections::BTreeSet::new();
+    // An ordered consumer delivers each stream sequence once.
+    let mut seen = 0;
     let mut messages = consumer.messages().await.map_err(js_err)?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(js_err)?;
-        let seq = m.info().map_err(js_err)?.stream_sequence;
         if let Some(key) = m.subject.strip_prefix(store.prefix.as_str()) {
             let deleted = m
                 .headers
@@ -676,8 +676,8 @@ async fn keys_under(client: &async_nats::Client, store: &kv::Store, prefix: &str
                 live.insert(key.to_owned());
             }
         }
-        seen.insert(seq);
-        if seen.len() >= want {
+        seen += 1;
+        if seen >= want {
             break;
         }
     }

@@ -498,10 +498,9 @@ pub async fn follow(log: Log, index: Arc<Index>) -> Result<(), StorageError> {
                         continue;
                     }
                     batch.clear();
-                    let first = log.first_offset(topic, p as u32)?;
-                    // Retention removed what was not read yet: go on from what is left.
-                    let at = (*from).max(first);
-                    let to = log.read(topic, p as u32, at, 512, &mut batch)?;
+                    // What retention removed before `from` is skipped by the read itself (it
+                    // ranges over the records still kept).
+                    let to = log.read(topic, p as u32, *from, 512, &mut batch)?;
                     for r in &batch {
                         // Audio says nothing the index shows but where a call's records start.
                         if let Some(h) = voxgate_protocol::peek_header(r.payload()) {
