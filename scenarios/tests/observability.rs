@@ -83,6 +83,11 @@ async fn metrics_health_and_logs_tell_the_truth() {
     );
     assert_eq!(sample(&metrics, "twilio_audio_chunks_received_total"), Some(chunks as f64), "{metrics}");
     assert_eq!(sample(&metrics, "voxgate_transcripts_total"), Some(transcripts as f64), "{metrics}");
+    // Each utterance's end went to the transcoder in a batch handed over at once, not when full.
+    assert!(
+        sample(&metrics, "voxgate_media_batches_early_total").is_some_and(|n| n >= transcripts as f64),
+        "{metrics}"
+    );
     assert_eq!(sample(&metrics, "twilio_active_calls"), Some(0.0), "{metrics}");
     assert_eq!(sample(&metrics, "twilio_websocket_connections"), Some(0.0), "{metrics}");
     assert_eq!(sample(&metrics, "voxgate_rest_auth_failures_total"), Some(1.0), "{metrics}");

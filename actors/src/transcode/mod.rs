@@ -22,6 +22,7 @@
 //! Cost: after warm-up nothing is allocated per frame (scratch buffers are reused, the 16 kHz
 //! buffer is trimmed lazily, amortised O(1) copy); each emitted segment allocates its `pcm16`.
 
+pub mod endpoint;
 pub mod mulaw;
 pub mod resample;
 pub mod stage;
@@ -34,6 +35,7 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
+pub use endpoint::EndpointWatch;
 pub use resample::{Upsampler2x, DELAY_SAMPLES_16K, DELAY_SAMPLES_8K};
 pub use vad::{Mark, Vad, VadConfig, SAMPLES_PER_MS};
 

@@ -1,7 +1,9 @@
 //! The Media Streams WebSocket: Twilio's audio in, batched into the call's stream queue.
 //!
 //! Per frame: parse the JSON (payload borrowed), base64 into a reused buffer, append to the batch
-//! being built; every ~100 ms of contiguous audio becomes one `MediaBatch` for the media log. The
+//! being built; every ~100 ms of contiguous audio becomes one `MediaBatch` for the media log, or
+//! sooner at the frames where speech pauses or ends, when STT runs (an [`EndpointWatch`] per track:
+//! the transcoder sees the pause at once instead of half a batch later). The
 //! socket never waits on the log: the call actor drains the queue, and if it falls behind the queue
 //! sheds the oldest audio and says so in the log. Bad input closes this stream only: a fault event,
 //! a stop event, a metric and a close frame with the reason; other calls never notice.
@@ -14,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use voxgate_actors::call::{media_batch, StreamItem, StreamQueue};
+use voxgate_actors::transcode::{EndpointWatch, VadConfig};
 use voxgate_protocol::event::{
     Dtmf, Event, FaultKind, StopReason, StreamFault, StreamMark, StreamStarted, StreamStopped, Track,
 };
@@ -114,12 +117,14 @@ pub async fn upgrade(
     };
     let clock = state.clock.clone();
     let batch_frames = state.cfg.calls.batch_frames;
+    // Pauses matter early only where the open segments' pieces are made (STT on).
+    let vad = state.cfg.transcode.vad.progress.then_some(state.cfg.transcode.vad);
     let idle = state.cfg.http.stream_idle();
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
-            let mut ingest = Ingest::new(call, tenant, queue, sink, clock, batch_frames);
+            let mut ingest = Ingest::new(call, tenant, queue, sink, clock, batch_frames, vad);
             ingest.run(socket, idle).await;
         })
         .into_response()
@@ -138,9 +143,13 @@ struct Ingest {
     scratch: Vec<u8>,
     /// The batch being built, per track (`inbound`, `outbound`).
     acc: [TrackBatch; 2],
+    /// Per track, when STT runs: where speech pauses or ends, the batch goes at once.
+    vad: Option<VadConfig>,
+    watch: [Option<EndpointWatch>; 2],
     next_seq: Option<u64>,
     flowing: bool,
     chunks: metrics::Counter,
+    early: metrics::Counter,
 }
 
 /// One track's audio not yet handed to the call actor.
@@ -179,6 +188,7 @@ impl Ingest {
         sink: StreamSink,
         clock: Arc<dyn Clock>,
         batch_frames: u32,
+        vad: Option<VadConfig>,
     ) -> Self {
         let batch_bytes = batch_frames as usize * 160;
         Self {
@@ -192,9 +202,12 @@ impl Ingest {
             tracks: [true, false],
             scratch: Vec::with_capacity(1600),
             acc: [TrackBatch::new(batch_bytes + 1600), TrackBatch::new(0)],
+            watch: [vad.as_ref().map(EndpointWatch::new), None],
+            vad,
             next_seq: None,
             flowing: false,
             chunks: metrics::counter!("twilio_audio_chunks_received_total"),
+            early: metrics::counter!("voxgate_media_batches_early_total"),
         }
     }
 
@@ -312,6 +325,7 @@ impl Ingest {
                 self.tracks = [named.is_empty() || named.contains(&Track::Inbound), named.contains(&Track::Outbound)];
                 if self.tracks[1] && self.acc[1].bytes.capacity() == 0 {
                     self.acc[1] = TrackBatch::new(self.batch_bytes + 1600);
+                    self.watch[1] = self.vad.as_ref().map(EndpointWatch::new);
                 }
                 self.push_control(Event::StreamStarted(StreamStarted {
                     stream_sid: start.stream_sid,
@@ -353,11 +367,15 @@ impl Ingest {
                 acc.bytes.extend_from_slice(&self.scratch);
                 acc.frames += 1;
                 let full = acc.bytes.len() >= self.batch_bytes;
+                let early = self.watch[t].as_mut().is_some_and(|w| w.push(m.timestamp_ms, &self.scratch)) && !full;
+                if early {
+                    self.early.increment(1);
+                }
                 if !self.flowing {
                     self.flowing = true;
                     self.sink.media_flowing();
                 }
-                if full {
+                if full || early {
                     self.flush_track(t);
                 }
                 Ok(Flow::Continue)

@@ -1,0 +1,207 @@
+//! The ingress's early look at the end of speech: which media frames should end a batch.
+//!
+//! The ingress hands a stream's audio to the call actor in batches of about 100 ms, and the
+//! transcoder sees a pause (where a speculative final starts) or a segment's end only when the
+//! batch holding that frame arrives: on average half a batch late. [`EndpointWatch`] runs the
+//! same detector ([`Vad`], same config) over the µ-law frames as they come in, and says "hand the
+//! batch over now" at the frames where the transcoder's VAD will find a pause or a segment's end.
+//! It decides nothing itself: the transcoder still cuts every segment, and a batch handed over
+//! early only means one more, shorter media record.
+//!
+//! The transcoder reads its VAD frames from the 16 kHz signal, which lags the input by the
+//! upsampler's delay (23 samples at 8 kHz): it judges a frame only once the next frame's audio
+//! is in. And its energy is the upsampled signal's, a hair off this one's, so near the threshold
+//! it may see the pause a frame later. So the watch hands over at the two frames after the one
+//! where its own VAD found the pause or the end.
+//!
+//! Cost: a table lookup and a multiply-add per sample, no allocation after the first frame.
+
+use super::mulaw::DECODE_TABLE;
+use super::vad::{frame_energy, Mark, Span, Vad, VadConfig, SAMPLES_PER_MS};
+use super::MAX_START_MS;
+
+/// Frames after the VAD's finding at which the batch is handed over.
+const HAND_OVER_FRAMES: u8 = 2;
+
+/// Watches one track for the frames that end a pause or a segment. Pure: a function of the audio
+/// and times pushed.
+#[derive(Debug, Clone)]
+pub struct EndpointWatch {
+    vad: Vad,
+    frame_len: usize,
+    /// Linear samples of the frame being filled.
+    pcm: Vec<i16>,
+    /// Stream position (8 kHz samples) of `pcm[0]`; `None` before the first audio.
+    frame_pos: Option<u64>,
+    spans: Vec<Span>,
+    marks: Vec<Mark>,
+    /// Frames still to hand over after a finding.
+    pending: u8,
+}
+
+impl EndpointWatch {
+    /// A watch with the transcoder's VAD config (sanitised, as the transcoder's is).
+    pub fn new(cfg: &VadConfig) -> Self {
+        let vad = Vad::new(cfg);
+        let frame_len = vad.frame_len() as usize;
+        Self {
+            vad,
+            frame_len,
+            pcm: Vec::with_capacity(frame_len),
+            frame_pos: None,
+            spans: Vec::new(),
+            marks: Vec::new(),
+            pending: 0,
+        }
+    }
+
+    /// Feeds µ-law audio whose first sample is at stream time `start_ms`. True: the batch that
+    /// ends with this audio should be handed over now.
+    pub fn push(&mut self, start_ms: u64, mulaw: &[u8]) -> bool {
+        if mulaw.is_empty() {
+            return false;
+        }
+        let at = start_ms.min(MAX_START_MS) * SAMPLES_PER_MS;
+        let next = self.frame_pos.map(|p| p + self.pcm.len() as u64);
+        // The transcoder treats differences under 1 ms as contiguous; anything else (the first
+        // audio, a gap, an overlap) starts a new run here. The watch does not fill gaps as the
+        // transcoder does: at worst it hands over at the wrong frame, which costs nothing.
+        if next.is_none_or(|n| n.abs_diff(at) >= SAMPLES_PER_MS) {
+            if let Some(n) = next {
+                self.vad.flush(n, &mut self.spans);
+                self.spans.clear();
+            }
+            self.vad.start_run(at);
+            self.pcm.clear();
+            self.frame_pos = Some(at);
+        }
+        let mut hand_over = false;
+        for &b in mulaw {
+            self.pcm.push(DECODE_TABLE[b as usize]);
+            if self.pcm.len() < self.frame_len {
+                continue;
+            }
+            let pos = self.frame_pos.unwrap_or(at);
+            if self.pending > 0 {
+                self.pending -= 1;
+                hand_over = true;
+            }
+            self.vad.frame(pos, frame_energy(&self.pcm), true, &mut self.spans);
+            self.vad.take_marks(&mut self.marks);
+            let found = !self.spans.is_empty() || self.marks.iter().any(|m| m.paused);
+            self.spans.clear();
+            self.marks.clear();
+            if found {
+                self.pending = HAND_OVER_FRAMES;
+            }
+            self.pcm.clear();
+            self.frame_pos = Some(pos + self.frame_len as u64);
+        }
+        hand_over
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transcode::synth::SignalBuilder;
+    use crate::transcode::{Piece, Segment, StreamTranscoder, TranscodeConfig};
+
+    fn config() -> TranscodeConfig {
+        let mut cfg = TranscodeConfig::default();
+        cfg.vad.progress = true;
+        cfg
+    }
+
+    /// Talk with pauses inside and between utterances, on a quiet line and on a noisy one.
+    fn signals() -> Vec<Vec<u8>> {
+        let talk = |seed, background: Option<f64>| {
+            let mut s = SignalBuilder::new(seed)
+                .silence(600)
+                .speech(1_400, -20.0)
+                .silence(180)
+                .speech(900, -22.0)
+                .silence(700)
+                .speech(600, -26.0)
+                .silence(260)
+                .speech(1_100, -18.0)
+                .silence(900);
+            if let Some(db) = background {
+                s = s.with_background(db);
+            }
+            s.mulaw()
+        };
+        vec![talk(3, None), talk(4, Some(-55.0)), talk(5, Some(-45.0))]
+    }
+
+    /// Frame by frame (20 ms, as Twilio sends): the frames at which the transcoder emitted a
+    /// paused piece or a segment, and the frames at which the watch said to hand over.
+    fn run(cfg: &TranscodeConfig, bytes: &[u8]) -> (Vec<usize>, Vec<usize>) {
+        let mut tc = StreamTranscoder::new(cfg);
+        let mut watch = EndpointWatch::new(&cfg.vad);
+        let (mut segs, mut pieces): (Vec<Segment>, Vec<Piece>) = (Vec::new(), Vec::new());
+        let (mut found, mut handed) = (Vec::new(), Vec::new());
+        for (i, frame) in bytes.chunks(160).enumerate() {
+            let t = i as u64 * 20;
+            tc.push(t, frame, &mut segs);
+            tc.take_progress(&mut pieces);
+            if !segs.is_empty() || pieces.iter().any(|p| p.paused) {
+                found.push(i);
+            }
+            segs.clear();
+            pieces.clear();
+            if watch.push(t, frame) {
+                handed.push(i);
+            }
+        }
+        (found, handed)
+    }
+
+    #[test]
+    fn hands_over_at_every_frame_where_the_transcoder_finds_a_pause_or_an_end() {
+        let cfg = config();
+        for (n, bytes) in signals().iter().enumerate() {
+            let (found, handed) = run(&cfg, bytes);
+            // Two pauses inside utterances (kept by the hangover) and three ends at least.
+            assert!(found.len() >= 5, "signal {n}: the transcoder found {found:?}");
+            for f in &found {
+                assert!(
+                    handed.contains(f),
+                    "signal {n}: the transcoder found frame {f}, the watch handed over {handed:?}"
+                );
+            }
+            // Early hand-overs are few: two per finding at most.
+            assert!(handed.len() <= 2 * found.len(), "signal {n}: {handed:?} for {found:?}");
+        }
+    }
+
+    #[test]
+    fn batching_and_restarts_do_not_upset_it() {
+        let cfg = config();
+        let bytes = &signals()[0];
+        // The same audio in 100 ms pushes hands over within the pushes that hold those frames.
+        let mut watch = EndpointWatch::new(&cfg.vad);
+        let early: Vec<usize> =
+            bytes.chunks(800).enumerate().filter(|(i, c)| watch.push(*i as u64 * 100, c)).map(|(i, _)| i).collect();
+        let (_, handed) = run(&cfg, bytes);
+        let mut by_batch: Vec<usize> = handed.iter().map(|f| f / 5).collect();
+        by_batch.dedup();
+        assert_eq!(early, by_batch);
+        // A jump in time (a new stream) starts over without a panic, and empty or odd-sized
+        // pushes are fine.
+        let mut watch = EndpointWatch::new(&cfg.vad);
+        assert!(!watch.push(0, &[]));
+        watch.push(0, &bytes[..4_001]);
+        watch.push(u64::MAX, &bytes[..800]);
+        watch.push(3, &bytes[4_001..]);
+    }
+
+    #[test]
+    fn silence_and_steady_noise_never_hand_over() {
+        let cfg = config();
+        for sig in [SignalBuilder::new(1).silence(5_000), SignalBuilder::new(2).noise(5_000, -40.0)] {
+            let (found, handed) = run(&cfg, &sig.mulaw());
+            assert!(found.is_empty() && handed.is_empty(), "{found:?} {handed:?}");
+        }
+    }
+}
