@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use voxgate_actors::transcode::synth::{Rng, SignalBuilder};
-use voxgate_actors::transcode::{mulaw, Segment, StreamTranscoder, TranscodeConfig, Upsampler2x};
+use voxgate_actors::transcode::{mulaw, EndpointWatch, Segment, StreamTranscoder, TranscodeConfig, Upsampler2x};
 
 const AUDIO_S: u64 = 60;
 const RUNS: usize = 15;
@@ -114,6 +114,20 @@ fn main() {
         n
     });
 
+    // The ingress's endpoint watch (STT on: the VAD over the µ-law frames, for early batches).
+    let mut vad_cfg = cfg.vad;
+    vad_cfg.progress = true;
+    let mut handed = 0;
+    let watch = measure(|| {
+        let mut w = EndpointWatch::new(&vad_cfg);
+        let mut n = 0u64;
+        for (i, f) in frames.iter().enumerate() {
+            n += u64::from(w.push(i as u64 * 20, black_box(f)));
+        }
+        handed = n;
+        n
+    });
+
     println!(
         "bench_transcode: {AUDIO_S} s of synthetic speech-like mu-law ({} frames of 20 ms, {speech_s:.1} s speech), \
          {RUNS} runs after a warm-up, single thread",
@@ -128,10 +142,15 @@ fn main() {
     row("mu-law table decode (baseline)", &baseline);
     row("decode + 8->16 kHz FIR", &upsample);
     row("transcode: decode + FIR + VAD + segments", &full);
+    row("ingress endpoint watch (decode + VAD)", &watch);
     println!(
         "cost ratio transcode / baseline: {:.1}x (median); decode + FIR / baseline: {:.1}x",
         baseline.median / full.median,
         baseline.median / upsample.median
+    );
+    println!(
+        "endpoint watch / transcode: {:.2}x of the transcoder's CPU; {handed} early hand-overs per run",
+        full.median / watch.median
     );
     println!(
         "one core keeps up with ~{:.0} concurrent calls; {seg_count} segments, {:.1} s of segment audio per run",
