@@ -18,7 +18,7 @@
 
 use super::mulaw::DECODE_TABLE;
 use super::vad::{frame_energy, Mark, Span, Vad, VadConfig, SAMPLES_PER_MS};
-use super::MAX_START_MS;
+use super::{MAX_GAP_MS, MAX_START_MS};
 
 /// Frames after the VAD's finding at which the batch is handed over.
 const HAND_OVER_FRAMES: u8 = 2;
@@ -33,6 +33,9 @@ pub struct EndpointWatch {
     pcm: Vec<i16>,
     /// Stream position (8 kHz samples) of `pcm[0]`; `None` before the first audio.
     frame_pos: Option<u64>,
+    /// The frame being filled holds gap fill (it leaves the noise floor alone, as in the
+    /// transcoder).
+    filled: bool,
     spans: Vec<Span>,
     marks: Vec<Mark>,
     /// Frames still to hand over after a finding.
@@ -49,6 +52,7 @@ impl EndpointWatch {
             frame_len,
             pcm: Vec::with_capacity(frame_len),
             frame_pos: None,
+            filled: false,
             spans: Vec::new(),
             marks: Vec::new(),
             pending: 0,
@@ -57,46 +61,66 @@ impl EndpointWatch {
 
     /// Feeds µ-law audio whose first sample is at stream time `start_ms`. True: the batch that
     /// ends with this audio should be handed over now.
+    ///
+    /// Time is read as the transcoder reads it: differences under 1 ms are contiguous, a gap up
+    /// to [`MAX_GAP_MS`] is silence, audio already heard is dropped, and a longer gap (or the
+    /// first audio) starts a new run.
     pub fn push(&mut self, start_ms: u64, mulaw: &[u8]) -> bool {
         if mulaw.is_empty() {
             return false;
         }
         let at = start_ms.min(MAX_START_MS) * SAMPLES_PER_MS;
-        let next = self.frame_pos.map(|p| p + self.pcm.len() as u64);
-        // The transcoder treats differences under 1 ms as contiguous; anything else (the first
-        // audio, a gap, an overlap) starts a new run here. The watch does not fill gaps as the
-        // transcoder does: at worst it hands over at the wrong frame, which costs nothing.
-        if next.is_none_or(|n| n.abs_diff(at) >= SAMPLES_PER_MS) {
-            if let Some(n) = next {
-                self.vad.flush(n, &mut self.spans);
-                self.spans.clear();
-            }
-            self.vad.start_run(at);
-            self.pcm.clear();
-            self.frame_pos = Some(at);
-        }
+        let mut data = mulaw;
         let mut hand_over = false;
-        for &b in mulaw {
-            self.pcm.push(DECODE_TABLE[b as usize]);
-            if self.pcm.len() < self.frame_len {
-                continue;
+        match self.frame_pos.map(|p| p + self.pcm.len() as u64) {
+            Some(next) if at.abs_diff(next) < SAMPLES_PER_MS => {}
+            Some(next) if at < next => {
+                let skip = (next - at).min(data.len() as u64) as usize;
+                data = &data[skip..];
             }
-            let pos = self.frame_pos.unwrap_or(at);
-            if self.pending > 0 {
-                self.pending -= 1;
-                hand_over = true;
+            Some(next) if at - next <= MAX_GAP_MS * SAMPLES_PER_MS => {
+                for _ in next..at {
+                    hand_over |= self.sample(0, true);
+                }
             }
-            self.vad.frame(pos, frame_energy(&self.pcm), true, &mut self.spans);
-            self.vad.take_marks(&mut self.marks);
-            let found = !self.spans.is_empty() || self.marks.iter().any(|m| m.paused);
-            self.spans.clear();
-            self.marks.clear();
-            if found {
-                self.pending = HAND_OVER_FRAMES;
+            next => {
+                if let Some(n) = next {
+                    self.vad.flush(n, &mut self.spans);
+                    self.spans.clear();
+                }
+                self.vad.start_run(at);
+                self.pcm.clear();
+                self.filled = false;
+                self.frame_pos = Some(at);
             }
-            self.pcm.clear();
-            self.frame_pos = Some(pos + self.frame_len as u64);
         }
+        for &b in data {
+            hand_over |= self.sample(DECODE_TABLE[b as usize], false);
+        }
+        hand_over
+    }
+
+    /// Takes the next sample (`fill`: gap fill); true where a frame completes that is to be
+    /// handed over.
+    fn sample(&mut self, s: i16, fill: bool) -> bool {
+        self.pcm.push(s);
+        self.filled |= fill;
+        if self.pcm.len() < self.frame_len {
+            return false;
+        }
+        let pos = self.frame_pos.unwrap_or(0);
+        let hand_over = self.pending > 0;
+        self.pending = self.pending.saturating_sub(1);
+        self.vad.frame(pos, frame_energy(&self.pcm), !self.filled, &mut self.spans);
+        self.vad.take_marks(&mut self.marks);
+        if !self.spans.is_empty() || self.marks.iter().any(|m| m.paused) {
+            self.pending = HAND_OVER_FRAMES;
+        }
+        self.spans.clear();
+        self.marks.clear();
+        self.pcm.clear();
+        self.filled = false;
+        self.frame_pos = Some(pos + self.frame_len as u64);
         hand_over
     }
 }
@@ -137,11 +161,19 @@ mod tests {
     /// Frame by frame (20 ms, as Twilio sends): the frames at which the transcoder emitted a
     /// paused piece or a segment, and the frames at which the watch said to hand over.
     fn run(cfg: &TranscodeConfig, bytes: &[u8]) -> (Vec<usize>, Vec<usize>) {
+        run_losing(cfg, bytes, &[])
+    }
+
+    /// [`run`], with the frames in `lost` never sent (Twilio's sequence gaps).
+    fn run_losing(cfg: &TranscodeConfig, bytes: &[u8], lost: &[std::ops::Range<usize>]) -> (Vec<usize>, Vec<usize>) {
         let mut tc = StreamTranscoder::new(cfg);
         let mut watch = EndpointWatch::new(&cfg.vad);
         let (mut segs, mut pieces): (Vec<Segment>, Vec<Piece>) = (Vec::new(), Vec::new());
         let (mut found, mut handed) = (Vec::new(), Vec::new());
         for (i, frame) in bytes.chunks(160).enumerate() {
+            if lost.iter().any(|r| r.contains(&i)) {
+                continue;
+            }
             let t = i as u64 * 20;
             tc.push(t, frame, &mut segs);
             tc.take_progress(&mut pieces);
@@ -172,6 +204,23 @@ mod tests {
             }
             // Early hand-overs are few: two per finding at most.
             assert!(handed.len() <= 2 * found.len(), "signal {n}: {handed:?} for {found:?}");
+        }
+    }
+
+    #[test]
+    fn lost_frames_are_silence_to_both() {
+        let cfg = config();
+        for (n, bytes) in signals().iter().enumerate() {
+            // 100 ms lost inside the first utterance, 60 ms in the pause after it, 40 ms at the
+            // start of the last utterance.
+            let (found, handed) = run_losing(&cfg, bytes, &[50..55, 102..105, 189..191]);
+            assert!(found.len() >= 5, "signal {n}: the transcoder found {found:?}");
+            for f in &found {
+                assert!(
+                    handed.contains(f),
+                    "signal {n}: the transcoder found frame {f}, the watch handed over {handed:?}"
+                );
+            }
         }
     }
 
