@@ -4,7 +4,8 @@
 //! transcoder sees a pause (where a speculative final starts) or a segment's end only when the
 //! batch holding that frame arrives: on average half a batch late. [`EndpointWatch`] runs the
 //! same detector ([`Vad`], same config) over the µ-law frames as they come in, and says "hand the
-//! batch over now" at the frames where the transcoder's VAD will find a pause or a segment's end.
+//! batch over now" at the frames where the transcoder's VAD will find a pause, the speaker going
+//! on after one, or a segment's end.
 //! It decides nothing itself: the transcoder still cuts every segment, and a batch handed over
 //! early only means one more, shorter media record.
 //!
@@ -40,6 +41,8 @@ pub struct EndpointWatch {
     marks: Vec<Mark>,
     /// Frames still to hand over after a finding.
     pending: u8,
+    /// The open segment's last mark was a pause: its next mark is the speaker going on.
+    after_pause: bool,
 }
 
 impl EndpointWatch {
@@ -56,6 +59,7 @@ impl EndpointWatch {
             spans: Vec::new(),
             marks: Vec::new(),
             pending: 0,
+            after_pause: false,
         }
     }
 
@@ -79,8 +83,13 @@ impl EndpointWatch {
                 data = &data[skip..];
             }
             Some(next) if at - next <= MAX_GAP_MS * SAMPLES_PER_MS => {
-                for _ in next..at {
-                    hand_over |= self.sample(0, true);
+                let mut left = (at - next) as usize;
+                while left > 0 {
+                    let k = (self.frame_len - self.pcm.len()).min(left);
+                    self.pcm.resize(self.pcm.len() + k, 0);
+                    self.filled = true;
+                    left -= k;
+                    hand_over |= self.frame_done();
                 }
             }
             next => {
@@ -94,17 +103,18 @@ impl EndpointWatch {
                 self.frame_pos = Some(at);
             }
         }
-        for &b in data {
-            hand_over |= self.sample(DECODE_TABLE[b as usize], false);
+        while !data.is_empty() {
+            let k = (self.frame_len - self.pcm.len()).min(data.len());
+            self.pcm.extend(data[..k].iter().map(|&b| DECODE_TABLE[b as usize]));
+            data = &data[k..];
+            hand_over |= self.frame_done();
         }
         hand_over
     }
 
-    /// Takes the next sample (`fill`: gap fill); true where a frame completes that is to be
-    /// handed over.
-    fn sample(&mut self, s: i16, fill: bool) -> bool {
-        self.pcm.push(s);
-        self.filled |= fill;
+    /// Runs the VAD on the frame in `pcm` if it is complete; true if that frame is to be handed
+    /// over.
+    fn frame_done(&mut self) -> bool {
         if self.pcm.len() < self.frame_len {
             return false;
         }
@@ -113,7 +123,13 @@ impl EndpointWatch {
         self.pending = self.pending.saturating_sub(1);
         self.vad.frame(pos, frame_energy(&self.pcm), !self.filled, &mut self.spans);
         self.vad.take_marks(&mut self.marks);
-        if !self.spans.is_empty() || self.marks.iter().any(|m| m.paused) {
+        // A pause (the speculative final starts), the speaker going on after one (the decode
+        // made at it is given up), the end of a segment.
+        let paused = self.marks.iter().any(|m| m.paused);
+        let resumed = self.after_pause && self.marks.iter().any(|m| !m.paused);
+        let ended = !self.spans.is_empty();
+        self.after_pause = paused || self.after_pause && !resumed && !ended;
+        if paused || resumed || ended {
             self.pending = HAND_OVER_FRAMES;
         }
         self.spans.clear();
@@ -170,6 +186,7 @@ mod tests {
         let mut watch = EndpointWatch::new(&cfg.vad);
         let (mut segs, mut pieces): (Vec<Segment>, Vec<Piece>) = (Vec::new(), Vec::new());
         let (mut found, mut handed) = (Vec::new(), Vec::new());
+        let mut after_pause: Option<u32> = None;
         for (i, frame) in bytes.chunks(160).enumerate() {
             if lost.iter().any(|r| r.contains(&i)) {
                 continue;
@@ -177,7 +194,13 @@ mod tests {
             let t = i as u64 * 20;
             tc.push(t, frame, &mut segs);
             tc.take_progress(&mut pieces);
-            if !segs.is_empty() || pieces.iter().any(|p| p.paused) {
+            // A paused piece, the piece after it in the same segment (the speaker went on), a
+            // segment.
+            let resumed = pieces.iter().any(|p| !p.paused && after_pause == Some(p.index));
+            if let Some(p) = pieces.last() {
+                after_pause = p.paused.then_some(p.index);
+            }
+            if !segs.is_empty() || resumed || pieces.iter().any(|p| p.paused) {
                 found.push(i);
             }
             segs.clear();
@@ -194,8 +217,9 @@ mod tests {
         let cfg = config();
         for (n, bytes) in signals().iter().enumerate() {
             let (found, handed) = run(&cfg, bytes);
-            // Two pauses inside utterances (kept by the hangover) and three ends at least.
-            assert!(found.len() >= 5, "signal {n}: the transcoder found {found:?}");
+            // Two segments, each with a pause inside (kept by the hangover), the speaker going
+            // on after it, a pause at its end and its end.
+            assert!(found.len() >= 8, "signal {n}: the transcoder found {found:?}");
             for f in &found {
                 assert!(
                     handed.contains(f),
