@@ -17,9 +17,8 @@
 //!
 //! Cost: a table lookup and a multiply-add per sample, no allocation after the first frame.
 
-use super::mulaw::DECODE_TABLE;
 use super::vad::{frame_energy, Mark, Span, Vad, VadConfig, SAMPLES_PER_MS};
-use super::{MAX_GAP_MS, MAX_START_MS};
+use super::{mulaw, place, Placement, MAX_START_MS};
 
 /// Frames after the VAD's finding at which the batch is handed over.
 const HAND_OVER_FRAMES: u8 = 2;
@@ -66,9 +65,8 @@ impl EndpointWatch {
     /// Feeds µ-law audio whose first sample is at stream time `start_ms`. True: the batch that
     /// ends with this audio should be handed over now.
     ///
-    /// Time is read as the transcoder reads it: differences under 1 ms are contiguous, a gap up
-    /// to [`MAX_GAP_MS`] is silence, audio already heard is dropped, and a longer gap (or the
-    /// first audio) starts a new run.
+    /// Time is read as the transcoder reads it ([`Placement`]): a short gap is silence, audio
+    /// already heard is dropped, a long gap starts a new run.
     pub fn push(&mut self, start_ms: u64, mulaw: &[u8]) -> bool {
         if mulaw.is_empty() {
             return false;
@@ -76,14 +74,15 @@ impl EndpointWatch {
         let at = start_ms.min(MAX_START_MS) * SAMPLES_PER_MS;
         let mut data = mulaw;
         let mut hand_over = false;
-        match self.frame_pos.map(|p| p + self.pcm.len() as u64) {
-            Some(next) if at.abs_diff(next) < SAMPLES_PER_MS => {}
-            Some(next) if at < next => {
-                let skip = (next - at).min(data.len() as u64) as usize;
+        let next = self.frame_pos.map(|p| p + self.pcm.len() as u64);
+        match place(next, at) {
+            Placement::Contiguous => {}
+            Placement::Overlap(heard) => {
+                let skip = heard.min(data.len() as u64) as usize;
                 data = &data[skip..];
             }
-            Some(next) if at - next <= MAX_GAP_MS * SAMPLES_PER_MS => {
-                let mut left = (at - next) as usize;
+            Placement::Gap(gap) => {
+                let mut left = gap as usize;
                 while left > 0 {
                     let k = (self.frame_len - self.pcm.len()).min(left);
                     self.pcm.resize(self.pcm.len() + k, 0);
@@ -92,7 +91,7 @@ impl EndpointWatch {
                     hand_over |= self.frame_done();
                 }
             }
-            next => {
+            Placement::NewRun { .. } => {
                 if let Some(n) = next {
                     self.vad.flush(n, &mut self.spans);
                     self.spans.clear();
@@ -105,7 +104,7 @@ impl EndpointWatch {
         }
         while !data.is_empty() {
             let k = (self.frame_len - self.pcm.len()).min(data.len());
-            self.pcm.extend(data[..k].iter().map(|&b| DECODE_TABLE[b as usize]));
+            mulaw::decode_into(&data[..k], &mut self.pcm);
             data = &data[k..];
             hand_over |= self.frame_done();
         }

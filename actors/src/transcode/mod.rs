@@ -103,6 +103,31 @@ pub const MAX_START_MS: u64 = 1 << 56;
 const MAX_GAP: u64 = MAX_GAP_MS * SAMPLES_PER_MS;
 /// Time differences below one ms are rounding, not gaps or overlaps.
 const JITTER: u64 = SAMPLES_PER_MS;
+
+/// How audio starting at stream position `at` (8 kHz samples) follows the audio before it,
+/// `next` being the position just past that (`None`: nothing yet). The one reading of stream
+/// time, shared by the transcoder and the ingress's [`EndpointWatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// A new run starts here: the first audio, or (`resync`) after a gap over [`MAX_GAP_MS`].
+    NewRun { resync: bool },
+    /// It follows on (differences under 1 ms are rounding).
+    Contiguous,
+    /// It comes after a gap of this many samples, heard as silence.
+    Gap(u64),
+    /// Its first this many samples were heard already: they are dropped.
+    Overlap(u64),
+}
+
+pub(crate) fn place(next: Option<u64>, at: u64) -> Placement {
+    match next {
+        None => Placement::NewRun { resync: false },
+        Some(n) if at >= n + JITTER && at - n <= MAX_GAP => Placement::Gap(at - n),
+        Some(n) if at >= n + JITTER => Placement::NewRun { resync: true },
+        Some(n) if at + JITTER <= n => Placement::Overlap(n - at),
+        Some(_) => Placement::Contiguous,
+    }
+}
 /// Input processed per internal step (bounds the scratch buffers).
 const CHUNK: usize = 4_096;
 /// Dead 16 kHz samples tolerated at the front of the buffer before trimming.
@@ -184,21 +209,21 @@ impl StreamTranscoder {
         }
         let at = start_ms.min(MAX_START_MS) * SAMPLES_PER_MS;
         let mut data = mulaw;
-        if !self.started {
-            self.start_run(at);
-        } else if at >= self.t_next + JITTER {
-            let gap = at - self.t_next;
-            if gap <= MAX_GAP {
-                self.feed_silence(gap, out);
-            } else {
-                self.flush_run(out);
-                self.resyncs += 1;
+        match place(self.started.then_some(self.t_next), at) {
+            Placement::NewRun { resync } => {
+                if resync {
+                    self.flush_run(out);
+                    self.resyncs += 1;
+                }
                 self.start_run(at);
             }
-        } else if at + JITTER <= self.t_next {
-            let skip = (self.t_next - at).min(data.len() as u64) as usize;
-            self.samples_dropped += skip as u64;
-            data = &data[skip..];
+            Placement::Gap(gap) => self.feed_silence(gap, out),
+            Placement::Overlap(heard) => {
+                let skip = heard.min(data.len() as u64) as usize;
+                self.samples_dropped += skip as u64;
+                data = &data[skip..];
+            }
+            Placement::Contiguous => {}
         }
         while !data.is_empty() {
             let n = data.len().min(CHUNK);

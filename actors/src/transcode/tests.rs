@@ -507,3 +507,15 @@ proptest! {
         check_invariants(&out);
     }
 }
+
+#[test]
+fn stream_time_is_read_one_way() {
+    assert_eq!(place(None, 80), Placement::NewRun { resync: false });
+    assert_eq!(place(Some(800), 807), Placement::Contiguous, "under 1 ms late is rounding");
+    assert_eq!(place(Some(800), 793), Placement::Contiguous, "under 1 ms early is rounding");
+    assert_eq!(place(Some(800), 808), Placement::Gap(8));
+    assert_eq!(place(Some(800), 800 + MAX_GAP_MS * 8), Placement::Gap(MAX_GAP_MS * 8));
+    assert_eq!(place(Some(800), 801 + MAX_GAP_MS * 8), Placement::NewRun { resync: true });
+    assert_eq!(place(Some(800), 792), Placement::Overlap(8));
+    assert_eq!(place(Some(800), 0), Placement::Overlap(800));
+}
