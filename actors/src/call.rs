@@ -79,6 +79,11 @@ pub struct CallConfig {
     pub stale_audio: Duration,
     /// How many times a call's dropped stream is re-attached (0: never).
     pub reattach_attempts: u32,
+    /// How long a call that ended (its `completed` callback, a hang-up, its maximum duration)
+    /// waits for its stream's reader to hand over what the socket still held: Twilio does not
+    /// promise to send the stream's last frames and `stop` before the callback. What the reader
+    /// queues after this is counted as lost.
+    pub stream_end_grace: Duration,
 }
 
 impl Default for CallConfig {
@@ -89,6 +94,7 @@ impl Default for CallConfig {
             queue_bytes: 4 << 20,
             stale_audio: Duration::from_secs(60),
             reattach_attempts: 3,
+            stream_end_grace: Duration::from_secs(5),
         }
     }
 }
@@ -387,6 +393,8 @@ struct QueueState {
     audio_bytes: usize,
     shed_frames: u32,
     closed: Option<StopReason>,
+    /// The call's actor stopped: nobody takes what is pushed now.
+    retired: bool,
 }
 
 /// The bounded queue between a call's WebSocket and its actor: bounded by memory (bytes of
@@ -412,12 +420,20 @@ impl StreamQueue {
     }
 
     /// Queues an item observed at `at`. Audio beyond the bounds pushes out the oldest audio.
-    /// Returns the frames shed by this push.
+    /// Returns the frames shed by this push. An item pushed after the call's actor stopped is
+    /// lost, and counted (`voxgate_stream_items_lost_total`).
     pub fn push(&self, at: Timestamp, item: StreamItem) -> u32 {
         let shed = {
             let Ok(mut s) = self.state.lock() else {
                 return 0;
             };
+            if s.retired {
+                metrics::counter!("voxgate_stream_items_lost_total").increment(1);
+                if let StreamItem::Audio(b) = &item {
+                    metrics::counter!("voxgate_stream_frames_lost_total").increment(u64::from(b.frames));
+                }
+                return 0;
+            }
             if let StreamItem::Audio(b) = &item {
                 s.audio_bytes += b.payload.len();
             }
@@ -498,6 +514,14 @@ impl StreamQueue {
         self.close.notify_one();
     }
 
+    /// The actor stops: what is pushed from now on is refused and counted as lost (the last
+    /// [`take`](Self::take) after this gets everything pushed before it).
+    fn retire(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.retired = true;
+        }
+    }
+
     /// Why the actor closed the stream, if it did.
     pub fn closed(&self) -> Option<StopReason> {
         self.state.lock().ok().and_then(|s| s.closed.clone())
@@ -550,6 +574,9 @@ pub enum CallMsg {
     Hangup { source: String, reason: String, reply: RpcReplyPort<Result<(), CallError>> },
     /// Try again what the log could not take (it could not write for a while).
     Retry,
+    /// The call ended a while ago and its stream's reader has still not said it is done: stop
+    /// waiting for it.
+    StreamGraceOver,
     /// A real-time transcription of the call brought vocabulary hints: they join the call's, for
     /// its speech from now on.
     AddHints(String),
@@ -604,8 +631,13 @@ pub struct CallActorState {
     outbox: Vec<Vec<u8>>,
     /// A retry is scheduled.
     retrying: bool,
-    /// The call is over; the actor stops once the outbox is empty and no media waits.
+    /// The call is over; the actor stops once the outbox is empty, no media waits and the
+    /// stream's reader handed over what it held.
     finishing: bool,
+    /// The call ended while its stream was attached: the actor asked the reader to close and
+    /// waits (at most `stream_end_grace`) for [`CallMsg::StreamEnded`], with the stop to record.
+    stream_closing: Option<StopReason>,
+    stream_end_grace: Duration,
     /// Media went back to the stream queue because the log could not take it.
     media_pending: bool,
     stream_stopped_recorded: bool,
@@ -668,6 +700,8 @@ impl Actor for CallActor {
             outbox: Vec::new(),
             retrying: false,
             finishing: false,
+            stream_closing: None,
+            stream_end_grace: a.config.stream_end_grace,
             media_pending: false,
             stream_stopped_recorded: false,
             hints: Hints::new(&a.hints),
@@ -676,7 +710,10 @@ impl Actor for CallActor {
     }
 
     async fn post_stop(&self, _myself: ActorRef<CallMsg>, s: &mut CallActorState) -> Result<(), ActorProcessingErr> {
-        // Whatever the WebSocket queued still reaches the log.
+        // Whatever the WebSocket queued still reaches the log; anything later is counted lost.
+        if let Some(q) = &s.queue {
+            q.retire();
+        }
         if let Err(e) = pump(&_myself, s).await {
             tracing::error!(stage = "call", call_sid = %s.call, tenant = %s.tenant, error = %e, "media lost at call end");
         }
@@ -777,9 +814,14 @@ impl Actor for CallActor {
                 s.retrying = false;
                 if drain_outbox(&myself, s).await? {
                     pump(&myself, s).await?;
-                    if s.finishing && !s.media_pending {
-                        myself.stop(Some("call ended".into()));
-                    }
+                    stop_if_done(&myself, s);
+                }
+            }
+            CallMsg::StreamGraceOver => {
+                if let Some(reason) = s.stream_closing.clone() {
+                    metrics::counter!("voxgate_stream_end_grace_expired_total").increment(1);
+                    tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, grace = ?s.stream_end_grace, "the call ended but its stream's reader did not hand over the rest in time; what it queues from now on is lost");
+                    stream_ended(&myself, s, reason, now).await?;
                 }
             }
             CallMsg::StreamEnded { reason } => stream_ended(&myself, s, reason, now).await?,
@@ -881,7 +923,13 @@ async fn run_effects(
                 if let Some(q) = &s.queue {
                     q.close(reason.clone());
                 }
-                if s.queue.is_none() || s.stream_sid.is_some() {
+                if s.queue.is_some() && !s.stream_ended {
+                    // The reader may still hold frames the socket brought before it saw the
+                    // close (Twilio sends the callback without waiting for the stream): the
+                    // stop is recorded after them, when the reader says it is done.
+                    s.stream_closing = Some(reason);
+                    myself.send_after(s.stream_end_grace, || CallMsg::StreamGraceOver);
+                } else {
                     record_stream_stopped(myself, s, reason, now).await?;
                 }
             }
@@ -898,16 +946,21 @@ async fn run_effects(
                 });
             }
             Effect::Finish => {
-                if s.outbox.is_empty() && !s.media_pending {
-                    myself.stop(Some("call ended".into()));
-                } else {
-                    // Not before its last events are in the log.
-                    s.finishing = true;
-                }
+                // Not before its last events are in the log and its stream's reader is done.
+                s.finishing = true;
+                stop_if_done(myself, s);
             }
         }
     }
     Ok(())
+}
+
+/// Stops a finished call once nothing of it waits: its outbox and media are in the log and its
+/// stream's reader handed over what it held.
+fn stop_if_done(myself: &ActorRef<CallMsg>, s: &CallActorState) {
+    if s.finishing && s.outbox.is_empty() && !s.media_pending && s.stream_closing.is_none() {
+        myself.stop(Some("call ended".into()));
+    }
 }
 
 /// A log error the call waits out (the log cannot write for now) rather than fails on.
@@ -963,6 +1016,12 @@ async fn stream_ended(
         record_stream_stopped(myself, s, reason.clone(), now).await?;
     }
     s.stream_ended = true;
+    if let Some(closed) = s.stream_closing.take() {
+        // The call ended first and asked the reader to close: everything it held is in now.
+        record_stream_stopped(myself, s, closed, now).await?;
+        stop_if_done(myself, s);
+        return Ok(());
+    }
     if reason == StopReason::Disconnected && !s.core.is_finished() {
         metrics::counter!("voxgate_stream_drops_total").increment(1);
         tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, stream_sid = ?s.stream_sid, "media stream dropped while the call goes on");

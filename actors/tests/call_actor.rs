@@ -308,3 +308,81 @@ async fn a_call_taken_over_drops_its_stream_only_if_none_attached() {
     let media: Vec<&str> = events(&log, topics::MEDIA, kept).iter().map(|e| e.kind()).collect();
     assert_eq!(media, ["stream_started", "stream_stopped"]);
 }
+
+/// Waits (bounded) until the call's actor has stopped.
+async fn gone(call: CallSid) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while CallActor::find(call).is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the call's actor did not stop");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn audio(sid: StreamSid, k: u64) -> StreamItem {
+    StreamItem::Audio(media_batch(sid, Track::Inbound, k * 5 + 2, k * 100, 5, 0, Bytes::from(vec![0x55; 800])))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_ends_first_keeps_what_its_stream_still_hands_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
+    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let call = CallSid::from_u128(46);
+    let actor = spawn(&sup, args(&log, &clock, call, CallStatus::InProgress)).await;
+    let q = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
+    let sid = StreamSid::from_u128(8);
+    start(&q, clock.as_ref(), sid);
+    q.push(clock.now(), audio(sid, 0));
+    // Twilio's `completed` comes before the reader has read the stream's last frames and stop
+    // (Twilio does not wait for the stream): the call asks the reader to close...
+    complete(&actor).await;
+    assert_eq!(q.closed(), Some(StopReason::CallEnded));
+    // ... and waits for what the reader still held, and its stop.
+    for k in 1..10 {
+        q.push(clock.now(), audio(sid, k));
+    }
+    stopped(&q, clock.as_ref(), sid, StopReason::Twilio);
+    actor.cast(CallMsg::StreamEnded { reason: StopReason::Twilio }).unwrap();
+    gone(call).await;
+
+    let media = events(&log, topics::MEDIA, call);
+    let kinds: Vec<&str> = media.iter().map(|e| e.kind()).collect();
+    let mut want = vec!["stream_started"];
+    want.extend(["media_batch"; 10]);
+    want.push("stream_stopped");
+    assert_eq!(kinds, want, "every frame, then one stop");
+    let Some(Event::StreamStopped(stop)) = media.last() else { unreachable!() };
+    assert_eq!((stop.reason.clone(), stop.frames), (StopReason::Twilio, 50));
+    assert_eq!(ractor::call!(sup, SupervisorMsg::Active).unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_finishes_holds_the_call_only_for_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
+    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let call = CallSid::from_u128(47);
+    let args = CallArgs {
+        config: CallConfig { stream_end_grace: Duration::from_millis(200), ..CallConfig::default() },
+        ..args(&log, &clock, call, CallStatus::InProgress)
+    };
+    let actor = spawn(&sup, args).await;
+    let q = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
+    let sid = StreamSid::from_u128(9);
+    start(&q, clock.as_ref(), sid);
+    q.push(clock.now(), audio(sid, 0));
+    complete(&actor).await;
+    q.push(clock.now(), audio(sid, 1));
+    // The reader never says it is done: the call stops after its grace, with what was queued.
+    gone(call).await;
+    // The reader's late audio reaches nobody; it is refused, not written.
+    q.push(clock.now(), audio(sid, 2));
+
+    let media = events(&log, topics::MEDIA, call);
+    let kinds: Vec<&str> = media.iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds, ["stream_started", "media_batch", "media_batch", "stream_stopped"], "{kinds:?}");
+    let Some(Event::StreamStopped(stop)) = media.last() else { unreachable!() };
+    assert_eq!((stop.reason.clone(), stop.frames), (StopReason::CallEnded, 10));
+}

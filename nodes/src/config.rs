@@ -716,6 +716,7 @@ impl Config {
                 queue_bytes: f.calls.queue_kib as usize * 1024,
                 stale_audio: Duration::from_secs(u64::from(f.calls.stale_audio_secs)),
                 reattach_attempts: f.calls.reattach_attempts,
+                ..CallConfig::default()
             },
             // Open segments are for STT alone: without it, their pieces would only cost log
             // writes (measured: +0.5 ms of CPU per talking stream-second).

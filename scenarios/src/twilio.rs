@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use voxgate_protocol::twilio::{media, signature, Algorithm};
@@ -202,6 +202,21 @@ pub struct MediaStream {
 }
 
 impl MediaStream {
+    /// What voxgate sent meanwhile, taken without waiting: `Some(reason)` once it closed the
+    /// stream. Twilio stops sending media when voxgate closes; until it reads the close, what it
+    /// sent is still on the way (and voxgate reads it).
+    fn server_closed(&mut self) -> Option<String> {
+        while let Some(m) = self.ws.next().now_or_never() {
+            match m {
+                Some(Ok(Message::Close(f))) => return Some(f.map(|f| f.reason.to_string()).unwrap_or_default()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Some(e.to_string()),
+                None => return Some(String::new()),
+            }
+        }
+        None
+    }
+
     /// Sends any text frame (for malformed-input tests).
     pub async fn send_raw(&mut self, text: &str) -> anyhow::Result<()> {
         self.ws.send(Message::Text(text.into())).await?;
@@ -233,6 +248,10 @@ impl MediaStream {
             tick.tick().await;
             self.sequence += 1;
             let msg = media::inbound_media_json(stream_sid, self.sequence, i as u64 + 1, i as u64 * 20, frame);
+            if let Some(reason) = self.server_closed() {
+                report.closed_by_server = Some(reason);
+                break;
+            }
             if let Err(e) = self.ws.send(Message::Text(msg.into())).await {
                 report.closed_by_server = Some(e.to_string());
                 break;
@@ -280,6 +299,10 @@ impl MediaStream {
         };
         for i in 0..frames {
             tick.tick().await;
+            if let Some(reason) = self.server_closed() {
+                report.closed_by_server = Some(reason);
+                return Ok(report);
+            }
             for (track, audio) in [("inbound", inbound), ("outbound", outbound)] {
                 self.sequence += 1;
                 let msg = media::track_media_json(

@@ -128,3 +128,43 @@ async fn maximum_duration_ends_the_call() {
     let stopped = events.iter().find(|e| e["kind"] == "stream_stopped").unwrap();
     assert_eq!(stopped["reason"], "call_ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_callback_that_overtakes_the_stream_loses_no_audio() {
+    // Twilio does not wait for the stream before it calls back: `completed` can reach the node
+    // while the stream's last frames and its `stop` are still on the socket.
+    let mut node = Node::start(&config("[stt]\nenabled = false\n")).unwrap();
+    let sim = sim(&node);
+    let call = CallSid::from_u128(0xc0ffee);
+    let answer = sim.inbound_call(call, "+14155550123", NUMBER).await.unwrap();
+    let mut stream = sim.connect_stream(answer.stream_url.as_deref().unwrap()).await.unwrap();
+    let sid = voxgate_protocol::StreamSid::from_u128(11);
+    stream.start(sid, sim.account, call).await.unwrap();
+    let frame = [0x30u8; 160];
+    for k in 0..500 {
+        stream.send_frame(sid, k, &frame).await.unwrap();
+    }
+    // The callback is answered once durable; the node then closes the stream, but Twilio had
+    // sent more before it saw the close.
+    assert_eq!(sim.status_callback(call, "completed", 1, Some(10)).await.unwrap() / 100, 2);
+    for k in 500..550 {
+        stream.send_frame(sid, k, &frame).await.unwrap();
+    }
+    stream.stop(sid, sim.account, call).await.unwrap();
+    assert!(stream.closed(Duration::from_secs(10)).await.is_some(), "voxgate closes the stream");
+    node.wait_idle(Duration::from_secs(30)).await.unwrap();
+    assert!(node.stop().unwrap().success());
+
+    let events = replay_json(&node, call);
+    let frames: u64 = events.iter().filter(|e| e["kind"] == "media_batch").map(|e| e["frames"].as_u64().unwrap()).sum();
+    assert_eq!(frames, 550, "frames on the socket when the callback came were lost");
+    let stops: Vec<&Value> = events.iter().filter(|e| e["kind"] == "stream_stopped").collect();
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert_eq!((stops[0]["reason"].as_str(), stops[0]["frames"].as_u64()), (Some("twilio"), Some(550)));
+    // The stop comes after the audio; the call was not taken for a dropped stream.
+    assert_eq!(
+        kinds(&events).iter().rev().find(|k| k.starts_with("stream_") || **k == "media_batch"),
+        Some(&"stream_stopped")
+    );
+    assert!(!events.iter().any(|e| e["kind"] == "stream_dropped"), "{:?}", kinds(&events));
+}

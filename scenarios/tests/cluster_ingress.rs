@@ -328,3 +328,74 @@ async fn ingress_and_call_nodes_die_mid_call_and_every_call_goes_on() {
     }
     assert_eq!(usage, embedded_usage);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_callback_that_overtakes_a_remote_stream_loses_no_audio() {
+    // As in call_flow.rs, across the split: the callback reaches the ingress node while the
+    // stream's last frames and `stop` are still on the socket; the call's actor (on the call
+    // node) waits for them, through the ingress node's forwarder.
+    let nats = Nats::fresh();
+    let url = nats.url();
+    let twilio = Recorder::start(0).await.unwrap();
+    let settings = |roles: &str, node: &str| {
+        config(&format!(
+            "twilio_api_url = \"{}\"\nsecrets_key = \"{SECRETS_KEY}\"\n[stt]\nenabled = false\n[cluster]\nnats_url = \"{url}\"\nroles = \"{roles}\"\nnode = \"{node}\"\nlease_ttl_secs = 3\n",
+            twilio.url
+        ))
+    };
+    let ingress = Node::start(&settings("ingress", "ingress1")).unwrap();
+    let calls = Node::start(&settings("call,transcode", "calls-a")).unwrap();
+    let all: Vec<u64> = (0..node_specs().iter().find(|t| t.name == topics::CALLS).unwrap().partitions as u64).collect();
+    wait_call_partitions(&[&calls], &all).await;
+
+    let s = sim(&ingress);
+    let call = CallSid::from_u128(0xC3_0001);
+    let answer = s.inbound_call(call, &caller(1), NUMBER).await.unwrap();
+    let mut ws = s.connect_stream(answer.stream_url.as_deref().unwrap()).await.unwrap();
+    let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
+    ws.start(sid, s.account(), call).await.unwrap();
+    let frame = [0x30u8; 160];
+    for k in 0..500 {
+        ws.send_frame(sid, k, &frame).await.unwrap();
+    }
+    assert_eq!(s.status_callback(call, "completed", 1, Some(10)).await.unwrap() / 100, 2);
+    for k in 500..550 {
+        ws.send_frame(sid, k, &frame).await.unwrap();
+    }
+    ws.stop(sid, s.account(), call).await.unwrap();
+    assert!(ws.closed(Duration::from_secs(10)).await.is_some(), "voxgate closes the stream");
+
+    // The media log, as a reader of our own sees it, until the stream's stop is on it.
+    let (_dir, reader) = cluster_reader(&url).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let media = loop {
+        let mut media = Vec::new();
+        each_event_once(&reader, &[topics::MEDIA], |env| {
+            if env.call == Some(call) {
+                media.push(env.payload);
+            }
+        });
+        if media.iter().any(|e| matches!(e, Event::StreamStopped(_))) {
+            break media;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no stream_stopped on the media log: {} events", media.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let frames: u64 = media
+        .iter()
+        .map(|e| match e {
+            Event::MediaBatch(b) => u64::from(b.frames),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(frames, 550, "frames on the socket when the callback came were lost");
+    let stops: Vec<_> = media
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamStopped(st) => Some((st.reason.clone(), st.frames)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stops, vec![(voxgate_protocol::event::StopReason::Twilio, 550)]);
+    assert!(matches!(media.last(), Some(Event::StreamStopped(_))), "the stop comes after the audio");
+}

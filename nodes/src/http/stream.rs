@@ -120,12 +120,14 @@ pub async fn upgrade(
     // Pauses matter early only where the open segments' pieces are made (STT on).
     let vad = state.cfg.transcode.vad.progress.then_some(state.cfg.transcode.vad);
     let idle = state.cfg.http.stream_idle();
+    // Half the call's wait for it: what the reader hands over reaches an actor still waiting.
+    let drain = state.cfg.calls.stream_end_grace / 2;
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
             let mut ingest = Ingest::new(call, tenant, queue, sink, clock, batch_frames, vad);
-            ingest.run(socket, idle).await;
+            ingest.run(socket, idle, drain).await;
         })
         .into_response()
 }
@@ -211,7 +213,10 @@ impl Ingest {
         }
     }
 
-    async fn run(&mut self, mut socket: WebSocket, idle: std::time::Duration) {
+    /// Reads the stream until it stops, drops, faults or goes idle, or the call ends. When the call
+    /// ends first, the reader closes its side and goes on reading (for at most `drain`) what
+    /// Twilio sent before it saw the close, until Twilio's `stop` or close.
+    async fn run(&mut self, mut socket: WebSocket, idle: std::time::Duration, drain: std::time::Duration) {
         let connections = metrics::gauge!("twilio_websocket_connections");
         connections.increment(1.0);
         tracing::info!(stage = "ingress", call_sid = %self.call, tenant = %self.tenant, "media stream connected");
@@ -219,10 +224,20 @@ impl Ingest {
         let mut last_message = std::time::Instant::now();
         let mut idle_check = tokio::time::interval((idle / 4).max(std::time::Duration::from_millis(50)));
         idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The call ended: why, and until when the socket's remaining frames are read.
+        let mut closing: Option<StopReason> = None;
+        // Armed when the call ends (one timer for the stream, not one per frame).
+        let drained = tokio::time::sleep(std::time::Duration::from_secs(86_400));
+        tokio::pin!(drained);
         let end = loop {
             tokio::select! {
+                _ = &mut drained, if closing.is_some() => {
+                    // Twilio neither stopped nor closed: what it still sends is not read.
+                    ws_error("close_timeout");
+                    break closing.take();
+                }
                 _ = idle_check.tick() => {
-                    if last_message.elapsed() > idle {
+                    if last_message.elapsed() > idle && closing.is_none() {
                         self.fault(FaultKind::Idle, format!("no message for {} s", idle.as_secs()));
                         let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "idle".into() }))).await;
                         // The call goes on: like a drop, the call actor asks Twilio for a new stream.
@@ -230,10 +245,12 @@ impl Ingest {
                     }
                     continue;
                 }
-                reason = self.queue.wait_closed() => {
-                    // The call ended (status callback, maximum duration): close our side.
+                reason = self.queue.wait_closed(), if closing.is_none() => {
+                    // The call ended (status callback, maximum duration): close our side, then
+                    // read what the socket still holds.
                     let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "call ended".into() }))).await;
-                    break Some(reason);
+                    closing = Some(reason);
+                    drained.as_mut().reset(tokio::time::Instant::now() + drain);
                 }
                 msg = socket.recv() => { last_message = std::time::Instant::now(); match msg {
                     Some(Ok(Message::Text(t))) => match self.on_text(t.as_str()) {
@@ -251,7 +268,9 @@ impl Ingest {
                         break Some(StopReason::Fault);
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => break None,
+                    // Twilio's answer to our close is not a drop.
+                    Some(Ok(Message::Close(_))) | None => break closing.take(),
+                    Some(Err(_)) if closing.is_some() => break closing.take(),
                     Some(Err(e)) => {
                         let text = e.to_string();
                         if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
