@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use voxgate::config::{Config, LogFormat, Overrides};
+use voxgate::diagnostics::Lines;
 use voxgate_protocol::CallSid;
 
 /// mimalloc: glibc's allocator spent about 15% of the node's CPU under webhook load (consolidating
@@ -208,7 +209,9 @@ enum NumberCmd {
     },
 }
 
-fn init_tracing(format: LogFormat) {
+/// Log lines go to stderr through [`Lines`]'s writer thread; the returned handle flushes them at
+/// exit. ANSI colours only on a terminal (not in a log file).
+fn init_tracing(format: LogFormat) -> Option<Lines> {
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("VOXGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // async-nats writes its whole CONNECT message (password, token) at trace level: never let
@@ -218,11 +221,23 @@ fn init_tracing(format: LogFormat) {
             filter = filter.add_directive(d);
         }
     }
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
+    let Ok(lines) = Lines::start() else {
+        // No thread for it: each line written where it is logged.
+        let b = b.with_writer(std::io::stderr);
+        match format {
+            LogFormat::Json => b.json().init(),
+            LogFormat::Text => b.init(),
+        }
+        return None;
+    };
+    let b = b.with_writer(lines.clone());
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
     }
+    Some(lines)
 }
 
 fn load(common: &Common, listen: Option<String>, metrics_listen: Option<String>) -> anyhow::Result<Config> {
@@ -524,7 +539,7 @@ fn main() -> anyhow::Result<()> {
                 &common,
                 Overrides { listen, metrics_listen, nats: nats.clone(), roles: roles.clone(), ..Default::default() },
             )?;
-            init_tracing(cfg.log_format);
+            let lines = init_tracing(cfg.log_format);
             let source = voxgate::stages::serve::ConfigSource {
                 path: common.config.clone(),
                 flags: Overrides {
@@ -535,7 +550,11 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             };
-            rt.block_on(voxgate::stages::serve::serve(cfg, source))
+            let served = rt.block_on(voxgate::stages::serve::serve(cfg, source));
+            if let Some(lines) = lines {
+                lines.flush();
+            }
+            served
         }
         Command::Replay { common, call, stage, json } => {
             let cfg = load(&common, None, None)?;
