@@ -26,6 +26,16 @@ fn events(log: &Log, topic: &str, call: CallSid) -> Vec<Event> {
         .collect()
 }
 
+/// A real log in a temporary directory (kept while the first value lives), the system clock and
+/// a call supervisor.
+async fn setup() -> (tempfile::TempDir, Arc<dyn Clock>, Log, ractor::ActorRef<SupervisorMsg>) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
+    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    (dir, clock, log, sup)
+}
+
 /// A call of tenant 1 received now, with the default settings, no quota place and no Twilio.
 fn args(log: &Log, clock: &Arc<dyn Clock>, call: CallSid, status: CallStatus) -> CallArgs {
     CallArgs {
@@ -58,10 +68,7 @@ impl Drop for Released {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_writer_that_falls_behind_sheds_the_oldest_audio_and_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
-    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let (_dir, clock, log, sup) = setup().await;
     let call = CallSid::from_u128(42);
     let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let args = CallArgs {
@@ -166,10 +173,7 @@ fn stopped(queue: &voxgate_actors::call::StreamQueue, clock: &dyn Clock, sid: St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
-    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let (_dir, clock, log, sup) = setup().await;
     let call = CallSid::from_u128(43);
     let twilio = Arc::new(FakeTwilio { asked: Default::default(), status: 200 });
     let args = CallArgs {
@@ -273,10 +277,7 @@ async fn a_dropped_stream_is_reattached_and_the_log_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_taken_over_drops_its_stream_only_if_none_attached() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
-    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let (_dir, clock, log, sup) = setup().await;
     let twilio = Arc::new(FakeTwilio { asked: Default::default(), status: 200 });
     let drops = |call: CallSid| {
         events(&log, topics::CALLS, call).iter().filter(|e| matches!(e, Event::StreamDropped(_))).count()
@@ -324,10 +325,7 @@ fn audio(sid: StreamSid, k: u64) -> StreamItem {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_ends_first_keeps_what_its_stream_still_hands_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
-    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let (_dir, clock, log, sup) = setup().await;
     let call = CallSid::from_u128(46);
     let actor = spawn(&sup, args(&log, &clock, call, CallStatus::InProgress)).await;
     let q = ractor::call!(actor, |reply| CallMsg::AttachStream { reply }).unwrap().unwrap();
@@ -359,10 +357,7 @@ async fn a_call_that_ends_first_keeps_what_its_stream_still_hands_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_never_finishes_holds_the_call_only_for_its_grace() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open(dir.path(), &voxgate_storage::topics::default_specs(), clock.clone()).unwrap();
-    let (sup, _) = Actor::spawn(None, CallSupervisor, ()).await.unwrap();
+    let (_dir, clock, log, sup) = setup().await;
     let call = CallSid::from_u128(47);
     let args = CallArgs {
         config: CallConfig { stream_end_grace: Duration::from_millis(200), ..CallConfig::default() },

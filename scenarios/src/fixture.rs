@@ -36,6 +36,36 @@ pub fn sim(node: &Node) -> Simulator {
     Simulator::new(&node.url(), PUBLIC, AccountSid::parse(ACCOUNT).expect("valid sid"), TOKEN)
 }
 
+/// A call whose `completed` callback overtakes its stream (Twilio does not wait for the stream
+/// before it calls back): `before` frames sent at once, the callback (answered), `after` more
+/// frames (sent before Twilio read voxgate's close), `stop`; returns once voxgate closed the
+/// stream. The stream's sid is the call's ^ 0x5a5a; every frame is µ-law 0x30.
+pub async fn callback_overtakes_stream(
+    sim: &Simulator,
+    call: CallSid,
+    from: &str,
+    before: u64,
+    after: u64,
+) -> anyhow::Result<()> {
+    let answer = sim.inbound_call(call, from, NUMBER).await?;
+    let url = answer.stream_url.ok_or_else(|| anyhow::anyhow!("no <Stream> in {}", answer.body))?;
+    let mut ws = sim.connect_stream(&url).await?;
+    let sid = voxgate_protocol::StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
+    ws.start(sid, sim.account(), call).await?;
+    let frame = [0x30u8; 160];
+    for k in 0..before {
+        ws.send_frame(sid, k, &frame).await?;
+    }
+    let code = sim.status_callback(call, "completed", 1, Some(10)).await?;
+    anyhow::ensure!(code / 100 == 2, "the completed callback answered {code}");
+    for k in before..before + after {
+        ws.send_frame(sid, k, &frame).await?;
+    }
+    ws.stop(sid, sim.account(), call).await?;
+    anyhow::ensure!(ws.closed(std::time::Duration::from_secs(10)).await.is_some(), "voxgate did not close the stream");
+    Ok(())
+}
+
 /// `voxgate replay --call … --json`, parsed (the node must be stopped).
 pub fn replay_json(node: &Node, call: CallSid) -> Vec<Value> {
     let out = node.cli(&["replay", "--call", &call.to_string(), "--json"]).expect("run replay");

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use voxgate_protocol::CallSid;
-use voxgate_scenarios::fixture::{config, replay_json, sim, NUMBER};
+use voxgate_scenarios::fixture::{callback_overtakes_stream, config, replay_json, sim, NUMBER};
 use voxgate_scenarios::node::Node;
 use voxgate_scenarios::speech::{script, Voice};
 use voxgate_scenarios::twilio::Pace;
@@ -134,24 +134,8 @@ async fn a_completed_callback_that_overtakes_the_stream_loses_no_audio() {
     // Twilio does not wait for the stream before it calls back: `completed` can reach the node
     // while the stream's last frames and its `stop` are still on the socket.
     let mut node = Node::start(&config("[stt]\nenabled = false\n")).unwrap();
-    let sim = sim(&node);
     let call = CallSid::from_u128(0xc0ffee);
-    let answer = sim.inbound_call(call, "+14155550123", NUMBER).await.unwrap();
-    let mut stream = sim.connect_stream(answer.stream_url.as_deref().unwrap()).await.unwrap();
-    let sid = voxgate_protocol::StreamSid::from_u128(11);
-    stream.start(sid, sim.account, call).await.unwrap();
-    let frame = [0x30u8; 160];
-    for k in 0..500 {
-        stream.send_frame(sid, k, &frame).await.unwrap();
-    }
-    // The callback is answered once durable; the node then closes the stream, but Twilio had
-    // sent more before it saw the close.
-    assert_eq!(sim.status_callback(call, "completed", 1, Some(10)).await.unwrap() / 100, 2);
-    for k in 500..550 {
-        stream.send_frame(sid, k, &frame).await.unwrap();
-    }
-    stream.stop(sid, sim.account, call).await.unwrap();
-    assert!(stream.closed(Duration::from_secs(10)).await.is_some(), "voxgate closes the stream");
+    callback_overtakes_stream(&sim(&node), call, "+14155550123", 500, 50).await.unwrap();
     node.wait_idle(Duration::from_secs(30)).await.unwrap();
     assert!(node.stop().unwrap().success());
 

@@ -21,8 +21,8 @@ use serde_json::Value;
 use voxgate_protocol::event::CallStatus;
 use voxgate_protocol::{CallSid, Event, StreamSid, SystemClock};
 use voxgate_scenarios::fixture::{
-    calls_usage, calls_usage_once, cluster_reader, config, each_event_once, node_specs, sim, ACCOUNT, NUMBER,
-    SECRETS_KEY,
+    callback_overtakes_stream, calls_usage, calls_usage_once, cluster_reader, config, each_event_once, node_specs, sim,
+    ACCOUNT, NUMBER, SECRETS_KEY,
 };
 use voxgate_scenarios::nats::Nats;
 use voxgate_scenarios::node::Node;
@@ -348,22 +348,8 @@ async fn a_completed_callback_that_overtakes_a_remote_stream_loses_no_audio() {
     let all: Vec<u64> = (0..node_specs().iter().find(|t| t.name == topics::CALLS).unwrap().partitions as u64).collect();
     wait_call_partitions(&[&calls], &all).await;
 
-    let s = sim(&ingress);
     let call = CallSid::from_u128(0xC3_0001);
-    let answer = s.inbound_call(call, &caller(1), NUMBER).await.unwrap();
-    let mut ws = s.connect_stream(answer.stream_url.as_deref().unwrap()).await.unwrap();
-    let sid = StreamSid::from_u128(call.as_u128() ^ 0x5a5a);
-    ws.start(sid, s.account(), call).await.unwrap();
-    let frame = [0x30u8; 160];
-    for k in 0..500 {
-        ws.send_frame(sid, k, &frame).await.unwrap();
-    }
-    assert_eq!(s.status_callback(call, "completed", 1, Some(10)).await.unwrap() / 100, 2);
-    for k in 500..550 {
-        ws.send_frame(sid, k, &frame).await.unwrap();
-    }
-    ws.stop(sid, s.account(), call).await.unwrap();
-    assert!(ws.closed(Duration::from_secs(10)).await.is_some(), "voxgate closes the stream");
+    callback_overtakes_stream(&sim(&ingress), call, &caller(1), 500, 50).await.unwrap();
 
     // The media log, as a reader of our own sees it, until the stream's stop is on it.
     let (_dir, reader) = cluster_reader(&url).await;
