@@ -514,6 +514,14 @@ impl StreamQueue {
         self.close.notify_one();
     }
 
+    /// Queues an item behind everything waiting, even in a retired queue (the actor's own
+    /// record, written by its next pump).
+    fn push_behind(&self, at: Timestamp, item: StreamItem) {
+        if let Ok(mut s) = self.state.lock() {
+            s.items.push_back((at, item));
+        }
+    }
+
     /// The actor stops: what is pushed from now on is refused and counted as lost (the last
     /// [`take`](Self::take) after this gets everything pushed before it).
     fn retire(&self) {
@@ -819,6 +827,10 @@ impl Actor for CallActor {
             }
             CallMsg::StreamGraceOver => {
                 if let Some(reason) = s.stream_closing.clone() {
+                    // As the warning says: nothing the reader pushes from now on is written.
+                    if let Some(q) = &s.queue {
+                        q.retire();
+                    }
                     metrics::counter!("voxgate_stream_end_grace_expired_total").increment(1);
                     tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, grace = ?s.stream_end_grace, "the call ended but its stream's reader did not hand over the rest in time; what it queues from now on is lost");
                     stream_ended(&myself, s, reason, now).await?;
@@ -1041,6 +1053,11 @@ async fn record_stream_stopped(
         return Ok(());
     }
     let ev = Event::StreamStopped(StreamStopped { stream_sid: s.stream_sid, reason, frames: s.frames });
+    if let (true, Some(q)) = (s.media_pending, &s.queue) {
+        // Audio waits in the queue for the log: the stop goes behind it, not in front.
+        q.push_behind(now, StreamItem::Control(ev));
+        return Ok(());
+    }
     let mut items = vec![(now, StreamItem::Control(ev))];
     write_media(myself, s, &mut items).await
 }

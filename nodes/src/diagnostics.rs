@@ -97,14 +97,15 @@ impl Lines {
 
     fn push(&self, line: &[u8]) {
         let mut p = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if p.bytes.len() + line.len() > self.shared.cap {
-            p.dropped += 1;
-            return;
-        }
         let first = p.bytes.is_empty() && p.dropped == 0;
-        p.bytes.extend_from_slice(line);
+        if p.bytes.len() + line.len() > self.shared.cap {
+            // Counted; the count is written like a line (so it too wakes the writer).
+            p.dropped += 1;
+        } else {
+            p.bytes.extend_from_slice(line);
+        }
         drop(p);
-        // Only the first line of a batch wakes the writer.
+        // Only the first line (or drop) of a batch wakes the writer.
         if first {
             self.shared.ready.notify_one();
         }
@@ -184,5 +185,17 @@ mod tests {
         let all = text(&sink);
         let tail = &all["line 0\nline 1\nline 2\n".len()..];
         assert_eq!(tail, format!("{}c\nvoxgate: 1 log lines dropped (stderr did not keep up)\n", "a".repeat(40)));
+
+        // A batch that starts with a dropped line still wakes the writer, and what follows is
+        // written without a flush.
+        let before = text(&sink).len();
+        lines.push(&[b'z'; 65]);
+        lines.push(b"after\n");
+        while text(&sink).len() == before {
+            assert!(std::time::Instant::now() < deadline, "a batch that began with a drop was never written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        lines.flush();
+        assert_eq!(&text(&sink)[before..], "after\nvoxgate: 1 log lines dropped (stderr did not keep up)\n");
     }
 }

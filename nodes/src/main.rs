@@ -551,6 +551,8 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             let served = rt.block_on(voxgate::stages::serve::serve(cfg, source));
+            // Lines logged while the runtime winds down are written too.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
             if let Some(lines) = lines {
                 lines.flush();
             }

@@ -285,7 +285,8 @@ impl Ingest {
             }
         };
         self.flush_batch();
-        let reason = end.unwrap_or(StopReason::Disconnected);
+        // A socket that closed just as the call ended (both ready at once) was not dropped.
+        let reason = end.or_else(|| self.queue.closed()).unwrap_or(StopReason::Disconnected);
         // The actor records the stop itself when it closed the stream.
         if (reason != StopReason::CallEnded || self.queue.closed().is_none())
             && (self.stream.is_some() || reason == StopReason::Fault)

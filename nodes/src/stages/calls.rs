@@ -45,8 +45,6 @@ use crate::stages::tenancy::{QuotaSlot, Tenancy};
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A remote stream that sent nothing (not even a heartbeat) for this long lost its ingress node.
 pub const REMOTE_IDLE: Duration = Duration::from_secs(5);
-/// How long a call's end waits for its stream's last items from their ingress node.
-const FEED_DRAIN: Duration = Duration::from_secs(3);
 /// How long one request waits for the call node's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request looks for an owner (a partition moving between nodes has none for a
@@ -862,16 +860,9 @@ impl CallNode {
                 self.items(partition, call, (link, seq), items, shed, ended).await
             }
             Request::Status { call, status, sequence, duration_secs } => {
+                // A terminal status may come before the stream's last items from its ingress
+                // node: the call's actor waits for them itself (as with one node's queue).
                 let Some(a) = CallActor::find(call) else { return Reply::NotFound };
-                if status.is_terminal() {
-                    // Twilio reports the end right after the stream's `stop`: the stream's last
-                    // items may still be on their way from its ingress node. They reach the
-                    // call before its end does (as they would through one node's queue).
-                    let until = Instant::now() + FEED_DRAIN;
-                    while self.served().feeds.contains_key(&call) && Instant::now() < until {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
                 match ractor::call!(a, |reply: RpcReplyPort<_>| CallMsg::Status {
                     status,
                     sequence,
