@@ -428,10 +428,7 @@ impl StreamQueue {
                 return 0;
             };
             if s.retired {
-                metrics::counter!("voxgate_stream_items_lost_total").increment(1);
-                if let StreamItem::Audio(b) = &item {
-                    metrics::counter!("voxgate_stream_frames_lost_total").increment(u64::from(b.frames));
-                }
+                count_lost([&item]);
                 return 0;
             }
             if let StreamItem::Audio(b) = &item {
@@ -522,9 +519,10 @@ impl StreamQueue {
         }
     }
 
-    /// The actor stops: what is pushed from now on is refused and counted as lost (the last
-    /// [`take`](Self::take) after this gets everything pushed before it).
-    fn retire(&self) {
+    /// Nobody reads the queue any more (its actor stopped, or the link to it is lost): what is
+    /// pushed from now on is refused and counted as lost (the last [`take`](Self::take) after
+    /// this gets everything pushed before it).
+    pub fn retire(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.retired = true;
         }
@@ -544,6 +542,22 @@ impl StreamQueue {
             }
             n.await;
         }
+    }
+}
+
+/// Counts stream items that will never reach the media log (`voxgate_stream_items_lost_total`,
+/// and their audio in `voxgate_stream_frames_lost_total`).
+pub fn count_lost<'a>(items: impl IntoIterator<Item = &'a StreamItem>) {
+    let (mut n, mut frames) = (0u64, 0u64);
+    for i in items {
+        n += 1;
+        if let StreamItem::Audio(b) = i {
+            frames += u64::from(b.frames);
+        }
+    }
+    if n > 0 {
+        metrics::counter!("voxgate_stream_items_lost_total").increment(n);
+        metrics::counter!("voxgate_stream_frames_lost_total").increment(frames);
     }
 }
 

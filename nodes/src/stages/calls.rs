@@ -30,7 +30,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use voxgate_actors::call::{
-    CallActor, CallArgs, CallControl, CallIdentity, CallMsg, StreamItem, StreamQueue, SupervisorMsg,
+    count_lost, CallActor, CallArgs, CallControl, CallIdentity, CallMsg, StreamItem, StreamQueue, SupervisorMsg,
 };
 use voxgate_protocol::event::{CallStatus, StopReason};
 use voxgate_protocol::{AccountSid, CallSid, Clock, Timestamp};
@@ -566,7 +566,15 @@ async fn forward(
                 if since.elapsed() > r.stale_audio {
                     metrics::counter!("voxgate_call_link_lost_total").increment(1);
                     tracing::error!(stage = "ingress", call_sid = %call, answer = ?other, "the call's node has not taken the stream's items for too long; they are lost");
+                    // Nobody takes the queue now: what it holds, and what the reader still
+                    // pushes, is counted lost with the batch in hand.
+                    queue.retire();
                     queue.close(StopReason::Disconnected);
+                    let shed_since = queue.take(&mut items);
+                    count_lost(items.iter().map(|(_, i)| i));
+                    // Frames shed while they waited were never recorded as shed either.
+                    metrics::counter!("voxgate_stream_frames_lost_total")
+                        .increment(u64::from(shed) + u64::from(shed_since));
                     return;
                 }
                 if since.elapsed() < pause {
@@ -933,9 +941,13 @@ impl CallNode {
                     Some((f.queue.clone(), f.actor.clone(), first_audio))
                 }
                 // A newer stream of the call took its place.
-                Some(_) => return Reply::Stream { closed: Some(StopReason::Disconnected) },
+                Some(_) => {
+                    count_lost(items.iter().map(|(_, i)| i));
+                    return Reply::Stream { closed: Some(StopReason::Disconnected) };
+                }
                 None if detached.get(&call) == Some(&link) => {
-                    return Reply::Stream { closed: Some(StopReason::Disconnected) }
+                    count_lost(items.iter().map(|(_, i)| i));
+                    return Reply::Stream { closed: Some(StopReason::Disconnected) };
                 }
                 None => None,
             }
@@ -945,9 +957,11 @@ impl CallNode {
             None => {
                 // This node took the call's partition over mid-stream: the stream goes on here.
                 let Some(a) = self.actor(partition, call).await else {
+                    count_lost(items.iter().map(|(_, i)| i));
                     return Reply::Stream { closed: Some(StopReason::CallEnded) };
                 };
                 let Some(q) = self.attach(call, link, a.clone()).await else {
+                    count_lost(items.iter().map(|(_, i)| i));
                     return Reply::Stream { closed: Some(StopReason::CallEnded) };
                 };
                 if let Some(f) = self.served().feeds.get_mut(&call) {
