@@ -52,6 +52,18 @@ pub fn answer(public_url: &str, tenant: AccountSid, call: CallSid) -> Result<Str
     })
 }
 
+/// How long sending a close frame may take: a peer that reads nothing (its receive window full)
+/// must not hold the reader, and with it the stream's end, for ever.
+const CLOSE_SEND: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sends our close frame, giving up after [`CLOSE_SEND`] (the socket is then dropped).
+async fn send_close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+    if tokio::time::timeout(CLOSE_SEND, socket.send(frame)).await.is_err() {
+        ws_error("close_send_timeout");
+    }
+}
+
 fn ws_error(kind: &'static str) {
     metrics::counter!("twilio_websocket_errors_total", "error_type" => kind).increment(1);
 }
@@ -239,7 +251,7 @@ impl Ingest {
                 _ = idle_check.tick() => {
                     if last_message.elapsed() > idle && closing.is_none() {
                         self.fault(FaultKind::Idle, format!("no message for {} s", idle.as_secs()));
-                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 1001, reason: "idle".into() }))).await;
+                        send_close(&mut socket, 1001, "idle").await;
                         // The call goes on: like a drop, the call actor asks Twilio for a new stream.
                         break None;
                     }
@@ -248,7 +260,7 @@ impl Ingest {
                 reason = self.queue.wait_closed(), if closing.is_none() => {
                     // The call ended (status callback, maximum duration): close our side, then
                     // read what the socket still holds.
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "call ended".into() }))).await;
+                    send_close(&mut socket, 1000, "call ended").await;
                     closing = Some(reason);
                     drained.as_mut().reset(tokio::time::Instant::now() + drain);
                 }
@@ -258,13 +270,13 @@ impl Ingest {
                         Ok(Flow::Stopped) => break Some(StopReason::Twilio),
                         Err(e) => {
                             self.fault(e.fault_kind(), e.to_string());
-                            let _ = socket.send(Message::Close(Some(CloseFrame { code: 1008, reason: e.kind_str().into() }))).await;
+                            send_close(&mut socket, 1008, e.kind_str()).await;
                             break Some(StopReason::Fault);
                         }
                     },
                     Some(Ok(Message::Binary(_))) => {
                         self.fault(FaultKind::InvalidMessage, "binary frame (Media Streams sends text)".into());
-                        let _ = socket.send(Message::Close(Some(CloseFrame { code: 1003, reason: "invalid_message".into() }))).await;
+                        send_close(&mut socket, 1003, "invalid_message").await;
                         break Some(StopReason::Fault);
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
