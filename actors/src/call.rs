@@ -654,11 +654,9 @@ pub struct CallActorState {
     /// A retry is scheduled.
     retrying: bool,
     /// The call is over; the actor stops once the outbox is empty, no media waits and the
-    /// stream's reader handed over what it held.
+    /// stream's reader handed over what it held (a call that ends with its stream open closes
+    /// it and waits, at most `stream_end_grace`, for [`CallMsg::StreamEnded`]).
     finishing: bool,
-    /// The call ended while its stream was attached: the actor asked the reader to close and
-    /// waits (at most `stream_end_grace`) for [`CallMsg::StreamEnded`], with the stop to record.
-    stream_closing: Option<StopReason>,
     stream_end_grace: Duration,
     /// Media went back to the stream queue because the log could not take it.
     media_pending: bool,
@@ -666,6 +664,13 @@ pub struct CallActorState {
     /// The vocabulary hints of the call's speech (the tenant's, then its transcriptions').
     hints: Hints,
     _quota_slot: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl CallActorState {
+    /// A stream is attached and its reader has not said it ended.
+    fn stream_open(&self) -> bool {
+        self.queue.is_some() && !self.stream_ended
+    }
 }
 
 /// The actor shell around [`CallCore`].
@@ -722,7 +727,6 @@ impl Actor for CallActor {
             outbox: Vec::new(),
             retrying: false,
             finishing: false,
-            stream_closing: None,
             stream_end_grace: a.config.stream_end_grace,
             media_pending: false,
             stream_stopped_recorded: false,
@@ -777,7 +781,7 @@ impl Actor for CallActor {
                 let _ = reply.send(CallIdentity { tenant: s.tenant, received_at: s.core.received_at() });
             }
             CallMsg::AttachStream { reply } => {
-                if s.core.is_finished() || (s.queue.is_some() && !s.stream_ended) {
+                if s.core.is_finished() || s.stream_open() {
                     let _ = reply.send(None);
                     return Ok(());
                 }
@@ -840,11 +844,11 @@ impl Actor for CallActor {
                 }
             }
             CallMsg::StreamGraceOver => {
-                if let Some(reason) = s.stream_closing.clone() {
+                let waiting = s.core.is_finished() && s.stream_open();
+                if let (true, Some(q)) = (waiting, s.queue.clone()) {
                     // As the warning says: nothing the reader pushes from now on is written.
-                    if let Some(q) = &s.queue {
-                        q.retire();
-                    }
+                    q.retire();
+                    let reason = q.closed().unwrap_or(StopReason::CallEnded);
                     metrics::counter!("voxgate_stream_end_grace_expired_total").increment(1);
                     tracing::warn!(stage = "call", call_sid = %s.call, tenant = %s.tenant, grace = ?s.stream_end_grace, "the call ended but its stream's reader did not hand over the rest in time; what it queues from now on is lost");
                     stream_ended(&myself, s, reason, now).await?;
@@ -949,11 +953,10 @@ async fn run_effects(
                 if let Some(q) = &s.queue {
                     q.close(reason.clone());
                 }
-                if s.queue.is_some() && !s.stream_ended {
+                if s.stream_open() {
                     // The reader may still hold frames the socket brought before it saw the
                     // close (Twilio sends the callback without waiting for the stream): the
                     // stop is recorded after them, when the reader says it is done.
-                    s.stream_closing = Some(reason);
                     myself.send_after(s.stream_end_grace, || CallMsg::StreamGraceOver);
                 } else {
                     record_stream_stopped(myself, s, reason, now).await?;
@@ -984,7 +987,7 @@ async fn run_effects(
 /// Stops a finished call once nothing of it waits: its outbox and media are in the log and its
 /// stream's reader handed over what it held.
 fn stop_if_done(myself: &ActorRef<CallMsg>, s: &CallActorState) {
-    if s.finishing && s.outbox.is_empty() && !s.media_pending && s.stream_closing.is_none() {
+    if s.finishing && s.outbox.is_empty() && !s.media_pending && !s.stream_open() {
         myself.stop(Some("call ended".into()));
     }
 }
@@ -1036,14 +1039,16 @@ async fn stream_ended(
     reason: StopReason,
     now: Timestamp,
 ) -> Result<(), ActorProcessingErr> {
+    // The call ended first and closed the stream (`Effect::CloseStream`), with this reason.
+    let closed = if s.core.is_finished() && s.stream_open() { s.queue.as_ref().and_then(|q| q.closed()) } else { None };
     pump(myself, s).await?;
     // A stream whose reader could not say so itself (its ingress node died).
     if reason == StopReason::Disconnected {
         record_stream_stopped(myself, s, reason.clone(), now).await?;
     }
     s.stream_ended = true;
-    if let Some(closed) = s.stream_closing.take() {
-        // The call ended first and asked the reader to close: everything it held is in now.
+    if let Some(closed) = closed {
+        // Everything the reader held is in now.
         record_stream_stopped(myself, s, closed, now).await?;
         stop_if_done(myself, s);
         return Ok(());

@@ -211,7 +211,7 @@ enum NumberCmd {
 
 /// Log lines go to stderr through [`Lines`]'s writer thread; the returned handle flushes them at
 /// exit. ANSI colours only on a terminal (not in a log file).
-fn init_tracing(format: LogFormat) -> Option<Lines> {
+fn init_tracing(format: LogFormat) -> anyhow::Result<Lines> {
     let mut filter = tracing_subscriber::EnvFilter::try_from_env("VOXGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // async-nats writes its whole CONNECT message (password, token) at trace level: never let
@@ -221,23 +221,14 @@ fn init_tracing(format: LogFormat) -> Option<Lines> {
             filter = filter.add_directive(d);
         }
     }
+    let lines = Lines::start().context("starting the log writer thread")?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
-    let Ok(lines) = Lines::start() else {
-        // No thread for it: each line written where it is logged.
-        let b = b.with_writer(std::io::stderr);
-        match format {
-            LogFormat::Json => b.json().init(),
-            LogFormat::Text => b.init(),
-        }
-        return None;
-    };
-    let b = b.with_writer(lines.clone());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(lines.clone());
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
     }
-    Some(lines)
+    Ok(lines)
 }
 
 fn load(common: &Common, listen: Option<String>, metrics_listen: Option<String>) -> anyhow::Result<Config> {
@@ -539,7 +530,7 @@ fn main() -> anyhow::Result<()> {
                 &common,
                 Overrides { listen, metrics_listen, nats: nats.clone(), roles: roles.clone(), ..Default::default() },
             )?;
-            let lines = init_tracing(cfg.log_format);
+            let lines = init_tracing(cfg.log_format)?;
             let source = voxgate::stages::serve::ConfigSource {
                 path: common.config.clone(),
                 flags: Overrides {
@@ -553,9 +544,7 @@ fn main() -> anyhow::Result<()> {
             let served = rt.block_on(voxgate::stages::serve::serve(cfg, source));
             // Lines logged while the runtime winds down are written too.
             rt.shutdown_timeout(std::time::Duration::from_secs(5));
-            if let Some(lines) = lines {
-                lines.flush();
-            }
+            lines.flush();
             served
         }
         Command::Replay { common, call, stage, json } => {
